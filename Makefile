@@ -1,0 +1,43 @@
+# kvnode: `make run` starts the agent on embedded defaults, `make test` runs the tests.
+# Both create .venv and install what they need on a fresh machine.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.kvnode-installed
+PYTEST_ARGS ?=
+
+.PHONY: run test lint bench demo gpu-check system-deps clean
+
+$(STAMP): pyproject.toml Makefile scripts/install.sh
+	bash scripts/install.sh "$(PY)" "$(VENV)"
+	touch $(STAMP)
+
+system-deps:
+	bash scripts/system-deps.sh
+
+run: $(STAMP)
+	$(BIN)/kvnode agent $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: $(STAMP) lint
+	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/ipc_bench.py
+	@if [ -f benchmarks/tier_bench.py ]; then $(BIN)/python benchmarks/tier_bench.py; fi
+	@if [ -f benchmarks/vllm_ttft.py ]; then $(BIN)/python benchmarks/vllm_ttft.py; fi
+
+demo: $(STAMP)
+	$(BIN)/python scripts/demo.py
+
+# On a GPU host with torch and no network: installs nothing from the network.
+gpu-check:
+	bash scripts/gpu-check.sh
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

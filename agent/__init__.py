@@ -1,0 +1,1 @@
+"""The kvnode agent: one daemon per node owning the cache tiers."""

@@ -1,0 +1,310 @@
+"""Agent configuration: embedded defaults < TOML file < KVNODE_* environment < flags.
+
+A key ``section.name`` maps to the environment variable ``KVNODE_SECTION_NAME``.
+Raw settings are read here, in one place; derived limits are computed in
+``Config.derive()`` and their relationships are checked at start-up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from kvnode.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = "/etc/kvnode/agent.toml"
+ENV_PREFIX = "KVNODE_"
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B|[KMGT])?\s*$", re.IGNORECASE)
+_SIZE_MULT = {
+    None: 1, "b": 1,
+    "k": 1024, "kib": 1024, "kb": 1000,
+    "m": 1024**2, "mib": 1024**2, "mb": 1000**2,
+    "g": 1024**3, "gib": 1024**3, "gb": 1000**3,
+    "t": 1024**4, "tib": 1024**4, "tb": 1000**4,
+}
+
+
+def parse_size(text: str | int) -> int:
+    """'512MiB' -> 536870912. Plain integers are bytes; MB/GB are decimal."""
+    if isinstance(text, bool):
+        raise ValueError("not a size")
+    if isinstance(text, int):
+        if text < 0:
+            raise ValueError("size must be >= 0")
+        return text
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise ValueError(f"not a size: {text!r} (use e.g. 512MiB, 4GiB)")
+    unit = m.group(2).lower() if m.group(2) else None
+    return int(float(m.group(1)) * _SIZE_MULT[unit])
+
+
+def format_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return f"{n}B"
+
+
+def _size(default: int | str, **meta: Any) -> Any:
+    return field(default=parse_size(default), metadata={"kind": "size", **meta})
+
+
+def _default_runtime_dir() -> str:
+    base = Path("/run/kvnode")
+    try:
+        base.mkdir(mode=0o755, exist_ok=True)
+        if os.access(base, os.W_OK):
+            return str(base)
+    except OSError:
+        pass
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.access(xdg, os.W_OK):
+        return str(Path(xdg) / "kvnode")
+    return f"/tmp/kvnode-{os.getuid()}"
+
+
+def _default_cpu_bytes() -> int:
+    """A modest share of RAM: 1/8 of physical memory, between 256 MiB and 16 GiB."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        total = 8 * 1024**3
+    return max(256 * 1024**2, min(16 * 1024**3, total // 8)) // (1024**2) * 1024**2
+
+
+@dataclass(slots=True)
+class AgentSection:
+    runtime_dir: str = ""  # "" -> /run/kvnode when writable, else per-user
+    group: str = ""  # grant this group access to arena and socket
+    log_level: str = "info"
+    heartbeat_interval_s: float = 1.0
+    heartbeat_timeout_s: float = 10.0
+    client_check_interval_s: float = 0.1
+    clients_max: int = 1024
+    request_bytes_max: int = field(default=parse_size("16MiB"), metadata={"kind": "size"})
+    batch_keys_max: int = 65536
+    shutdown_flush_s: float = 20.0
+
+
+@dataclass(slots=True)
+class ArenaSection:
+    cpu_bytes: int = field(default_factory=_default_cpu_bytes, metadata={"kind": "size"})
+    page_bytes: int = _size("64KiB")
+    policy: str = "s3fifo"  # "lru" or "s3fifo"
+    prefault: bool = True
+    hugepages: bool = True
+    segment_name: str = ""  # "" -> derived from runtime dir
+    reserve_ttl_s: float = 60.0  # a reservation not committed by then is dropped
+
+
+@dataclass(slots=True)
+class DiskSection:
+    path: str = ""  # "" -> disk tier off
+    bytes: int = _size("64GiB")
+    o_direct: bool = False
+    write_policy: str = "write_back"  # "write_through" or "write_back"
+    queue_max: int = 256
+    io_threads: int = 2
+
+
+@dataclass(slots=True)
+class S3Section:
+    bucket: str = ""  # "" -> S3 tier off
+    prefix: str = "kvnode/"
+    endpoint_url: str = ""
+    region: str = ""
+    codec: str = "none"  # "none" or "lz4"
+    write_policy: str = "write_back"
+    admit_min_hits: int = 0  # only chunks looked up at least this often go to S3
+    queue_max: int = 256
+    concurrency: int = 8
+    timeout_s: float = 10.0
+    retries_max: int = 3
+    multipart_bytes: int = _size("64MiB")
+
+
+@dataclass(slots=True)
+class PromoteSection:
+    inflight_max: int = 256
+    deadline_s: float = 2.0
+
+
+@dataclass(slots=True)
+class MetricsSection:
+    port: int = 0  # 0 -> off
+    address: str = "127.0.0.1"
+
+
+@dataclass(slots=True)
+class Config:
+    agent: AgentSection = field(default_factory=AgentSection)
+    arena: ArenaSection = field(default_factory=ArenaSection)
+    disk: DiskSection = field(default_factory=DiskSection)
+    s3: S3Section = field(default_factory=S3Section)
+    promote: PromoteSection = field(default_factory=PromoteSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+    # "section.name" -> "default" | "file:PATH" | "env:NAME" | "flag"
+    sources: dict[str, str] = field(default_factory=dict)
+
+    # derived ---------------------------------------------------------------
+    @property
+    def runtime_dir(self) -> Path:
+        return Path(self.agent.runtime_dir or _default_runtime_dir())
+
+    @property
+    def socket_path(self) -> Path:
+        return self.runtime_dir / "agent.sock"
+
+    @property
+    def endpoint(self) -> str:
+        return f"ipc://{self.socket_path}"
+
+    @property
+    def segment_name(self) -> str:
+        if self.arena.segment_name:
+            name = self.arena.segment_name
+            return name if name.startswith("/") else "/" + name
+        import hashlib
+
+        digest = hashlib.blake2b(str(self.runtime_dir.resolve()).encode(), digest_size=6)
+        return f"/kvnode-{os.getuid()}-{digest.hexdigest()}"
+
+    def validate(self) -> None:
+        """Check relationships between settings; raises ConfigError naming the key."""
+        a, ar = self.agent, self.arena
+        if a.log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise ConfigError("agent.log_level", "must be debug, info, warning or error")
+        if a.heartbeat_interval_s <= 0:
+            raise ConfigError("agent.heartbeat_interval_s", "must be > 0")
+        if a.heartbeat_timeout_s < 2 * a.heartbeat_interval_s:
+            raise ConfigError(
+                "agent.heartbeat_timeout_s", "must be at least twice agent.heartbeat_interval_s"
+            )
+        if ar.page_bytes < 4096 or ar.page_bytes & (ar.page_bytes - 1):
+            raise ConfigError("arena.page_bytes", "must be a power of two >= 4096")
+        if ar.cpu_bytes < 16 * ar.page_bytes:
+            raise ConfigError("arena.cpu_bytes", "must hold at least 16 pages")
+        if ar.policy not in ("lru", "s3fifo"):
+            raise ConfigError("arena.policy", "must be lru or s3fifo")
+        for section in ("disk", "s3"):
+            pol = getattr(self, section).write_policy
+            if pol not in ("write_through", "write_back"):
+                raise ConfigError(f"{section}.write_policy", "must be write_through or write_back")
+        if self.s3.codec not in ("none", "lz4"):
+            raise ConfigError("s3.codec", "must be none or lz4")
+        if self.disk.path and self.disk.bytes <= 0:
+            raise ConfigError("disk.bytes", "must be > 0 when disk.path is set")
+        if not 0 <= self.metrics.port <= 65535:
+            raise ConfigError("metrics.port", "must be 0 (off) or a TCP port")
+        for name in ("queue_max",):
+            for section in ("disk", "s3"):
+                if getattr(getattr(self, section), name) < 1:
+                    raise ConfigError(f"{section}.{name}", "must be >= 1")
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for sec in SECTIONS:
+            out[sec] = {f.name: getattr(getattr(self, sec), f.name) for f in _fields(sec)}
+        return out
+
+
+SECTIONS = ("agent", "arena", "disk", "s3", "promote", "metrics")
+
+
+def _fields(section: str) -> tuple[dataclasses.Field[Any], ...]:
+    cls = Config.__dataclass_fields__[section].default_factory  # type: ignore[misc]
+    return dataclasses.fields(cls)  # type: ignore[arg-type]
+
+
+def _coerce(key: str, f: dataclasses.Field[Any], value: Any) -> Any:
+    kind = f.metadata.get("kind")
+    ftype = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind == "size":
+            return parse_size(value)
+        if ftype == "bool":
+            if isinstance(value, bool):
+                return value
+            low = str(value).strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"not a boolean: {value!r}")
+        if ftype == "int":
+            if isinstance(value, bool):
+                raise ValueError("not an integer")
+            return int(value)
+        if ftype == "float":
+            if isinstance(value, bool):
+                raise ValueError("not a number")
+            return float(value)
+        if ftype == "str":
+            if not isinstance(value, (str, int, float)):
+                raise ValueError(f"not a string: {value!r}")
+            return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(key, str(exc)) from exc
+    raise ConfigError(key, f"unsupported type {ftype}")  # programmer error
+
+
+def _apply(cfg: Config, key: str, value: Any, source: str) -> None:
+    if "." not in key:
+        raise ConfigError(key, "unknown key (expected section.name)")
+    section, name = key.split(".", 1)
+    if section not in SECTIONS:
+        raise ConfigError(key, f"unknown section {section!r}")
+    fields = {f.name: f for f in _fields(section)}
+    if name not in fields:
+        raise ConfigError(key, "unknown key")
+    setattr(getattr(cfg, section), name, _coerce(key, fields[name], value))
+    cfg.sources[key] = source
+
+
+def load_config(
+    path: str | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the effective config. ``path=None`` reads DEFAULT_CONFIG_PATH if present."""
+    cfg = Config()
+    env = os.environ if env is None else env
+    file_path = path or env.get("KVNODE_CONFIG") or None
+    if file_path is None and Path(DEFAULT_CONFIG_PATH).is_file():
+        file_path = DEFAULT_CONFIG_PATH
+    if file_path:
+        try:
+            data = tomllib.loads(Path(file_path).read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError("--config", f"{file_path}: no such file") from exc
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError("--config", f"{file_path}: {exc}") from exc
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                raise ConfigError(section, "expected a [section] table")
+            for name, value in values.items():
+                _apply(cfg, f"{section}.{name}", value, f"file:{file_path}")
+    for sec in SECTIONS:
+        for f in _fields(sec):
+            var = f"{ENV_PREFIX}{sec.upper()}_{f.name.upper()}"
+            if var in env:
+                _apply(cfg, f"{sec}.{f.name}", env[var], f"env:{var}")
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _apply(cfg, key, value, "flag")
+    cfg.validate()
+    return cfg

@@ -1,0 +1,1 @@
+"""Wire protocol, shared-memory segment and client library."""

@@ -1,0 +1,3 @@
+from kvnode.cli import main
+
+raise SystemExit(main())
