@@ -116,6 +116,7 @@ class DiskSection:
     path: str = ""  # "" -> disk tier off
     bytes: int = _size("64GiB")
     o_direct: bool = False
+    fsync: bool = True  # fdatasync each file before it is renamed into place
     write_policy: str = "write_back"  # "write_through" or "write_back"
     queue_max: int = 256
     io_threads: int = 2
@@ -135,6 +136,7 @@ class S3Section:
     timeout_s: float = 10.0
     retries_max: int = 3
     multipart_bytes: int = _size("64MiB")
+    negative_ttl_s: float = 5.0  # remember S3 misses this long (no repeated probes)
 
 
 @dataclass(slots=True)
