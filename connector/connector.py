@@ -1,0 +1,268 @@
+"""``KVNodeConnector``: vLLM's ``KVConnectorBase_V1`` on top of the kvnode agent.
+
+Enable with::
+
+    KVTransferConfig(kv_connector="KVNodeConnector", kv_connector_module_path="kvnode.connector",
+                     kv_role="kv_both", kv_connector_extra_config={"kvnode.runtime_dir": DIR})
+
+vLLM builds one instance per role and process. The scheduler-side instance asks the
+agent for prefix hits (``scheduler.py``); each worker's instance copies chunks between
+its paged KV cache and the agent's arena (``worker.py``). Loads are synchronous (done in
+``start_load_kv`` before the forward pass), saves happen in ``wait_for_save`` after the
+forward pass, so no block is ever held past its request.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+from kvnode.connector.config import ConnectorConfig
+from kvnode.connector.link import AgentLink, default_client_factory
+from kvnode.connector.metadata import KVNodeConnectorMetadata, KVNodeHandshake
+from kvnode.connector.namespace import model_identity, rank_namespaces
+from kvnode.connector.scheduler import SchedulerSide
+from kvnode.connector.stats import KVNodeStats
+from kvnode.connector.worker import WorkerSide
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorHandshakeMetadata,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+log = logging.getLogger("kvnode.connector")
+
+
+class KVNodeConnector(KVConnectorBase_V1):
+    _cache_hit_source = CacheHitSource.HOST
+
+    def __init__(
+        self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
+    ) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        ktc = self._kv_transfer_config
+        self.cfg = ConnectorConfig.from_sources(ktc.kv_connector_extra_config)
+        self.block_size = vllm_config.cache_config.block_size
+        self.cfg.check_block_size(self.block_size)
+        par = vllm_config.parallel_config
+        self.tp_size = par.tensor_parallel_size
+        self.pp_size = par.pipeline_parallel_size
+        self._load = bool(ktc.is_kv_consumer)
+        self._save = bool(ktc.is_kv_producer)
+        self._sched: SchedulerSide | None = None
+        self._worker: WorkerSide | None = None
+        self._handshake: KVNodeHandshake | None = None
+        self._host_regs: dict[int, Any] = {}
+        if role == KVConnectorRole.SCHEDULER:
+            self._link = AgentLink(
+                default_client_factory(
+                    self.cfg.runtime_dir, "vllm-scheduler", self.cfg.lookup_timeout_ms / 1000.0
+                ),
+                retry_interval_s=self.cfg.reconnect_interval_ms / 1000.0,
+                retry_max_s=self.cfg.reconnect_max_ms / 1000.0,
+            )
+            self._sched = SchedulerSide(
+                self.cfg, self._link, self.block_size, load=self._load, save=self._save
+            )
+            mc = vllm_config.model_config
+            self._model_id = self.cfg.model_id or model_identity(mc.model, mc.revision)
+            self._model_dtype = str(mc.dtype).removeprefix("torch.")
+        else:
+            self._link = AgentLink(
+                default_client_factory(
+                    self.cfg.runtime_dir, "vllm-worker", self.cfg.io_timeout_ms / 1000.0
+                ),
+                retry_interval_s=self.cfg.reconnect_interval_ms / 1000.0,
+                retry_max_s=self.cfg.reconnect_max_ms / 1000.0,
+                on_connect=self._pin_arena,
+                on_disconnect=self._unpin_arena,
+            )
+            self._num_blocks = kv_cache_config.num_blocks
+        log.info(
+            "kvnode connector (%s): chunk_tokens=%d block_size=%d load=%s save=%s runtime_dir=%s",
+            role.name.lower(),
+            self.cfg.chunk_tokens,
+            self.block_size,
+            self._load and self.cfg.load,
+            self._save and self.cfg.save,
+            self.cfg.runtime_dir or "(default)",
+        )
+
+    # ================================================================ worker side
+    def _pin_arena(self, client: Any) -> None:
+        if torch.cuda.is_available():
+            from kvnode.kernels.hostmem import register_host_memory
+
+            self._host_regs[id(client)] = register_host_memory(client.buffer)
+
+    def _unpin_arena(self, client: Any) -> None:
+        reg = self._host_regs.pop(id(client), None)
+        if reg is not None:
+            from kvnode.kernels.hostmem import unregister_host_memory
+
+            unregister_host_memory(reg)
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        tp_rank, pp_rank = _ranks()
+        self._worker = WorkerSide(
+            self._link,
+            rank_index=pp_rank * self.tp_size + tp_rank,
+            num_blocks=self._num_blocks,
+            block_size=self.block_size,
+            blocks_per_chunk=self.cfg.chunk_tokens // self.block_size,
+            keys_per_call_max=self.cfg.keys_per_call_max,
+        )
+        self._handshake = self._worker.register(kv_caches)
+        log.info(
+            "kvnode worker rank tp=%d pp=%d: %d layers, layout %s, %d bytes per chunk",
+            tp_rank,
+            pp_rank,
+            len(kv_caches),
+            self._handshake.layout,
+            self._worker.chunk_nbytes,
+        )
+
+    def get_handshake_metadata(self) -> KVConnectorHandshakeMetadata | None:
+        return self._handshake
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        meta = self._connector_metadata
+        if self._worker is None or not isinstance(meta, KVNodeConnectorMetadata):
+            return
+        self._worker.load(meta.loads)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads complete in start_load_kv
+
+    def save_kv_layer(
+        self,
+        layer_name: str,
+        kv_layer: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+        **kwargs: Any,
+    ) -> None:
+        return  # whole chunks are saved after the forward pass, in wait_for_save
+
+    def wait_for_save(self) -> None:
+        meta = self._connector_metadata
+        if self._worker is None or not isinstance(meta, KVNodeConnectorMetadata):
+            return
+        self._worker.save(meta.saves)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._worker.take_load_errors() if self._worker is not None else set()
+
+    # ================================================================ scheduler side
+    def set_xfer_handshake_metadata_pp_aware(
+        self, metadata: dict[tuple[int, int], KVConnectorHandshakeMetadata]
+    ) -> None:
+        if self._sched is None:
+            return
+        ns = rank_namespaces(
+            self._model_id,
+            self._model_dtype,
+            self.block_size,
+            self.cfg.chunk_tokens,
+            self.tp_size,
+            self.pp_size,
+            metadata,
+        )
+        if ns is None:
+            log.warning("kvnode: not every worker reported its KV layout; connector stays off")
+            return
+        self._sched.set_namespaces(ns)
+        log.info("kvnode: namespace %s (%d rank(s))", ns[0], len(ns))
+
+    def set_xfer_handshake_metadata(
+        self, metadata: dict[int, KVConnectorHandshakeMetadata]
+    ) -> None:
+        self.set_xfer_handshake_metadata_pp_aware({(0, r): m for r, m in metadata.items()})
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        if self._sched is None:
+            return 0, False
+        try:
+            return self._sched.get_num_new_matched_tokens(request, num_computed_tokens)
+        except Exception:
+            # A bug here must not take vLLM down: serve the request without the cache.
+            log.exception("kvnode: lookup failed; serving without the cache")
+            return 0, False
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        if self._sched is not None:
+            self._sched.update_state_after_alloc(request, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        meta = KVNodeConnectorMetadata()
+        if self._sched is None or not self._sched.active:
+            return meta
+        scheduled: list[tuple[str, int, int]] = []
+        n_sched = scheduler_output.num_scheduled_tokens
+        new_blocks: dict[str, list[int]] = {}
+        for nr in scheduler_output.scheduled_new_reqs:
+            scheduled.append((nr.req_id, nr.num_computed_tokens, n_sched.get(nr.req_id, 0)))
+            if nr.block_ids:
+                new_blocks[nr.req_id] = list(nr.block_ids[0])
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, rid in enumerate(cached.req_ids):
+            scheduled.append((rid, cached.num_computed_tokens[i], n_sched.get(rid, 0)))
+        state = getattr(scheduler_output, "kv_connector_block_state", None)
+
+        def block_ids_of(rid: str) -> list[int] | None:
+            if state is not None:
+                groups = state.get_block_ids(rid)
+                if groups:
+                    return list(groups[0])
+            return new_blocks.get(rid)
+
+        meta.loads, meta.saves = self._sched.build_step(scheduled, block_ids_of)
+        return meta
+
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        if self._sched is not None:
+            self._sched.request_finished(request.request_id)
+        return False, None  # saves are done by the end of each step: nothing to hold
+
+    # ================================================================ both
+    def get_kv_connector_stats(self) -> KVNodeStats | None:
+        side = self._sched if self._sched is not None else self._worker
+        if side is None:
+            return None
+        data = side.stats.take()
+        if not any(data.values()):
+            return None
+        return KVNodeStats(data=data)
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVNodeStats | None:
+        return KVNodeStats(data=dict(data)) if data is not None else KVNodeStats()
+
+    def shutdown(self) -> None:
+        self._link.close()
+
+
+def _ranks() -> tuple[int, int]:
+    try:
+        from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank
+
+        return get_tensor_model_parallel_rank(), get_pp_group().rank_in_group
+    except Exception:  # not initialised (single process): rank 0
+        return 0, 0

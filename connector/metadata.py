@@ -1,0 +1,33 @@
+"""What the scheduler side tells the workers each step, and what workers tell it once.
+
+Plain dataclasses: vLLM pickles connector metadata between its processes. No KV bytes
+travel here, only keys and block ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvnode.connector.scheduler import ChunkOp
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorHandshakeMetadata,
+    KVConnectorMetadata,
+)
+
+
+@dataclass
+class KVNodeConnectorMetadata(KVConnectorMetadata):
+    """One step's work. Loads run before the forward pass, saves after it."""
+
+    loads: dict[str, list[ChunkOp]] = field(default_factory=dict)  # req_id -> chunks
+    saves: dict[str, list[ChunkOp]] = field(default_factory=dict)
+
+
+@dataclass
+class KVNodeHandshake(KVConnectorHandshakeMetadata):
+    """A worker's KV cache description, sent once to the scheduler side after
+    ``register_kv_caches``: chunk keys name the layout, and only workers know it."""
+
+    layout: str
+    block_shape: tuple[int, ...]  # (num_layers, *shape of one block of one layer)
+    dtype: str

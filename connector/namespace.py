@@ -1,0 +1,77 @@
+"""The chunk namespace of a vLLM engine: what makes its KV bytes incompatible with
+another engine's (model, dtypes, layout, block and chunk size, TP/PP rank).
+
+The layout and block shape are known only to workers (from the tensors they are
+handed); they reach the scheduler side in the connector's handshake, so both sides
+name chunks the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import xxhash
+from kvnode.connector.keys import Namespace
+from kvnode.connector.metadata import KVNodeHandshake
+
+_SAMPLE_BYTES = 1 << 20  # head and tail of each weight file go into a local model's id
+
+
+def model_identity(model: str, revision: str | None = None) -> str:
+    """A stable name for the weights. For a hub name: the name and revision. For a
+    local directory: its path plus a digest of its config and the head and tail of its
+    weight files, so a rebuilt model with other weights at the same path never reads
+    KV computed by the old one. Set ``kvnode.model_id`` to share across paths/nodes."""
+    path = Path(model)
+    if not path.is_dir():
+        return f"{model}@{revision or 'main'}"
+    h = xxhash.xxh3_64()
+    for name in ("config.json",):
+        f = path / name
+        if f.is_file():
+            h.update(f.read_bytes())
+    for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(_SAMPLE_BYTES))
+            if size > _SAMPLE_BYTES:
+                fh.seek(max(_SAMPLE_BYTES, size - _SAMPLE_BYTES))
+                h.update(fh.read(_SAMPLE_BYTES))
+    return f"{os.path.realpath(path)}#{h.hexdigest()}"
+
+
+def rank_namespaces(
+    model_id: str,
+    model_dtype: str,
+    block_size: int,
+    chunk_tokens: int,
+    tp_size: int,
+    pp_size: int,
+    handshakes: Mapping[tuple[int, int], Any],
+) -> list[Namespace] | None:
+    """One namespace per rank index ``pp_rank * tp_size + tp_rank``; None if a rank
+    did not report its layout (then the connector stays off: keys would be guesses)."""
+    out: list[Namespace] = []
+    for pp in range(pp_size):
+        for tp in range(tp_size):
+            hs = handshakes.get((pp, tp))
+            if not isinstance(hs, KVNodeHandshake):
+                return None
+            out.append(
+                Namespace(
+                    model=model_id,
+                    dtype=f"{model_dtype}/{hs.dtype}",
+                    kv_layout=hs.layout,
+                    block_shape=tuple(hs.block_shape),
+                    block_size=block_size,
+                    chunk_tokens=chunk_tokens,
+                    tp_size=tp_size,
+                    tp_rank=tp,
+                    pp_rank=pp,
+                )
+            )
+    return out

@@ -1,0 +1,265 @@
+"""Scheduler-side logic of the connector with a fake agent: prefix rules, the
+all-ranks rule, PENDING handling, failures, and step planning."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from kvnode.connector.config import ConnectorConfig
+from kvnode.connector.keys import Namespace, chunk_keys
+from kvnode.connector.scheduler import SchedulerSide, combine
+from kvnode.ipc.protocol import Lookup
+
+from kvnode.errors import AgentUnavailable
+
+C = 256
+BS = 128
+HIT, MISS, PENDING = Lookup.HIT, Lookup.MISS, Lookup.PENDING
+
+
+def make_ns(tp_size: int = 1) -> list[Namespace]:
+    base = Namespace(
+        model="m",
+        dtype="float32",
+        kv_layout="cpu",
+        block_shape=(2, 2, BS, 64),
+        block_size=BS,
+        chunk_tokens=C,
+        tp_size=tp_size,
+        tp_rank=0,
+        pp_rank=0,
+    )
+    return [base.with_rank(r) for r in range(tp_size)]
+
+
+@dataclass
+class Req:
+    request_id: str
+    all_token_ids: list[int]
+    kv_transfer_params: dict[str, Any] | None = None
+    lora_request: Any = None
+    cache_salt: str | None = None
+    mm_features: list[Any] = field(default_factory=list)
+    prompt_embeds: Any = None
+    num_prompt_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        self.num_prompt_tokens = self.num_prompt_tokens or len(self.all_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+
+class FakeClient:
+    def __init__(self) -> None:
+        self.state: dict[bytes, int] = {}
+        self.calls = 0
+
+    def lookup(self, keys: list[bytes], promote: bool = True) -> list[int]:
+        self.calls += 1
+        return [self.state.get(k, MISS) for k in keys]
+
+
+class FakeLink:
+    def __init__(self) -> None:
+        self.client = FakeClient()
+        self.down = False
+
+    def call(self, fn: Any) -> Any:
+        if self.down:
+            raise AgentUnavailable("down")
+        return fn(self.client)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def side(tp_size: int = 1, **cfg: Any) -> tuple[SchedulerSide, FakeLink, Clock]:
+    link, clock = FakeLink(), Clock()
+    s = SchedulerSide(ConnectorConfig(chunk_tokens=C, **cfg), link, BS, clock=clock)
+    s.set_namespaces(make_ns(tp_size))
+    return s, link, clock
+
+
+def tokens(n: int, seed: int = 0) -> list[int]:
+    return [(i * 7 + seed) % 1000 + 2 for i in range(n)]
+
+
+def cache(link: FakeLink, ns: Namespace, toks: list[int], chunks: range, state: int = HIT) -> None:
+    keys = chunk_keys(ns, toks, C)
+    for c in chunks:
+        link.client.state[keys[c]] = state
+
+
+def test_longest_cached_prefix_in_whole_chunks() -> None:
+    s, link, _ = side()
+    toks = tokens(1000)
+    cache(link, s.namespaces[0], toks, range(2))
+    assert s.get_num_new_matched_tokens(Req("a", toks), 0) == (512, False)
+    assert link.client.calls == 1
+
+
+def test_gap_stops_the_prefix() -> None:
+    s, link, _ = side()
+    toks = tokens(1100)
+    cache(link, s.namespaces[0], toks, range(0, 1))
+    cache(link, s.namespaces[0], toks, range(2, 4))
+    assert s.get_num_new_matched_tokens(Req("a", toks), 0) == (256, False)
+
+
+def test_never_the_last_prompt_token() -> None:
+    s, link, _ = side()
+    toks = tokens(3 * C)  # chunk-aligned prompt: the last chunk holds the last token
+    cache(link, s.namespaces[0], toks, range(3))
+    assert s.get_num_new_matched_tokens(Req("a", toks), 0) == (2 * C, False)
+    assert s.get_num_new_matched_tokens(Req("b", toks[: C + 1]), 0) == (C, False)
+    assert s.get_num_new_matched_tokens(Req("c", toks[:C]), 0) == (0, False)
+
+
+def test_beyond_vllm_computed_tokens_and_partial_first_chunk() -> None:
+    s, link, _ = side()
+    toks = tokens(1000)
+    cache(link, s.namespaces[0], toks, range(3))
+    req = Req("a", toks)
+    # vLLM has 3 blocks (384 tokens) locally: the agent serves 384..768.
+    assert s.get_num_new_matched_tokens(req, 3 * BS) == (384, False)
+    s.update_state_after_alloc(req, 384)
+    blocks = list(range(10, 18))
+    loads, saves = s.build_step([("a", 768, 1000 - 768)], lambda rid: blocks)
+    ops = loads["a"]
+    assert [(op.index, op.block_ids, op.block_offset) for op in ops] == [
+        (1, (13,), 1),
+        (2, (14, 15), 0),
+    ]
+    # Loaded chunks are not saved again; nothing else is complete.
+    assert "a" not in saves
+    # Everything already computed by vLLM: nothing to ask.
+    assert s.get_num_new_matched_tokens(Req("b", toks), 768) == (0, False)
+
+
+def test_all_ranks_rule() -> None:
+    s, link, _ = side(tp_size=2)
+    toks = tokens(1100)
+    cache(link, s.namespaces[0], toks, range(4))
+    cache(link, s.namespaces[1], toks, range(1))
+    assert s.get_num_new_matched_tokens(Req("a", toks), 0) == (C, False)
+    assert link.client.calls == 1  # one batched lookup for both ranks
+    cache(link, s.namespaces[1], toks, range(4))
+    assert s.get_num_new_matched_tokens(Req("b", toks), 0) == (4 * C, False)
+
+
+def test_combine() -> None:
+    assert combine([[HIT, HIT, PENDING, HIT], [HIT, MISS, HIT, PENDING]]) == [
+        HIT,
+        MISS,
+        PENDING,
+        PENDING,
+    ]
+
+
+def test_pending_asks_again_until_the_deadline() -> None:
+    s, link, clock = side(prefetch_deadline_ms=500)
+    toks = tokens(1100)
+    cache(link, s.namespaces[0], toks, range(1))
+    cache(link, s.namespaces[0], toks, range(1, 3), PENDING)
+    req = Req("a", toks)
+    assert s.get_num_new_matched_tokens(req, 0) == (None, False)
+    clock.t += 0.2
+    assert s.get_num_new_matched_tokens(req, 0) == (None, False)
+    cache(link, s.namespaces[0], toks, range(1, 2))  # chunk 1 promoted
+    clock.t += 0.2
+    assert s.get_num_new_matched_tokens(req, 0) == (None, False)
+    clock.t += 0.2  # past the deadline: take what is readable
+    assert s.get_num_new_matched_tokens(req, 0) == (2 * C, False)
+    # PENDING that is all promoted in time: no wait at all.
+    cache(link, s.namespaces[0], toks, range(2, 4))
+    assert s.get_num_new_matched_tokens(Req("b", toks), 0) == (4 * C, False)
+
+
+def test_agent_down_is_a_miss() -> None:
+    s, link, _ = side()
+    toks = tokens(1000)
+    cache(link, s.namespaces[0], toks, range(3))
+    link.down = True
+    assert s.get_num_new_matched_tokens(Req("a", toks), 0) == (0, False)
+    assert s.stats.lookup_errors == 1
+
+
+def test_inactive_until_workers_report_layout() -> None:
+    link = FakeLink()
+    s = SchedulerSide(ConnectorConfig(chunk_tokens=C), link, BS)
+    assert s.get_num_new_matched_tokens(Req("a", tokens(1000)), 0) == (0, False)
+    assert link.client.calls == 0
+
+
+def test_opt_out_and_extras_separate_namespaces() -> None:
+    s, link, _ = side()
+    toks = tokens(1000)
+    cache(link, s.namespaces[0], toks, range(3))
+    assert s.get_num_new_matched_tokens(
+        Req("a", toks, kv_transfer_params={"kvnode.skip": True}), 0
+    ) == (0, False)
+    assert s.get_num_new_matched_tokens(Req("b", toks, cache_salt="tenant-1"), 0) == (0, False)
+    assert s.get_num_new_matched_tokens(Req("c", toks), 0) == (3 * C, False)
+
+
+def test_lookup_is_side_effect_free() -> None:
+    s, link, _ = side()
+    toks = tokens(1000)
+    cache(link, s.namespaces[0], toks, range(2))
+    before = dict(link.client.state)
+    for _ in range(3):
+        assert s.get_num_new_matched_tokens(Req("a", toks), 0) == (512, False)
+    assert link.client.state == before
+
+
+def test_save_plan_follows_prefill_progress() -> None:
+    s, link, _ = side()
+    toks = tokens(700)
+    req = Req("a", toks)
+    assert s.get_num_new_matched_tokens(req, 0) == (0, False)
+    s.update_state_after_alloc(req, 0)
+    blocks = list(range(20, 26))
+    # Chunked prefill: 300 tokens, then the rest. Chunk 0 completes in step 1,
+    # chunk 1 in step 2; the tail (700 - 512) is never a full chunk.
+    loads, saves = s.build_step([("a", 0, 300)], lambda rid: blocks)
+    assert not loads
+    assert [(op.index, op.block_ids) for op in saves["a"]] == [(0, (20, 21))]
+    keys = chunk_keys(s.namespaces[0], toks, C)
+    assert saves["a"][0].keys == (keys[0],)
+    loads, saves = s.build_step([("a", 300, 400)], lambda rid: blocks)
+    assert [(op.index, op.block_ids) for op in saves["a"]] == [(1, (22, 23))]
+    # Decode steps save nothing by default.
+    req.all_token_ids.extend(tokens(400, seed=3))
+    loads, saves = s.build_step([("a", 700, 1)], lambda rid: blocks + list(range(30, 40)))
+    assert not saves
+    s.request_finished("a")
+    assert s.build_step([("a", 701, 1)], lambda rid: blocks) == ({}, {})
+
+
+def test_save_decode_option() -> None:
+    s, link, _ = side(save_decode=True)
+    req = Req("a", tokens(300))
+    s.get_num_new_matched_tokens(req, 0)
+    s.update_state_after_alloc(req, 0)
+    blocks = list(range(8))
+    _, saves = s.build_step([("a", 0, 300)], lambda rid: blocks)
+    assert [op.index for op in saves["a"]] == [0]
+    req.all_token_ids.extend(tokens(300, seed=5))
+    _, saves = s.build_step([("a", 599, 1)], lambda rid: blocks)
+    assert [op.index for op in saves["a"]] == [1]
+
+
+def test_block_size_must_divide_chunk() -> None:
+    from kvnode.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="chunk_tokens"):
+        SchedulerSide(ConnectorConfig(chunk_tokens=200), FakeLink(), BS)
