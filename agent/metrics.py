@@ -1,0 +1,316 @@
+"""Prometheus endpoint: renders the agent's stats dict in the text exposition format.
+
+``render(stats)`` is pure (the schema is "Stats schema" in docs/internals.md);
+``MetricsServer`` serves it from a daemon thread with the standard library's
+ThreadingHTTPServer, so a slow scraper never touches the agent's loop. The
+``stats_fn`` it is given runs on the HTTP threads and must return a consistent snapshot.
+
+Naming follows Prometheus: counters end in ``_total``, sizes in ``_bytes``, times are
+in seconds. Latency is a summary (quantiles 0.5/0.9/0.99 over the agent's recent-sample
+ring, plus the all-time ``_count``); the agent keeps no sum or buckets, so there is no
+``_sum`` and no histogram.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import socket
+import threading
+from collections.abc import Callable, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from kvnode.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+PREFIX = "kvnode_"
+_UNSAFE_RE = re.compile(r"[^a-zA-Z0-9_]")
+
+# Global counters whose exported name differs from "kvnode_<name>_total".
+_COUNTER_NAMES = {"bytes_in": "in_bytes", "bytes_out": "out_bytes"}
+_COUNTER_HELP = {
+    "lookups": "Lookup requests.",
+    "lookup_keys": "Keys asked for in lookups.",
+    "hits": "Looked-up keys found committed in some tier.",
+    "misses": "Looked-up keys found nowhere.",
+    "pending": "Looked-up keys being promoted from a lower tier.",
+    "reserves": "Reserve requests.",
+    "reserve_keys": "Keys asked for in reserves.",
+    "reserve_failed": "Keys whose reservation failed (no space, too large).",
+    "commits": "Keys committed.",
+    "aborts": "Reservations aborted by their clients.",
+    "pins": "Keys pinned for reading.",
+    "pin_misses": "Pins of keys not committed.",
+    "releases": "Keys unpinned.",
+    "drops": "Entries dropped by clients.",
+    "bytes_in": "Bytes committed into the arena by clients.",
+    "bytes_out": "Bytes pinned for reading by clients.",
+    "evictions": "Entries evicted from the arena.",
+    "reclaimed_clients": "Clients found dead and reclaimed.",
+    "reclaimed_leases": "Reservations dropped because their client died.",
+    "reclaimed_pins": "Pins dropped because their client died.",
+    "bad_frames": "Frames that did not decode.",
+    "errors": "Requests answered with an error.",
+    "expired_leases": "Reservations not committed within arena.reserve_ttl_s.",
+}
+_ARENA_GAUGES = {
+    "bytes_total": ("arena_capacity_bytes", "Size of the shared-memory arena."),
+    "bytes_used": ("arena_used_bytes", "Arena bytes held by entries."),
+    "page_bytes": ("arena_page_bytes", "Arena allocation page size."),
+    "entries": ("arena_entries", "Entries in the arena, any state."),
+    "reserved": ("arena_reserved_entries", "Entries reserved and not yet committed."),
+    "pinned": ("arena_pinned_entries", "Entries pinned by at least one reader."),
+}
+# Per-tier keys; anything else numeric in a tier becomes a gauge kvnode_tier_<key>.
+_TIER_COUNTERS = {
+    "hits": ("tier_hits_total", "Lookups served by this tier."),
+    "misses": ("tier_misses_total", "Lookups this tier could not serve."),
+    "reads": ("tier_reads_total", "Entries read from this tier."),
+    "writes": ("tier_writes_total", "Entries written to this tier."),
+    "read_bytes": ("tier_read_bytes_total", "Bytes read from this tier."),
+    "write_bytes": ("tier_write_bytes_total", "Bytes written to this tier."),
+    "evictions": ("tier_evictions_total", "Entries evicted from this tier."),
+    "errors": ("tier_errors_total", "Operating errors in this tier (I/O, network)."),
+    "dropped": ("tier_dropped_total", "Writes dropped because the tier's queue was full."),
+}
+_TIER_GAUGES = {
+    "entries": ("tier_entries", "Entries held by this tier."),
+    "bytes": ("tier_used_bytes", "Bytes held by this tier."),
+    "bytes_max": ("tier_capacity_bytes", "Configured capacity of this tier."),
+    "queue_depth": ("tier_queue_depth", "Operations queued for this tier."),
+}
+
+
+def _number(value: Any) -> float | int | None:
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (int, float)):
+        return value
+    return None
+
+
+def _format_value(value: float | int) -> str:
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+def escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _metric_name(raw: str) -> str:
+    """``kvnode_<raw>`` with anything outside [a-zA-Z0-9_] replaced by '_'."""
+    return PREFIX + _UNSAFE_RE.sub("_", raw)
+
+
+class _Families:
+    """Collects samples by family so each family's HELP/TYPE is written once."""
+
+    def __init__(self) -> None:
+        self._order: list[str] = []
+        self._meta: dict[str, tuple[str, str]] = {}
+        self._samples: dict[str, list[str]] = {}
+
+    def add(
+        self,
+        family: str,
+        kind: str,
+        help_text: str,
+        value: Any,
+        labels: Mapping[str, str] | None = None,
+        suffix: str = "",
+    ) -> None:
+        num = _number(value)
+        if num is None:
+            return
+        name = _metric_name(family)
+        if name not in self._meta:
+            self._order.append(name)
+            self._meta[name] = (kind, help_text)
+            self._samples[name] = []
+        label_text = ""
+        if labels:
+            inner = ",".join(f'{k}="{escape_label(str(v))}"' for k, v in labels.items())
+            label_text = "{" + inner + "}"
+        self._samples[name].append(f"{name}{suffix}{label_text} {_format_value(num)}")
+
+    def text(self) -> str:
+        out: list[str] = []
+        for name in self._order:
+            kind, help_text = self._meta[name]
+            out.append(f"# HELP {name} {escape_help(help_text)}")
+            out.append(f"# TYPE {name} {kind}")
+            out.extend(self._samples[name])
+        return "\n".join(out) + "\n"
+
+
+def _counter_family(name: str) -> str:
+    base = _COUNTER_NAMES.get(name, name)
+    if base.startswith("bytes_"):
+        base = base[len("bytes_") :] + "_bytes"
+    return base + "_total"
+
+
+def _render_agent(f: _Families, stats: Mapping[str, Any]) -> None:
+    info = {"version": str(stats.get("version", ""))}
+    arena = stats.get("arena") or {}
+    if "policy" in arena:
+        info["policy"] = str(arena["policy"])
+    f.add("info", "gauge", "Agent build and settings; always 1.", 1, info)
+    f.add("generation", "gauge", "Arena generation; changes when the agent restarts.", stats.get("generation"))  # fmt: skip
+    f.add("uptime_seconds", "gauge", "Seconds since the agent started.", stats.get("uptime_s"))
+    f.add("clients", "gauge", "Registered clients (vLLM processes).", stats.get("clients"))
+    for key, (family, help_text) in _ARENA_GAUGES.items():
+        f.add(family, "gauge", help_text, arena.get(key))
+
+
+def _render_counters(f: _Families, counters: Mapping[str, Any]) -> None:
+    for name, value in counters.items():
+        family = _counter_family(name)
+        f.add(family, "counter", _COUNTER_HELP.get(name, f"Agent counter {name}."), value)
+
+
+def _render_latency(f: _Families, latency: Mapping[str, Any]) -> None:
+    family = "op_latency_seconds"
+    help_text = "Agent-side time to serve a request, by operation (recent samples)."
+    for op, summary in latency.items():
+        if not isinstance(summary, Mapping):
+            continue
+        for key, quantile in (("p50", "0.5"), ("p90", "0.9"), ("p99", "0.99")):
+            value = _number(summary.get(key))
+            if value is not None:
+                f.add(family, "summary", help_text, value / 1e6, {"op": op, "quantile": quantile})
+        f.add(family, "summary", help_text, summary.get("count"), {"op": op}, suffix="_count")
+
+
+def _render_tiers(f: _Families, tiers: Mapping[str, Any]) -> None:
+    for tier, values in tiers.items():
+        if not isinstance(values, Mapping):
+            continue
+        labels = {"tier": str(tier)}
+        for key, value in values.items():
+            if key in _TIER_COUNTERS:
+                family, help_text = _TIER_COUNTERS[key]
+                f.add(family, "counter", help_text, value, labels)
+            elif key in _TIER_GAUGES:
+                family, help_text = _TIER_GAUGES[key]
+                f.add(family, "gauge", help_text, value, labels)
+            else:
+                f.add("tier_" + key, "gauge", f"Tier figure {key}.", value, labels)
+
+
+def render(stats: Mapping[str, Any]) -> str:
+    """The stats dict as Prometheus text format (version 0.0.4)."""
+    f = _Families()
+    _render_agent(f, stats)
+    _render_counters(f, stats.get("counters") or {})
+    _render_latency(f, stats.get("latency_us") or {})
+    _render_tiers(f, stats.get("tiers") or {})
+    return f.text()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+        self._respond(head=False)
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._respond(head=True)
+
+    def _respond(self, head: bool) -> None:
+        path = self.path.split("?", 1)[0]
+        if path not in ("/metrics", "/"):
+            self._send(404, b"not found; try /metrics\n", "text/plain; charset=utf-8", head)
+            return
+        try:
+            body = render(self.server.stats_fn()).encode()
+        except Exception:  # an agent bug must not kill the scrape thread
+            log.exception("metrics: stats snapshot failed")
+            self._send(503, b"stats unavailable\n", "text/plain; charset=utf-8", head)
+            return
+        self._send(200, body, CONTENT_TYPE, head)
+
+    def _send(self, code: int, body: bytes, ctype: str, head: bool) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        log.debug("metrics %s " + format, self.client_address[0], *args)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    stats_fn: Callable[[], Mapping[str, Any]]
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class MetricsServer:
+    """Serves ``render(stats_fn())`` on ``http://address:port/metrics``; port 0 is off."""
+
+    def __init__(self, address: str, port: int, stats_fn: Callable[[], Mapping[str, Any]]) -> None:
+        self.address = address
+        self.port = port
+        self.stats_fn = stats_fn
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.port != 0
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"http://{host}:{self.port}/metrics"
+
+    def start(self) -> None:
+        if not self.enabled or self._server is not None:
+            return
+        cls = _Server6 if ":" in self.address else _Server
+        try:
+            server = cls((self.address, self.port), _Handler)
+        except OSError as exc:
+            raise ConfigError(
+                "metrics.port", f"cannot listen on {self.address}:{self.port}: {exc}"
+            ) from exc
+        server.stats_fn = self.stats_fn
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="kvnode-metrics",
+            daemon=True,
+        )  # fmt: skip
+        self._thread.start()
+        log.info("metrics on %s", self.url)
+
+    def stop(self) -> None:
+        server, thread = self._server, self._thread
+        self._server = self._thread = None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if thread is not None:
+            thread.join(timeout=5)

@@ -1,0 +1,257 @@
+"""Prometheus rendering checked with prometheus_client's own parser, and the server."""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from kvnode.agent.metrics import CONTENT_TYPE, MetricsServer, render
+from kvnode.agent.stats import COUNTERS, LATENCY_OPS
+from prometheus_client.parser import text_string_to_metric_families
+
+from kvnode.errors import ConfigError
+
+
+def sample_stats(scale: int = 1) -> dict[str, Any]:
+    tier = {
+        "entries": 3 * scale, "bytes": 3 * 65536 * scale, "bytes_max": 1 << 30,
+        "hits": 2 * scale, "misses": scale, "reads": 2 * scale, "writes": 3 * scale,
+        "read_bytes": 1000 * scale, "write_bytes": 2000 * scale, "errors": 0,
+        "queue_depth": 4, "dropped": 1, "evictions": scale,
+    }  # fmt: skip
+    return {
+        "version": "0.1.0",
+        "pid": 1234,
+        "generation": 7,
+        "uptime_s": 12.5,
+        "clients": 2,
+        "arena": {
+            "bytes_total": 1 << 26,
+            "bytes_used": 65536 * scale,
+            "page_bytes": 65536,
+            "entries": scale,
+            "reserved": 0,
+            "pinned": 1,
+            "policy": "s3fifo",
+        },  # fmt: skip
+        "counters": {name: i * scale for i, name in enumerate(COUNTERS)},
+        "latency_us": {
+            op: {"p50": 12.0, "p90": 40.5, "p99": 250.0, "count": 10 * scale} for op in LATENCY_OPS
+        },
+        "tiers": {"arena": dict(tier), "disk": dict(tier), "s3": dict(tier)},
+    }
+
+
+def families(text: str) -> dict[str, Any]:
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def value(fams: dict[str, Any], sample_name: str, **labels: str) -> float:
+    for fam in fams.values():
+        for s in fam.samples:
+            if s.name == sample_name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    raise KeyError((sample_name, labels))
+
+
+def test_render_parses_with_types() -> None:
+    text = render(sample_stats())
+    fams = families(text)
+    # Counters: the parser names a family without "_total"; its samples keep it.
+    for name in COUNTERS:
+        exported = "kvnode_" + {"bytes_in": "in_bytes", "bytes_out": "out_bytes"}.get(name, name)
+        assert fams[exported].type == "counter", name
+        assert fams[exported].samples[0].name == exported + "_total"
+    assert value(fams, "kvnode_in_bytes_total") == COUNTERS.index("bytes_in")
+    for gauge in ("kvnode_clients", "kvnode_arena_capacity_bytes", "kvnode_arena_used_bytes",
+                  "kvnode_tier_used_bytes", "kvnode_tier_entries", "kvnode_tier_queue_depth"):  # fmt: skip
+        assert fams[gauge].type == "gauge", gauge
+    assert value(fams, "kvnode_clients") == 2
+    assert value(fams, "kvnode_arena_capacity_bytes") == 1 << 26
+    assert value(fams, "kvnode_info", version="0.1.0", policy="s3fifo") == 1
+    # Every family has HELP and TYPE, exactly once.
+    for name in fams:
+        assert text.count(f"# TYPE {name}") == 1 or text.count(f"# TYPE {name}_total") == 1
+
+
+def test_per_tier_labels() -> None:
+    fams = families(render(sample_stats(scale=5)))
+    for tier in ("arena", "disk", "s3"):
+        assert value(fams, "kvnode_tier_hits_total", tier=tier) == 10
+        assert value(fams, "kvnode_tier_misses_total", tier=tier) == 5
+        assert value(fams, "kvnode_tier_evictions_total", tier=tier) == 5
+        assert value(fams, "kvnode_tier_errors_total", tier=tier) == 0
+        assert value(fams, "kvnode_tier_used_bytes", tier=tier) == 15 * 65536
+        assert value(fams, "kvnode_tier_entries", tier=tier) == 15
+        assert value(fams, "kvnode_tier_queue_depth", tier=tier) == 4
+        assert value(fams, "kvnode_tier_dropped_total", tier=tier) == 1
+    assert fams["kvnode_tier_read_bytes"].type == "counter"
+
+
+def test_latency_summary_in_seconds() -> None:
+    fams = families(render(sample_stats()))
+    fam = fams["kvnode_op_latency_seconds"]
+    assert fam.type == "summary"
+    for op in LATENCY_OPS:
+        assert value(fams, "kvnode_op_latency_seconds", op=op, quantile="0.5") == pytest.approx(
+            12e-6
+        )
+        assert value(fams, "kvnode_op_latency_seconds", op=op, quantile="0.99") == pytest.approx(
+            250e-6
+        )
+        assert value(fams, "kvnode_op_latency_seconds_count", op=op) == 10
+
+
+def test_naming_conventions() -> None:
+    text = render(sample_stats())
+    for fam in text_string_to_metric_families(text):
+        assert fam.name.startswith("kvnode_")
+        assert fam.documentation, fam.name
+        for s in fam.samples:
+            if fam.type == "counter":
+                assert s.name.endswith("_total")
+            if "bytes" in s.name:
+                assert s.name.endswith(("_bytes", "_bytes_total")), s.name
+
+
+def test_escaping_and_odd_values() -> None:
+    stats = {
+        "version": 'v"1\\2\n',
+        "tiers": {'we"ird\\tier\n': {"entries": 1, "queue-depth max": 2, "label": "text"}},
+        "counters": {"errors": float("nan")},
+        "latency_us": {"lookup": "not a summary"},
+        "uptime_s": float("inf"),
+    }
+    text = render(stats)
+    fams = families(text)
+    assert value(fams, "kvnode_info", version='v"1\\2\n') == 1
+    assert value(fams, "kvnode_tier_entries", tier='we"ird\\tier\n') == 1
+    assert value(fams, "kvnode_tier_queue_depth_max", tier='we"ird\\tier\n') == 2
+    assert value(fams, "kvnode_uptime_seconds") == float("inf")
+    assert "label" not in text  # non-numeric figures are skipped, not mangled
+
+
+def test_empty_stats_render() -> None:
+    fams = families(render({}))
+    assert list(fams) == ["kvnode_info"]
+
+
+# --- server ----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(port: int, path: str = "/metrics", method: str = "GET") -> tuple[int, str, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request(method, path)
+        resp = conn.getresponse()
+        return resp.status, resp.getheader("Content-Type") or "", resp.read().decode()
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[MetricsServer, dict[str, Any]]]:
+    state: dict[str, Any] = {"stats": sample_stats(), "calls": 0, "fail": False}
+
+    def snapshot() -> dict[str, Any]:
+        state["calls"] += 1
+        if state["fail"]:
+            raise RuntimeError("snapshot failed")
+        return state["stats"]
+
+    srv = MetricsServer("127.0.0.1", free_port(), snapshot)
+    srv.start()
+    yield srv, state
+    srv.stop()
+
+
+def test_server_serves_fresh_snapshots(server: tuple[MetricsServer, dict[str, Any]]) -> None:
+    srv, state = server
+    status, ctype, body = get(srv.port)
+    assert (status, ctype) == (200, CONTENT_TYPE)
+    assert value(families(body), "kvnode_tier_hits_total", tier="disk") == 2
+    state["stats"] = sample_stats(scale=3)
+    assert value(families(get(srv.port)[2]), "kvnode_tier_hits_total", tier="disk") == 6
+    assert state["calls"] == 2
+    status, _, body = get(srv.port, method="HEAD")
+    assert (status, body) == (200, "")
+    assert get(srv.port, "/other")[0] == 404
+
+
+def test_server_survives_failing_snapshot(server: tuple[MetricsServer, dict[str, Any]]) -> None:
+    srv, state = server
+    state["fail"] = True
+    assert get(srv.port)[0] == 503
+    state["fail"] = False
+    assert get(srv.port)[0] == 200
+
+
+def test_concurrent_scrapes(server: tuple[MetricsServer, dict[str, Any]]) -> None:
+    srv, _ = server
+    results: list[int] = []
+    threads = [threading.Thread(target=lambda: results.append(get(srv.port)[0])) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert results == [200] * 8
+
+
+def test_port_zero_is_off() -> None:
+    srv = MetricsServer("127.0.0.1", 0, dict)
+    srv.start()
+    assert not srv.enabled
+    assert srv._thread is None  # no listener, no thread
+    srv.stop()
+
+
+def test_port_in_use_names_the_key() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        srv = MetricsServer("127.0.0.1", taken.getsockname()[1], dict)
+        with pytest.raises(ConfigError) as info:
+            srv.start()
+        assert info.value.key == "metrics.port"
+
+
+def test_stop_releases_the_port() -> None:
+    port = free_port()
+    for _ in range(2):
+        srv = MetricsServer("127.0.0.1", port, dict)
+        srv.start()
+        assert get(port)[0] == 200
+        srv.stop()
+    with pytest.raises(OSError):
+        get(port)
+
+
+def test_ipv6_loopback() -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 in this kernel")
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+            port = s.getsockname()[1]
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    srv = MetricsServer("::1", port, dict)
+    srv.start()
+    try:
+        conn = http.client.HTTPConnection("::1", port, timeout=5)
+        conn.request("GET", "/metrics")
+        assert conn.getresponse().status == 200
+        conn.close()
+        assert srv.url == f"http://[::1]:{port}/metrics"
+    finally:
+        srv.stop()
