@@ -1,0 +1,179 @@
+"""Kubernetes manifests: schema-valid (offline schemas from kubernetes-validate, strict
+mode refuses unknown fields) and consistent with the agent's configuration."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from kvnode.agent import config as cfgmod
+
+ROOT = Path(__file__).resolve().parents[2]
+MANIFESTS = sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))
+# 1.29: native sidecars (init containers with restartPolicy: Always) are on by default.
+VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
+OVERHEAD_BYTES = 512 * 1024**2
+KV_TRANSFER = json.loads((ROOT / "deploy" / "vllm" / "kv-transfer-config.json").read_text())
+ENV_NAMES = {
+    f"KVNODE_{s.upper()}_{f.name.upper()}" for s in cfgmod.SECTIONS for f in cfgmod._fields(s)
+}
+
+
+def docs(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def by_kind(kind: str) -> list[dict[str, Any]]:
+    return [d for p in MANIFESTS for d in docs(p) if d["kind"] == kind]
+
+
+def quantity(text: str | int) -> int:
+    m = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti|k|M|G|T)?", str(text))
+    assert m, text
+    mult = {None: 1, "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "Ti": 1024**4,
+            "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}  # fmt: skip
+    return int(m.group(1)) * mult[m.group(2)]
+
+
+def pod_spec(doc: dict[str, Any]) -> dict[str, Any]:
+    return doc["spec"]["template"]["spec"]
+
+
+def agent_container(spec: dict[str, Any]) -> dict[str, Any]:
+    for c in spec.get("initContainers", []) + spec["containers"]:
+        if c.get("command", [])[:2] == ["kvnode", "agent"]:
+            return c
+    raise AssertionError("no agent container")
+
+
+def vllm_container(spec: dict[str, Any]) -> dict[str, Any]:
+    return next(c for c in spec["containers"] if c.get("command", [""])[0] == "vllm")
+
+
+def agent_config(doc: dict[str, Any], tmp_path: Path) -> cfgmod.Config:
+    """The agent's effective config: its ConfigMap's agent.toml plus its KVNODE_* env."""
+    spec = pod_spec(doc)
+    cm_name = next(v["configMap"]["name"] for v in spec["volumes"] if "configMap" in v)
+    cm = next(c for c in by_kind("ConfigMap") if c["metadata"]["name"] == cm_name)
+    path = tmp_path / f"{cm_name}.toml"
+    path.write_text(cm["data"]["agent.toml"])
+    env = {e["name"]: e["value"] for e in agent_container(spec).get("env", [])}
+    return cfgmod.load_config(str(path), env=env)
+
+
+def workloads() -> list[dict[str, Any]]:
+    return [d for d in by_kind("DaemonSet") + by_kind("Deployment")]
+
+
+def agent_workloads() -> list[dict[str, Any]]:
+    out = []
+    for d in workloads():
+        try:
+            agent_container(pod_spec(d))
+        except AssertionError:
+            continue
+        out.append(d)
+    return out
+
+
+def test_there_is_something_to_check() -> None:
+    names = {p.name for p in MANIFESTS}
+    assert {"daemonset.yaml", "sidecar.yaml"} <= names
+    assert len(agent_workloads()) == 2
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_schema_valid(path: Path, version: str) -> None:
+    for doc in docs(path):
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_schema_rejects_broken_manifests() -> None:
+    """Negative controls: the validation above does refuse bad manifests."""
+    ds = next(d for d in by_kind("DaemonSet"))
+    version = VERSIONS[-1]
+    broken = copy.deepcopy(ds)
+    del broken["spec"]["selector"]  # required
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, version, strict=True)
+    broken = copy.deepcopy(ds)
+    pod_spec(broken)["containers"][0]["volumeMount"] = []  # misspelt: strict refuses
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, version, strict=True)
+    broken = copy.deepcopy(ds)
+    pod_spec(broken)["terminationGracePeriodSeconds"] = "thirty"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, version, strict=True)
+    broken = copy.deepcopy(ds)
+    broken["apiVersion"] = "extensions/v1beta1"  # long gone
+    with pytest.raises(kubernetes_validate.SchemaNotFoundError):
+        kubernetes_validate.validate(broken, version, strict=True)
+
+
+@pytest.mark.parametrize("doc", agent_workloads(), ids=lambda d: d["kind"])
+def test_agent_sizing_and_shutdown(doc: dict[str, Any], tmp_path: Path) -> None:
+    cfg = agent_config(doc, tmp_path)
+    spec = pod_spec(doc)
+    agent = agent_container(spec)
+    assert cfg.sources["arena.cpu_bytes"] == "env:KVNODE_ARENA_CPU_BYTES"
+    for env in agent.get("env", []):
+        assert env["name"] in ENV_NAMES, f"{env['name']} is no config key"
+    mem = agent["resources"]
+    assert quantity(mem["requests"]["memory"]) >= cfg.arena.cpu_bytes + OVERHEAD_BYTES
+    assert quantity(mem["limits"]["memory"]) >= quantity(mem["requests"]["memory"])
+    assert spec["terminationGracePeriodSeconds"] > cfg.agent.shutdown_flush_s
+    assert str(cfg.runtime_dir) == "/run/kvnode"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert agent[probe]["exec"]["command"] == ["kvnode", "stats", "--check"], probe
+    sc = agent["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert cfg.metrics.port in {p["containerPort"] for p in agent["ports"]}
+
+
+@pytest.mark.parametrize("doc", agent_workloads(), ids=lambda d: d["kind"])
+def test_vllm_shares_socket_and_shm_with_group(doc: dict[str, Any], tmp_path: Path) -> None:
+    cfg = agent_config(doc, tmp_path)
+    if doc["kind"] == "DaemonSet":
+        # The vLLM side lives in its own manifest and reaches the host paths.
+        client = next(d for d in docs(ROOT / "deploy/kubernetes/vllm-node-client.yaml"))
+        agent_spec, client_spec = pod_spec(doc), pod_spec(client)
+        assert not agent_spec.get("hostIPC") and not client_spec.get("hostIPC")
+        for spec, container in ((agent_spec, agent_container(agent_spec)),
+                                (client_spec, vllm_container(client_spec))):  # fmt: skip
+            vols = {v["name"]: v for v in spec["volumes"]}
+            mounts = {m["mountPath"]: vols[m["name"]] for m in container["volumeMounts"]}
+            assert mounts["/dev/shm"]["hostPath"]["path"] == "/dev/shm"
+            assert mounts["/run/kvnode"]["hostPath"]["path"] == "/run/kvnode"
+        groups = client_spec["securityContext"]["supplementalGroups"]
+    else:
+        spec = pod_spec(doc)
+        vols = {v["name"]: v for v in spec["volumes"]}
+        agent, vllm = agent_container(spec), vllm_container(spec)
+        assert agent.get("restartPolicy") == "Always"  # native sidecar: up before vLLM
+        for path in ("/dev/shm", "/run/kvnode"):
+            a = next(m["name"] for m in agent["volumeMounts"] if m["mountPath"] == path)
+            v = next(m["name"] for m in vllm["volumeMounts"] if m["mountPath"] == path)
+            assert a == v, f"{path} is not shared"
+            assert vols[a]["emptyDir"]["medium"] == "Memory"
+        shm = next(m["name"] for m in agent["volumeMounts"] if m["mountPath"] == "/dev/shm")
+        assert quantity(vols[shm]["emptyDir"]["sizeLimit"]) > cfg.arena.cpu_bytes
+        groups = [spec["securityContext"]["fsGroup"]]
+    assert cfg.agent.group and int(cfg.agent.group) in groups
+
+
+@pytest.mark.parametrize("doc", [d for d in workloads() if any(
+    c.get("command", [""])[0] == "vllm" for c in pod_spec(d)["containers"])],
+    ids=lambda d: d["metadata"]["name"])  # fmt: skip
+def test_vllm_kv_transfer_config(doc: dict[str, Any]) -> None:
+    args = vllm_container(pod_spec(doc))["args"]
+    value = json.loads(args[args.index("--kv-transfer-config") + 1])
+    assert value == KV_TRANSFER
+    assert value["kv_connector_extra_config"]["kvnode.runtime_dir"] == "/run/kvnode"
