@@ -1,0 +1,150 @@
+"""What every tier store offers the tier manager, and the pieces they share.
+
+A store moves bytes between arena slots and one lower tier. It is called from I/O
+threads only (never the agent's loop) except for ``size_of`` and ``may_probe``, which
+answer from memory and are safe from any thread. Operating errors are counted and
+raised as ``TierError`` subclasses; a bad entry is dropped by the store before it
+raises, so the caller never has to clean up after a store.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from typing import Protocol
+
+from kvnode.agent.tiers.format import NO_FINGERPRINT
+
+RATE_SAMPLES_MAX = 256  # operations remembered for the recent-throughput gauges
+
+
+class SlotBuffers:
+    """Writable views of one arena entry: ``views`` covers exactly ``size`` bytes;
+    ``padded(align)`` extends the last extent into the entry's own page slack, which
+    O_DIRECT needs (lengths that are multiples of the device block)."""
+
+    __slots__ = ("size", "views", "_capacity")
+
+    def __init__(
+        self, arena: memoryview, pages: list[tuple[int, int]], page_bytes: int, size: int
+    ) -> None:
+        self.size = size
+        self.views: list[memoryview] = []
+        self._capacity: list[memoryview] = []
+        left = size
+        for start, count in pages:
+            cap = arena[start * page_bytes : (start + count) * page_bytes]
+            n = min(left, len(cap))
+            self._capacity.append(cap)
+            self.views.append(cap[:n])
+            left -= n
+        if left:
+            raise ValueError("pages too small for size")  # programmer error
+
+    @classmethod
+    def of(cls, buf: memoryview | bytearray, size: int | None = None) -> SlotBuffers:
+        """One contiguous buffer as a slot (tests, benchmarks)."""
+        mv = memoryview(buf).cast("B")
+        return cls(mv, [(0, 1)], len(mv), len(mv) if size is None else size)
+
+    def padded(self, align: int) -> list[memoryview] | None:
+        """Views rounded up to ``align``; None when the slack is too small."""
+        out = list(self.views)
+        if not out:
+            return out
+        last = len(out[-1])
+        want = -(-last // align) * align
+        if want > len(self._capacity[-1]):
+            return None
+        out[-1] = self._capacity[-1][:want]
+        return out
+
+
+class TierStats:
+    """Counters and gauges of one tier. Updated from I/O threads and the loop."""
+
+    COUNTERS = (
+        "hits", "misses", "reads", "writes", "read_bytes", "write_bytes", "errors",
+        "dropped", "corrupt", "evictions", "deletes",
+    )  # fmt: skip
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counters = dict.fromkeys(self.COUNTERS, 0)
+        self._read_ops: deque[tuple[float, float, int]] = deque(maxlen=RATE_SAMPLES_MAX)
+        self._write_ops: deque[tuple[float, float, int]] = deque(maxlen=RATE_SAMPLES_MAX)
+
+    def inc(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.counters[name] += n
+
+    def read_done(self, t0: float, nbytes: int) -> None:
+        self._done("reads", "read_bytes", self._read_ops, t0, nbytes)
+
+    def write_done(self, t0: float, nbytes: int) -> None:
+        self._done("writes", "write_bytes", self._write_ops, t0, nbytes)
+
+    def _done(self, ops: str, nb: str, ring: deque, t0: float, nbytes: int) -> None:
+        t1 = time.perf_counter()
+        with self._lock:
+            self.counters[ops] += 1
+            self.counters[nb] += nbytes
+            ring.append((t0, t1, nbytes))
+
+    @staticmethod
+    def _gbps(ring: deque[tuple[float, float, int]]) -> float:
+        # Bytes of the last operations over the wall time they spanned: the aggregate
+        # rate across I/O threads while the tier was busy, not a per-call average.
+        if not ring:
+            return 0.0
+        span = max(t1 for _, t1, _ in ring) - min(t0 for t0, _, _ in ring)
+        total = sum(n for _, _, n in ring)
+        return round(total / span / 1e9, 3) if span > 0 else 0.0
+
+    def snapshot(self) -> dict[str, float]:
+        with self._lock:
+            out: dict[str, float] = dict(self.counters)
+            out["read_gbps"] = self._gbps(self._read_ops)
+            out["write_gbps"] = self._gbps(self._write_ops)
+        return out
+
+
+class TierStore(Protocol):
+    name: str
+    stats: TierStats
+
+    def size_of(self, key: bytes) -> int | None:
+        """Payload size when this node knows the tier holds ``key``; no I/O."""
+        ...
+
+    def may_probe(self, key: bytes) -> bool:
+        """Whether an I/O probe for a key not known locally is worth it; no I/O."""
+        ...
+
+    def probe(self, key: bytes) -> int | None:
+        """Ask the tier itself (I/O); the payload size, or None when absent."""
+        ...
+
+    def put(
+        self, key: bytes, slot: SlotBuffers, checksum: int, fingerprint: bytes = NO_FINGERPRINT
+    ) -> bool:
+        """Store the slot's bytes. False: not stored by choice (present, too large).
+        ``checksum`` is the committed one (0: unknown); a mismatch is not stored."""
+        ...
+
+    def read_into(self, key: bytes, slot: SlotBuffers) -> int | None:
+        """Fill ``slot`` and return the verified payload checksum; None when absent."""
+        ...
+
+    def delete(self, key: bytes) -> None: ...
+
+    def healthy(self) -> bool:
+        """False while the tier is failing (writes are dropped, probes skipped)."""
+        ...
+
+    def gauges(self) -> dict[str, int]:
+        """entries, bytes, bytes_max."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,441 @@
+"""The disk tier: one file per chunk under ``disk.path``, surviving restarts.
+
+Layout: ``<path>/<first key byte, hex>/<key hex>.kv``, each file a ``format`` header
+block followed by the payload. Writes go to ``.<key hex>.<n>.tmp`` in the same
+directory, are fdatasync'ed (``disk.fsync``) and renamed into place, so a crash
+mid-write leaves at worst a temp file, which the next start removes; a lost rename
+only loses the entry. Reads land in arena slots with one ``preadv`` (header block plus
+the slot's extents), optionally with O_DIRECT. The in-memory index (key -> size) is
+rebuilt at start from headers alone and kept in LRU order; capacity is enforced by
+evicting least recently read files.
+
+All file system calls go through ``FileSystem``, the seam tests use to inject ENOSPC
+and EIO.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import mmap
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvnode.agent.tiers.base import SlotBuffers, TierStats
+from kvnode.agent.tiers.format import (
+    CODEC_NONE,
+    HEADER_BYTES,
+    HEADER_STRUCT_BYTES,
+    NO_FINGERPRINT,
+    decode_header,
+    encode_header,
+    make_header,
+)
+from kvnode.agent.tiers.format import (
+    checksum as payload_checksum,
+)
+
+from kvnode.errors import CorruptEntry, DiskError, DiskFull
+
+log = logging.getLogger("kvnode.tiers.disk")
+
+SUFFIX = ".kv"
+TMP_SUFFIX = ".tmp"
+DIRECT_ALIGN = 4096
+IOV_MAX = 1024  # buffers per preadv/pwritev call (Linux UIO_MAXIOV)
+FREE_RECHECK_S = 30.0  # after ENOSPC, how long before free space is measured again
+
+
+class FileSystem:
+    """The disk tier's only door to the OS. Subclass to inject faults."""
+
+    def open(self, path: str, flags: int, mode: int = 0o600) -> int:
+        return os.open(path, flags, mode)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def preadv(self, fd: int, bufs: list[memoryview], offset: int) -> int:
+        return os.preadv(fd, bufs, offset)
+
+    def pwritev(self, fd: int, bufs: list[memoryview], offset: int) -> int:
+        return os.pwritev(fd, bufs, offset)
+
+    def pread(self, fd: int, n: int, offset: int) -> bytes:
+        return os.pread(fd, n, offset)
+
+    def fstat_size(self, fd: int) -> int:
+        return os.fstat(fd).st_size
+
+    def ftruncate(self, fd: int, n: int) -> None:
+        os.ftruncate(fd, n)
+
+    def fdatasync(self, fd: int) -> None:
+        os.fdatasync(fd)
+
+    def rename(self, src: str, dst: str) -> None:
+        os.rename(src, dst)
+
+    def unlink(self, path: str) -> None:
+        os.unlink(path)
+
+    def touch(self, path: str) -> None:
+        os.utime(path)
+
+    def scandir(self, path: str) -> list[os.DirEntry[str]]:
+        with os.scandir(path) as it:
+            return list(it)
+
+    def makedirs(self, path: str) -> None:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+
+    def free_bytes(self, path: str) -> int:
+        st = os.statvfs(path)
+        return st.f_bavail * st.f_frsize
+
+
+@dataclass(slots=True)
+class DiskEntry:
+    size: int  # payload bytes
+    file_bytes: int
+
+
+def _advance(bufs: list[memoryview], n: int) -> list[memoryview]:
+    """The part of ``bufs`` after the first ``n`` bytes (short read or write)."""
+    out = []
+    for b in bufs:
+        if n >= len(b):
+            n -= len(b)
+            continue
+        out.append(b[n:] if n else b)
+        n = 0
+    return out
+
+
+class DiskStore:
+    def __init__(
+        self,
+        path: str,
+        bytes_max: int,
+        o_direct: bool = False,
+        fsync: bool = True,
+        fs: FileSystem | None = None,
+        name: str = "disk",
+    ) -> None:
+        self.name = name
+        self.root = Path(path)
+        self.bytes_max = bytes_max
+        self.fsync = fsync
+        self.o_direct = o_direct and hasattr(os, "O_DIRECT")
+        self.fs = fs or FileSystem()
+        self.stats = TierStats()
+        self.entries: OrderedDict[bytes, DiskEntry] = OrderedDict()  # LRU first
+        self._lock = threading.Lock()
+        self._bytes = 0  # files in the index
+        self._pending = 0  # bytes reserved by writes in progress
+        self._writing: set[bytes] = set()
+        self._tmp_seq = itertools.count()
+        self._local = threading.local()
+        self.bytes_limit = bytes_max  # lowered to what the file system really holds
+        self._limit_checked = 0.0
+        self.recovery_s = 0.0
+        self.stale_tmp_removed = 0
+        for i in range(256):
+            self.fs.makedirs(str(self.root / f"{i:02x}"))
+        self.recover()
+
+    # -- paths -------------------------------------------------------------------
+    def path_of(self, key: bytes) -> str:
+        hx = key.hex()
+        return str(self.root / hx[:2] / (hx + SUFFIX))
+
+    def _tmp_path(self, key: bytes) -> str:
+        hx = key.hex()
+        return str(self.root / hx[:2] / f".{hx}.{os.getpid()}.{next(self._tmp_seq)}{TMP_SUFFIX}")
+
+    def _header_buf(self) -> memoryview:
+        """A page-aligned per-thread header block (O_DIRECT needs aligned memory)."""
+        buf = getattr(self._local, "hdr", None)
+        if buf is None:
+            buf = self._local.hdr = memoryview(mmap.mmap(-1, HEADER_BYTES))
+        return buf
+
+    # -- start-up ----------------------------------------------------------------
+    def recover(self) -> None:
+        """Rebuild the index from file headers; remove temp and unreadable files."""
+        t0 = time.perf_counter()
+        found: list[tuple[int, bytes, DiskEntry]] = []
+        for sub in self.fs.scandir(str(self.root)):
+            if not sub.is_dir(follow_symlinks=False) or len(sub.name) != 2:
+                continue
+            for f in self.fs.scandir(sub.path):
+                self._recover_one(f, found)
+        found.sort(key=lambda t: t[0])  # oldest access first: LRU order survives restarts
+        with self._lock:
+            for _, key, e in found:
+                self.entries[key] = e
+                self._bytes += e.file_bytes
+            victims = self._make_room(0)
+        self._unlink_all(victims)
+        self._refresh_limit(force=True)
+        self.recovery_s = time.perf_counter() - t0
+        log.info(
+            "disk tier %s: %d entries, %d bytes recovered in %.3fs (%d stale temp files removed)",
+            self.root, len(self.entries), self._bytes, self.recovery_s, self.stale_tmp_removed,
+        )  # fmt: skip
+
+    def _recover_one(self, f: os.DirEntry[str], found: list[tuple[int, bytes, DiskEntry]]) -> None:
+        if f.name.endswith(TMP_SUFFIX):
+            self._unlink(f.path)
+            self.stale_tmp_removed += 1
+            return
+        if not f.name.endswith(SUFFIX):
+            return
+        try:
+            key = bytes.fromhex(f.name[: -len(SUFFIX)])
+            st = f.stat(follow_symlinks=False)
+            fd = self.fs.open(f.path, os.O_RDONLY)
+            try:
+                raw = self.fs.pread(fd, HEADER_STRUCT_BYTES, 0)
+            finally:
+                self.fs.close(fd)
+            h = decode_header(raw, key)
+            if h.codec != CODEC_NONE or st.st_size != h.total_bytes:
+                raise CorruptEntry("length does not match header")
+        except (ValueError, CorruptEntry, OSError) as exc:
+            log.warning("disk tier: dropping %s: %s", f.path, exc)
+            self.stats.inc("errors")
+            self.stats.inc("corrupt")
+            self._unlink(f.path)
+            return
+        found.append((st.st_mtime_ns, key, DiskEntry(h.raw_bytes, h.total_bytes)))
+
+    # -- capacity ----------------------------------------------------------------
+    def _refresh_limit(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and (
+            self.bytes_limit >= self.bytes_max or now - self._limit_checked < FREE_RECHECK_S
+        ):
+            return
+        self._limit_checked = now
+        try:
+            room = self.fs.free_bytes(str(self.root))
+        except OSError:
+            return
+        with self._lock:
+            self.bytes_limit = min(self.bytes_max, self._bytes + self._pending + room)
+
+    def _make_room(self, need: int) -> list[str]:
+        """Pop LRU entries until ``need`` more bytes fit. Caller holds the lock."""
+        victims = []
+        while self.entries and self._bytes + self._pending + need > self.bytes_limit:
+            key, e = self.entries.popitem(last=False)
+            self._bytes -= e.file_bytes
+            victims.append(self.path_of(key))
+        self.stats.inc("evictions", len(victims))
+        return victims
+
+    def _unlink(self, path: str) -> None:
+        try:
+            self.fs.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("disk tier: cannot remove %s: %s", path, exc)
+
+    def _unlink_all(self, paths: list[str]) -> None:
+        for p in paths:
+            self._unlink(p)
+
+    # -- the store interface --------------------------------------------------------
+    def size_of(self, key: bytes) -> int | None:
+        with self._lock:
+            e = self.entries.get(key)
+        return None if e is None else e.size
+
+    def may_probe(self, key: bytes) -> bool:
+        return False  # the index is complete once recover() returned
+
+    def probe(self, key: bytes) -> int | None:
+        return self.size_of(key)
+
+    def healthy(self) -> bool:
+        return self.bytes_limit > 0
+
+    def gauges(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "entries": len(self.entries),
+                "bytes": self._bytes,
+                "bytes_max": self.bytes_max,
+                "bytes_limit": self.bytes_limit,
+            }
+
+    def put(
+        self, key: bytes, slot: SlotBuffers, checksum: int, fingerprint: bytes = NO_FINGERPRINT
+    ) -> bool:
+        t0 = time.perf_counter()
+        total = HEADER_BYTES + slot.size
+        self._refresh_limit()
+        with self._lock:
+            if key in self.entries or key in self._writing or total > self.bytes_limit:
+                return False
+            victims = self._make_room(total)
+            self._pending += total
+            self._writing.add(key)
+        try:
+            self._unlink_all(victims)
+            self._write_file(key, slot, checksum, fingerprint)
+        except BaseException:
+            with self._lock:
+                self._pending -= total
+                self._writing.discard(key)
+            raise
+        with self._lock:
+            self._pending -= total
+            self._writing.discard(key)
+            self.entries[key] = DiskEntry(slot.size, total)
+            self._bytes += total
+        self.stats.write_done(t0, slot.size)
+        return True
+
+    def _write_file(self, key: bytes, slot: SlotBuffers, checksum: int, fingerprint: bytes) -> None:
+        got = payload_checksum(slot.views)
+        if checksum and got != checksum:
+            self.stats.inc("errors")
+            raise CorruptEntry("arena bytes do not match their committed checksum")
+        hdr = self._header_buf()
+        raw = encode_header(make_header(key, slot.size, slot.size, got, fingerprint=fingerprint))
+        hdr[: len(raw)] = raw
+        hdr[len(raw) :] = bytes(HEADER_BYTES - len(raw))
+        bufs = slot.padded(DIRECT_ALIGN) if self.o_direct else None
+        tmp, final = self._tmp_path(key), self.path_of(key)
+        fd = -1
+        try:
+            fd = self._open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, direct=bufs is not None)
+            if bufs is not None and fd < 0:
+                bufs, fd = None, self._open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            self._pwritev_all(fd, [hdr, *(bufs if bufs is not None else slot.views)])
+            if bufs is not None:
+                self.fs.ftruncate(fd, HEADER_BYTES + slot.size)  # cut the alignment slack
+            if self.fsync:
+                self.fs.fdatasync(fd)
+            self.fs.close(fd)
+            fd = -1
+            self.fs.rename(tmp, final)
+        except OSError as exc:
+            if fd >= 0:
+                try:
+                    self.fs.close(fd)
+                except OSError:
+                    pass
+            self._unlink(tmp)
+            self.stats.inc("errors")
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                with self._lock:  # the file system holds less than disk.bytes: believe it
+                    self.bytes_limit = self._bytes
+                    self._limit_checked = time.monotonic()
+                raise DiskFull(f"disk tier full writing {final}") from exc
+            raise DiskError(f"cannot write {final}: {exc}") from exc
+
+    def _open(self, path: str, flags: int, direct: bool = False) -> int:
+        """Open; with ``direct``, returns -1 when the file system refuses O_DIRECT."""
+        if not direct:
+            return self.fs.open(path, flags)
+        try:
+            return self.fs.open(path, flags | os.O_DIRECT)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            log.warning("disk tier: %s refuses O_DIRECT; using buffered I/O", self.root)
+            self.o_direct = False
+            return -1
+
+    def _pwritev_all(self, fd: int, bufs: list[memoryview]) -> None:
+        off = 0
+        while bufs:
+            n = self.fs.pwritev(fd, bufs[:IOV_MAX], off)
+            if n <= 0:
+                raise OSError(errno.EIO, "short write")
+            off += n
+            bufs = _advance(bufs, n)
+
+    def _preadv_all(self, fd: int, bufs: list[memoryview]) -> int:
+        off = 0
+        while bufs:
+            n = self.fs.preadv(fd, bufs[:IOV_MAX], off)
+            if n == 0:
+                break  # end of file
+            off += n
+            bufs = _advance(bufs, n)
+        return off
+
+    def read_into(self, key: bytes, slot: SlotBuffers) -> int | None:
+        t0 = time.perf_counter()
+        with self._lock:
+            e = self.entries.get(key)
+            if e is not None:
+                self.entries.move_to_end(key)
+        if e is None:
+            return None
+        path = self.path_of(key)
+        try:
+            got = self._read_file(key, path, e, slot)
+        except FileNotFoundError:
+            self._forget(key)
+            return None
+        except (CorruptEntry, OSError) as exc:
+            self._forget(key)
+            self._unlink(path)
+            self.stats.inc("errors")
+            if isinstance(exc, CorruptEntry):
+                self.stats.inc("corrupt")
+                raise
+            raise DiskError(f"cannot read {path}: {exc}") from exc
+        try:
+            self.fs.touch(path)  # access time for LRU order after a restart
+        except OSError:
+            pass
+        self.stats.read_done(t0, slot.size)
+        return got
+
+    def _read_file(self, key: bytes, path: str, e: DiskEntry, slot: SlotBuffers) -> int:
+        if e.size != slot.size:
+            raise CorruptEntry("slot size differs from the indexed size")
+        bufs = slot.padded(DIRECT_ALIGN) if self.o_direct else None
+        fd = self._open(path, os.O_RDONLY, direct=bufs is not None)
+        if fd < 0:
+            bufs, fd = None, self._open(path, os.O_RDONLY)
+        hdr = self._header_buf()
+        try:
+            if self.fs.fstat_size(fd) != e.file_bytes:
+                raise CorruptEntry("file length changed (truncated?)")
+            n = self._preadv_all(fd, [hdr, *(bufs if bufs is not None else slot.views)])
+        finally:
+            self.fs.close(fd)
+        h = decode_header(hdr, key)
+        if h.codec != CODEC_NONE or h.raw_bytes != slot.size or n != h.total_bytes:
+            raise CorruptEntry("length does not match header")
+        got = payload_checksum(slot.views)
+        if got != h.checksum:
+            raise CorruptEntry("payload checksum mismatch")
+        return got
+
+    def _forget(self, key: bytes) -> None:
+        with self._lock:
+            e = self.entries.pop(key, None)
+            if e is not None:
+                self._bytes -= e.file_bytes
+
+    def delete(self, key: bytes) -> None:
+        self._forget(key)
+        self._unlink(self.path_of(key))
+        self.stats.inc("deletes")
+
+    def close(self) -> None:
+        pass

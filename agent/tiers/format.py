@@ -1,0 +1,153 @@
+"""The on-disk and in-object format of one cached chunk, shared by the disk and S3 tiers.
+
+    offset 0        header struct (132 bytes), then zeros up to HEADER_BYTES
+    HEADER_BYTES    payload (``stored_bytes`` bytes; lz4 frame when codec is LZ4)
+
+The header is padded to 4 KiB so the payload starts on a boundary that O_DIRECT
+accepts. It carries its own checksum; the payload checksum is xxh3-64 of the decoded
+payload, the same value a client records at commit, so one number follows a chunk
+through every tier. Every writer encodes *and decodes back* the header before writing
+(pair check); every reader decodes and verifies after reading.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import xxhash
+
+from kvnode.errors import CorruptEntry
+
+MAGIC = b"KVNT"
+FORMAT_VERSION = 1
+HEADER_BYTES = 4096
+KEY_BYTES_MAX = 64
+FINGERPRINT_BYTES = 16
+NO_FINGERPRINT = bytes(FINGERPRINT_BYTES)
+
+CODEC_NONE = 0
+CODEC_LZ4 = 1
+CODECS = {"none": CODEC_NONE, "lz4": CODEC_LZ4}
+
+# magic, version, codec, key_len, flags, stored_bytes, raw_bytes, checksum,
+# created_ns, fingerprint, key; then the header checksum over all of these.
+_BODY = struct.Struct("<4sHBBIQQQQ16s64s")
+_SUM = struct.Struct("<Q")
+HEADER_STRUCT_BYTES = _BODY.size + _SUM.size
+
+
+def checksum(parts: Iterable[bytes | memoryview] | bytes | memoryview) -> int:
+    """xxh3-64 of the concatenated parts; never 0 (0 means "no checksum")."""
+    if isinstance(parts, (bytes, bytearray, memoryview)):
+        return xxhash.xxh3_64_intdigest(parts) or 1
+    h = xxhash.xxh3_64()
+    for p in parts:
+        h.update(p)
+    return h.intdigest() or 1
+
+
+@dataclass(slots=True, frozen=True)
+class Header:
+    key: bytes
+    raw_bytes: int
+    stored_bytes: int
+    checksum: int
+    codec: int = CODEC_NONE
+    fingerprint: bytes = NO_FINGERPRINT
+    created_ns: int = 0
+    version: int = FORMAT_VERSION
+
+    @property
+    def total_bytes(self) -> int:
+        """Size of the whole file or object."""
+        return HEADER_BYTES + self.stored_bytes
+
+
+def make_header(
+    key: bytes,
+    raw_bytes: int,
+    stored_bytes: int,
+    payload_checksum: int,
+    codec: int = CODEC_NONE,
+    fingerprint: bytes = NO_FINGERPRINT,
+) -> Header:
+    return Header(
+        key, raw_bytes, stored_bytes, payload_checksum, codec, fingerprint, time.time_ns()
+    )
+
+
+def encode_header(h: Header) -> bytes:
+    """The header struct (HEADER_STRUCT_BYTES). Decoded back before it is returned."""
+    if not 0 < len(h.key) <= KEY_BYTES_MAX:
+        raise ValueError(f"key must be 1..{KEY_BYTES_MAX} bytes")
+    if len(h.fingerprint) != FINGERPRINT_BYTES:
+        raise ValueError("fingerprint must be 16 bytes")
+    if h.codec not in CODECS.values():
+        raise ValueError(f"unknown codec {h.codec}")
+    body = _BODY.pack(
+        MAGIC,
+        h.version,
+        h.codec,
+        len(h.key),
+        0,
+        h.stored_bytes,
+        h.raw_bytes,
+        h.checksum,
+        h.created_ns,
+        h.fingerprint,
+        h.key,
+    )
+    raw = body + _SUM.pack(xxhash.xxh3_64_intdigest(body))
+    # Pair check: what we are about to write must read back as what we meant.
+    if decode_header(raw) != h:
+        raise CorruptEntry("header does not survive its own round trip")
+    return raw
+
+
+def header_block(h: Header) -> bytes:
+    """The header padded to HEADER_BYTES, as written in front of the payload."""
+    return encode_header(h).ljust(HEADER_BYTES, b"\0")
+
+
+def decode_header(buf: bytes | bytearray | memoryview, key: bytes | None = None) -> Header:
+    """Parse and verify a header; ``key`` (when given) must match. Raises CorruptEntry."""
+    if len(buf) < HEADER_STRUCT_BYTES:
+        raise CorruptEntry("truncated header")
+    raw = bytes(buf[:HEADER_STRUCT_BYTES])
+    body = raw[: _BODY.size]
+    (magic, version, codec, key_len, _flags, stored, raw_len, csum, created, fp, key_pad) = (
+        _BODY.unpack(body)
+    )
+    if magic != MAGIC:
+        raise CorruptEntry("bad magic")
+    if version != FORMAT_VERSION:
+        raise CorruptEntry(f"format version {version} (want {FORMAT_VERSION})")
+    if _SUM.unpack(raw[_BODY.size :])[0] != xxhash.xxh3_64_intdigest(body):
+        raise CorruptEntry("header checksum mismatch")
+    if codec not in CODECS.values() or not 0 < key_len <= KEY_BYTES_MAX:
+        raise CorruptEntry("bad codec or key length")
+    if codec == CODEC_NONE and stored != raw_len:
+        raise CorruptEntry("stored and raw lengths differ without a codec")
+    h = Header(key_pad[:key_len], raw_len, stored, csum, codec, fp, created, version)
+    if key is not None and h.key != key:
+        raise CorruptEntry("header names another key")
+    return h
+
+
+__all__ = [
+    "CODECS",
+    "CODEC_LZ4",
+    "CODEC_NONE",
+    "FORMAT_VERSION",
+    "HEADER_BYTES",
+    "Header",
+    "NO_FINGERPRINT",
+    "checksum",
+    "decode_header",
+    "encode_header",
+    "header_block",
+    "make_header",
+]

@@ -1,0 +1,331 @@
+"""The tier manager: moves chunks between the arena and the disk and S3 tiers.
+
+Runs in the agent's loop thread, which it never blocks: every byte moves in the
+tiers' I/O threads (``pool.IOPool``), which report completed jobs into a queue and call
+``wake()``; the loop collects them with ``poll()`` and only then touches the index.
+
+- Demotion. ``write_through``: a copy is queued when a chunk is committed (the entry
+  stays readable meanwhile; if it is evicted before the copy is done, ``on_evict``
+  holds its pages until it is). ``write_back``: the copy is queued when the chunk is
+  evicted from the arena and the entry stays EVICTING until the copy is done. A tier
+  that still lacks a chunk at eviction (copy dropped, or not admitted yet) gets it
+  then, whatever its policy. S3 admits only chunks with ``s3.admit_min_hits`` arena
+  hits. Queues hold at most ``queue_max`` writes; when full or the tier is failing,
+  the copy is dropped and counted: nothing waits.
+- Promotion. ``on_lookup_miss`` finds a chunk below the arena (disk index, S3 known
+  keys, else a ranged-GET probe of S3 unless recently missed), reserves arena pages as
+  the agent (``AGENT_OWNER``), reads straight into them from an I/O thread, verifies
+  the checksum and commits in ``poll()``. At most ``promote.inflight_max`` at once; a
+  key is never promoted twice at the same time.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from kvnode.agent.index import AGENT_OWNER, Entry, Index, State
+from kvnode.agent.tiers.base import SlotBuffers, TierStore
+from kvnode.agent.tiers.pool import IOPool, Job
+from kvnode.ipc.protocol import Status
+
+from kvnode.errors import KVNodeError
+
+log = logging.getLogger("kvnode.tiers")
+
+CLOSE_JOIN_S = 5.0  # how long close() waits for running I/O (it may be writing into slots)
+
+
+@dataclass(slots=True, eq=False)
+class Tier:
+    name: str
+    store: TierStore
+    pool: IOPool
+    write_policy: str  # "write_through" or "write_back"
+    queue_max: int
+    admit_min_hits: int = 0
+    depth: int = 0  # write and delete jobs queued or running
+
+    def usable(self) -> bool:
+        return self.store.healthy()
+
+
+def build_stores(cfg: Any) -> dict[str, TierStore]:
+    """The stores the config turns on: disk when disk.path, S3 when s3.bucket."""
+    stores: dict[str, TierStore] = {}
+    if cfg.disk.path:
+        from kvnode.agent.tiers.disk import DiskStore
+
+        d = cfg.disk
+        stores["disk"] = DiskStore(d.path, d.bytes, o_direct=d.o_direct, fsync=d.fsync)
+    if cfg.s3.bucket:
+        from kvnode.agent.tiers.s3 import S3Store, make_client
+
+        s = cfg.s3
+        client = make_client(s.endpoint_url, s.region, s.timeout_s, s.concurrency)
+        stores["s3"] = S3Store(
+            s.bucket,
+            client,
+            prefix=s.prefix,
+            codec=s.codec,
+            multipart_bytes=s.multipart_bytes,
+            retries_max=s.retries_max,
+            negative_ttl_s=s.negative_ttl_s,
+        )
+    return stores
+
+
+class TierManager:
+    def __init__(
+        self,
+        cfg: Any,
+        arena: Any,
+        index: Index,
+        wake: Callable[[], None],
+        stores: dict[str, TierStore] | None = None,
+    ) -> None:
+        self.index = index
+        self.wake = wake
+        self.page_bytes = index.page_bytes
+        self._arena = memoryview(arena.buffer).cast("B")
+        self.inflight_max = cfg.promote.inflight_max
+        self._done: deque[Job] = deque()
+        self._done_event = threading.Event()
+        self.tiers: list[Tier] = []
+        stores = build_stores(cfg) if stores is None else stores
+        for name, store in stores.items():
+            sec = getattr(cfg, name)
+            threads = sec.io_threads if name == "disk" else sec.concurrency
+            self.tiers.append(
+                Tier(
+                    name,
+                    store,
+                    IOPool(name, threads, self._job_done),
+                    sec.write_policy,
+                    sec.queue_max,
+                    getattr(sec, "admit_min_hits", 0),
+                )
+            )
+        self.promoting: dict[bytes, Tier] = {}  # key -> tier being read or probed
+        self.promote_dropped = 0
+        self.promote_no_space = 0
+        self._writes: dict[bytes, int] = {}  # key -> write jobs in flight (all tiers)
+        self._queued: set[tuple[str, bytes]] = set()  # (tier, key) writes in flight
+        self._holding: set[bytes] = set()  # EVICTING entries we owe a finish_evict
+        self._cancelled: set[bytes] = set()  # dropped while a write was in flight
+        self._closing = False
+
+    # -- I/O thread side --------------------------------------------------------------
+    def _job_done(self, job: Job) -> None:
+        self._done.append(job)
+        self._done_event.set()
+        try:
+            self.wake()
+        except Exception:  # a wake that fails only delays the next poll
+            log.exception("tier manager: wake() failed")
+
+    # -- helpers ----------------------------------------------------------------------
+    def _slot(self, e: Entry) -> SlotBuffers:
+        return SlotBuffers(self._arena, e.pages, self.page_bytes, e.size)
+
+    def _admitted(self, t: Tier, e: Entry) -> bool:
+        return e.hits >= t.admit_min_hits
+
+    def tier(self, name: str) -> Tier | None:
+        return next((t for t in self.tiers if t.name == name), None)
+
+    # -- promotion --------------------------------------------------------------------
+    def on_lookup_miss(self, key: bytes) -> bool:
+        """True: ``key`` is below the arena and its promotion is under way (PENDING)."""
+        if key in self.promoting:
+            return True
+        if self._closing or not self.tiers:
+            return False
+        if len(self.promoting) >= self.inflight_max:
+            self.promote_dropped += 1
+            return False
+        for t in self.tiers:
+            size = t.store.size_of(key)
+            if size is not None and t.usable():
+                return self._start_read(key, t, size)
+        for t in self.tiers:
+            if t.store.may_probe(key):
+                job = Job("probe", t.name, key, lambda t=t: t.store.probe(key))
+                if t.pool.submit(job, high=True):
+                    self.promoting[key] = t
+                    return True
+            else:
+                t.store.stats.inc("misses")
+        return False
+
+    def _start_read(self, key: bytes, t: Tier, size: int) -> bool:
+        status, e = self.index.reserve(key, size, AGENT_OWNER)
+        if status is not Status.OK or e is None:
+            if status is not Status.EXISTS:
+                self.promote_no_space += 1
+            return False
+        slot = self._slot(e)
+        job = Job("read", t.name, key, lambda: t.store.read_into(key, slot))
+        if not t.pool.submit(job, high=True):
+            self.index.abort(key, AGENT_OWNER)
+            return False
+        self.promoting[key] = t
+        return True
+
+    def _finish_read(self, job: Job, t: Tier) -> None:
+        key = job.key
+        if job.error is None and job.result is not None:
+            st = self.index.commit(key, AGENT_OWNER, checksum=job.result)
+            if st is Status.OK:
+                t.store.stats.inc("hits")
+                self.on_commit(key)  # e.g. from S3: a write-through disk wants it too
+                return
+        self.index.abort(key, AGENT_OWNER)
+        if job.error is None:
+            t.store.stats.inc("misses")  # gone since we indexed it
+
+    def _finish_probe(self, job: Job, t: Tier) -> None:
+        if job.error is None and job.result is not None and not self._closing:
+            self._start_read(job.key, t, job.result)
+        elif job.error is None:
+            t.store.stats.inc("misses")
+
+    # -- demotion ---------------------------------------------------------------------
+    def on_commit(self, key: bytes, slot: Any = None) -> None:
+        """Write-through hook, called after ``index.commit`` (``slot`` is not needed:
+        the index entry is the truth)."""
+        e = self.index.entries.get(key)
+        if e is None or e.state is not State.COMMITTED:
+            return
+        for t in self.tiers:
+            if t.write_policy == "write_through" and self._admitted(t, e):
+                self._enqueue_write(t, e)
+
+    def on_evict(self, e: Entry, slot: Any = None) -> bool:
+        """Index eviction hook. True: keep the pages until we call ``finish_evict``."""
+        if self._closing:
+            return False
+        for t in self.tiers:
+            if self._admitted(t, e):
+                self._enqueue_write(t, e)
+        if e.key in self._writes:
+            self._holding.add(e.key)
+            return True
+        return False
+
+    def _enqueue_write(self, t: Tier, e: Entry) -> None:
+        key = e.key
+        if (t.name, key) in self._queued or t.store.size_of(key) is not None:
+            return
+        if t.depth >= t.queue_max or not t.usable():
+            t.store.stats.inc("dropped")
+            return
+        slot, csum = self._slot(e), e.checksum
+        job = Job("write", t.name, key, lambda: t.store.put(key, slot, csum))
+        if not t.pool.submit(job, high=False):
+            return
+        t.depth += 1
+        self._queued.add((t.name, key))
+        self._writes[key] = self._writes.get(key, 0) + 1
+
+    def _finish_write(self, job: Job, t: Tier) -> None:
+        key = job.key
+        t.depth -= 1
+        self._queued.discard((t.name, key))
+        left = self._writes[key] - 1
+        if left:
+            self._writes[key] = left
+            return
+        del self._writes[key]
+        if key in self._cancelled:
+            self._cancelled.discard(key)
+            self.drop(key)
+        if key in self._holding:
+            self._holding.discard(key)
+            self.index.finish_evict(key)
+
+    # -- removal ----------------------------------------------------------------------
+    def drop(self, key: bytes) -> None:
+        """Remove ``key`` from every lower tier (a client saw a bad checksum)."""
+        if key in self._writes:
+            self._cancelled.add(key)  # the copy in flight may hold bad bytes
+        for t in self.tiers:
+            if t.depth >= t.queue_max:
+                t.store.stats.inc("dropped")
+                continue
+            job = Job("delete", t.name, key, lambda t=t: t.store.delete(key))
+            if t.pool.submit(job, high=True):
+                t.depth += 1
+
+    # -- the loop's side ----------------------------------------------------------------
+    def poll(self) -> int:
+        """Finish completed jobs (loop thread only). Never blocks. Returns jobs done."""
+        n = 0
+        self._done_event.clear()
+        while self._done:
+            job = self._done.popleft()
+            n += 1
+            t = self.tier(job.tier)
+            if t is None:  # programmer error
+                raise RuntimeError(f"job for unknown tier {job.tier}")
+            if job.error is not None and not isinstance(job.error, (KVNodeError, OSError)):
+                log.error("tier %s: %s job failed", t.name, job.kind, exc_info=job.error)
+                t.store.stats.inc("errors")
+            if job.kind == "read":
+                self.promoting.pop(job.key, None)
+                self._finish_read(job, t)
+            elif job.kind == "probe":
+                self.promoting.pop(job.key, None)
+                self._finish_probe(job, t)
+            elif job.kind == "write":
+                self._finish_write(job, t)
+            else:
+                t.depth -= 1
+        return n
+
+    def pending_writes(self) -> int:
+        return sum(self._writes.values())
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for t in self.tiers:
+            s: dict[str, Any] = t.store.stats.snapshot()
+            s.update(t.store.gauges())
+            s["queue_depth"] = t.depth
+            s["queue_max"] = t.queue_max
+            s["write_policy"] = t.write_policy
+            s["healthy"] = t.usable()
+            s["promotions"] = sum(1 for p in self.promoting.values() if p is t)
+            s["promote_dropped"] = self.promote_dropped
+            s["promote_no_space"] = self.promote_no_space
+            out[t.name] = s
+        return out
+
+    def flush(self, deadline_s: float) -> int:
+        """Wait (shutdown only) until queued copies are written or ``deadline_s`` passes.
+        Stops new promotions. Returns the copies still unwritten."""
+        self._closing = True
+        end = time.monotonic() + deadline_s
+        self.poll()
+        while (self._writes or self.promoting) and time.monotonic() < end:
+            self._done_event.wait(min(0.05, max(0.0, end - time.monotonic())))
+            self.poll()
+        return self.pending_writes()
+
+    def close(self) -> None:
+        """Stop the I/O threads: queued jobs are discarded, running ones finish first
+        (they may be writing into arena slots, so the arena must outlive this call)."""
+        self._closing = True
+        deadline = time.monotonic() + CLOSE_JOIN_S
+        for t in self.tiers:
+            alive = t.pool.close(max(0.0, deadline - time.monotonic()))
+            if alive:
+                log.warning("tier %s: %d I/O threads still running at close", t.name, alive)
+        self.poll()
+        for t in self.tiers:
+            t.store.close()

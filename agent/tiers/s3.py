@@ -1,0 +1,413 @@
+"""The S3 tier: one object per chunk under ``s3.prefix``, shared by every node that
+uses the same bucket. Works with any S3-compatible store through ``s3.endpoint_url``.
+
+Objects carry the ``format`` header block, then the payload (optionally an lz4 frame).
+Credentials come from boto3's standard chain only. Every call has connect/read
+timeouts; retries (with exponential backoff and jitter) are ours, not botocore's, so
+``s3.retries_max`` bounds them exactly. After ``FAILURES_TO_TRIP`` operations in a row
+fail, the tier reports itself unhealthy for a cool-down that doubles up to
+``COOLDOWN_MAX_S``: the manager then drops writes and skips probes instead of queueing
+work behind a dead endpoint.
+
+A key this node has not seen is probed with a ranged GET of the header; misses are
+remembered for ``s3.negative_ttl_s`` so a popular miss costs one request per TTL.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from kvnode.agent.tiers.base import SlotBuffers, TierStats
+from kvnode.agent.tiers.format import (
+    CODEC_LZ4,
+    CODEC_NONE,
+    CODECS,
+    HEADER_BYTES,
+    HEADER_STRUCT_BYTES,
+    NO_FINGERPRINT,
+    decode_header,
+    header_block,
+    make_header,
+)
+from kvnode.agent.tiers.format import (
+    checksum as payload_checksum,
+)
+
+from kvnode.errors import CorruptEntry, S3Error
+
+log = logging.getLogger("kvnode.tiers.s3")
+
+T = TypeVar("T")
+
+PART_BYTES_MIN = 5 * 1024 * 1024  # S3's smallest multipart part (but the last)
+STREAM_CHUNK_BYTES = 4 * 1024 * 1024
+KNOWN_MAX = 262_144  # keys this node knows are in the bucket (saves a probe each)
+NEGATIVE_MAX = 65_536
+FAILURES_TO_TRIP = 3
+COOLDOWN_MIN_S = 1.0
+COOLDOWN_MAX_S = 30.0
+BACKOFF_BASE_S = 0.05
+BACKOFF_MAX_S = 2.0
+_NOT_FOUND = {"NoSuchKey", "404", "NotFound", "NoSuchBucket"}
+
+
+class _NotFound(Exception):
+    pass
+
+
+def make_client(
+    endpoint_url: str = "", region: str = "", timeout_s: float = 10.0, concurrency: int = 8
+) -> Any:
+    """A boto3 S3 client: standard credential chain, our timeouts, no botocore retries."""
+    import boto3
+    from botocore.config import Config
+
+    cfg = Config(
+        connect_timeout=timeout_s,
+        read_timeout=timeout_s,
+        retries={"total_max_attempts": 1},
+        max_pool_connections=max(10, concurrency * 2),
+        # S3-compatible stores behind an endpoint URL rarely do virtual-hosted buckets.
+        s3={"addressing_style": "path"} if endpoint_url else None,
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    session = boto3.session.Session()
+    return session.client(
+        "s3", endpoint_url=endpoint_url or None, region_name=region or None, config=cfg
+    )
+
+
+def _classify(exc: Exception) -> tuple[bool, bool]:
+    """(not_found, retryable) for a library error."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        if code in _NOT_FOUND or status == 404:
+            return True, False
+        return False, status >= 500 or status == 429 or "Throttl" in code or code == "SlowDown"
+    return False, isinstance(exc, (BotoCoreError, OSError))
+
+
+class S3Store:
+    def __init__(
+        self,
+        bucket: str,
+        client: Any,
+        prefix: str = "kvnode/",
+        codec: str = "none",
+        multipart_bytes: int = 64 * 1024 * 1024,
+        retries_max: int = 3,
+        negative_ttl_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        name: str = "s3",
+    ) -> None:
+        self.name = name
+        self.bucket = bucket
+        self.client = client
+        self.prefix = prefix
+        self.codec = CODECS[codec]
+        self.multipart_bytes = multipart_bytes
+        self.retries_max = retries_max
+        self.negative_ttl_s = negative_ttl_s
+        self.clock = clock
+        self.sleep = sleep
+        self.stats = TierStats()
+        self._lock = threading.Lock()
+        self._known: OrderedDict[bytes, int] = OrderedDict()
+        self._known_bytes = 0
+        self._negative: OrderedDict[bytes, float] = OrderedDict()
+        self._failures = 0
+        self._cooldown_s = COOLDOWN_MIN_S
+        self._down_until = 0.0
+
+    def object_key(self, key: bytes) -> str:
+        return f"{self.prefix}{key.hex()}"
+
+    # -- health and retries ------------------------------------------------------
+    def healthy(self) -> bool:
+        return self.clock() >= self._down_until
+
+    def _succeeded(self) -> None:
+        with self._lock:
+            self._failures = 0
+            self._cooldown_s = COOLDOWN_MIN_S
+
+    def _failed(self) -> None:
+        self.stats.inc("errors")
+        with self._lock:
+            self._failures += 1
+            if self._failures >= FAILURES_TO_TRIP:
+                self._down_until = self.clock() + self._cooldown_s
+                log.warning("S3 tier failing; pausing it for %.1fs", self._cooldown_s)
+                self._cooldown_s = min(COOLDOWN_MAX_S, self._cooldown_s * 2)
+                self._failures = 0
+
+    def _retrying(self, what: str, fn: Callable[[], T]) -> T:
+        """Run ``fn`` with our retries. Raises _NotFound, CorruptEntry or S3Error."""
+        last: Exception | None = None
+        for attempt in range(self.retries_max + 1):
+            if attempt:
+                delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (attempt - 1))
+                self.sleep(delay * (0.5 + random.random() / 2))
+            try:
+                out = fn()
+            except (CorruptEntry, _NotFound):
+                self._succeeded()  # the endpoint answered
+                raise
+            except Exception as exc:
+                not_found, retryable = _classify(exc)
+                if not_found:
+                    self._succeeded()
+                    raise _NotFound() from exc
+                last = exc
+                if not retryable:
+                    break
+                continue
+            self._succeeded()
+            return out
+        self._failed()
+        raise S3Error(f"S3 {what} failed: {last}") from last
+
+    # -- local knowledge ------------------------------------------------------------
+    def _remember(self, key: bytes, size: int) -> None:
+        with self._lock:
+            self._negative.pop(key, None)
+            old = self._known.pop(key, None)
+            self._known_bytes += size - (old or 0)
+            self._known[key] = size
+            while len(self._known) > KNOWN_MAX:
+                _, n = self._known.popitem(last=False)
+                self._known_bytes -= n
+
+    def _forget(self, key: bytes, negative: bool) -> None:
+        with self._lock:
+            old = self._known.pop(key, None)
+            if old is not None:
+                self._known_bytes -= old
+            if negative:
+                self._negative[key] = self.clock() + self.negative_ttl_s
+                self._negative.move_to_end(key)
+                while len(self._negative) > NEGATIVE_MAX:
+                    self._negative.popitem(last=False)
+
+    def size_of(self, key: bytes) -> int | None:
+        with self._lock:
+            return self._known.get(key)
+
+    def may_probe(self, key: bytes) -> bool:
+        if not self.healthy():
+            return False
+        with self._lock:
+            until = self._negative.get(key)
+            if until is None:
+                return True
+            if until > self.clock():
+                return False
+            del self._negative[key]
+            return True
+
+    def gauges(self) -> dict[str, int]:
+        # entries/bytes: what this node knows to be in the bucket; no limit of ours.
+        with self._lock:
+            return {"entries": len(self._known), "bytes": self._known_bytes, "bytes_max": 0}
+
+    # -- I/O ------------------------------------------------------------------------
+    def probe(self, key: bytes) -> int | None:
+        def fetch() -> bytes:
+            rep = self.client.get_object(
+                Bucket=self.bucket,
+                Key=self.object_key(key),
+                Range=f"bytes=0-{HEADER_STRUCT_BYTES - 1}",
+            )
+            return rep["Body"].read()
+
+        try:
+            raw = self._retrying("probe", fetch)
+            h = decode_header(raw, key)
+        except _NotFound:
+            self._forget(key, negative=True)
+            return None
+        except CorruptEntry:
+            self._corrupt(key)
+            raise
+        self._remember(key, h.raw_bytes)
+        return h.raw_bytes
+
+    def put(
+        self, key: bytes, slot: SlotBuffers, checksum: int, fingerprint: bytes = NO_FINGERPRINT
+    ) -> bool:
+        t0 = time.perf_counter()
+        if self.size_of(key) is not None:
+            return False
+        got = payload_checksum(slot.views)
+        if checksum and got != checksum:
+            self.stats.inc("errors")
+            raise CorruptEntry("arena bytes do not match their committed checksum")
+        if self.codec == CODEC_LZ4:
+            import lz4.frame
+
+            stored = [lz4.frame.compress(b"".join(slot.views))]
+        else:
+            stored = list(slot.views)
+        stored_bytes = sum(len(s) for s in stored)
+        head = header_block(make_header(key, slot.size, stored_bytes, got, self.codec, fingerprint))
+        body = b"".join([head, *stored])
+        okey = self.object_key(key)
+        if len(body) > self.multipart_bytes:
+            self._put_multipart(okey, memoryview(body))
+        else:
+            self._retrying(
+                "put", lambda: self.client.put_object(Bucket=self.bucket, Key=okey, Body=body)
+            )
+        self._remember(key, slot.size)
+        self.stats.write_done(t0, slot.size)
+        return True
+
+    def _put_multipart(self, okey: str, body: memoryview) -> None:
+        part_bytes = max(PART_BYTES_MIN, self.multipart_bytes)
+        up = self._retrying(
+            "create multipart",
+            lambda: self.client.create_multipart_upload(Bucket=self.bucket, Key=okey),
+        )
+        upload_id = up["UploadId"]
+        parts = []
+        try:
+            for number, off in enumerate(range(0, len(body), part_bytes), start=1):
+                piece = bytes(body[off : off + part_bytes])
+
+                def send(piece: bytes = piece, number: int = number) -> Any:
+                    return self.client.upload_part(
+                        Bucket=self.bucket,
+                        Key=okey,
+                        UploadId=upload_id,
+                        PartNumber=number,
+                        Body=piece,
+                    )
+
+                rep = self._retrying("upload part", send)
+                parts.append({"ETag": rep["ETag"], "PartNumber": number})
+            self._retrying(
+                "complete multipart",
+                lambda: self.client.complete_multipart_upload(
+                    Bucket=self.bucket,
+                    Key=okey,
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": parts},
+                ),
+            )
+        except BaseException:
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=okey, UploadId=upload_id)
+            except Exception:
+                pass  # the bucket's lifecycle rule cleans up what we cannot
+            raise
+
+    def read_into(self, key: bytes, slot: SlotBuffers) -> int | None:
+        t0 = time.perf_counter()
+        try:
+            got = self._retrying("get", lambda: self._get_into(key, slot))
+        except _NotFound:
+            self._forget(key, negative=True)
+            return None
+        except CorruptEntry:
+            self._corrupt(key)
+            raise
+        self._remember(key, slot.size)
+        self.stats.read_done(t0, slot.size)
+        return got
+
+    def _get_into(self, key: bytes, slot: SlotBuffers) -> int:
+        rep = self.client.get_object(Bucket=self.bucket, Key=self.object_key(key))
+        body = rep["Body"]
+        try:
+            length = int(rep.get("ContentLength", -1))
+            head = _read_exact(body, HEADER_BYTES)
+            h = decode_header(head, key)
+            if h.raw_bytes != slot.size or length != h.total_bytes:
+                raise CorruptEntry("object length does not match its header")
+            if h.codec == CODEC_NONE:
+                for v in slot.views:
+                    _read_into(body, v)
+            else:
+                _decode_lz4_into(_read_exact(body, h.stored_bytes), slot)
+            if body.read(1):
+                raise CorruptEntry("object longer than its header says")
+        finally:
+            body.close()
+        got = payload_checksum(slot.views)
+        if got != h.checksum:
+            raise CorruptEntry("payload checksum mismatch")
+        return got
+
+    def _corrupt(self, key: bytes) -> None:
+        self.stats.inc("corrupt")
+        self.stats.inc("errors")
+        try:
+            self.delete(key)
+        except S3Error:
+            pass
+
+    def delete(self, key: bytes) -> None:
+        self._forget(key, negative=True)
+        okey = self.object_key(key)
+        try:
+            self._retrying(
+                "delete", lambda: self.client.delete_object(Bucket=self.bucket, Key=okey)
+            )
+        except _NotFound:
+            pass
+        self.stats.inc("deletes")
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        except Exception:
+            pass
+
+
+def _read_exact(body: Any, n: int) -> bytes:
+    parts = []
+    left = n
+    while left:
+        data = body.read(min(left, STREAM_CHUNK_BYTES))
+        if not data:
+            raise CorruptEntry("object shorter than its header says")
+        parts.append(data)
+        left -= len(data)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _read_into(body: Any, view: memoryview) -> None:
+    pos = 0
+    while pos < len(view):
+        data = body.read(min(len(view) - pos, STREAM_CHUNK_BYTES))
+        if not data:
+            raise CorruptEntry("object shorter than its header says")
+        view[pos : pos + len(data)] = data
+        pos += len(data)
+
+
+def _decode_lz4_into(stored: bytes, slot: SlotBuffers) -> None:
+    import lz4.frame
+
+    try:
+        raw = lz4.frame.decompress(stored)
+    except RuntimeError as exc:
+        raise CorruptEntry(f"lz4 frame does not decode: {exc}") from exc
+    if len(raw) != slot.size:
+        raise CorruptEntry("decoded length does not match header")
+    pos = 0
+    for v in slot.views:
+        v[:] = raw[pos : pos + len(v)]
+        pos += len(v)
