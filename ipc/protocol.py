@@ -174,8 +174,17 @@ class Error(_Msg, tag=127):
 
 
 Request = Union[
-    Hello, Heartbeat, LookupReq, ReserveReq, CommitReq, AbortReq, PinReq, ReleaseReq,
-    StatsReq, Bye, DropReq,
+    Hello,
+    Heartbeat,
+    LookupReq,
+    ReserveReq,
+    CommitReq,
+    AbortReq,
+    PinReq,
+    ReleaseReq,
+    StatsReq,
+    Bye,
+    DropReq,
 ]
 Reply = Union[Welcome, Ok, LookupRep, SlotsRep, StatusRep, StatsRep, Error]
 

@@ -1,0 +1,155 @@
+"""The ``kvnode`` command: ``agent``, ``stats``, ``config show``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from kvnode import __version__
+from kvnode.errors import ConfigError, KVNodeError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config", metavar="PATH", help="TOML config (default /etc/kvnode/agent.toml if present)"
+    )
+    p.add_argument(
+        "--runtime-dir", metavar="DIR", help="socket and lock directory (agent.runtime_dir)"
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="kvnode", description="Node-level KV cache for vLLM.")
+    ap.add_argument("--version", action="version", version=f"kvnode {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    ag = sub.add_parser("agent", help="run the node agent")
+    _add_config_args(ag)
+    ag.add_argument("--cpu-bytes", metavar="SIZE", help="arena size, e.g. 4GiB (arena.cpu_bytes)")
+    ag.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    ag.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any config key, e.g. disk.path=/nvme/kv",
+    )
+    ag.add_argument(
+        "--check-config", action="store_true", help="validate the configuration and exit"
+    )
+
+    st = sub.add_parser("stats", help="show the agent's live statistics")
+    _add_config_args(st)
+    mode = st.add_mutually_exclusive_group()
+    mode.add_argument("--json", action="store_true", help="print one JSON object")
+    mode.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS")
+    mode.add_argument(
+        "--check", action="store_true", help="exit 0 if the agent answers, 1 otherwise"
+    )
+    st.add_argument("--timeout", type=float, default=2.0, metavar="SECONDS")
+
+    cf = sub.add_parser("config", help="configuration tools")
+    cfs = cf.add_subparsers(dest="config_command", required=True)
+    show = cfs.add_parser("show", help="print the effective configuration and each value's source")
+    _add_config_args(show)
+    show.add_argument("--cpu-bytes", metavar="SIZE")
+    show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    show.add_argument("--json", action="store_true")
+    return ap
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if getattr(args, "runtime_dir", None):
+        out["agent.runtime_dir"] = args.runtime_dir
+    if getattr(args, "cpu_bytes", None):
+        out["arena.cpu_bytes"] = args.cpu_bytes
+    if getattr(args, "log_level", None):
+        out["agent.log_level"] = args.log_level
+    for item in getattr(args, "set", []) or []:
+        if "=" not in item:
+            raise ConfigError(item, "--set expects KEY=VALUE")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from kvnode.agent.config import load_config
+
+    return load_config(path=args.config, overrides=_overrides(args))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "agent":
+            return _cmd_agent(args)
+        if args.command == "stats":
+            from kvnode.stats_tool import run_stats
+
+            cfg = _load(args)
+            return run_stats(cfg.runtime_dir, args)
+        if args.command == "config":
+            return _cmd_config_show(args)
+    except ConfigError as exc:
+        print(f"kvnode: {exc}", file=sys.stderr)
+        return 2
+    except KVNodeError as exc:
+        print(f"kvnode: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+def _setup_logging(level: str) -> None:
+    try:
+        from kvnode.agent.logs import setup_logging
+    except ImportError:
+        logging.basicConfig(
+            level=level.upper(),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+        return
+    setup_logging(level)
+
+
+def _cmd_agent(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    if args.check_config:
+        print(f"kvnode: configuration OK (runtime dir {cfg.runtime_dir})")
+        return 0
+    _setup_logging(cfg.agent.log_level)
+    from kvnode.agent.server import run_agent
+
+    return run_agent(cfg)
+
+
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    data = cfg.as_dict()
+    if args.json:
+        out = {
+            f"{sec}.{k}": {"value": v, "source": cfg.sources.get(f"{sec}.{k}", "default")}
+            for sec, vals in data.items()
+            for k, v in vals.items()
+        }
+        print(json.dumps(out, indent=2, default=str))
+        return 0
+    for sec, vals in data.items():
+        print(f"[{sec}]")
+        for k, v in vals.items():
+            src = cfg.sources.get(f"{sec}.{k}", "default")
+            print(f"{k} = {json.dumps(v)}  # {src}")
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
