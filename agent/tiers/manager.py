@@ -288,6 +288,10 @@ class TierManager:
                 t.depth -= 1
         return n
 
+    def busy(self) -> bool:
+        """Work in flight: the loop may poll sooner (completions also call wake())."""
+        return bool(self.promoting or self._writes)
+
     def pending_writes(self) -> int:
         return sum(self._writes.values())
 

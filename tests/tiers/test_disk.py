@@ -1,0 +1,168 @@
+"""Disk tier specifics: restart recovery, crash leftovers, capacity, injected and real
+file system errors."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from kvnode.agent.tiers.base import SlotBuffers
+from kvnode.agent.tiers.disk import DiskStore, FileSystem
+from kvnode.agent.tiers.format import HEADER_BYTES, checksum
+
+from kvnode.errors import DiskError, DiskFull
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+def slot(data: bytes) -> SlotBuffers:
+    buf = mmap.mmap(-1, max(4096, -(-len(data) // 4096) * 4096))
+    buf[: len(data)] = data
+    return SlotBuffers.of(buf, len(data))
+
+
+def empty(n: int) -> SlotBuffers:
+    return SlotBuffers.of(mmap.mmap(-1, max(4096, -(-n // 4096) * 4096)), n)
+
+
+def key(i: int) -> bytes:
+    return i.to_bytes(16, "big")
+
+
+def test_restart_rebuilds_index_and_lru_order(tmp_path):
+    d = DiskStore(str(tmp_path), 10 * MiB)
+    datas = {key(i): os.urandom(100 * KiB + i) for i in range(5)}
+    for k, v in datas.items():
+        assert d.put(k, slot(v), checksum(v))
+    os.utime(d.path_of(key(0)), ns=(10**18, 2 * 10**18))  # key 0 read most recently
+    again = DiskStore(str(tmp_path), 10 * MiB)
+    assert again.gauges()["entries"] == 5
+    assert list(again.entries)[-1] == key(0)
+    for k, v in datas.items():
+        out = empty(len(v))
+        assert again.read_into(k, out) == checksum(v)
+        assert bytes(out.views[0]) == v
+
+
+def test_crash_leftovers_are_removed_and_never_read(tmp_path):
+    d = DiskStore(str(tmp_path), 10 * MiB)
+    v = os.urandom(50 * KiB)
+    d.put(key(1), slot(v), 0)
+    sub = Path(d.path_of(key(2))).parent
+    tmp = sub / f".{key(2).hex()}.999.0.tmp"
+    tmp.write_bytes(b"half a file")
+    half = Path(d.path_of(key(3)))
+    half.write_bytes(Path(d.path_of(key(1))).read_bytes()[: HEADER_BYTES + 10])
+    junk = Path(d.path_of(key(4)))
+    junk.write_bytes(b"not ours")
+    again = DiskStore(str(tmp_path), 10 * MiB)
+    assert not tmp.exists() and not half.exists() and not junk.exists()
+    assert again.stale_tmp_removed == 1
+    assert again.stats.snapshot()["corrupt"] == 2
+    assert set(again.entries) == {key(1)}
+
+
+def test_capacity_evicts_least_recently_read(tmp_path):
+    size = 100 * KiB
+    d = DiskStore(str(tmp_path), 3 * (size + HEADER_BYTES))
+    for i in range(3):
+        d.put(key(i), slot(os.urandom(size)), 0)
+    d.read_into(key(0), empty(size))  # 0 is now the most recent
+    d.put(key(3), slot(os.urandom(size)), 0)
+    assert set(d.entries) == {key(0), key(2), key(3)}
+    assert not Path(d.path_of(key(1))).exists()
+    assert d.stats.snapshot()["evictions"] == 1
+    assert d.put(key(9), slot(os.urandom(4 * size)), 0) is False  # larger than the tier
+
+
+class FaultyFS(FileSystem):
+    def __init__(self) -> None:
+        self.fail_write: int | None = None
+        self.fail_read: int | None = None
+
+    def pwritev(self, fd, bufs, offset):
+        if self.fail_write is not None:
+            raise OSError(self.fail_write, os.strerror(self.fail_write))
+        return super().pwritev(fd, bufs, offset)
+
+    def preadv(self, fd, bufs, offset):
+        if self.fail_read is not None:
+            raise OSError(self.fail_read, os.strerror(self.fail_read))
+        return super().preadv(fd, bufs, offset)
+
+
+def test_enospc_is_counted_and_the_tier_keeps_serving(tmp_path):
+    fs = FaultyFS()
+    d = DiskStore(str(tmp_path), 10 * MiB, fs=fs)
+    v = os.urandom(64 * KiB)
+    d.put(key(1), slot(v), 0)
+    fs.fail_write = errno.ENOSPC
+    with pytest.raises(DiskFull):
+        d.put(key(2), slot(v), 0)
+    assert d.stats.snapshot()["errors"] == 1
+    assert not any(p.name.endswith(".tmp") for p in Path(d.path_of(key(2))).parent.iterdir())
+    assert d.bytes_limit == d.gauges()["bytes"]  # believes the file system now
+    out = empty(len(v))
+    assert d.read_into(key(1), out) == checksum(v)
+    fs.fail_write = None
+    assert d.put(key(3), slot(v), 0)  # room made by evicting the oldest
+    assert d.size_of(key(1)) is None and d.size_of(key(3)) == len(v)
+
+
+def test_eio_on_read_drops_the_entry(tmp_path):
+    fs = FaultyFS()
+    d = DiskStore(str(tmp_path), 10 * MiB, fs=fs)
+    v = os.urandom(64 * KiB)
+    d.put(key(1), slot(v), 0)
+    d.put(key(2), slot(v), 0)
+    fs.fail_read = errno.EIO
+    with pytest.raises(DiskError):
+        d.read_into(key(1), empty(len(v)))
+    fs.fail_read = None
+    assert d.size_of(key(1)) is None and not Path(d.path_of(key(1))).exists()
+    assert d.read_into(key(2), empty(len(v))) == checksum(v)
+    assert d.stats.snapshot()["errors"] == 1
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_real_small_file_system(small_tmpfs):
+    # disk.bytes far above what the mount holds: the tier starts from the real limit...
+    d = DiskStore(str(small_tmpfs / "kv"), 64 * MiB, o_direct=True)
+    assert d.bytes_limit <= 2 * MiB
+    # ...then another tenant takes most of the space: ENOSPC, counted, nothing torn.
+    (small_tmpfs / "filler").write_bytes(b"\0" * (1024 + 512) * KiB)
+    kept, errors = {}, 0
+    for i in range(12):  # ~3 MiB through what is left
+        v = os.urandom(128 * KiB)
+        try:
+            if d.put(key(i), slot(v), 0):
+                kept[key(i)] = v
+        except DiskFull:
+            errors += 1
+    assert errors >= 1 and d.stats.snapshot()["errors"] == errors
+    assert not list(small_tmpfs.glob("kv/*/.*.tmp"))
+    assert d.bytes_limit < 2 * MiB
+    # The tier shrank to what the file system holds and kept serving.
+    assert len(d.entries) >= 1
+    for k in list(d.entries):
+        out = empty(d.size_of(k))
+        assert d.read_into(k, out) == checksum(kept[k])
+        assert bytes(out.views[0]) == kept[k]
+    assert key(11) in d.entries  # the newest was stored after the error

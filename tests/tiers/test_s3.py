@@ -1,0 +1,98 @@
+"""S3 tier specifics against a real loopback endpoint (moto's server)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+from kvnode.agent.tiers.base import SlotBuffers
+from kvnode.agent.tiers.format import checksum
+from kvnode.agent.tiers.s3 import S3Store
+
+from kvnode.errors import S3Error
+
+pytestmark = pytest.mark.s3
+MiB = 1024 * 1024
+
+
+def slot(data: bytes) -> SlotBuffers:
+    return SlotBuffers.of(bytearray(data))
+
+
+def key(i: int) -> bytes:
+    return i.to_bytes(16, "big")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_fresh_node_finds_what_another_wrote(s3_endpoint):
+    bucket = s3_endpoint.new_bucket()
+    a = S3Store(bucket, s3_endpoint.client())
+    v = os.urandom(300_000)
+    assert a.put(key(1), slot(v), checksum(v))
+    b = S3Store(bucket, s3_endpoint.client())  # knows nothing yet
+    assert b.size_of(key(1)) is None and b.may_probe(key(1))
+    assert b.probe(key(1)) == len(v)
+    out = SlotBuffers.of(bytearray(len(v)))
+    assert b.read_into(key(1), out) == checksum(v)
+    assert bytes(out.views[0]) == v
+
+
+def test_negative_cache_spares_repeated_probes(s3_endpoint):
+    clock = Clock()
+    s = S3Store(s3_endpoint.new_bucket(), s3_endpoint.client(), negative_ttl_s=5, clock=clock)
+    assert s.probe(key(7)) is None
+    assert not s.may_probe(key(7))
+    clock.now += 6
+    assert s.may_probe(key(7))
+
+
+def test_multipart_above_threshold(s3_endpoint):
+    s = S3Store(s3_endpoint.new_bucket(), s3_endpoint.client(), multipart_bytes=5 * MiB)
+    v = os.urandom(11 * MiB)
+    assert s.put(key(2), slot(v), 0)
+    rep = s.client.head_object(Bucket=s.bucket, Key=s.object_key(key(2)))
+    assert "-" in rep["ETag"]  # a multipart ETag
+    out = SlotBuffers.of(bytearray(len(v)))
+    assert s.read_into(key(2), out) == checksum(v)
+    assert bytes(out.views[0]) == v
+
+
+def test_lz4_objects_are_smaller(s3_endpoint):
+    s = S3Store(s3_endpoint.new_bucket(), s3_endpoint.client(), codec="lz4")
+    v = b"abcd" * 100_000
+    s.put(key(3), slot(v), 0)
+    rep = s.client.head_object(Bucket=s.bucket, Key=s.object_key(key(3)))
+    assert rep["ContentLength"] < len(v) // 10
+
+
+def test_stopped_endpoint_fails_fast_counts_and_trips(s3_private):
+    clock = Clock()
+    sleeps: list[float] = []
+    s = S3Store(
+        s3_private.new_bucket(),
+        s3_private.client(timeout_s=1.0),
+        retries_max=2,
+        clock=clock,
+        sleep=sleeps.append,
+    )
+    v = os.urandom(10_000)
+    s.put(key(1), slot(v), 0)
+    s3_private.stop()
+    t0 = time.monotonic()
+    for i in range(3):
+        with pytest.raises(S3Error):
+            s.put(key(10 + i), slot(v), 0)
+    assert time.monotonic() - t0 < 5
+    assert len(sleeps) == 6 and sleeps[1] > sleeps[0] * 0.9  # backoff between retries
+    assert s.stats.snapshot()["errors"] == 3
+    assert not s.healthy() and not s.may_probe(key(99))
+    clock.now += 60
+    assert s.healthy()
