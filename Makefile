@@ -22,7 +22,7 @@ run: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
-	$(BIN)/mypy
+	MYPY=$(BIN)/mypy bash scripts/check-types.sh
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)

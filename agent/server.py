@@ -5,6 +5,7 @@ of the shared-memory arena; the agent only grants and tracks slots.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -16,15 +17,18 @@ from typing import Any
 
 import zmq
 import zmq.utils.monitor
+from kvnode.agent import sdnotify
 from kvnode.agent.clients import Client, own_pid_namespace, process_start_time
-from kvnode.agent.config import Config
+from kvnode.agent.config import Config, format_size, load_config
 from kvnode.agent.index import AGENT_OWNER, Entry, Index, State
+from kvnode.agent.logs import parse_level, set_level
+from kvnode.agent.metrics import AgentStatsSource, MetricsServer
 from kvnode.agent.stats import Stats
 from kvnode.ipc import protocol as P
 from kvnode.ipc.segment import Segment
 
 from kvnode import __version__
-from kvnode.errors import ArenaError, ProtocolError
+from kvnode.errors import ArenaError, ConfigError, KVNodeError, ProtocolError
 
 log = logging.getLogger("kvnode.agent")
 
@@ -68,7 +72,7 @@ class Agent:
         self.hooks_stopping: list[Callable[[], None]] = []
         self.hooks_reload: list[Callable[[Config], list[str]]] = []
         self._reload_requested = False
-        self._dispatch = {
+        self._dispatch: dict[type, Callable[[bytes, Any], Any]] = {
             P.Hello: self._on_hello,
             P.Heartbeat: self._on_heartbeat,
             P.LookupReq: self._on_lookup,
@@ -240,7 +244,7 @@ class Agent:
             try:
                 events = dict(poller.poll(self._poll_timeout_ms()))
             except zmq.ZMQError as exc:
-                if exc.errno == zmq.EINTR:
+                if exc.errno == errno.EINTR:
                     continue
                 raise
             if self.sock in events:
@@ -405,7 +409,7 @@ class Agent:
     def _on_lookup(self, identity: bytes, m: P.LookupReq) -> Any:
         t0 = time.perf_counter()
         self._client(m.client_id, len(m.keys))
-        states = []
+        states: list[int] = []
         hits = pending = 0
         for key in m.keys:
             if self.index.lookup(key) is not None:
@@ -629,18 +633,77 @@ def _safe(fn: Callable[[], Any]) -> None:
         log.exception("hook %s failed", getattr(fn, "__name__", fn))
 
 
-def run_agent(cfg: Config) -> int:
-    """Start, serve until SIGTERM/SIGINT, stop. Returns the process exit code."""
+def run_agent(cfg: Config, reload_config: Callable[[], Config] | None = None) -> int:
+    """Start, serve until SIGTERM/SIGINT, stop. Returns the process exit code.
+
+    ``reload_config`` re-reads the configuration on SIGHUP (the CLI passes its own
+    loader); without it the file and flags recorded in ``cfg.sources`` are read again.
+    """
     agent = Agent(cfg)
+    sdnotify.status(f"mapping {format_size(cfg.arena.cpu_bytes)} arena")
+    stats_source = AgentStatsSource(cfg.runtime_dir)
+    metrics = MetricsServer(cfg.metrics.address, cfg.metrics.port, stats_source)
     try:
         agent.start()
-    except ArenaError as exc:
+        metrics.start()
+    except (ArenaError, ConfigError) as exc:
         log.error("%s", exc)
+        sdnotify.status(f"failed: {exc}")
         agent.close()
         return 1
+    agent.hooks_ready.append(
+        lambda: sdnotify.ready(f"serving {cfg.endpoint}, {format_size(cfg.arena.cpu_bytes)} arena")
+    )
+    agent.hooks_stopping.append(lambda: sdnotify.stopping("flushing write-back queues"))
+    agent.hooks_stopping.append(metrics.stop)
+    agent.hooks_stopping.append(stats_source.close)
+    agent.hooks_reload.append(_reloader(reload_config or (lambda: _load_again(cfg))))
     agent.install_signal_handlers()
     try:
         agent.serve_forever()
     finally:
         agent.close()
     return 0
+
+
+# Settings a running agent applies on SIGHUP; any other change waits for a restart.
+RELOADABLE = ("agent.log_level",)
+
+
+def _load_again(cfg: Config) -> Config:
+    """The same file, environment and flags that produced ``cfg``, read again."""
+    files = [src[len("file:") :] for src in cfg.sources.values() if src.startswith("file:")]
+    flags = {key: _get(cfg, key) for key, src in cfg.sources.items() if src == "flag"}
+    return load_config(path=files[0] if files else None, overrides=flags)
+
+
+def _get(cfg: Config, key: str) -> Any:
+    section, name = key.split(".", 1)
+    return getattr(getattr(cfg, section), name)
+
+
+def _reloader(load: Callable[[], Config]) -> Callable[[Config], list[str]]:
+    def reload(cfg: Config) -> list[str]:
+        try:
+            new = load()
+        except KVNodeError as exc:
+            return [f"configuration not reloaded: {exc}"]
+        old_level, new_level = cfg.agent.log_level, new.agent.log_level
+        if new_level != old_level:
+            # Said under the more verbose of the two levels, so it shows when either does.
+            quieter = parse_level(new_level) > parse_level(old_level)
+            if quieter:
+                log.info("reload: log level %s -> %s", old_level, new_level)
+            set_level(new_level)
+            cfg.agent.log_level = new_level
+            if not quieter:
+                log.info("reload: log level %s -> %s", old_level, new_level)
+        old, cur = cfg.as_dict(), new.as_dict()
+        return [
+            f"{sec}.{k} changed ({old[sec][k]!r} -> {cur[sec][k]!r}); restart to apply"
+            for sec in old
+            for k in old[sec]
+            if old[sec][k] != cur[sec][k] and f"{sec}.{k}" not in RELOADABLE
+        ]
+
+    return reload

@@ -75,7 +75,7 @@ class AgentClient:
         self.retry_interval_s = retry_interval_s
         self._heartbeat_enabled = heartbeat
         self._lock = threading.RLock()
-        self._ctx = zmq.Context.instance()
+        self._ctx: zmq.Context = zmq.Context.instance()
         self._sock: zmq.Socket | None = None
         self._rid = itertools.count(1)
         self._client_id = 0

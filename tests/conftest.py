@@ -39,7 +39,7 @@ class AgentProcess:
 
         from kvnode.errors import KVNodeError
 
-        self._log = open(self.log_path, "ab")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(
             [
                 *KVNODE,

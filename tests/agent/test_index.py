@@ -92,7 +92,7 @@ class IndexMachine(RuleBasedStateMachine):
         st_, e = self.idx.reserve(key, size, owner)
         if st_ == Status.OK:
             self.reserved[key] = owner
-        for k, old in before.items():  # whatever was evicted was neither pinned nor reserved
+        for k in before:  # whatever was evicted was neither pinned nor reserved
             if k not in self.idx.entries:
                 assert self.pins.get(k, 0) == 0 and k not in self.reserved
 
