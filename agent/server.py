@@ -68,8 +68,8 @@ class Agent:
         self._next_lease_check = 0.0
         self._check_clients_now = False
         self.tiers: Any = None  # TierManager when a disk or S3 tier is configured
-        self.hooks_ready: list[Callable[[], None]] = []  # called once serving
-        self.hooks_stopping: list[Callable[[], None]] = []
+        self.hooks_ready: list[Callable[[], Any]] = []  # called once serving
+        self.hooks_stopping: list[Callable[[], Any]] = []
         self.hooks_reload: list[Callable[[Config], list[str]]] = []
         self._reload_requested = False
         self._dispatch: dict[type, Callable[[bytes, Any], Any]] = {
