@@ -20,9 +20,10 @@ import socket
 import threading
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
-from kvnode.errors import ConfigError
+from kvnode.errors import ConfigError, KVNodeError
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +240,11 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             body = render(self.server.stats_fn()).encode()
-        except Exception:  # an agent bug must not kill the scrape thread
+        except KVNodeError as exc:  # agent busy or stopping: the scraper retries
+            log.warning("metrics: no stats: %s", exc)
+            self._send(503, b"stats unavailable\n", "text/plain; charset=utf-8", head)
+            return
+        except Exception:  # a bug must not kill the scrape thread
             log.exception("metrics: stats snapshot failed")
             self._send(503, b"stats unavailable\n", "text/plain; charset=utf-8", head)
             return
@@ -314,3 +319,36 @@ class MetricsServer:
         server.server_close()
         if thread is not None:
             thread.join(timeout=5)
+
+
+class AgentStatsSource:
+    """A ``stats_fn`` that asks the agent over its own socket, as ``kvnode stats`` does.
+
+    The agent's loop owns its state and is single-threaded; a stats request needs no
+    registration, so the HTTP threads get a consistent snapshot made by the loop
+    itself and never read its dictionaries while it changes them.
+    """
+
+    def __init__(self, runtime_dir: str | Path, timeout_s: float = 2.0) -> None:
+        self.runtime_dir = Path(runtime_dir)
+        self.timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._client: Any = None
+
+    def __call__(self) -> Mapping[str, Any]:
+        with self._lock:
+            if self._client is None:
+                from kvnode.ipc.client import AgentClient
+
+                self._client = AgentClient(
+                    self.runtime_dir, name="kvnode-metrics", timeout_s=self.timeout_s,
+                    heartbeat=False,
+                )  # fmt: skip
+            client = self._client
+        return client.stats()
+
+    def close(self) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
