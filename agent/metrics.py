@@ -61,6 +61,7 @@ _COUNTER_HELP = {
 _ARENA_GAUGES = {
     "bytes_total": ("arena_capacity_bytes", "Size of the shared-memory arena."),
     "bytes_used": ("arena_used_bytes", "Arena bytes held by entries."),
+    "bytes_allocated": ("arena_allocated_bytes", "Arena bytes in allocated pages."),
     "page_bytes": ("arena_page_bytes", "Arena allocation page size."),
     "entries": ("arena_entries", "Entries in the arena, any state."),
     "reserved": ("arena_reserved_entries", "Entries reserved and not yet committed."),

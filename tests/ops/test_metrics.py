@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import http.client
+import re
 import socket
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -32,6 +34,7 @@ def sample_stats(scale: int = 1) -> dict[str, Any]:
         "arena": {
             "bytes_total": 1 << 26,
             "bytes_used": 65536 * scale,
+            "bytes_allocated": 65536 * scale,
             "page_bytes": 65536,
             "entries": scale,
             "reserved": 0,
@@ -133,6 +136,19 @@ def test_escaping_and_odd_values() -> None:
     assert value(fams, "kvnode_tier_queue_depth_max", tier='we"ird\\tier\n') == 2
     assert value(fams, "kvnode_uptime_seconds") == float("inf")
     assert "label" not in text  # non-numeric figures are skipped, not mangled
+
+
+def test_operating_doc_lists_every_metric() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "operating.md").read_text()
+    section = doc.split("## Metrics", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"`(kvnode_[a-z_]+)`", section))
+    exported = {
+        s.name.removesuffix("_count")
+        for fam in text_string_to_metric_families(render(sample_stats()))
+        for s in fam.samples
+    }
+    assert exported - documented == set(), "exported but not documented"
+    assert documented - exported == set(), "documented but not exported"
 
 
 def test_empty_stats_render() -> None:
