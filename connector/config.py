@@ -28,7 +28,7 @@ class ConnectorConfig:
     runtime_dir: str | None = None  # None: the client library's default
     chunk_tokens: int = 256
     lookup_timeout_ms: int = 50  # scheduler-side lookups: a slow agent means a miss
-    io_timeout_ms: int = 2000  # worker-side pin/reserve/commit
+    io_timeout_ms: int = 1000  # worker-side pin/reserve/commit
     prefetch_deadline_ms: int = 1000  # how long a request may wait on PENDING chunks
     reconnect_interval_ms: int = 1000  # first retry delay; doubles up to reconnect_max_ms
     reconnect_max_ms: int = 10000

@@ -45,6 +45,19 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvnode.connector")
 
 
+def _share_vllm_logging() -> None:
+    """kvnode's connector logs go where vLLM's go, in its format."""
+    ours, theirs = logging.getLogger("kvnode"), logging.getLogger("vllm")
+    if not ours.handlers and theirs.handlers:
+        for h in theirs.handlers:
+            ours.addHandler(h)
+        ours.setLevel(theirs.level or logging.INFO)
+        ours.propagate = False
+
+
+_share_vllm_logging()
+
+
 class KVNodeConnector(KVConnectorBase_V1):
     _cache_hit_source = CacheHitSource.HOST
 
@@ -53,6 +66,12 @@ class KVNodeConnector(KVConnectorBase_V1):
     ) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         ktc = self._kv_transfer_config
+        if getattr(ktc, "kv_load_failure_policy", "recompute") != "recompute":
+            # A chunk that fails to load is a cache miss, never a failed request
+            # (vLLM's default policy is "fail"). The scheduler reads this after
+            # building its connector, so setting it here takes effect.
+            log.info("kvnode: kv_load_failure_policy set to 'recompute'")
+            ktc.kv_load_failure_policy = "recompute"
         self.cfg = ConnectorConfig.from_sources(ktc.kv_connector_extra_config)
         self.block_size = vllm_config.cache_config.block_size
         self.cfg.check_block_size(self.block_size)
@@ -141,6 +160,9 @@ class KVNodeConnector(KVConnectorBase_V1):
         meta = self._connector_metadata
         if self._worker is None or not isinstance(meta, KVNodeConnectorMetadata):
             return
+        if meta.agent_down:
+            self._link.mark_down("the scheduler side lost the agent")
+            return
         self._worker.load(meta.loads)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
@@ -158,6 +180,8 @@ class KVNodeConnector(KVConnectorBase_V1):
     def wait_for_save(self) -> None:
         meta = self._connector_metadata
         if self._worker is None or not isinstance(meta, KVNodeConnectorMetadata):
+            return
+        if meta.agent_down:
             return
         self._worker.save(meta.saves)
 
@@ -232,6 +256,7 @@ class KVNodeConnector(KVConnectorBase_V1):
             return new_blocks.get(rid)
 
         meta.loads, meta.saves = self._sched.build_step(scheduled, block_ids_of)
+        meta.agent_down = not self._link.up
         return meta
 
     def request_finished(

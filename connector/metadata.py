@@ -21,6 +21,9 @@ class KVNodeConnectorMetadata(KVConnectorMetadata):
 
     loads: dict[str, list[ChunkOp]] = field(default_factory=dict)  # req_id -> chunks
     saves: dict[str, list[ChunkOp]] = field(default_factory=dict)
+    # The scheduler side just failed to reach the agent: workers skip this step's
+    # copies instead of each waiting out its own timeout.
+    agent_down: bool = False
 
 
 @dataclass

@@ -136,21 +136,24 @@ class WorkerSide:
             return
         t0 = time.perf_counter()
         work = [(rid, op) for rid, ops in loads.items() for op in ops]
-        failed_reqs: set[str] = set()
+        failed_from: dict[str, int] = {}  # req_id -> index of its first failed chunk
         try:
-            self.link.call(lambda c: self._load_with(c, work, failed_reqs))
+            self.link.call(lambda c: self._load_with(c, work, failed_from))
         except KVNodeError as exc:
-            log.warning("kvnode load failed (%s); vLLM recomputes %d chunk(s)", exc, len(work))
-            failed_reqs.update(rid for rid, _ in work)
+            log.warning("kvnode load failed (%s); vLLM recomputes", exc)
+            for rid, op in work:
+                failed_from[rid] = min(failed_from.get(rid, op.index), op.index)
+        # A request's chunks after a failed one are reported too: they were not
+        # loaded, and vLLM recomputes from the first bad block anyway.
         for rid, op in work:
-            if rid in failed_reqs:
+            if rid in failed_from and op.index >= failed_from[rid]:
                 self._load_errors.update(op.block_ids)
-        # A request's chunks after a failed one are reported too: vLLM recomputes
-        # from the first bad block anyway, and they were not loaded.
+        if failed_from:
+            self.stats.load_errors += len(failed_from)
         self.stats.load_s += time.perf_counter() - t0
 
     def _load_with(
-        self, client: Any, work: list[tuple[str, ChunkOp]], failed_reqs: set[str]
+        self, client: Any, work: list[tuple[str, ChunkOp]], failed_from: dict[str, int]
     ) -> None:
         keys = [op.keys[self.rank] for _, op in work]
         pinned: list[bytes] = []
@@ -161,14 +164,14 @@ class WorkerSide:
                 answers.extend(client.pin(keys[i : i + self.keys_per_call_max]))
             pinned = [k for k, (s, _) in zip(keys, answers, strict=True) if s == Status.OK]
             for (rid, op), key, (status, slot) in zip(work, keys, answers, strict=True):
-                if rid in failed_reqs:
+                if rid in failed_from:
                     continue
                 if status != Status.OK or slot is None:
                     self.stats.load_misses += 1
-                    failed_reqs.add(rid)
+                    failed_from[rid] = op.index
                     continue
                 if not self._load_one(client, op, slot):
-                    failed_reqs.add(rid)
+                    failed_from[rid] = op.index
                     bad.append(key)
         finally:
             if pinned:
@@ -187,7 +190,6 @@ class WorkerSide:
                 slot.size,
                 self.chunk_nbytes,
             )
-            self.stats.load_errors += 1
             return False
         payload = self._payload(client, slot, fill=True)
         if slot.checksum == 0 or self.checksum(payload.numpy()) != slot.checksum:

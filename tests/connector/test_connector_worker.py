@@ -1,0 +1,178 @@
+"""Worker-side copies with real CPU tensors and the real kernels, against an in-memory
+arena: save then load round-trips, partial-chunk loads, checksum failures, misses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import xxhash
+from kvnode.connector.scheduler import ChunkOp
+from kvnode.connector.worker import WorkerSide
+from kvnode.ipc.protocol import Slot, Status
+
+from kvnode.errors import AgentUnavailable
+
+NUM_BLOCKS, BS, HEADS, HEAD = 16, 4, 2, 8
+BPC = 2  # blocks per chunk
+
+
+def checksum(buf: Any) -> int:
+    return xxhash.xxh3_64_intdigest(buf) or 1
+
+
+class ArenaClient:
+    """Committed entries in one bytearray; ``split`` makes slots of two extents."""
+
+    def __init__(self, split: bool = False) -> None:
+        self.buffer = bytearray(1 << 20)
+        self.top = 0
+        self.entries: dict[bytes, list[Any]] = {}  # key -> [slot, committed]
+        self.split = split
+        self.pinned: list[bytes] = []
+        self.dropped: list[bytes] = []
+
+    def _alloc(self, n: int) -> list[tuple[int, int]]:
+        if not self.split:
+            off, self.top = self.top, self.top + n
+            return [(off, n)]
+        half = n // 2
+        a, self.top = self.top, self.top + half + 64  # a gap: not contiguous
+        b, self.top = self.top, self.top + n - half
+        return [(a, half), (b, n - half)]
+
+    def reserve(self, keys: list[bytes], sizes: list[int]) -> list[tuple[int, Any]]:
+        out: list[tuple[int, Any]] = []
+        for k, n in zip(keys, sizes, strict=True):
+            if k in self.entries:
+                out.append((Status.EXISTS, None))
+                continue
+            self.entries[k] = [Slot(n, self._alloc(n)), False]
+            out.append((Status.OK, self.entries[k][0]))
+        return out
+
+    def views(self, slot: Slot) -> list[memoryview]:
+        mv = memoryview(self.buffer)
+        return [mv[o : o + n] for o, n in slot.extents]
+
+    def commit(self, keys: list[bytes], checksums: list[int]) -> list[int]:
+        for k, c in zip(keys, checksums, strict=True):
+            self.entries[k][1] = True
+            self.entries[k][0].checksum = c
+        return [Status.OK] * len(keys)
+
+    def abort(self, keys: list[bytes]) -> None:
+        for k in keys:
+            self.entries.pop(k, None)
+
+    def pin(self, keys: list[bytes]) -> list[tuple[int, Any]]:
+        out: list[tuple[int, Any]] = []
+        for k in keys:
+            e = self.entries.get(k)
+            if e is not None and e[1]:
+                self.pinned.append(k)
+                out.append((Status.OK, e[0]))
+            else:
+                out.append((Status.NOT_FOUND, None))
+        return out
+
+    def release(self, keys: list[bytes]) -> None:
+        for k in keys:
+            self.pinned.remove(k)
+
+    def drop(self, keys: list[bytes]) -> None:
+        self.dropped.extend(keys)
+        for k in keys:
+            self.entries.pop(k, None)
+
+
+class Link:
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.down = False
+
+    def call(self, fn: Any) -> Any:
+        if self.down:
+            raise AgentUnavailable("down")
+        return fn(self.client)
+
+
+def caches(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    # The CPU backend's layout: [num_blocks, heads, block_size, 2 * head_size].
+    return {
+        f"model.layers.{i}.self_attn.attn": torch.randn(
+            NUM_BLOCKS, HEADS, BS, 2 * HEAD, generator=g
+        )
+        for i in range(3)
+    }
+
+
+def worker(link: Link, kv: dict[str, torch.Tensor]) -> WorkerSide:
+    w = WorkerSide(link, 0, NUM_BLOCKS, BS, BPC, checksum=checksum)
+    hs = w.register(kv)
+    assert hs.layout == "cpu" and hs.block_shape == (3, HEADS, BS, 2 * HEAD)
+    return w
+
+
+def op(i: int, blocks: tuple[int, ...], offset: int = 0) -> ChunkOp:
+    return ChunkOp(i, (bytes([i]) * 16,), blocks, offset)
+
+
+def _roundtrip(split: bool) -> None:
+    link = Link(ArenaClient(split=split))
+    src_kv, dst_kv = caches(1), caches(2)
+    src, dst = worker(link, src_kv), worker(link, dst_kv)
+    src.save({"r": [op(0, (3, 7)), op(1, (8, 9))]})
+    assert src.stats.save_chunks == 2
+    # Saving again: the agent has them (EXISTS), nothing is written.
+    src.save({"r": [op(0, (3, 7))]})
+    assert src.stats.save_exists == 1
+    # Load into other blocks; the second chunk only from its second block on.
+    dst.load({"q": [op(0, (1, 2)), op(1, (5,), 1)]})
+    assert dst.take_load_errors() == set()
+    assert link.client.pinned == []
+    for name in src_kv:
+        assert torch.equal(dst_kv[name][1], src_kv[name][3])
+        assert torch.equal(dst_kv[name][2], src_kv[name][7])
+        assert torch.equal(dst_kv[name][5], src_kv[name][9])
+
+
+def test_save_load_roundtrip() -> None:
+    _roundtrip(split=False)
+
+
+def test_save_load_roundtrip_multi_extent_slots() -> None:
+    _roundtrip(split=True)
+
+
+def test_corrupt_chunk_is_an_error_and_dropped() -> None:
+    link = Link(ArenaClient())
+    src_kv, dst_kv = caches(1), caches(2)
+    before = {k: v.clone() for k, v in dst_kv.items()}
+    src, dst = worker(link, src_kv), worker(link, dst_kv)
+    src.save({"r": [op(0, (3, 7)), op(1, (8, 9)), op(2, (10, 11))]})
+    slot = link.client.entries[op(1, ()).keys[0]][0]
+    off = slot.extents[0][0]
+    link.client.buffer[off + 10] ^= 0xFF
+    dst.load({"q": [op(0, (1, 2)), op(1, (4, 5)), op(2, (6, 12))]})
+    # Chunk 1 failed; chunk 2 after it is not loaded and reported too.
+    assert dst.take_load_errors() == {4, 5, 6, 12}
+    assert dst.stats.checksum_errors == 1 and dst.stats.load_chunks == 1
+    assert link.client.dropped == [op(1, ()).keys[0]]
+    assert link.client.pinned == []
+    for name in dst_kv:
+        assert torch.equal(dst_kv[name][1], src_kv[name][3])
+        assert torch.equal(dst_kv[name][6], before[name][6])
+
+
+def test_missing_chunk_and_dead_agent_are_load_errors() -> None:
+    link = Link(ArenaClient())
+    dst = worker(link, caches(2))
+    dst.load({"q": [op(0, (1, 2))], "p": [op(5, (3, 4))]})
+    assert dst.take_load_errors() == {1, 2, 3, 4}
+    link.down = True
+    dst.load({"q": [op(0, (1, 2))]})
+    assert dst.take_load_errors() == {1, 2}
+    dst.save({"q": [op(0, (1, 2))]})  # a save to a dead agent is dropped, not raised
+    assert dst.stats.save_errors == 1

@@ -1,0 +1,73 @@
+"""Fixtures for the real-vLLM tests: a real agent process, vLLM runner processes,
+the tiny model. Everything runs on the CPU; nothing is downloaded."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from vllm_harness import Agent, Runner  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _have_vllm() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
+    if _have_vllm():
+        return
+    skip = pytest.mark.skip(reason="vLLM is not installed")
+    for item in items:
+        if "vllm" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> str:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import build_model
+    finally:
+        sys.path.pop(0)
+    return str(build_model.build(ROOT / ".cache" / "models" / "tiny-llama", "tiny"))
+
+
+@pytest.fixture(scope="module")
+def spawn_runner(tmp_path_factory: pytest.TempPathFactory, tiny_model: str) -> Iterator[Any]:
+    runners: list[Runner] = []
+    logs = tmp_path_factory.mktemp("vllm-logs")
+
+    def spawn(extra: dict[str, Any] | None, name: str, env: dict[str, str] | None = None) -> Runner:
+        r = Runner(tiny_model, extra, logs / f"{name}.log", env)
+        runners.append(r)
+        return r
+
+    yield spawn
+    for r in runners:
+        r.close()
+
+
+@pytest.fixture(scope="module")
+def make_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    agents: list[Agent] = []
+
+    def make(runtime_dir: Path | None = None, env: dict[str, str] | None = None) -> Agent:
+        rd = runtime_dir or tmp_path_factory.mktemp("kvnode-run")
+        a = Agent(rd, rd.parent / f"{rd.name}-agent.log", env).start()
+        agents.append(a)
+        return a
+
+    yield make
+    for a in agents:
+        a.stop()
