@@ -23,6 +23,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,7 @@ SUFFIX = ".kv"
 TMP_SUFFIX = ".tmp"
 DIRECT_ALIGN = 4096
 IOV_MAX = 1024  # buffers per preadv/pwritev call (Linux UIO_MAXIOV)
+RECOVERY_THREADS = 32  # header reads in flight during the start-up scan
 FREE_RECHECK_S = 30.0  # after ENOSPC, how long before free space is measured again
 
 
@@ -126,6 +128,7 @@ class DiskStore:
         fsync: bool = True,
         fs: FileSystem | None = None,
         name: str = "disk",
+        scan: bool = True,
     ) -> None:
         self.name = name
         self.root = Path(path)
@@ -145,9 +148,11 @@ class DiskStore:
         self._limit_checked = 0.0
         self.recovery_s = 0.0
         self.stale_tmp_removed = 0
+        self.scanning = True  # until recover() returns: the index may be incomplete
         for i in range(256):
             self.fs.makedirs(str(self.root / f"{i:02x}"))
-        self.recover()
+        if scan:
+            self.recover()
 
     # -- paths -------------------------------------------------------------------
     def path_of(self, key: bytes) -> str:
@@ -167,20 +172,31 @@ class DiskStore:
 
     # -- start-up ----------------------------------------------------------------
     def recover(self) -> None:
-        """Rebuild the index from file headers; remove temp and unreadable files."""
+        """Rebuild the index from file headers; remove temp and unreadable files.
+        Subdirectories are scanned by ``RECOVERY_THREADS`` threads: on a cold cache the
+        scan waits on the device, and many reads in flight hide its latency."""
         t0 = time.perf_counter()
+        subs = [
+            sub.path
+            for sub in self.fs.scandir(str(self.root))
+            if len(sub.name) == 2 and sub.is_dir(follow_symlinks=False)
+        ]
         found: list[tuple[int, bytes, DiskEntry]] = []
-        for sub in self.fs.scandir(str(self.root)):
-            if not sub.is_dir(follow_symlinks=False) or len(sub.name) != 2:
-                continue
-            for f in self.fs.scandir(sub.path):
-                self._recover_one(f, found)
+        with ThreadPoolExecutor(RECOVERY_THREADS, thread_name_prefix="kvnode-disk-scan") as ex:
+            for part in ex.map(self._recover_dir, subs):
+                found.extend(part)
         found.sort(key=lambda t: t[0])  # oldest access first: LRU order survives restarts
         with self._lock:
+            # Entries probed or written while the scan ran are already in, more recent.
+            known = dict(self.entries)
+            self.entries.clear()
             for _, key, e in found:
-                self.entries[key] = e
-                self._bytes += e.file_bytes
+                if key not in known:
+                    self.entries[key] = e
+                    self._bytes += e.file_bytes
+            self.entries.update(known)
             victims = self._make_room(0)
+            self.scanning = False
         self._unlink_all(victims)
         self._refresh_limit(force=True)
         self.recovery_s = time.perf_counter() - t0
@@ -189,17 +205,32 @@ class DiskStore:
             self.root, len(self.entries), self._bytes, self.recovery_s, self.stale_tmp_removed,
         )  # fmt: skip
 
+    def _recover_dir(self, path: str) -> list[tuple[int, bytes, DiskEntry]]:
+        found: list[tuple[int, bytes, DiskEntry]] = []
+        for f in self.fs.scandir(path):
+            self._recover_one(f, found)
+        return found
+
     def _recover_one(self, f: os.DirEntry[str], found: list[tuple[int, bytes, DiskEntry]]) -> None:
         if f.name.endswith(TMP_SUFFIX):
             self._unlink(f.path)
-            self.stale_tmp_removed += 1
+            with self._lock:
+                self.stale_tmp_removed += 1
             return
         if not f.name.endswith(SUFFIX):
             return
         try:
-            key = bytes.fromhex(f.name[: -len(SUFFIX)])
             st = f.stat(follow_symlinks=False)
-            fd = self.fs.open(f.path, os.O_RDONLY)
+        except OSError:
+            return
+        self._recover_file(f.path, f.name, st, found)
+
+    def _recover_file(
+        self, path: str, name: str, st: os.stat_result, found: list[tuple[int, bytes, DiskEntry]]
+    ) -> None:
+        try:
+            key = bytes.fromhex(name[: -len(SUFFIX)])
+            fd = self.fs.open(path, os.O_RDONLY)
             try:
                 raw = self.fs.pread(fd, HEADER_STRUCT_BYTES, 0)
             finally:
@@ -208,10 +239,10 @@ class DiskStore:
             if h.codec != CODEC_NONE or st.st_size != h.total_bytes:
                 raise CorruptEntry("length does not match header")
         except (ValueError, CorruptEntry, OSError) as exc:
-            log.warning("disk tier: dropping %s: %s", f.path, exc)
+            log.warning("disk tier: dropping %s: %s", path, exc)
             self.stats.inc("errors")
             self.stats.inc("corrupt")
-            self._unlink(f.path)
+            self._unlink(path)
             return
         found.append((st.st_mtime_ns, key, DiskEntry(h.raw_bytes, h.total_bytes)))
 
@@ -259,10 +290,28 @@ class DiskStore:
         return None if e is None else e.size
 
     def may_probe(self, key: bytes) -> bool:
-        return False  # the index is complete once recover() returned
+        return self.scanning  # the index is complete once recover() returned
 
     def probe(self, key: bytes) -> int | None:
-        return self.size_of(key)
+        """While the start-up scan runs: read this key's header now."""
+        size = self.size_of(key)
+        if size is not None or not self.scanning:
+            return size
+        path = self.path_of(key)
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        found: list[tuple[int, bytes, DiskEntry]] = []
+        self._recover_file(path, os.path.basename(path), st, found)
+        if not found:
+            return None
+        e = found[0][2]
+        with self._lock:
+            if key not in self.entries:
+                self.entries[key] = e
+                self._bytes += e.file_bytes
+        return e.size
 
     def healthy(self) -> bool:
         return self.bytes_limit > 0

@@ -31,6 +31,7 @@ NO_FINGERPRINT = bytes(FINGERPRINT_BYTES)
 CODEC_NONE = 0
 CODEC_LZ4 = 1
 CODECS = {"none": CODEC_NONE, "lz4": CODEC_LZ4}
+_CODEC_IDS = frozenset(CODECS.values())
 
 # magic, version, codec, key_len, flags, stored_bytes, raw_bytes, checksum,
 # created_ns, fingerprint, key; then the header checksum over all of these.
@@ -127,7 +128,7 @@ def decode_header(buf: bytes | bytearray | memoryview, key: bytes | None = None)
         raise CorruptEntry(f"format version {version} (want {FORMAT_VERSION})")
     if _SUM.unpack(raw[_BODY.size :])[0] != xxhash.xxh3_64_intdigest(body):
         raise CorruptEntry("header checksum mismatch")
-    if codec not in CODECS.values() or not 0 < key_len <= KEY_BYTES_MAX:
+    if codec not in _CODEC_IDS or not 0 < key_len <= KEY_BYTES_MAX:
         raise CorruptEntry("bad codec or key length")
     if codec == CODEC_NONE and stored != raw_len:
         raise CorruptEntry("stored and raw lengths differ without a codec")

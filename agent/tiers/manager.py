@@ -62,7 +62,8 @@ def build_stores(cfg: Any) -> dict[str, TierStore]:
         from kvnode.agent.tiers.disk import DiskStore
 
         d = cfg.disk
-        stores["disk"] = DiskStore(d.path, d.bytes, o_direct=d.o_direct, fsync=d.fsync)
+        # The start-up scan runs in an I/O thread (TierManager); lookups meanwhile probe.
+        stores["disk"] = DiskStore(d.path, d.bytes, o_direct=d.o_direct, fsync=d.fsync, scan=False)
     if cfg.s3.bucket:
         from kvnode.agent.tiers.s3 import S3Store, make_client
 
@@ -119,6 +120,10 @@ class TierManager:
         self._holding: set[bytes] = set()  # EVICTING entries we owe a finish_evict
         self._cancelled: set[bytes] = set()  # dropped while a write was in flight
         self._closing = False
+        for t in self.tiers:
+            if getattr(t.store, "scanning", False):
+                scan = Job("scan", t.name, b"", t.store.recover)  # type: ignore[attr-defined]
+                t.pool.submit(scan, high=True)
 
     # -- I/O thread side --------------------------------------------------------------
     def _job_done(self, job: Job) -> None:
@@ -284,6 +289,9 @@ class TierManager:
                 self._finish_probe(job, t)
             elif job.kind == "write":
                 self._finish_write(job, t)
+            elif job.kind == "scan":
+                if job.error is not None:
+                    log.error("tier %s: start-up scan failed: %s", t.name, job.error)
             else:
                 t.depth -= 1
         return n

@@ -130,7 +130,7 @@ def test_restart_serves_from_disk(agents, tmp_path, policy):
         wait_for(lambda: a.tiers()["disk"]["entries"] == 8)
     a.stop()  # SIGTERM: write-back copies the arena out within the flush deadline
     b = agents(tmp_path / "run", **env)
-    assert b.tiers()["disk"]["entries"] == 8
+    wait_for(lambda: b.tiers()["disk"]["entries"] == 8)
     for k, v in datas.items():
         seen = lookup_until_hit(b.client, k)
         assert seen[0] == Lookup.PENDING and seen[-1] == Lookup.HIT

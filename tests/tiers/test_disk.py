@@ -166,3 +166,19 @@ def test_real_small_file_system(small_tmpfs):
         assert d.read_into(k, out) == checksum(kept[k])
         assert bytes(out.views[0]) == kept[k]
     assert key(11) in d.entries  # the newest was stored after the error
+
+
+def test_probe_while_the_start_up_scan_has_not_run(tmp_path):
+    d = DiskStore(str(tmp_path), 10 * MiB)
+    v = os.urandom(70 * KiB)
+    d.put(key(1), slot(v), 0)
+    d.put(key(2), slot(v), 0)
+    late = DiskStore(str(tmp_path), 10 * MiB, scan=False)
+    assert late.size_of(key(1)) is None and late.may_probe(key(1))
+    assert late.probe(key(1)) == len(v) and late.probe(key(9)) is None
+    out = empty(len(v))
+    assert late.read_into(key(1), out) == checksum(v)
+    late.recover()
+    assert not late.may_probe(key(3))
+    assert late.gauges()["entries"] == 2
+    assert late.gauges()["bytes"] == 2 * (len(v) + HEADER_BYTES)
