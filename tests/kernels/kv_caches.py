@@ -1,10 +1,11 @@
-"""Paged KV caches of every supported layout, filled with random bytes."""
+"""Paged KV caches of every supported layout, filled with random bytes.
+
+A plain module (not conftest) so tests import it by one unambiguous name."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-import pytest
 import torch
 
 NUM_BLOCKS = 24
@@ -61,13 +62,3 @@ def _random(shape: tuple[int, ...], dtype: torch.dtype, device: str) -> torch.Te
     nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
     raw = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device=device)
     return raw.view(dtype).view(shape)
-
-
-@pytest.fixture(params=sorted(MAKERS))
-def layout_name(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
-@pytest.fixture(params=DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-def dtype(request: pytest.FixtureRequest) -> torch.dtype:
-    return request.param

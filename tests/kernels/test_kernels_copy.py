@@ -6,9 +6,9 @@ import mmap
 
 import pytest
 import torch
-from conftest import BLOCK_SIZE, DTYPES, MAKERS, NUM_BLOCKS
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kv_caches import BLOCK_SIZE, DTYPES, MAKERS, NUM_BLOCKS
 from kvnode.kernels import detect_layout, gather, scatter
 
 

@@ -6,7 +6,7 @@ import mmap
 
 import pytest
 import torch
-from conftest import BLOCK_SIZE, MAKERS, NUM_BLOCKS
+from kv_caches import BLOCK_SIZE, MAKERS, NUM_BLOCKS
 from kvnode.kernels import (
     detect_layout,
     gather,

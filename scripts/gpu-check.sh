@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# GPU checks on a host that has python3 with torch (+CUDA or ROCm) and no network:
+#   1. install kvnode's other dependencies from the wheels in .whl/ (cp312 manylinux,
+#      prepared on a networked machine) into a throwaway directory,
+#   2. make kvnode importable without installing it (a symlink tree, as the package-dir
+#      mapping in pyproject.toml lays it out),
+#   3. run the kernel tests (GPU tests included) and any other test marked gpu,
+#   4. run benchmarks/gpu_copy_bench.py (one JSON line).
+# Finishes in well under 5 minutes; prints everything and copies the log and the
+# benchmark JSON to $OUT when that is set. Exit status: 0 only if every step passed.
+set -u
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PY=${PYTHON:-python3}
+WHEELS=${WHEEL_DIR:-.whl}
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/kvnode-gpu-check.XXXXXX")
+LOG=$WORK/gpu-check.log
+BENCH_JSON=$WORK/gpu_copy_bench.json
+FAILED=()
+
+finish() {
+    echo "== summary: ${#FAILED[@]} failed step(s) ${FAILED[*]:-}"
+    exec >&- 2>&-
+    wait "$TEE_PID" 2>/dev/null  # the log is complete once tee has drained
+    if [ -n "${OUT:-}" ]; then
+        mkdir -p "$OUT"
+        cp "$LOG" "$OUT/" 2>/dev/null
+        [ -s "$BENCH_JSON" ] && cp "$BENCH_JSON" "$OUT/"
+    fi
+    rm -rf "$WORK"
+}
+trap finish EXIT
+exec > >(tee -a "$LOG") 2>&1
+TEE_PID=$!
+
+step() {  # step NAME SECONDS CMD...: run with a time limit, record a failure
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit}s)"
+    local start=$SECONDS
+    timeout --kill-after=10 "$limit" "$@"
+    local rc=$?
+    [ "$rc" -eq 124 ] && echo "!! $name timed out after ${limit}s"
+    echo "== $name: rc=$rc in $((SECONDS - start))s"
+    [ "$rc" -eq 0 ] || FAILED+=("$name")
+    return "$rc"
+}
+
+echo "== host: $(hostname) $(date -u +%FT%TZ) $("$PY" --version 2>&1)"
+if command -v nvidia-smi >/dev/null; then
+    timeout 20 nvidia-smi -L
+elif command -v rocm-smi >/dev/null; then
+    timeout 20 rocm-smi --showproductname
+else
+    echo "(no nvidia-smi or rocm-smi)"
+fi
+
+# 1. dependencies: wheels only, nothing from the network
+SITE=$WORK/site
+mkdir -p "$SITE"
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
+    echo "== installing $(ls "$WHEELS"/*.whl | wc -l) wheels from $WHEELS into $SITE"
+    if ! timeout 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --disable-pip-version-check --upgrade --target "$SITE" "$WHEELS"/*.whl; then
+        # No usable pip: a wheel is a zip laid out as site-packages, unpack it as is.
+        echo "!! pip install failed; unpacking the wheels directly"
+        for w in "$WHEELS"/*.whl; do "$PY" -m zipfile -e "$w" "$SITE" || FAILED+=("unpack:$w"); done
+    fi
+else
+    echo "(no wheels in $WHEELS: using the interpreter's own packages)"
+fi
+
+# 2. kvnode importable from the working tree, without installing
+SRC=$WORK/src
+mkdir -p "$SRC/kvnode"
+for f in "$ROOT"/kvnode/*; do ln -s "$f" "$SRC/kvnode/"; done
+for sub in agent connector ipc kernels; do
+    [ -d "$ROOT/$sub" ] && ln -s "$ROOT/$sub" "$SRC/kvnode/$sub"
+done
+export PYTHONPATH="$SITE:$SRC${PYTHONPATH:+:$PYTHONPATH}"
+# The repo root holds a bare kvnode/ (without the subpackages) that would shadow the
+# tree: keep the working directory off sys.path (Python >= 3.11), and have pytest import
+# kvnode (-p) before it puts the rootdir on sys.path for the tests package.
+export PYTHONSAFEPATH=1 PYTHONDONTWRITEBYTECODE=1 HYPOTHESIS_STORAGE_DIRECTORY="$WORK/hypothesis"
+step import 60 "$PY" -c '
+import torch, kvnode.kernels, kvnode.connector.keys
+print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.version.cuda or torch.version.hip)
+if torch.cuda.is_available():
+    print("device", torch.cuda.get_device_name())
+'
+
+# 3. tests: the kernels (their GPU tests skip without a GPU), then the other files that
+# mark tests gpu (only those files: the rest may need packages this host lacks)
+PYTEST=("$PY" -m pytest -q -ra -p no:cacheprovider -p kvnode --timeout=120)
+step kernel-tests 150 "${PYTEST[@]}" tests/kernels tests/connector/test_keys.py -m 'not vllm'
+mapfile -t GPU_FILES < <(grep -rlE 'mark\.gpu|"gpu"' tests --include='test_*.py' | grep -v '^tests/kernels/' | sort)
+if [ "${#GPU_FILES[@]}" -gt 0 ]; then
+    step gpu-marked-tests 90 "${PYTEST[@]}" -m 'gpu and not vllm' "${GPU_FILES[@]}"
+else
+    echo "== gpu-marked-tests: no other test file marks tests gpu"
+fi
+
+# 4. benchmark
+step bench 90 bash -c "\"$PY\" benchmarks/gpu_copy_bench.py | tee \"$BENCH_JSON\"; exit \${PIPESTATUS[0]}"
+
+[ "${#FAILED[@]}" -eq 0 ]
