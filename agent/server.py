@@ -161,10 +161,10 @@ class Agent:
             self.cfg.socket_path.unlink()
 
     def _chgrp(self, path: Path) -> None:
-        import grp
+        from kvnode.ipc.segment import group_id
 
         try:
-            os.chown(path, -1, grp.getgrnam(self.cfg.agent.group).gr_gid)
+            os.chown(path, -1, group_id(self.cfg.agent.group))
         except (KeyError, OSError) as exc:
             raise ArenaError(
                 f"cannot grant group {self.cfg.agent.group!r} access to {path}: {exc}"

@@ -44,7 +44,7 @@ class Segment:
         try:
             if group:
                 try:
-                    os.fchown(shm.fd, -1, grp.getgrnam(group).gr_gid)
+                    os.fchown(shm.fd, -1, group_id(group))
                 except (KeyError, PermissionError, OSError) as exc:
                     raise ArenaError(f"cannot grant group {group!r} access: {exc}") from exc
             os.fchmod(shm.fd, mode)  # the umask may have narrowed it
@@ -115,6 +115,11 @@ class Segment:
             self.buffer.close()
         except BufferError:
             pass
+
+
+def group_id(group: str) -> int:
+    """A group name or a numeric gid (containers often have no name for it)."""
+    return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
 
 
 def segment_exists(name: str) -> bool:

@@ -128,7 +128,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     _setup_logging(cfg.agent.log_level)
     from kvnode.agent.server import run_agent
 
-    return run_agent(cfg)
+    return run_agent(cfg, reload_config=lambda: _load(args))
 
 
 def _cmd_config_show(args: argparse.Namespace) -> int:

@@ -232,3 +232,26 @@ def test_eviction_under_pressure_keeps_pinned_entries(client: AgentClient) -> No
     client.release([b"keep" + b"\0" * 12])
     s = client.stats()
     assert s["counters"]["evictions"] > 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="granting a group the process is not in needs root")
+def test_group_access_by_numeric_gid(runtime_dir: Path) -> None:
+    """agent.group as a bare gid (as in containers): socket, directory and arena get it."""
+    gid = 4242
+    a = AgentProcess(runtime_dir, env={"KVNODE_AGENT_GROUP": str(gid)}).start()
+    try:
+        from kvnode.agent.config import load_config
+
+        cfg = load_config(None, env={}, overrides={"agent.runtime_dir": str(runtime_dir)})
+        shm = Path("/dev/shm") / cfg.segment_name.lstrip("/")
+        for path, mode in ((runtime_dir, 0o750), (runtime_dir / "agent.sock", 0o660), (shm, 0o660)):
+            st = path.stat()
+            assert st.st_gid == gid, path
+            assert st.st_mode & 0o777 == mode, (path, oct(st.st_mode))
+    finally:
+        a.stop()
+
+
+def test_owner_only_by_default(agent: AgentProcess) -> None:
+    assert (agent.runtime_dir / "agent.sock").stat().st_mode & 0o077 == 0
+    assert agent.runtime_dir.stat().st_mode & 0o077 == 0
