@@ -194,8 +194,9 @@ def _s3_round(
 def bench_s3(args: argparse.Namespace, src: list[SlotBuffers], dst: list[SlotBuffers]) -> dict:
     import logging
 
-    from kvnode.agent.tiers.s3 import S3Store, make_client
     from moto.server import ThreadedMotoServer
+
+    from kvnode.agent.tiers.s3 import S3Store, make_client
 
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")

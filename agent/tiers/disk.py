@@ -40,7 +40,6 @@ from kvnode.agent.tiers.format import (
 from kvnode.agent.tiers.format import (
     checksum as payload_checksum,
 )
-
 from kvnode.errors import CorruptEntry, DiskError, DiskFull
 
 log = logging.getLogger("kvnode.tiers.disk")
@@ -323,6 +322,7 @@ class DiskStore:
                 "bytes": self._bytes,
                 "bytes_max": self.bytes_max,
                 "bytes_limit": self.bytes_limit,
+                "scanning": int(self.scanning),
             }
 
     def put(

@@ -32,9 +32,8 @@ from typing import Any
 from kvnode.agent.index import AGENT_OWNER, Entry, Index, State
 from kvnode.agent.tiers.base import SlotBuffers, TierStore
 from kvnode.agent.tiers.pool import IOPool, Job
+from kvnode.errors import KVNodeError, TierError
 from kvnode.ipc.protocol import Status
-
-from kvnode.errors import KVNodeError
 
 log = logging.getLogger("kvnode.tiers")
 
@@ -138,6 +137,19 @@ class TierManager:
     def _slot(self, e: Entry) -> SlotBuffers:
         return SlotBuffers(self._arena, e.pages, self.page_bytes, e.size)
 
+    @staticmethod
+    def _guarded(t: Tier, fn: Callable[[], Any]) -> Callable[[], Any]:
+        """A job that gives up without I/O when its tier went unhealthy while it was
+        queued: a backlog behind a dead endpoint drains at once instead of timing out."""
+
+        def run() -> Any:
+            if not t.store.healthy():
+                t.store.stats.inc("dropped")
+                raise TierError(f"tier {t.name} unhealthy: job skipped")
+            return fn()
+
+        return run
+
     def _admitted(self, t: Tier, e: Entry) -> bool:
         return e.hits >= t.admit_min_hits
 
@@ -160,7 +172,7 @@ class TierManager:
                 return self._start_read(key, t, size)
         for t in self.tiers:
             if t.store.may_probe(key):
-                job = Job("probe", t.name, key, lambda t=t: t.store.probe(key))
+                job = Job("probe", t.name, key, self._guarded(t, lambda t=t: t.store.probe(key)))
                 if t.pool.submit(job, high=True):
                     self.promoting[key] = t
                     return True
@@ -175,7 +187,7 @@ class TierManager:
                 self.promote_no_space += 1
             return False
         slot = self._slot(e)
-        job = Job("read", t.name, key, lambda: t.store.read_into(key, slot))
+        job = Job("read", t.name, key, self._guarded(t, lambda: t.store.read_into(key, slot)))
         if not t.pool.submit(job, high=True):
             self.index.abort(key, AGENT_OWNER)
             return False
@@ -231,7 +243,7 @@ class TierManager:
             t.store.stats.inc("dropped")
             return
         slot, csum = self._slot(e), e.checksum
-        job = Job("write", t.name, key, lambda: t.store.put(key, slot, csum))
+        job = Job("write", t.name, key, self._guarded(t, lambda: t.store.put(key, slot, csum)))
         if not t.pool.submit(job, high=False):
             return
         t.depth += 1
@@ -354,3 +366,7 @@ class TierManager:
         self.poll()
         for t in self.tiers:
             t.store.close()
+        try:
+            self._arena.release()  # lets the agent unmap the arena
+        except BufferError:
+            pass  # a thread still runs (logged above): the mapping outlives us

@@ -19,7 +19,6 @@ from kvnode.agent.tiers.format import (
 from kvnode.agent.tiers.format import (
     checksum as payload_checksum,
 )
-
 from kvnode.errors import CorruptEntry
 
 

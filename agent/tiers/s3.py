@@ -38,7 +38,6 @@ from kvnode.agent.tiers.format import (
 from kvnode.agent.tiers.format import (
     checksum as payload_checksum,
 )
-
 from kvnode.errors import CorruptEntry, S3Error
 
 log = logging.getLogger("kvnode.tiers.s3")

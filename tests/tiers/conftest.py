@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from kvnode.agent.tiers.disk import DiskStore
 from kvnode.agent.tiers.memory import MemoryStore
 

@@ -7,9 +7,9 @@ import os
 import struct
 
 import pytest
+
 from kvnode.agent.tiers.base import SlotBuffers
 from kvnode.agent.tiers.format import HEADER_BYTES, checksum
-
 from kvnode.errors import CorruptEntry
 
 PAGE = 64 * 1024

@@ -10,10 +10,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from kvnode.agent.tiers.base import SlotBuffers
 from kvnode.agent.tiers.disk import DiskStore, FileSystem
 from kvnode.agent.tiers.format import HEADER_BYTES, checksum
-
 from kvnode.errors import DiskError, DiskFull
 
 KiB = 1024

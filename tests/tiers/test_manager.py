@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import pytest
+
 from kvnode.agent.config import load_config
 from kvnode.agent.index import Index, State
 from kvnode.agent.tiers.disk import DiskStore

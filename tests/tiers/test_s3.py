@@ -6,10 +6,10 @@ import os
 import time
 
 import pytest
+
 from kvnode.agent.tiers.base import SlotBuffers
 from kvnode.agent.tiers.format import checksum
 from kvnode.agent.tiers.s3 import S3Store
-
 from kvnode.errors import S3Error
 
 pytestmark = pytest.mark.s3
