@@ -7,6 +7,8 @@ reference is one contiguous device->host and host->device ``copy_`` of the same 
 between the same buffers. Without a GPU: the vLLM CPU layout, and the reference is a
 torch copy of the same bytes in host memory. Block ids are random (a fragmented cache).
 Times are medians over repeats; each repeat ends with the device synchronized.
+``gather``/``scatter``: one call per layer, each waits for its copies (the default);
+``*_queued``: every layer queued with ``sync=False``, one wait per chunk.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import time
 from collections.abc import Callable
 
 import torch
+
 from kvnode.kernels import (
     KVLayout,
     detect_layout,
@@ -28,6 +31,7 @@ from kvnode.kernels import (
     register_host_memory,
     scatter,
     unregister_host_memory,
+    wait,
 )
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -50,6 +54,7 @@ def parse() -> argparse.Namespace:
 
 
 def make_caches(a: argparse.Namespace, device: str) -> list[torch.Tensor]:
+    shape: tuple[int, ...]
     if device == "cuda":
         shape = (2, a.num_blocks, a.block_size, a.heads, a.head_size)
     else:
@@ -58,7 +63,7 @@ def make_caches(a: argparse.Namespace, device: str) -> list[torch.Tensor]:
     return [torch.randn(shape, device=device).to(dtype) for _ in range(a.layers)]
 
 
-def timed(fn: Callable[[], None], repeats: int, sync: Callable[[], None]) -> float:
+def timed(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
     fn()  # warm-up: allocator, kernels, page faults
     sync()
     seconds = []
@@ -102,19 +107,25 @@ def measure(
     layer_nbytes = blocks_per_chunk * layout.block_nbytes
     slices = [host[i * layer_nbytes : (i + 1) * layer_nbytes] for i in range(a.layers)]
 
-    def do_gather() -> None:
+    def do_gather(sync: bool = True) -> None:
         for kv, out in zip(caches, slices, strict=True):
-            gather(kv, layout, ids, out)
+            gather(kv, layout, ids, out, sync=sync)
+        wait(device)
 
-    def do_scatter() -> None:
+    def do_scatter(sync: bool = True) -> None:
         for kv, src in zip(caches, slices, strict=True):
-            scatter(src, kv, layout, ids)
+            scatter(src, kv, layout, ids, sync=sync)
+        wait(device)
 
     flat = torch.empty(host.numel(), dtype=torch.uint8, device=device)
     other = flat if device == "cuda" else torch.empty_like(flat)
     t_gather = timed(do_gather, a.repeats, sync)
     verified = _verify(caches[-1], layout, ids, slices[-1])
     t_scatter = timed(do_scatter, a.repeats, sync)
+    # Every layer queued, one wait per chunk (sync=False); same bytes, checked again.
+    t_gather_q = timed(lambda: do_gather(sync=False), a.repeats, sync)
+    verified = verified and _verify(caches[-1], layout, ids, slices[-1])
+    t_scatter_q = timed(lambda: do_scatter(sync=False), a.repeats, sync)
     t_ref_out = timed(lambda: host.copy_(flat, non_blocking=True), a.repeats, sync)
     t_ref_in = timed(lambda: other.copy_(host, non_blocking=True), a.repeats, sync)
 
@@ -143,6 +154,10 @@ def measure(
         "ref_in_gbps": gbps(t_ref_in),  # host->device (GPU) or a host copy (CPU)
         "gather_ratio": round(t_ref_out / t_gather, 3),
         "scatter_ratio": round(t_ref_in / t_scatter, 3),
+        "gather_queued_gbps": gbps(t_gather_q),
+        "scatter_queued_gbps": gbps(t_scatter_q),
+        "gather_queued_ratio": round(t_ref_out / t_gather_q, 3),
+        "scatter_queued_ratio": round(t_ref_in / t_scatter_q, 3),
         "gather_ms": round(t_gather * 1e3, 3),
         "scatter_ms": round(t_scatter * 1e3, 3),
     }

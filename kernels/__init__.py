@@ -4,7 +4,7 @@
 ``hostmem`` pins the arena for DMA.
 """
 
-from kvnode.kernels.copy import gather, scatter
+from kvnode.kernels.copy import gather, scatter, wait
 from kvnode.kernels.hostmem import HostRegistration, register_host_memory, unregister_host_memory
 from kvnode.kernels.layout import KVLayout, detect_layout
 
@@ -16,4 +16,5 @@ __all__ = [
     "register_host_memory",
     "scatter",
     "unregister_host_memory",
+    "wait",
 ]

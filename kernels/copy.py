@@ -15,22 +15,41 @@ buffer's bytes are final, so the caller may commit, reuse or release it.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import torch
+
 from kvnode.kernels.hostmem import register_host_memory, unregister_host_memory
 from kvnode.kernels.layout import KVLayout, physical_blocks
 
-__all__ = ["gather", "scatter", "register_host_memory", "unregister_host_memory"]
+__all__ = ["gather", "scatter", "wait", "register_host_memory", "unregister_host_memory"]
 
-# On the GPU, above this many runs one indexed kernel beats a loop of slice copies.
-_RUNS_MAX = 8
+# On the GPU, above this many runs one indexed kernel beats a loop of slice copies
+# (H100, 128 KiB flash blocks: a slice copy ~10 us, index upload + kernel ~25 us).
+_RUNS_MAX = 2
+
+# Device copies of recent block id lists (a chunk's ids serve every layer).
+_INDEX_CACHE_MAX = 16
+_index_cache: dict[tuple[tuple[int, ...], int, int], torch.Tensor] = {}
+_index_lock = threading.Lock()
 
 BlockIds = Sequence[int] | torch.Tensor
 
 
-def gather(kv: torch.Tensor, layout: KVLayout, block_ids: BlockIds, dst: torch.Tensor) -> None:
-    """Copy blocks ``block_ids`` of ``kv`` into ``dst``, block after block."""
+def gather(
+    kv: torch.Tensor,
+    layout: KVLayout,
+    block_ids: BlockIds,
+    dst: torch.Tensor,
+    *,
+    sync: bool = True,
+) -> None:
+    """Copy blocks ``block_ids`` of ``kv`` into ``dst``, block after block.
+
+    ``sync=False`` (GPU cache, host ``dst``): return once the copies are queued on the
+    current stream; ``dst`` is final only after ``wait(kv.device)``. Lets a caller queue
+    every layer of a chunk and wait once."""
     blocks = physical_blocks(kv, layout)
     ids = _check_ids(block_ids, layout)
     out = _chunk_view(dst, blocks, len(ids))
@@ -39,12 +58,26 @@ def gather(kv: torch.Tensor, layout: KVLayout, block_ids: BlockIds, dst: torch.T
         return
     staged = torch.empty_like(out, device=blocks.device)
     _copy_blocks_out(blocks, ids, staged)
+    # One stream throughout: a side stream for the host-link copy was measured slower
+    # (H100, 2 MiB per call: the extra events cost more host time than the overlap saves).
     out.copy_(staged, non_blocking=True)
-    _wait(blocks.device)
+    if sync:
+        wait(blocks.device)
 
 
-def scatter(src: torch.Tensor, kv: torch.Tensor, layout: KVLayout, block_ids: BlockIds) -> None:
-    """Copy ``src`` (as written by ``gather``) into blocks ``block_ids`` of ``kv``."""
+def scatter(
+    src: torch.Tensor,
+    kv: torch.Tensor,
+    layout: KVLayout,
+    block_ids: BlockIds,
+    *,
+    sync: bool = True,
+) -> None:
+    """Copy ``src`` (as written by ``gather``) into blocks ``block_ids`` of ``kv``.
+
+    ``sync=False`` (GPU cache, host ``src``): return once the copies are queued; ``src``
+    must stay unchanged until ``wait(kv.device)``. Work queued later on the same stream
+    (the forward pass) sees the blocks either way."""
     blocks = physical_blocks(kv, layout)
     ids = _check_ids(block_ids, layout)
     inp = _chunk_view(src, blocks, len(ids))
@@ -52,8 +85,8 @@ def scatter(src: torch.Tensor, kv: torch.Tensor, layout: KVLayout, block_ids: Bl
         _copy_blocks_in(blocks, ids, inp)
         return
     _copy_blocks_in(blocks, ids, inp.to(blocks.device, non_blocking=True))
-    # The caller may release ``src`` on return: wait until the device has read it.
-    _wait(blocks.device)
+    if sync:  # the caller may release ``src`` on return: the device must have read it
+        wait(blocks.device)
 
 
 def _copy_blocks_out(blocks: torch.Tensor, ids: list[int], out: torch.Tensor) -> None:
@@ -125,10 +158,29 @@ def _chunk_view(buf: torch.Tensor, blocks: torch.Tensor, count: int) -> torch.Te
 
 
 def _index(ids: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(ids, dtype=torch.int64, device=device)
+    if device.type == "cpu":
+        return torch.tensor(ids, dtype=torch.int64)
+    # Every layer of a chunk uses the same ids: upload them once (an upload costs about
+    # as much as the copy kernel). Cached tensors are only ever read. Keyed by stream:
+    # another stream could run before the queued upload has.
+    stream = torch.cuda.current_stream(device)
+    key = (tuple(ids), stream.device_index, stream.cuda_stream)
+    index = _index_cache.get(key)
+    if index is None:
+        # Pinned by torch's caching host allocator, which keeps the block until the
+        # copy has run, so the upload is queued instead of stalling the host.
+        host = torch.tensor(ids, dtype=torch.int64, pin_memory=True)
+        index = host.to(device, non_blocking=True)
+        with _index_lock:
+            while len(_index_cache) >= _INDEX_CACHE_MAX:
+                _index_cache.pop(next(iter(_index_cache)))
+            _index_cache[key] = index
+    return index
 
 
-def _wait(device: torch.device) -> None:
+def wait(device: torch.device | str) -> None:
+    """Wait for the copies queued by ``gather``/``scatter(..., sync=False)`` on ``device``."""
+    device = torch.device(device)
     if device.type == "cpu":
         return
     # The copies ran on the current stream; wait for it, not for the whole device.

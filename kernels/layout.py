@@ -58,17 +58,20 @@ def physical_blocks(kv: torch.Tensor, layout: KVLayout) -> torch.Tensor:
         raise ValueError(f"tensor of shape {tuple(kv.shape)} does not match {layout}")
     if kv.numel() * kv.element_size() != layout.num_blocks * layout.block_nbytes:
         raise ValueError(f"tensor of {kv.dtype} {tuple(kv.shape)} does not match {layout}")
-    order = _memory_order(kv)
-    phys = kv.permute(order)
-    blocks = phys.movedim(order.index(layout.block_dim), 0)
+    if kv.is_contiguous():  # the common case: skip the permutation
+        blocks = kv if layout.block_dim == 0 else kv.movedim(layout.block_dim, 0)
+    else:
+        order = _memory_order(kv)
+        blocks = kv.permute(order).movedim(order.index(layout.block_dim), 0)
     if blocks.stride(-1) != 1:
         raise ValueError(f"innermost dim of {tuple(kv.shape)} is not dense: {kv.stride()}")
     return blocks.view(torch.uint8)
 
 
 def _memory_order(kv: torch.Tensor) -> list[int]:
-    # Outermost first; size-1 dims do not affect addresses, keep them in logical place.
-    return sorted(range(kv.dim()), key=lambda d: (-kv.stride(d) if kv.shape[d] > 1 else 0, d))
+    # Outermost first. Size-1 dims do not affect addresses (their strides are arbitrary):
+    # put them outermost so the innermost dim is a real, dense one.
+    return sorted(range(kv.dim()), key=lambda d: (kv.shape[d] > 1, -kv.stride()[d], d))
 
 
 def _break_tie(shape: tuple[int, ...], backend: str | None) -> int:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from kvnode.connector.keys import KEY_BYTES, Namespace, chunk_keys
 
 NS = Namespace(

@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kv_caches import BLOCK_SIZE, DTYPES, MAKERS, NUM_BLOCKS
+
 from kvnode.kernels import detect_layout, gather, scatter
 
 
@@ -160,3 +161,26 @@ def test_bad_buffers() -> None:
         gather(kv, layout, [1], torch.zeros(layout.block_nbytes // 4, dtype=torch.float32))
     with pytest.raises(ValueError, match="does not match"):
         gather(kv[:, :-1], layout, [1], chunk(layout.block_nbytes, 1))
+
+
+@pytest.mark.parametrize("hnd", [False, True], ids=["nhd", "hnd"])
+def test_single_kv_head(hnd: bool) -> None:
+    # Size-1 dims have arbitrary strides; they must not be taken for the innermost dim.
+    shape = (2, NUM_BLOCKS, 1, BLOCK_SIZE, 8) if hnd else (2, NUM_BLOCKS, BLOCK_SIZE, 1, 8)
+    kv = torch.randn(shape)
+    if hnd:
+        kv = kv.permute(0, 1, 3, 2, 4)
+    layout = detect_layout(kv, NUM_BLOCKS, BLOCK_SIZE)
+    ids = [3, 0, 7]
+    buf = chunk(layout.block_nbytes, len(ids))
+    gather(kv, layout, ids, buf)
+    assert torch.equal(buf, expected(kv, "flash", ids))
+    cross = torch.randn(NUM_BLOCKS, 3, 1, BLOCK_SIZE, 16)[:, 1]  # strided, one head
+    layout = detect_layout(cross, NUM_BLOCKS, BLOCK_SIZE)
+    buf = chunk(layout.block_nbytes, len(ids))
+    gather(cross, layout, ids, buf)
+    assert torch.equal(buf, expected(cross, "cpu", ids))
+    strided = torch.randn(2, NUM_BLOCKS, BLOCK_SIZE, 1, 16)[..., ::2]  # not dense
+    layout = detect_layout(strided, NUM_BLOCKS, BLOCK_SIZE)
+    with pytest.raises(ValueError, match="not dense"):
+        gather(strided, layout, ids, chunk(layout.block_nbytes, len(ids)))

@@ -7,12 +7,14 @@ import mmap
 import pytest
 import torch
 from kv_caches import BLOCK_SIZE, MAKERS, NUM_BLOCKS
+
 from kvnode.kernels import (
     detect_layout,
     gather,
     register_host_memory,
     scatter,
     unregister_host_memory,
+    wait,
 )
 
 pytestmark = [
@@ -95,3 +97,41 @@ def test_negative_control_on_gpu() -> None:
     gather(kv, layout, [1, 2], a)
     gather(kv, layout, [1, 3], b)
     assert not torch.equal(a, b)
+
+
+def test_queued_copies_then_one_wait(arena: mmap.mmap) -> None:
+    # sync=False for every layer of a chunk, one wait: what a connector does per chunk.
+    layers = [MAKERS["flash"](torch.bfloat16, "cuda") for _ in range(4)]
+    layout = detect_layout(layers[0], NUM_BLOCKS, BLOCK_SIZE)
+    ids = IDS["many_runs"]
+    per = len(ids) * layout.block_nbytes
+    host = torch.frombuffer(arena, dtype=torch.uint8)
+    for i, kv in enumerate(layers):
+        gather(kv, layout, ids, host[i * per : (i + 1) * per], sync=False)
+    wait(layers[0].device)
+    targets = [torch.zeros_like(kv) for kv in layers]
+    for i, kv in enumerate(targets):
+        scatter(host[i * per : (i + 1) * per], kv, layout, ids, sync=False)
+    wait("cuda")
+    for kv, got in zip(layers, targets, strict=True):
+        assert torch.equal(got[:, ids].view(torch.uint8), kv[:, ids].view(torch.uint8))
+    del host
+
+
+def test_side_stream_same_bytes() -> None:
+    # Block id uploads are cached per stream: a side stream gets its own.
+    kv = MAKERS["flash"](torch.float16, "cuda")
+    layout = detect_layout(kv, NUM_BLOCKS, BLOCK_SIZE)
+    ids = IDS["many_runs"]
+    main = torch.empty(len(ids) * layout.block_nbytes, dtype=torch.uint8)
+    gather(kv, layout, ids, main)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        other = torch.empty_like(main)
+        gather(kv, layout, ids, other)
+        blank = torch.zeros_like(kv)
+        scatter(other, blank, layout, ids)
+    side.synchronize()
+    assert torch.equal(main, other)
+    assert torch.equal(blank[:, ids].view(torch.uint8), kv[:, ids].view(torch.uint8))

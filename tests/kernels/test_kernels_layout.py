@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 from kv_caches import BLOCK_SIZE, HEAD, HEADS, MAKERS, NUM_BLOCKS
+
 from kvnode.kernels import KVLayout, detect_layout, register_host_memory
 
 EXPECTED = {
