@@ -27,6 +27,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from kvnode.agent.index import AGENT_OWNER, Entry, Index, State
@@ -172,7 +173,7 @@ class TierManager:
                 return self._start_read(key, t, size)
         for t in self.tiers:
             if t.store.may_probe(key):
-                job = Job("probe", t.name, key, self._guarded(t, lambda t=t: t.store.probe(key)))
+                job = Job("probe", t.name, key, self._guarded(t, partial(t.store.probe, key)))
                 if t.pool.submit(job, high=True):
                     self.promoting[key] = t
                     return True
@@ -275,7 +276,7 @@ class TierManager:
             if t.depth >= t.queue_max:
                 t.store.stats.inc("dropped")
                 continue
-            job = Job("delete", t.name, key, lambda t=t: t.store.delete(key))
+            job = Job("delete", t.name, key, partial(t.store.delete, key))
             if t.pool.submit(job, high=True):
                 t.depth += 1
 
