@@ -17,6 +17,8 @@ from typing import Any
 
 import zmq
 import zmq.utils.monitor
+
+from kvnode import __version__
 from kvnode.agent import sdnotify
 from kvnode.agent.clients import Client, own_pid_namespace, process_start_time
 from kvnode.agent.config import Config, format_size, load_config
@@ -24,11 +26,9 @@ from kvnode.agent.index import AGENT_OWNER, Entry, Index, State
 from kvnode.agent.logs import parse_level, set_level
 from kvnode.agent.metrics import AgentStatsSource, MetricsServer
 from kvnode.agent.stats import Stats
+from kvnode.errors import ArenaError, ConfigError, KVNodeError, ProtocolError
 from kvnode.ipc import protocol as P
 from kvnode.ipc.segment import Segment
-
-from kvnode import __version__
-from kvnode.errors import ArenaError, ConfigError, KVNodeError, ProtocolError
 
 log = logging.getLogger("kvnode.agent")
 

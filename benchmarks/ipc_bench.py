@@ -24,7 +24,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvnode.ipc.client import AgentClient, Status  # noqa: E402
-
 from tests.conftest import AgentProcess  # noqa: E402
 
 MiB = 1 << 20

@@ -19,11 +19,11 @@ from typing import Any
 
 import xxhash
 import zmq
+
+from kvnode.errors import AgentError, AgentUnavailable, ArenaError, ClientUnknown, ProtocolError
 from kvnode.ipc import protocol as P
 from kvnode.ipc.protocol import Lookup, Slot, Status
 from kvnode.ipc.segment import Segment
-
-from kvnode.errors import AgentError, AgentUnavailable, ArenaError, ClientUnknown, ProtocolError
 
 log = logging.getLogger("kvnode.client")
 

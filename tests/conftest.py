@@ -35,9 +35,8 @@ class AgentProcess:
         self.log_path = runtime_dir.parent / f"{runtime_dir.name}-agent.log"
 
     def start(self, timeout_s: float = 20.0) -> AgentProcess:
-        from kvnode.ipc.client import AgentClient
-
         from kvnode.errors import KVNodeError
+        from kvnode.ipc.client import AgentClient
 
         self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(

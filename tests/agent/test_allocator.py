@@ -5,6 +5,7 @@ import random
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from kvnode.agent.allocator import AllocatorInvariantError, PageAllocator
 
 

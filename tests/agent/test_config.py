@@ -5,8 +5,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from kvnode.agent.config import load_config, parse_size
 
+from kvnode.agent.config import load_config, parse_size
 from kvnode.errors import ConfigError
 
 

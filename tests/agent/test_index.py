@@ -3,6 +3,7 @@ from __future__ import annotations
 import hypothesis.strategies as st
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
 from kvnode.agent.index import Index, State
 from kvnode.ipc.protocol import Status
 

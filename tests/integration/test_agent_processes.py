@@ -14,11 +14,11 @@ from pathlib import Path
 import msgspec
 import pytest
 import zmq
+
+from kvnode.errors import AgentUnavailable
 from kvnode.ipc import protocol as P
 from kvnode.ipc.client import AgentClient, Lookup, Status, checksum
 from kvnode.ipc.segment import segment_exists
-
-from kvnode.errors import AgentUnavailable
 from tests.conftest import AgentProcess
 
 WRITER = r"""

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import msgspec
 import pytest
-from kvnode.ipc import protocol as P
 
 from kvnode.errors import ProtocolError
+from kvnode.ipc import protocol as P
 
 
 def test_round_trip_every_request() -> None:

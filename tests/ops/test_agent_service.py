@@ -21,8 +21,9 @@ import pytest
 
 pytest.importorskip("kvnode.cli", reason="the kvnode command is not there yet")
 client_mod = pytest.importorskip("kvnode.ipc.client", reason="AgentClient is not there yet")
-from kvnode.agent.config import load_config  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from kvnode.agent.config import load_config  # noqa: E402
 
 KVNODE = Path(sys.executable).with_name("kvnode")
 START_TIMEOUT_S = 60.0

@@ -12,6 +12,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+
 from kvnode.agent import config as cfgmod
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kvnode.agent.metrics import CONTENT_TYPE, MetricsServer, render
-from kvnode.agent.stats import COUNTERS, LATENCY_OPS
 from prometheus_client.parser import text_string_to_metric_families
 
+from kvnode.agent.metrics import CONTENT_TYPE, MetricsServer, render
+from kvnode.agent.stats import COUNTERS, LATENCY_OPS
 from kvnode.errors import ConfigError
 
 

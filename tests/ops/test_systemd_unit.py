@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import tomllib
+
 from kvnode.agent import config as cfgmod
 
 ROOT = Path(__file__).resolve().parents[2]
