@@ -33,22 +33,28 @@ def _gbps(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / 1e9
 
 
+def _sources(size: int, batch: int) -> list[np.ndarray]:
+    # Distinct buffers, as a vLLM step's chunks are: one source reused would sit in cache.
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 255, size, dtype=np.uint8) for _ in range(batch)]
+
+
 def memcpy_gbps(size: int, batch: int, reps: int) -> float:
-    src = np.random.default_rng(0).integers(0, 255, size, dtype=np.uint8)
+    srcs = _sources(size, batch)
     dst = [np.empty(size, np.uint8) for _ in range(batch)]
-    for d in dst:
-        np.copyto(d, src)  # warm
+    for d, s in zip(dst, srcs):
+        np.copyto(d, s)  # warm
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        for d in dst:
-            np.copyto(d, src)
+        for d, s in zip(dst, srcs):
+            np.copyto(d, s)
         times.append(time.perf_counter() - t0)
     return _gbps(size * batch, statistics.median(times))
 
 
 def put_get_gbps(c: AgentClient, size: int, batch: int, reps: int, tag: int) -> tuple[float, float]:
-    src = np.random.default_rng(1).integers(0, 255, size, dtype=np.uint8)
+    srcs = _sources(size, batch)
     out = [np.empty(size, np.uint8) for _ in range(batch)]
     for o in out:
         o[:] = 0
@@ -58,7 +64,7 @@ def put_get_gbps(c: AgentClient, size: int, batch: int, reps: int, tag: int) -> 
         keys = [(tag << 100 | r << 32 | i).to_bytes(16, "little") for i in range(batch)]
         t0 = time.perf_counter()
         res = c.reserve(keys, [size] * batch)
-        for st, slot in res:
+        for (st, slot), src in zip(res, srcs):
             assert st == Status.OK and slot is not None, st
             pos = 0
             for off, n in slot.extents:
@@ -77,7 +83,7 @@ def put_get_gbps(c: AgentClient, size: int, batch: int, reps: int, tag: int) -> 
         t2 = time.perf_counter()
         put_t.append(t1 - t0)
         get_t.append(t2 - t1)
-        assert np.array_equal(out[-1], src)
+        assert np.array_equal(out[-1], srcs[-1])
         c.drop(keys)  # keep the arena from filling: eviction is measured elsewhere
     return _gbps(size * batch, statistics.median(put_t)), _gbps(
         size * batch, statistics.median(get_t)
@@ -124,6 +130,14 @@ def ops_per_s(runtime_dir: Path, clients: int, seconds: float) -> float:
     return total / seconds
 
 
+def _shmem_thp() -> str:
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled").read_text()
+        return text.split("[", 1)[1].split("]", 1)[0]
+    except (OSError, IndexError):
+        return "unknown"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--reps", type=int, default=15)
@@ -163,6 +177,7 @@ def main() -> None:
                 ops_per_s(agent.runtime_dir, 4, 1.0 if args.quick else 3.0)
             )
             out["cpus"] = os.cpu_count()
+            out["shmem_thp"] = _shmem_thp()
         finally:
             agent.stop()
     print(json.dumps(out))
