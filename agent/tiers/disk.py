@@ -148,6 +148,7 @@ class DiskStore:
         self.recovery_s = 0.0
         self.stale_tmp_removed = 0
         self.scanning = True  # until recover() returns: the index may be incomplete
+        self._gone: set[bytes] = set()  # dropped while the scan ran: not to be re-added
         for i in range(256):
             self.fs.makedirs(str(self.root / f"{i:02x}"))
         if scan:
@@ -190,12 +191,13 @@ class DiskStore:
             known = dict(self.entries)
             self.entries.clear()
             for _, key, e in found:
-                if key not in known:
+                if key not in known and key not in self._gone:
                     self.entries[key] = e
                     self._bytes += e.file_bytes
             self.entries.update(known)
             victims = self._make_room(0)
             self.scanning = False
+            self._gone.clear()
         self._unlink_all(victims)
         self._refresh_limit(force=True)
         self.recovery_s = time.perf_counter() - t0
@@ -477,6 +479,8 @@ class DiskStore:
 
     def _forget(self, key: bytes) -> None:
         with self._lock:
+            if self.scanning:
+                self._gone.add(key)
             e = self.entries.pop(key, None)
             if e is not None:
                 self._bytes -= e.file_bytes

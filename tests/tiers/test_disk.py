@@ -14,7 +14,7 @@ import pytest
 from kvnode.agent.tiers.base import SlotBuffers
 from kvnode.agent.tiers.disk import DiskStore, FileSystem
 from kvnode.agent.tiers.format import HEADER_BYTES, checksum
-from kvnode.errors import DiskError, DiskFull
+from kvnode.errors import CorruptEntry, DiskError, DiskFull
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -182,3 +182,34 @@ def test_probe_while_the_start_up_scan_has_not_run(tmp_path):
     assert not late.may_probe(key(3))
     assert late.gauges()["entries"] == 2
     assert late.gauges()["bytes"] == 2 * (len(v) + HEADER_BYTES)
+
+
+def test_entry_dropped_during_the_scan_stays_dropped(tmp_path):
+    d = DiskStore(str(tmp_path), 10 * MiB)
+    v = os.urandom(70 * KiB)
+    d.put(key(1), slot(v), 0)
+    raw = bytearray(Path(d.path_of(key(1))).read_bytes())
+    raw[-1] ^= 1  # payload corrupt, header fine: the scan indexes it
+    Path(d.path_of(key(1))).write_bytes(raw)
+
+    class HookFS(FileSystem):
+        hook = None
+
+        def pread(self, fd, n, offset):
+            data = super().pread(fd, n, offset)
+            hook, HookFS.hook = HookFS.hook, None
+            if hook is not None:
+                hook()
+            return data
+
+    late = DiskStore(str(tmp_path), 10 * MiB, fs=HookFS(), scan=False)
+
+    def lookup_meanwhile() -> None:  # a lookup while the scan runs finds it corrupt
+        assert late.probe(key(1)) == len(v)
+        with pytest.raises(CorruptEntry):
+            late.read_into(key(1), empty(len(v)))
+
+    HookFS.hook = lookup_meanwhile
+    late.recover()
+    assert HookFS.hook is None
+    assert late.gauges()["entries"] == 0 and late.size_of(key(1)) is None
