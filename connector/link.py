@@ -90,12 +90,14 @@ class AgentLink:
             self._backoff_s = min(self._backoff_s * 2, self._retry_max_s)
             log.debug("kvnode agent not reachable (%s); next try in %.1fs", exc, self._backoff_s)
             return False
+        if self._on_connect is not None:
+            # Before the client is published, outside the lock: the hook may take a
+            # while (mapping a large arena) and calls must not wait for it.
+            try:
+                self._on_connect(client)
+            except Exception:
+                log.exception("kvnode: on_connect hook failed")
         with self._lock:
-            if self._on_connect is not None:
-                try:
-                    self._on_connect(client)
-                except Exception:
-                    log.exception("kvnode: on_connect hook failed")
             self._client = client
             self._backoff_s = self._retry_interval_s
             self.connects += 1

@@ -17,18 +17,19 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
+
 from kvnode.connector.metadata import KVNodeHandshake
 from kvnode.connector.scheduler import ChunkOp
+from kvnode.errors import KVNodeError
 from kvnode.ipc.protocol import Status
 from kvnode.kernels.copy import gather, scatter
-from kvnode.kernels.layout import KVLayout, detect_layout
-
-from kvnode.errors import KVNodeError
+from kvnode.kernels.layout import KVLayout, detect_layout, physical_blocks
 
 log = logging.getLogger("kvnode.connector")
 
@@ -61,6 +62,7 @@ class _Layer:
     kv: torch.Tensor
     layout: KVLayout
     offset: int  # of this layer's region in a full chunk's payload
+    blocks: Any  # CPU caches: numpy uint8 view [num_blocks, ...] of kv (None on a GPU)
 
 
 class WorkerSide:
@@ -89,6 +91,7 @@ class WorkerSide:
         self.stats = WorkerStats()
         self._load_errors: set[int] = set()
         self._staging: torch.Tensor | None = None
+        self.on_cpu = True
 
     # ------------------------------------------------------------------ setup
     def register(
@@ -102,7 +105,8 @@ class WorkerSide:
         for name in sorted(kv_caches):
             kv = kv_caches[name]
             layout = detect_layout(kv, self.num_blocks, self.block_size, backend)
-            layers.append(_Layer(name, kv, layout, offset))
+            blocks = physical_blocks(kv, layout).numpy() if kv.device.type == "cpu" else None
+            layers.append(_Layer(name, kv, layout, offset, blocks))
             offset += self.bpc * layout.block_nbytes
             shape = list(kv.shape)
             del shape[layout.block_dim]
@@ -112,6 +116,7 @@ class WorkerSide:
         if not layers:
             raise ValueError("register_kv_caches got no layers")
         self.layers = layers
+        self.on_cpu = all(layer.kv.device.type == "cpu" for layer in layers)
         self.chunk_nbytes = offset
         self.layer_nbytes = offset // self.bpc
         # Mixed layers (e.g. hybrid models) are named by the sorted set of parts.
@@ -120,6 +125,29 @@ class WorkerSide:
             block_shape=(len(layers), *(d for s in sorted(shapes) for d in s)),
             dtype="+".join(sorted(dtypes)),
         )
+
+    # Host-to-host copies go through numpy: one memcpy per run of blocks on the calling
+    # thread. torch's copy_ splits a copy over its OpenMP team (vLLM's CPU worker keeps
+    # 2+ threads and forbids changing that), and on a busy host the team waits at its
+    # barrier for a descheduled member: measured 10-30x slower on a loaded 2-core
+    # machine. Device caches use kvnode.kernels.copy.
+    def _gather(self, layer: _Layer, block_ids: Sequence[int], dst: torch.Tensor) -> None:
+        if not self.on_cpu:
+            gather(layer.kv, layer.layout, list(block_ids), dst)
+            return
+        blocks = layer.blocks
+        out = dst.numpy().reshape(len(block_ids), *blocks.shape[1:])
+        for first, pos, count in _runs(block_ids):
+            np.copyto(out[pos : pos + count], blocks[first : first + count])
+
+    def _scatter(self, src: torch.Tensor, layer: _Layer, block_ids: Sequence[int]) -> None:
+        if not self.on_cpu:
+            scatter(src, layer.kv, layer.layout, list(block_ids))
+            return
+        blocks = layer.blocks
+        inp = src.numpy().reshape(len(block_ids), *blocks.shape[1:])
+        for first, pos, count in _runs(block_ids):
+            np.copyto(blocks[first : first + count], inp[pos : pos + count])
 
     def _staging_buffer(self) -> torch.Tensor:
         if self._staging is None:
@@ -202,7 +230,7 @@ class WorkerSide:
         for layer in self.layers:
             nb = layer.layout.block_nbytes
             a = layer.offset + op.block_offset * nb
-            scatter(payload[a : a + n * nb], layer.kv, layer.layout, list(op.block_ids))
+            self._scatter(payload[a : a + n * nb], layer, op.block_ids)
         self.stats.load_chunks += 1
         self.stats.load_bytes += n * self.layer_nbytes
         return True
@@ -270,12 +298,7 @@ class WorkerSide:
         dst = self._payload(client, slot, fill=False)
         for layer in self.layers:
             nb = layer.layout.block_nbytes
-            gather(
-                layer.kv,
-                layer.layout,
-                list(op.block_ids),
-                dst[layer.offset : layer.offset + self.bpc * nb],
-            )
+            self._gather(layer, op.block_ids, dst[layer.offset : layer.offset + self.bpc * nb])
         if len(views) > 1:
             for pos, t in _pieces(views, self.chunk_nbytes):
                 t.copy_(dst[pos : pos + t.numel()])
@@ -293,3 +316,15 @@ def _pieces(views: list[memoryview], nbytes: int) -> list[tuple[int, torch.Tenso
         out.append((pos, torch.frombuffer(v, dtype=torch.uint8, count=n)))
         pos += n
     return out
+
+
+def _runs(block_ids: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(first block id, position in the chunk, count) per run of consecutive ids."""
+    runs: list[tuple[int, int, int]] = []
+    for pos, b in enumerate(block_ids):
+        if runs and runs[-1][0] + runs[-1][2] == b:
+            first, p, n = runs[-1]
+            runs[-1] = (first, p, n + 1)
+        else:
+            runs.append((b, pos, 1))
+    return runs

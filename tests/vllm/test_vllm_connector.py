@@ -7,9 +7,11 @@ Every output is compared with a run without any connector (greedy decoding).
 from __future__ import annotations
 
 import random
+import time
 from typing import Any
 
 import pytest
+
 from kvnode.connector.keys import Namespace, chunk_keys
 from kvnode.connector.namespace import model_identity
 from kvnode.ipc.protocol import Lookup, Status
@@ -130,3 +132,39 @@ def test_no_agent_running(
         assert o["tokens"] == reference[name]["tokens"]
         assert o["cached"] == 0
         assert o["elapsed_s"] < _stall_bound(reference[name]), (o, reference[name])
+
+
+def test_served_from_disk_after_agent_restart(
+    reference: dict[str, Any],
+    make_agent: Any,
+    spawn_runner: Any,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    disk = tmp_path_factory.mktemp("kvnode-disk")
+    env = {
+        "KVNODE_DISK_PATH": str(disk),
+        "KVNODE_DISK_BYTES": "256MiB",
+        "KVNODE_DISK_WRITE_POLICY": "write_through",
+    }
+    agent = make_agent(env=env)
+    if "disk" not in agent.stats().get("tiers", {}):
+        pytest.skip("this agent has no disk tier")
+    extra = {"kvnode.runtime_dir": str(agent.runtime_dir), "kvnode.prefetch_deadline_ms": 5000}
+
+    writer = spawn_runner(extra, "disk-writer")
+    [a] = writer.generate([A], MAX_TOKENS)
+    assert a["tokens"] == reference["A"]["tokens"]
+    writer.close()
+    deadline = time.monotonic() + 30
+    while agent.stats()["tiers"]["disk"]["entries"] < 4 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    agent.stop()
+
+    # A new agent: an empty arena, the same disk.
+    again = make_agent(runtime_dir=agent.runtime_dir, env=env)
+    assert again.stats()["arena"]["entries"] == 0
+    reader = spawn_runner(extra, "disk-reader")
+    [a] = reader.generate([A], MAX_TOKENS)
+    assert a["tokens"] == reference["A"]["tokens"]
+    assert a["cached"] == 4 * C
+    assert again.stats()["tiers"]["disk"]["hits"] >= 1

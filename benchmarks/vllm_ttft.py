@@ -1,0 +1,273 @@
+"""Time to first token with real vLLM on the CPU: cold, vLLM's own prefix cache, and a
+fresh vLLM process served from kvnode. Prints ONE JSON object.
+
+TTFT is measured as the wall time of ``LLM.generate(prompt, max_tokens=1)`` (prefill
+plus one sampled token), median over several distinct prompts. Every number comes
+from this run, on this machine:
+
+- ``ttft_cold_s``: a vLLM process without any connector, prompts it has never seen;
+- ``ttft_apc_s``: the same process, the same prompts again (vLLM's in-process prefix
+  cache hit);
+- ``ttft_kvnode_s``: a fresh vLLM process with the kvnode connector, prompts that
+  another process (with the connector) computed before; they come from the agent;
+- ``nohit_throughput_ratio``: prefill tokens/s on unique prompts (all misses: lookups
+  and saves, no loads) with the connector / without it, median of rounds.
+
+The processes live side by side and take turns (only one computes at a time), so the
+noise of a shared machine hits both sides of each comparison alike.
+
+The model has random weights (scripts/build_model.py --size bench: 8 layers, hidden
+768), so prefill costs as on a real model of that size; outputs are not meaningful.
+
+    python benchmarks/vllm_ttft.py [--prompts 5] [--prompt-tokens 2100] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+TAG = "@@kvnode-bench@@ "
+VLLM_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_CPU_KVCACHE_SPACE": "2",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+}
+
+
+def _prompt(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(2, 1000) for _ in range(n)]
+
+
+# --------------------------------------------------------------------- child side
+def _llm(model: str, runtime_dir: str | None) -> Any:
+    from vllm import LLM
+    from vllm.config import KVTransferConfig
+
+    kwargs: dict[str, Any] = {}
+    if runtime_dir:
+        kwargs["kv_transfer_config"] = KVTransferConfig(
+            kv_connector="KVNodeConnector",
+            kv_connector_module_path="kvnode.connector",
+            kv_role="kv_both",
+            kv_connector_extra_config={"kvnode.runtime_dir": runtime_dir},
+        )
+    return LLM(
+        model=model, dtype="float32", enforce_eager=True, max_model_len=8192, seed=0, **kwargs
+    )
+
+
+def child(model: str, runtime_dir: str | None) -> None:
+    """A vLLM process that runs one command per stdin line (JSON) and answers with one
+    tagged stdout line: ``{"op": "ttft", "ids": [...]}`` -> seconds and cached tokens,
+    ``{"op": "batch", "prompts": [[...], ...]}`` -> seconds for the whole batch."""
+    for k, v in VLLM_ENV.items():
+        os.environ.setdefault(k, v)
+    from vllm import SamplingParams
+
+    llm = _llm(model, runtime_dir)
+    sp = SamplingParams(max_tokens=1, temperature=0.0)
+    llm.generate([{"prompt_token_ids": _prompt(64, 999)}], sp, use_tqdm=False)  # warm-up
+    print(TAG + json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["op"] == "exit":
+            break
+        prompts = [cmd["ids"]] if cmd["op"] == "ttft" else cmd["prompts"]
+        t0 = time.perf_counter()
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+        dt = time.perf_counter() - t0
+        print(TAG + json.dumps({"s": dt, "cached": outs[0].num_cached_tokens or 0}), flush=True)
+
+
+# --------------------------------------------------------------------- parent side
+class _Child:
+    def __init__(self, model: str, runtime_dir: str | None) -> None:
+        cmd = [sys.executable, __file__, "--child", "--model", model]
+        if runtime_dir:
+            cmd += ["--runtime-dir", runtime_dir]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, **VLLM_ENV},
+            text=True,
+        )
+        self._read()
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(TAG):
+                return json.loads(line[len(TAG) :])
+        raise RuntimeError(f"benchmark child exited with {self.proc.wait()}")
+
+    def call(self, **cmd: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.call(op="exit")
+            except (RuntimeError, OSError):
+                pass
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def _start_agent(runtime_dir: str, cpu_bytes: str) -> subprocess.Popen[bytes]:
+    agent = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "kvnode"),
+            "agent",
+            "--runtime-dir",
+            runtime_dir,
+            "--cpu-bytes",
+            cpu_bytes,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    from kvnode.ipc.client import AgentClient
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            c = AgentClient(runtime_dir=runtime_dir, name="bench", timeout_s=1.0)
+            c.connect()
+            c.close()
+            return agent
+        except Exception:
+            if agent.poll() is not None:
+                raise RuntimeError("the agent exited at start") from None
+            time.sleep(0.2)
+    raise RuntimeError("the agent did not answer")
+
+
+def measure(a: argparse.Namespace, model: str, rd: str) -> dict[str, Any]:
+    """Processes live side by side and take turns, so machine noise hits both sides of
+    every comparison alike: plain (no connector) and with the connector alternate."""
+    prompts = [_prompt(a.prompt_tokens, 1 + i) for i in range(a.prompts)]
+    plain, seeder = _Child(model, None), _Child(model, rd)
+    r: dict[str, list[Any]] = {k: [] for k in ("cold", "cold_conn", "apc", "kvnode", "cached")}
+    r.update(apc_cached=[], tp_plain=[], tp_conn=[])
+    try:
+        for p in prompts:
+            r["cold"].append(plain.call(op="ttft", ids=p)["s"])
+            r["cold_conn"].append(seeder.call(op="ttft", ids=p)["s"])  # saves to the agent
+        seeder.close()
+        served = _Child(model, rd)  # a fresh process: nothing of these prompts in vLLM
+        try:
+            for p in prompts:
+                apc = plain.call(op="ttft", ids=p)
+                kv = served.call(op="ttft", ids=p)
+                r["apc"].append(apc["s"])
+                r["apc_cached"].append(apc["cached"])
+                r["kvnode"].append(kv["s"])
+                r["cached"].append(kv["cached"])
+            # Unique prompts (all misses: the connector looks up and saves, loads nothing).
+            for i in range(a.rounds):
+                batch = [_prompt(a.prompt_tokens, 10_000 + 100 * i + j) for j in range(a.batch)]
+                other = [_prompt(a.prompt_tokens, 50_000 + 100 * i + j) for j in range(a.batch)]
+                n = a.batch * a.prompt_tokens
+                r["tp_plain"].append(n / plain.call(op="batch", prompts=batch)["s"])
+                r["tp_conn"].append(n / served.call(op="batch", prompts=other)["s"])
+        finally:
+            served.close()
+    finally:
+        plain.close()
+        seeder.close()
+    return r
+
+
+def parent(a: argparse.Namespace) -> dict[str, Any]:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import build_model
+
+    model = str(build_model.build(ROOT / ".cache" / "models" / "bench-llama", "bench"))
+    cfg = json.loads((Path(model) / "config.json").read_text())
+    with tempfile.TemporaryDirectory(prefix="kvnode-bench-") as rd:
+        agent = _start_agent(rd, a.cpu_bytes)
+        try:
+            r = measure(a, model, rd)
+        finally:
+            agent.terminate()
+            agent.wait(30)
+    med = statistics.median
+    cold, apc, kv = med(r["cold"]), med(r["apc"]), med(r["kvnode"])
+    tp_plain, tp_conn = med(r["tp_plain"]), med(r["tp_conn"])
+    return {
+        "benchmark": "vllm_ttft",
+        "ttft_cold_s": round(cold, 4),
+        "ttft_apc_s": round(apc, 4),
+        "ttft_kvnode_s": round(kv, 4),
+        "speedup": round(cold / kv, 2),
+        "vs_apc": round(kv / apc, 3),
+        "nohit_throughput_ratio": round(tp_conn / tp_plain, 4),
+        "throughput_tok_s_without": round(tp_plain, 1),
+        "throughput_tok_s_with": round(tp_conn, 1),
+        "ttft_cold_with_connector_s": round(med(r["cold_conn"]), 4),
+        "kvnode_cached_tokens": r["cached"],
+        "apc_cached_tokens": r["apc_cached"],
+        "prompt_tokens": a.prompt_tokens,
+        "prompts": a.prompts,
+        "throughput_rounds": a.rounds,
+        "throughput_batch": a.batch,
+        "ttft_definition": "wall time of LLM.generate(max_tokens=1), median over prompts",
+        "model": {
+            k: cfg[k]
+            for k in (
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "intermediate_size",
+            )
+        },
+        "dtype": "float32",
+        "device": "cpu",
+        "cpus": os.cpu_count(),
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--prompts", type=int, default=5)
+    p.add_argument("--prompt-tokens", type=int, default=2100)
+    p.add_argument("--rounds", type=int, default=5, help="throughput rounds (pairs)")
+    p.add_argument("--batch", type=int, default=2, help="prompts per throughput round")
+    p.add_argument("--cpu-bytes", default="1GiB")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--runtime-dir", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        child(a.model, a.runtime_dir)
+    else:
+        print(json.dumps(parent(a)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
