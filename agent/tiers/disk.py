@@ -214,6 +214,8 @@ class DiskStore:
 
     def _recover_one(self, f: os.DirEntry[str], found: list[tuple[int, bytes, DiskEntry]]) -> None:
         if f.name.endswith(TMP_SUFFIX):
+            if f.name.split(".")[-3:-2] == [str(os.getpid())]:
+                return  # a write of ours in progress (the scan runs while we serve)
             self._unlink(f.path)
             with self._lock:
                 self.stale_tmp_removed += 1

@@ -213,3 +213,13 @@ def test_entry_dropped_during_the_scan_stays_dropped(tmp_path):
     late.recover()
     assert HookFS.hook is None
     assert late.gauges()["entries"] == 0 and late.size_of(key(1)) is None
+
+
+def test_scan_leaves_our_own_writes_in_progress_alone(tmp_path):
+    d = DiskStore(str(tmp_path), 10 * MiB)
+    ours = Path(d._tmp_path(key(5)))
+    ours.write_bytes(b"being written")
+    crashed = ours.with_name(f".{key(6).hex()}.999999.0.tmp")
+    crashed.write_bytes(b"left by a crash")
+    d.recover()
+    assert ours.exists() and not crashed.exists()
