@@ -28,11 +28,20 @@ ENV_PREFIX = "KVNODE_"
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B|[KMGT])?\s*$", re.IGNORECASE)
 _SIZE_MULT = {
-    None: 1, "b": 1,
-    "k": 1024, "kib": 1024, "kb": 1000,
-    "m": 1024**2, "mib": 1024**2, "mb": 1000**2,
-    "g": 1024**3, "gib": 1024**3, "gb": 1000**3,
-    "t": 1024**4, "tib": 1024**4, "tb": 1000**4,
+    None: 1,
+    "b": 1,
+    "k": 1024,
+    "kib": 1024,
+    "kb": 1000,
+    "m": 1024**2,
+    "mib": 1024**2,
+    "mb": 1000**2,
+    "g": 1024**3,
+    "gib": 1024**3,
+    "gb": 1000**3,
+    "t": 1024**4,
+    "tib": 1024**4,
+    "tb": 1000**4,
 }
 
 
@@ -109,6 +118,9 @@ class ArenaSection:
     hugepages: bool = True
     segment_name: str = ""  # "" -> derived from runtime dir
     reserve_ttl_s: float = 60.0  # a reservation not committed by then is dropped
+    # With write-back tiers: share of the arena kept free (victims copied out ahead of
+    # stores); a store that still finds no room drops victims unsaved (counted).
+    headroom_share: float = 0.05
 
 
 @dataclass(slots=True)
@@ -200,6 +212,8 @@ class Config:
             raise ConfigError("arena.page_bytes", "must be a power of two >= 4096")
         if ar.cpu_bytes < 16 * ar.page_bytes:
             raise ConfigError("arena.cpu_bytes", "must hold at least 16 pages")
+        if not 0.0 <= ar.headroom_share <= 0.5:
+            raise ConfigError("arena.headroom_share", "must be between 0 and 0.5")
         if ar.policy not in ("lru", "s3fifo"):
             raise ConfigError("arena.policy", "must be lru or s3fifo")
         for section in ("disk", "s3"):

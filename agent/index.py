@@ -62,6 +62,7 @@ EvictHook = Callable[[Entry], bool]
 class IndexCounters:
     evictions: int = 0
     evict_deferred: int = 0
+    evict_unsaved: int = 0  # evicted without write-back: the lower tier still held pages
     expired_leases: int = 0
     reserve_no_space: int = 0
 
@@ -82,6 +83,7 @@ class Index:
         self.bytes_used = 0
         self.reserved = 0
         self.pinned = 0
+        self.evicting_pages = 0  # pages of EVICTING entries (freed when write-back ends)
         self.clock = clock
         self.reserve_ttl_s = reserve_ttl_s
         self.on_evict: EvictHook | None = None
@@ -170,12 +172,21 @@ class Index:
         return True
 
     # -- eviction ----------------------------------------------------------------
-    def evict_pages(self, pages_needed: int) -> int:
+    def evict_pages(self, pages_needed: int, must_free: bool = True) -> int:
         """Evict unpinned committed entries until ``pages_needed`` pages are free.
-        Returns the number of entries evicted (deferred ones included)."""
+
+        Entries a lower tier takes for write-back keep their pages until the copy is
+        done, so they count as "on the way out". Once free + on-the-way-out pages
+        suffice, further victims are dropped without write-back (counted in
+        ``evict_unsaved``) when ``must_free`` is set: a store must not fail because a
+        slow tier holds pages. With ``must_free`` unset (background headroom) it stops
+        there. Returns the number of entries evicted."""
         evicted = 0
         skipped: set[bytes] = set()
         while self.alloc.pages_free < pages_needed:
+            defer = self.alloc.pages_free + self.evicting_pages < pages_needed
+            if not defer and not must_free:
+                break
             victim = None
             for key in self.policy.candidates():
                 if key in skipped:
@@ -188,23 +199,27 @@ class Index:
                 skipped.add(key)
             if victim is None:
                 break
-            self._evict(victim)
+            self._evict(victim, defer)
             evicted += 1
         return evicted
 
-    def _evict(self, e: Entry) -> None:
+    def _evict(self, e: Entry, defer: bool = True) -> None:
         self.policy.remove(e.key)
         self.counters.evictions += 1
-        if self.on_evict is not None and self.on_evict(e):
+        if defer and self.on_evict is not None and self.on_evict(e):
             e.state = State.EVICTING
+            self.evicting_pages += sum(c for _, c in e.pages)
             self.counters.evict_deferred += 1
             return
+        if not defer and self.on_evict is not None:
+            self.counters.evict_unsaved += 1
         self._free(e)
 
     def finish_evict(self, key: bytes) -> None:
         e = self.entries.get(key)
         if e is None or e.state is not State.EVICTING:
             raise AllocatorInvariantError("finish_evict of an entry not evicting")
+        self.evicting_pages -= sum(c for _, c in e.pages)
         self._free(e)
 
     def _free(self, e: Entry) -> None:
@@ -259,6 +274,11 @@ class Index:
                 raise AllocatorInvariantError("pinned entry that is not committed")
         if total != self.bytes_used:
             raise AllocatorInvariantError(f"bytes_used {self.bytes_used} != {total}")
+        evicting = sum(
+            sum(c for _, c in e.pages) for e in self.entries.values() if e.state is State.EVICTING
+        )
+        if evicting != self.evicting_pages:
+            raise AllocatorInvariantError("evicting_pages drifted")
         if reserved != self.reserved or pinned != self.pinned:
             raise AllocatorInvariantError("reserved/pinned gauges drifted")
         committed = sum(1 for e in self.entries.values() if e.state is State.COMMITTED)

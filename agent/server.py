@@ -135,6 +135,7 @@ class Agent:
         from kvnode.agent.tiers.manager import TierManager
 
         self.tiers = TierManager(self.cfg, arena=self.segment, index=self.index, wake=self.wake)
+        self._headroom_pages = int(self.index.alloc.pages_total * self.cfg.arena.headroom_share)
         self.index.on_evict = self.tiers.on_evict
 
     def _prepare_runtime_dir(self) -> None:
@@ -300,6 +301,9 @@ class Agent:
             except Exception:
                 self.stats.inc("errors")
                 log.exception("tier manager poll failed")
+            # Keep headroom free ahead of stores, so write-back has time to copy victims
+            # out instead of the store path dropping them unsaved.
+            self.index.evict_pages(self._headroom_pages, must_free=False)
         if self._check_clients_now or now >= self._next_client_check:
             self._check_clients_now = False
             self._next_client_check = now + self.cfg.agent.client_check_interval_s
@@ -550,6 +554,7 @@ class Agent:
     def snapshot(self) -> dict[str, Any]:
         idx = self.index
         self.stats.counters["evictions"] = idx.counters.evictions
+        self.stats.counters["evict_unsaved"] = idx.counters.evict_unsaved
         pb = self.cfg.arena.page_bytes
         arena = {
             "bytes_total": idx.alloc.pages_total * pb,
@@ -559,6 +564,7 @@ class Agent:
             "entries": len(idx.entries),
             "reserved": idx.reserved,
             "pinned": idx.pinned,
+            "evicting_bytes": idx.evicting_pages * pb,
             "policy": idx.policy.name,
         }
         counters = dict(self.stats.counters)

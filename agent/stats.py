@@ -12,7 +12,7 @@ COUNTERS = (
     "lookups", "lookup_keys", "hits", "misses", "pending", "reserves", "reserve_keys",
     "reserve_failed", "commits", "aborts", "pins", "pin_misses", "releases", "drops",
     "bytes_in", "bytes_out", "evictions", "reclaimed_clients", "reclaimed_leases",
-    "reclaimed_pins", "bad_frames", "errors", "expired_leases",
+    "reclaimed_pins", "bad_frames", "errors", "expired_leases", "evict_unsaved",
 )  # fmt: skip
 LATENCY_OPS = ("lookup", "reserve", "commit", "pin", "release")
 

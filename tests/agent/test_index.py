@@ -49,17 +49,35 @@ def test_pinned_and_reserved_entries_are_never_evicted() -> None:
 
 
 def test_eviction_deferred_by_lower_tier() -> None:
-    idx = Index(4 * PAGE, PAGE, "lru")
+    idx = Index(8 * PAGE, PAGE, "lru")
     held: list[bytes] = []
     idx.on_evict = lambda e: held.append(e.key) or True
-    for k in (b"a", b"b"):
+    for k in (b"a", b"b", b"c", b"d"):
         idx.reserve(k, 2 * PAGE, 1)
         idx.commit(k, 1)
-    assert idx.reserve(b"c", 2 * PAGE, 1)[0] == Status.NO_SPACE  # pages still held
-    assert held == [b"a", b"b"]
+    # Background headroom: write-back of just enough, nothing dropped.
+    idx.evict_pages(2, must_free=False)
+    assert held == [b"a"] and idx.alloc.pages_free == 0 and idx.evicting_pages == 2
     assert idx.lookup(b"a") is None  # evicting: invisible
+    # A store into the full arena: "a" is already on its way out, so one more victim
+    # is dropped without write-back rather than failing the store.
+    assert idx.reserve(b"e", 2 * PAGE, 1)[0] == Status.OK
+    assert held == [b"a"] and idx.counters.evict_unsaved == 1 and b"b" not in idx.entries
     idx.finish_evict(b"a")
-    assert idx.reserve(b"c", 2 * PAGE, 1)[0] == Status.OK
+    assert idx.evicting_pages == 0 and idx.alloc.pages_free == 2
+    idx.check()
+
+
+def test_store_into_full_arena_does_not_defer_everything() -> None:
+    idx = Index(16 * PAGE, PAGE, "lru")
+    held: list[bytes] = []
+    idx.on_evict = lambda e: held.append(e.key) or True
+    for i in range(8):
+        idx.reserve(bytes([i]), 2 * PAGE, 1)
+        idx.commit(bytes([i]), 1)
+    assert idx.reserve(b"new", 2 * PAGE, 1)[0] == Status.OK
+    assert len(held) == 1  # one written back, one dropped: not all eight deferred
+    assert len(idx.entries) == 8
     idx.check()
 
 
