@@ -663,7 +663,7 @@ def run_agent(cfg: Config, reload_config: Callable[[], Config] | None = None) ->
     agent.hooks_stopping.append(lambda: sdnotify.stopping("flushing write-back queues"))
     agent.hooks_stopping.append(metrics.stop)
     agent.hooks_stopping.append(stats_source.close)
-    agent.hooks_reload.append(_reloader(reload_config or (lambda: _load_again(cfg))))
+    agent.hooks_reload.append(_reloader(reload_config or (lambda: _load_again(cfg)), agent))
     agent.install_signal_handlers()
     try:
         agent.serve_forever()
@@ -673,7 +673,13 @@ def run_agent(cfg: Config, reload_config: Callable[[], Config] | None = None) ->
 
 
 # Settings a running agent applies on SIGHUP; any other change waits for a restart.
-RELOADABLE = ("agent.log_level",)
+RELOADABLE = (
+    "agent.log_level",
+    "disk.bytes",
+    "disk.queue_max",
+    "s3.queue_max",
+    "s3.admit_min_hits",
+)
 
 
 def _load_again(cfg: Config) -> Config:
@@ -688,7 +694,9 @@ def _get(cfg: Config, key: str) -> Any:
     return getattr(getattr(cfg, section), name)
 
 
-def _reloader(load: Callable[[], Config]) -> Callable[[Config], list[str]]:
+def _reloader(
+    load: Callable[[], Config], agent: Agent | None = None
+) -> Callable[[Config], list[str]]:
     def reload(cfg: Config) -> list[str]:
         try:
             new = load()
@@ -705,6 +713,12 @@ def _reloader(load: Callable[[], Config]) -> Callable[[Config], list[str]]:
             if not quieter:
                 log.info("reload: log level %s -> %s", old_level, new_level)
         old, cur = cfg.as_dict(), new.as_dict()
+        if agent is not None and agent.tiers is not None:
+            for note in agent.tiers.apply_limits(new):
+                log.info("reload: %s", note)
+        for key in RELOADABLE:
+            sec, name = key.split(".", 1)
+            setattr(getattr(cfg, sec), name, getattr(getattr(new, sec), name))
         return [
             f"{sec}.{k} changed ({old[sec][k]!r} -> {cur[sec][k]!r}); restart to apply"
             for sec in old

@@ -264,6 +264,15 @@ class DiskStore:
         with self._lock:
             self.bytes_limit = min(self.bytes_max, self._bytes + self._pending + room)
 
+    def set_capacity(self, bytes_max: int) -> None:
+        """Runtime change of ``disk.bytes`` (SIGHUP). Shrinking evicts LRU files now."""
+        with self._lock:
+            self.bytes_max = bytes_max
+            self.bytes_limit = bytes_max
+            self._limit_checked = 0.0  # re-read free space on the next write
+            victims = self._make_room(0)
+        self._unlink_all(victims)
+
     def _make_room(self, need: int) -> list[str]:
         """Pop LRU entries until ``need`` more bytes fit. Caller holds the lock."""
         victims = []

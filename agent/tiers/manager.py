@@ -309,6 +309,25 @@ class TierManager:
                 t.depth -= 1
         return n
 
+    def apply_limits(self, cfg: Any) -> list[str]:
+        """SIGHUP: apply the tier limits that can change at runtime. Returns what changed."""
+        notes = []
+        for t in self.tiers:
+            sec = getattr(cfg, t.name, None)
+            if sec is None:
+                continue
+            if sec.queue_max != t.queue_max:
+                notes.append(f"{t.name}.queue_max {t.queue_max} -> {sec.queue_max}")
+                t.queue_max = sec.queue_max
+            if t.name == "s3" and sec.admit_min_hits != t.admit_min_hits:
+                notes.append(f"s3.admit_min_hits {t.admit_min_hits} -> {sec.admit_min_hits}")
+                t.admit_min_hits = sec.admit_min_hits
+            set_capacity = getattr(t.store, "set_capacity", None)
+            if t.name == "disk" and set_capacity is not None and sec.bytes != t.store.bytes_max:
+                notes.append(f"disk.bytes {t.store.bytes_max} -> {sec.bytes}")
+                set_capacity(sec.bytes)
+        return notes
+
     def busy(self) -> bool:
         """Work in flight: the loop may poll sooner (completions also call wake())."""
         return bool(self.promoting or self._writes)

@@ -245,3 +245,24 @@ def test_check_config_and_unit_flags(workdir: Path) -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
+
+
+def test_sighup_applies_tier_limits(start_agent: Any, workdir: Path) -> None:
+    config = workdir / "agent.toml"
+    disk = workdir / "disk"
+    config.write_text(f'[disk]\npath = "{disk}"\nbytes = "64MiB"\nqueue_max = 8\n')
+    agent = start_agent(config=config)
+    agent.wait_for("READY")
+    c = connect(agent.runtime_dir)
+    try:
+        assert c.stats()["tiers"]["disk"]["bytes_max"] == 64 * 1024**2
+        config.write_text(f'[disk]\npath = "{disk}"\nbytes = "32MiB"\nqueue_max = 4\n')
+        mark = len(agent.lines)
+        agent.proc.send_signal(signal.SIGHUP)
+        agent.wait_log("reload: disk.bytes 67108864 -> 33554432", start=mark)
+        agent.wait_log("reload: disk.queue_max 8 -> 4", start=mark)
+        disk_stats = c.stats()["tiers"]["disk"]
+        assert disk_stats["bytes_max"] == 32 * 1024**2 and disk_stats["queue_max"] == 4
+        assert not any("disk.bytes changed" in line for line in agent.lines[mark:])
+    finally:
+        c.close()
