@@ -9,9 +9,12 @@ from this run, on this machine:
 - ``ttft_apc_s``: the same process, the same prompts again (vLLM's in-process prefix
   cache hit);
 - ``ttft_kvnode_s``: a fresh vLLM process with the kvnode connector, prompts that
-  another process (with the connector) computed before; they come from the agent;
+  another process (with the connector) computed before; they come from the agent.
+  Repeats reset that process's own prefix cache first, so every sample loads from
+  the agent (``ttft_kvnode_fresh_process_s``: the first pass alone);
 - ``nohit_throughput_ratio``: prefill tokens/s on unique prompts (all misses: lookups
-  and saves, no loads) with the connector / without it, median of rounds.
+  and saves, no loads) with the connector / without it: the median over rounds of
+  the ratio within a round (each round runs both, back to back, order alternating).
 
 The processes live side by side and take turns (only one computes at a time), so the
 noise of a shared machine hits both sides of each comparison alike.
@@ -19,7 +22,7 @@ noise of a shared machine hits both sides of each comparison alike.
 The model has random weights (scripts/build_model.py --size bench: 8 layers, hidden
 768), so prefill costs as on a real model of that size; outputs are not meaningful.
 
-    python benchmarks/vllm_ttft.py [--prompts 5] [--prompt-tokens 2100] [--rounds 5]
+    python benchmarks/vllm_ttft.py [--prompts 5] [--prompt-tokens 2100] [--rounds 12]
 """
 
 from __future__ import annotations
@@ -86,6 +89,11 @@ def child(model: str, runtime_dir: str | None) -> None:
         cmd = json.loads(line)
         if cmd["op"] == "exit":
             break
+        if cmd["op"] == "reset":
+            # Drop vLLM's own prefix cache: the next request of a prompt is served as
+            # in a fresh process (from kvnode when the connector is on).
+            print(TAG + json.dumps({"ok": bool(llm.reset_prefix_cache())}), flush=True)
+            continue
         prompts = [cmd["ids"]] if cmd["op"] == "ttft" else cmd["prompts"]
         t0 = time.perf_counter()
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
@@ -168,7 +176,9 @@ def measure(a: argparse.Namespace, model: str, rd: str) -> dict[str, Any]:
     every comparison alike: plain (no connector) and with the connector alternate."""
     prompts = [_prompt(a.prompt_tokens, 1 + i) for i in range(a.prompts)]
     plain, seeder = _Child(model, None), _Child(model, rd)
-    r: dict[str, list[Any]] = {k: [] for k in ("cold", "cold_conn", "apc", "kvnode", "cached")}
+    r: dict[str, list[Any]] = {
+        k: [] for k in ("cold", "cold_conn", "apc", "kvnode", "kvnode_first", "cached")
+    }
     r.update(apc_cached=[], tp_plain=[], tp_conn=[])
     try:
         for p in prompts:
@@ -177,20 +187,30 @@ def measure(a: argparse.Namespace, model: str, rd: str) -> dict[str, Any]:
         seeder.close()
         served = _Child(model, rd)  # a fresh process: nothing of these prompts in vLLM
         try:
-            for p in prompts:
-                apc = plain.call(op="ttft", ids=p)
-                kv = served.call(op="ttft", ids=p)
-                r["apc"].append(apc["s"])
-                r["apc_cached"].append(apc["cached"])
-                r["kvnode"].append(kv["s"])
-                r["cached"].append(kv["cached"])
-            # Unique prompts (all misses: the connector looks up and saves, loads nothing).
+            # Alternate the two sides prompt by prompt; repeat with vLLM's own cache of
+            # the served process reset, so each kvnode sample loads from the agent.
+            for rep in range(a.repeats):
+                for p in prompts:
+                    if rep:
+                        served.call(op="reset")
+                    apc = plain.call(op="ttft", ids=p)
+                    kv = served.call(op="ttft", ids=p)
+                    r["apc"].append(apc["s"])
+                    r["kvnode"].append(kv["s"])
+                    if rep == 0:
+                        r["apc_cached"].append(apc["cached"])
+                        r["cached"].append(kv["cached"])
+                        r["kvnode_first"].append(kv["s"])
+            # Unique prompts (all misses: the connector looks up and saves, loads
+            # nothing). Short rounds in pairs, the order flipped every round, so both
+            # sides of a pair see the same machine; the ratio is the median pair's.
+            n = a.batch * a.prompt_tokens
             for i in range(a.rounds):
-                batch = [_prompt(a.prompt_tokens, 10_000 + 100 * i + j) for j in range(a.batch)]
-                other = [_prompt(a.prompt_tokens, 50_000 + 100 * i + j) for j in range(a.batch)]
-                n = a.batch * a.prompt_tokens
-                r["tp_plain"].append(n / plain.call(op="batch", prompts=batch)["s"])
-                r["tp_conn"].append(n / served.call(op="batch", prompts=other)["s"])
+                mine = [_prompt(a.prompt_tokens, 10_000 + 100 * i + j) for j in range(a.batch)]
+                theirs = [_prompt(a.prompt_tokens, 50_000 + 100 * i + j) for j in range(a.batch)]
+                order = [(plain, mine, "tp_plain"), (served, theirs, "tp_conn")]
+                for child_, batch, key in order if i % 2 == 0 else order[::-1]:
+                    r[key].append(n / child_.call(op="batch", prompts=batch)["s"])
         finally:
             served.close()
     finally:
@@ -222,10 +242,15 @@ def parent(a: argparse.Namespace) -> dict[str, Any]:
         "ttft_kvnode_s": round(kv, 4),
         "speedup": round(cold / kv, 2),
         "vs_apc": round(kv / apc, 3),
-        "nohit_throughput_ratio": round(tp_conn / tp_plain, 4),
+        "nohit_throughput_ratio": round(
+            med(c / p for c, p in zip(r["tp_conn"], r["tp_plain"], strict=True)), 4
+        ),
+        "nohit_throughput_ratio_of_medians": round(tp_conn / tp_plain, 4),
         "throughput_tok_s_without": round(tp_plain, 1),
         "throughput_tok_s_with": round(tp_conn, 1),
         "ttft_cold_with_connector_s": round(med(r["cold_conn"]), 4),
+        "ttft_kvnode_fresh_process_s": round(med(r["kvnode_first"]), 4),
+        "ttft_samples": {"cold": len(r["cold"]), "apc": len(r["apc"]), "kvnode": len(r["kvnode"])},
         "kvnode_cached_tokens": r["cached"],
         "apc_cached_tokens": r["apc_cached"],
         "prompt_tokens": a.prompt_tokens,
@@ -255,8 +280,9 @@ def main() -> int:
     )
     p.add_argument("--prompts", type=int, default=5)
     p.add_argument("--prompt-tokens", type=int, default=2100)
-    p.add_argument("--rounds", type=int, default=5, help="throughput rounds (pairs)")
-    p.add_argument("--batch", type=int, default=2, help="prompts per throughput round")
+    p.add_argument("--rounds", type=int, default=12, help="throughput rounds (pairs)")
+    p.add_argument("--repeats", type=int, default=3, help="APC / kvnode TTFT samples per prompt")
+    p.add_argument("--batch", type=int, default=1, help="prompts per throughput round")
     p.add_argument("--cpu-bytes", default="1GiB")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 import xxhash
+
 from kvnode.connector.scheduler import ChunkOp
 from kvnode.connector.worker import WorkerSide
-from kvnode.ipc.protocol import Slot, Status
-
 from kvnode.errors import AgentUnavailable
+from kvnode.ipc.protocol import Slot, Status
 
 NUM_BLOCKS, BS, HEADS, HEAD = 16, 4, 2, 8
 BPC = 2  # blocks per chunk
@@ -97,13 +98,13 @@ class Link:
         return fn(self.client)
 
 
-def caches(seed: int) -> dict[str, torch.Tensor]:
+def caches(seed: int, device: str = "cpu") -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     # The CPU backend's layout: [num_blocks, heads, block_size, 2 * head_size].
     return {
         f"model.layers.{i}.self_attn.attn": torch.randn(
             NUM_BLOCKS, HEADS, BS, 2 * HEAD, generator=g
-        )
+        ).to(device)
         for i in range(3)
     }
 
@@ -119,9 +120,9 @@ def op(i: int, blocks: tuple[int, ...], offset: int = 0) -> ChunkOp:
     return ChunkOp(i, (bytes([i]) * 16,), blocks, offset)
 
 
-def _roundtrip(split: bool) -> None:
+def _roundtrip(split: bool, device: str = "cpu") -> None:
     link = Link(ArenaClient(split=split))
-    src_kv, dst_kv = caches(1), caches(2)
+    src_kv, dst_kv = caches(1, device), caches(2, device)
     src, dst = worker(link, src_kv), worker(link, dst_kv)
     src.save({"r": [op(0, (3, 7)), op(1, (8, 9))]})
     assert src.stats.save_chunks == 2
@@ -144,6 +145,14 @@ def test_save_load_roundtrip() -> None:
 
 def test_save_load_roundtrip_multi_extent_slots() -> None:
     _roundtrip(split=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA or ROCm GPU")
+@pytest.mark.parametrize("split", [False, True])
+def test_save_load_roundtrip_gpu_caches(split: bool) -> None:
+    # A GPU cache takes the kernels' path (device <-> host) instead of numpy memcpy.
+    _roundtrip(split=split, device="cuda")
 
 
 def test_corrupt_chunk_is_an_error_and_dropped() -> None:
