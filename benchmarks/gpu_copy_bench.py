@@ -9,6 +9,9 @@ torch copy of the same bytes in host memory. Block ids are random (a fragmented 
 Times are medians over repeats; each repeat ends with the device synchronized.
 ``gather``/``scatter``: one call per layer, each waits for its copies (the default);
 ``*_queued``: every layer queued with ``sync=False``, one wait per chunk.
+``*_layers``: one ``gather_layers``/``scatter_layers`` call for all layers of the chunk
+(on a GPU: packed in one device staging buffer, one copy across the bus); its bytes are
+checked against the per-layer gathers'.
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ from kvnode.kernels import (
     KVLayout,
     detect_layout,
     gather,
+    gather_layers,
     register_host_memory,
     scatter,
+    scatter_layers,
     unregister_host_memory,
     wait,
 )
@@ -126,6 +131,15 @@ def measure(
     t_gather_q = timed(lambda: do_gather(sync=False), a.repeats, sync)
     verified = verified and _verify(caches[-1], layout, ids, slices[-1])
     t_scatter_q = timed(lambda: do_scatter(sync=False), a.repeats, sync)
+    # All layers in one call; must give the per-layer gathers' bytes exactly.
+    want = host.clone()
+    host.fill_(0)
+    t_gather_l = timed(lambda: gather_layers(caches, layout, ids, host), a.repeats, sync)
+    verified = verified and bool(torch.equal(host, want))
+    t_scatter_l = timed(lambda: scatter_layers(host, caches, layout, ids), a.repeats, sync)
+    host.fill_(0)
+    do_gather()  # what scatter_layers wrote must read back the same
+    verified = verified and bool(torch.equal(host, want))
     t_ref_out = timed(lambda: host.copy_(flat, non_blocking=True), a.repeats, sync)
     t_ref_in = timed(lambda: other.copy_(host, non_blocking=True), a.repeats, sync)
 
@@ -158,8 +172,14 @@ def measure(
         "scatter_queued_gbps": gbps(t_scatter_q),
         "gather_queued_ratio": round(t_ref_out / t_gather_q, 3),
         "scatter_queued_ratio": round(t_ref_in / t_scatter_q, 3),
+        "gather_layers_gbps": gbps(t_gather_l),
+        "scatter_layers_gbps": gbps(t_scatter_l),
+        "gather_layers_ratio": round(t_ref_out / t_gather_l, 3),
+        "scatter_layers_ratio": round(t_ref_in / t_scatter_l, 3),
         "gather_ms": round(t_gather * 1e3, 3),
         "scatter_ms": round(t_scatter * 1e3, 3),
+        "gather_layers_ms": round(t_gather_l * 1e3, 3),
+        "scatter_layers_ms": round(t_scatter_l * 1e3, 3),
     }
 
 

@@ -1,10 +1,11 @@
 """Block gather/scatter between vLLM's paged KV cache and contiguous chunk buffers.
 
 ``layout`` says where the blocks are in a layer's tensor, ``copy`` moves whole blocks,
-``hostmem`` pins the arena for DMA.
+``hostmem`` pins the arena for DMA, ``staging`` holds the device buffers through which
+multi-layer copies cross the bus.
 """
 
-from kvnode.kernels.copy import gather, scatter, wait
+from kvnode.kernels.copy import gather, gather_layers, scatter, scatter_layers, wait
 from kvnode.kernels.hostmem import HostRegistration, register_host_memory, unregister_host_memory
 from kvnode.kernels.layout import KVLayout, detect_layout
 
@@ -13,8 +14,10 @@ __all__ = [
     "KVLayout",
     "detect_layout",
     "gather",
+    "gather_layers",
     "register_host_memory",
     "scatter",
+    "scatter_layers",
     "unregister_host_memory",
     "wait",
 ]

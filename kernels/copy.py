@@ -11,6 +11,14 @@ scatter copies one slice per run, because CPU ``index_copy_`` goes element by el
 the device (slices for a few runs, one indexed kernel for many) and cross the bus in one
 copy, so a registered (pinned) buffer gets one DMA per call. Both calls return once the
 buffer's bytes are final, so the caller may commit, reuse or release it.
+
+``gather_layers``/``scatter_layers`` do the same for every layer of a chunk at once; the
+buffer is the per-layer buffers concatenated in the order of the layers. With a GPU
+cache and a host buffer, all layers are packed into one device staging buffer and cross
+the bus in ONE copy: per call overhead, not bandwidth, limits per-layer calls (H100,
+32 layers of 2 MiB: 0.29 of a raw copy synchronous, 0.49 queued). Layers that are
+evenly spaced views of one allocation (cross-layer caches) move with one indexed kernel
+over a stacked view; separate per-layer tensors need one small kernel each.
 """
 
 from __future__ import annotations
@@ -22,8 +30,17 @@ import torch
 
 from kvnode.kernels.hostmem import register_host_memory, unregister_host_memory
 from kvnode.kernels.layout import KVLayout, physical_blocks
+from kvnode.kernels.staging import staging_buffer
 
-__all__ = ["gather", "scatter", "wait", "register_host_memory", "unregister_host_memory"]
+__all__ = [
+    "gather",
+    "gather_layers",
+    "register_host_memory",
+    "scatter",
+    "scatter_layers",
+    "unregister_host_memory",
+    "wait",
+]
 
 # On the GPU, above this many runs one indexed kernel beats a loop of slice copies
 # (H100, 128 KiB flash blocks: a slice copy ~10 us, index upload + kernel ~25 us).
@@ -35,6 +52,7 @@ _index_cache: dict[tuple[tuple[int, ...], int, int], torch.Tensor] = {}
 _index_lock = threading.Lock()
 
 BlockIds = Sequence[int] | torch.Tensor
+Runs = list[tuple[int, int, int]]  # (first block id, position in the buffer, count)
 
 
 def gather(
@@ -89,8 +107,146 @@ def scatter(
         wait(blocks.device)
 
 
-def _copy_blocks_out(blocks: torch.Tensor, ids: list[int], out: torch.Tensor) -> None:
+def gather_layers(
+    kvs: Sequence[torch.Tensor],
+    layout: KVLayout,
+    block_ids: BlockIds,
+    dst: torch.Tensor,
+    *,
+    sync: bool = True,
+) -> None:
+    """``gather`` of every layer in ``kvs`` (all on one device, all of ``layout``) into
+    consecutive parts of ``dst``, in the order given. ``sync`` as for ``gather``."""
+    ids = _check_ids(block_ids, layout)
+    _layers_buffer(dst, len(kvs), len(ids), layout)
+    if not kvs:
+        return
+    device = _one_device(kvs)
+    if dst.device == device or not ids:
+        # Same device: nothing crosses a bus, per-layer copies are memory-bound anyway.
+        for kv, out in zip(kvs, _split(dst, len(kvs)), strict=True):
+            gather(kv, layout, ids, out, sync=sync)
+        return
+    staged = staging_buffer(device, dst.numel())
+    _pack(kvs, layout, ids, staged)
+    dst.copy_(staged, non_blocking=True)
+    if sync:
+        wait(device)
+
+
+def scatter_layers(
+    src: torch.Tensor,
+    kvs: Sequence[torch.Tensor],
+    layout: KVLayout,
+    block_ids: BlockIds,
+    *,
+    sync: bool = True,
+) -> None:
+    """Inverse of ``gather_layers``: ``src`` (as it wrote it) into blocks ``block_ids``
+    of every layer in ``kvs``. ``sync`` as for ``scatter``."""
+    ids = _check_ids(block_ids, layout)
+    _layers_buffer(src, len(kvs), len(ids), layout)
+    if not kvs:
+        return
+    device = _one_device(kvs)
+    if src.device == device or not ids:
+        for kv, inp in zip(kvs, _split(src, len(kvs)), strict=True):
+            scatter(inp, kv, layout, ids, sync=sync)
+        return
+    staged = staging_buffer(device, src.numel())
+    staged.copy_(src, non_blocking=True)
+    _unpack(staged, kvs, layout, ids)
+    if sync:  # the caller may release ``src`` on return: the device must have read it
+        wait(device)
+
+
+def _pack(kvs: Sequence[torch.Tensor], layout: KVLayout, ids: list[int], out: torch.Tensor) -> None:
+    """Every layer's blocks ``ids`` into ``out`` (same device), layer after layer."""
+    blocks = [physical_blocks(kv, layout) for kv in kvs]
+    stacked = _stacked(blocks)
     runs = _runs(ids)
+    if stacked is None:
+        for layer, part in zip(blocks, _split(out, len(blocks)), strict=True):
+            _copy_blocks_out(layer, ids, part.view(len(ids), *layer.shape[1:]), runs)
+        return
+    staged = out.view(len(blocks), len(ids), *stacked.shape[2:])
+    if len(runs) <= _RUNS_MAX:
+        for first, pos, count in runs:
+            staged[:, pos : pos + count].copy_(stacked[:, first : first + count])
+    else:
+        src, dst = _widest(stacked, staged)
+        torch.index_select(src, 1, _index(ids, stacked.device), out=dst)
+
+
+def _unpack(
+    inp: torch.Tensor, kvs: Sequence[torch.Tensor], layout: KVLayout, ids: list[int]
+) -> None:
+    """Inverse of ``_pack``."""
+    blocks = [physical_blocks(kv, layout) for kv in kvs]
+    stacked = _stacked(blocks)
+    runs = _runs(ids)
+    if stacked is None:
+        for layer, part in zip(blocks, _split(inp, len(blocks)), strict=True):
+            _copy_blocks_in(layer, ids, part.view(len(ids), *layer.shape[1:]), runs)
+        return
+    staged = inp.view(len(blocks), len(ids), *stacked.shape[2:])
+    if stacked.device.type == "cpu" or len(runs) <= _RUNS_MAX:
+        for first, pos, count in runs:
+            stacked[:, first : first + count].copy_(staged[:, pos : pos + count])
+    else:
+        dst, src = _widest(stacked, staged)
+        dst.index_copy_(1, _index(ids, stacked.device), src)
+
+
+def _stacked(blocks: list[torch.Tensor]) -> torch.Tensor | None:
+    """All layers as one ``[layers, num_blocks, ...]`` view, when they are views of one
+    allocation with the same shape and strides at evenly spaced, increasing addresses
+    (e.g. a cross-layer ``[num_blocks, layers, ...]`` cache); else None."""
+    if len(blocks) < 2:
+        return None
+    first = blocks[0]
+    step = blocks[1].data_ptr() - first.data_ptr()  # uint8 views: bytes = elements
+    if step <= 0:  # a view cannot have negative strides; 0 means one layer twice
+        return None
+    storage = first.untyped_storage().data_ptr()
+    for i, layer in enumerate(blocks):
+        if (
+            layer.shape != first.shape
+            or layer.stride() != first.stride()
+            or layer.data_ptr() - first.data_ptr() != i * step
+            or layer.untyped_storage().data_ptr() != storage
+        ):
+            return None
+    return first.as_strided((len(blocks), *first.shape), (step, *first.stride()))
+
+
+def _one_device(kvs: Sequence[torch.Tensor]) -> torch.device:
+    device = kvs[0].device
+    for kv in kvs:
+        if kv.device != device:
+            raise ValueError(f"layers on more than one device: {device} and {kv.device}")
+    return device
+
+
+def _layers_buffer(buf: torch.Tensor, layers: int, count: int, layout: KVLayout) -> None:
+    if buf.dtype != torch.uint8 or buf.dim() != 1 or not buf.is_contiguous():
+        raise ValueError(f"chunk buffer must be 1-D contiguous uint8, got {buf.dtype} {buf.shape}")
+    nbytes = layers * count * layout.block_nbytes
+    if buf.numel() != nbytes:
+        raise ValueError(
+            f"chunk buffer has {buf.numel()} bytes, {layers} layers of {count} blocks need {nbytes}"
+        )
+
+
+def _split(buf: torch.Tensor, parts: int) -> list[torch.Tensor]:
+    size = buf.numel() // parts
+    return [buf[i * size : (i + 1) * size] for i in range(parts)]
+
+
+def _copy_blocks_out(
+    blocks: torch.Tensor, ids: list[int], out: torch.Tensor, runs: Runs | None = None
+) -> None:
+    runs = _runs(ids) if runs is None else runs
     if len(runs) <= 1 or (blocks.device.type != "cpu" and len(runs) <= _RUNS_MAX):
         for first, pos, count in runs:
             out[pos : pos + count].copy_(blocks[first : first + count])
@@ -100,8 +256,10 @@ def _copy_blocks_out(blocks: torch.Tensor, ids: list[int], out: torch.Tensor) ->
         torch.index_select(src, 0, _index(ids, blocks.device), out=dst)
 
 
-def _copy_blocks_in(blocks: torch.Tensor, ids: list[int], inp: torch.Tensor) -> None:
-    runs = _runs(ids)
+def _copy_blocks_in(
+    blocks: torch.Tensor, ids: list[int], inp: torch.Tensor, runs: Runs | None = None
+) -> None:
+    runs = _runs(ids) if runs is None else runs
     if blocks.device.type == "cpu" or len(runs) <= _RUNS_MAX:
         for first, pos, count in runs:
             blocks[first : first + count].copy_(inp[pos : pos + count])
@@ -110,9 +268,9 @@ def _copy_blocks_in(blocks: torch.Tensor, ids: list[int], inp: torch.Tensor) -> 
         dst.index_copy_(0, _index(ids, blocks.device), src)
 
 
-def _runs(ids: list[int]) -> list[tuple[int, int, int]]:
+def _runs(ids: list[int]) -> Runs:
     """``(first block id, position in the buffer, count)`` per run of consecutive ids."""
-    runs: list[tuple[int, int, int]] = []
+    runs: Runs = []
     pos = 0
     for i in range(1, len(ids) + 1):
         if i == len(ids) or ids[i] != ids[i - 1] + 1:

@@ -62,3 +62,19 @@ def _random(shape: tuple[int, ...], dtype: torch.dtype, device: str) -> torch.Te
     nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
     raw = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device=device)
     return raw.view(dtype).view(shape)
+
+
+def stacked_layers(
+    name: str, dtype: torch.dtype, layers: int, device: str = "cpu"
+) -> list[torch.Tensor]:
+    """``layers`` layers of layout ``name`` in one allocation, at evenly spaced addresses
+    as in a cross-layer cache: layer-major for the flash layouts, block-major (each
+    layer a strided view) for the others."""
+    if name == "flash":
+        return list(_random((layers, 2, NUM_BLOCKS, BLOCK_SIZE, HEADS, HEAD), dtype, device))
+    if name == "flash_hnd":
+        whole = _random((layers, 2, NUM_BLOCKS, HEADS, BLOCK_SIZE, HEAD), dtype, device)
+        return list(whole.permute(0, 1, 2, 4, 3, 5))
+    per_block = MAKERS[name](dtype, device).shape[1:]
+    whole = _random((NUM_BLOCKS, layers, *per_block), dtype, device)
+    return list(whole.unbind(1))
