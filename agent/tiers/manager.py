@@ -323,8 +323,9 @@ class TierManager:
                 notes.append(f"s3.admit_min_hits {t.admit_min_hits} -> {sec.admit_min_hits}")
                 t.admit_min_hits = sec.admit_min_hits
             set_capacity = getattr(t.store, "set_capacity", None)
-            if t.name == "disk" and set_capacity is not None and sec.bytes != t.store.bytes_max:
-                notes.append(f"disk.bytes {t.store.bytes_max} -> {sec.bytes}")
+            current = getattr(t.store, "bytes_max", None)
+            if t.name == "disk" and set_capacity is not None and sec.bytes != current:
+                notes.append(f"disk.bytes {current} -> {sec.bytes}")
                 set_capacity(sec.bytes)
         return notes
 
