@@ -276,6 +276,9 @@ class Agent:
         sock = self.sock
         assert sock is not None
         for _ in range(_RECV_BATCH_MAX):
+            # EVENTS is cheaper than a recv that raises Again once the queue is empty.
+            if not sock.get(zmq.EVENTS) & zmq.POLLIN:
+                return
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
             except zmq.Again:

@@ -77,6 +77,7 @@ class AgentClient:
         self._lock = threading.RLock()
         self._ctx: zmq.Context = zmq.Context.instance()
         self._sock: zmq.Socket | None = None
+        self._rcvtimeo = -2
         self._rid = itertools.count(1)
         self._client_id = 0
         self._generation = 0
@@ -126,6 +127,7 @@ class AgentClient:
         return sock
 
     def _reset_socket(self) -> None:
+        self._rcvtimeo = -2  # unknown: set before the next receive
         if self._sock is not None:
             self._sock.close(0)
             self._sock = None
@@ -201,25 +203,40 @@ class AgentClient:
     def _roundtrip(self, msg: Any, rid: int, timeout_s: float | None = None) -> Any:
         sock = self._sock
         assert sock is not None
-        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        data = P.encode(msg)
         try:
-            # IMMEDIATE: nothing is queued for an agent that is not there; wait for the
-            # connection (bounded by the deadline) instead of failing at once.
-            if not sock.poll(max(1, int(self.timeout_s * 1000)), zmq.POLLOUT):
-                raise zmq.Again()
-            sock.send(P.encode(msg), zmq.NOBLOCK)
+            try:
+                sock.send(data, zmq.NOBLOCK)
+            except zmq.Again:
+                # IMMEDIATE: nothing is queued while no agent is connected; wait for the
+                # connection (bounded by the deadline) instead of failing at once.
+                if not sock.poll(max(1, int(timeout_s * 1000)), zmq.POLLOUT):
+                    raise
+                sock.send(data, zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             self._lost()
             raise AgentUnavailable(f"cannot reach agent at {self.endpoint}: {exc}") from exc
+        # Blocking receive with RCVTIMEO: a poll() per call costs more than the agent's work.
+        left_ms = max(1, int(timeout_s * 1000))
         while True:
-            left_ms = int((deadline - time.monotonic()) * 1000)
-            if left_ms <= 0 or not sock.poll(left_ms):
+            if left_ms <= 0:
                 self._lost()
                 raise AgentUnavailable(f"agent at {self.endpoint} did not answer in time")
-            rep = P.decode_reply(sock.recv())
+            if left_ms != self._rcvtimeo:
+                sock.setsockopt(zmq.RCVTIMEO, left_ms)
+                self._rcvtimeo = left_ms
+            try:
+                frame = sock.recv()
+            except zmq.ZMQError as exc:
+                self._lost()
+                raise AgentUnavailable(f"agent at {self.endpoint} did not answer in time") from exc
+            rep = P.decode_reply(frame)
             if rep.rid == rid:
                 return rep
-            # a late reply to a call that already timed out: drop it
+            # a late reply to a call that already timed out: drop it, wait out the rest
+            left_ms = int((deadline - time.monotonic()) * 1000)
 
     def _call(self, make: Any, timeout_s: float | None = None) -> Any:
         """Send ``make(rid, client_id)``; re-register once if the agent forgot us."""
