@@ -14,11 +14,12 @@ forward pass, so no block is ever held past its request.
 
 from __future__ import annotations
 
+import ctypes
 import logging
-import mmap
 import time
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
@@ -90,6 +91,7 @@ class KVNodeConnector(KVConnectorBase_V1):
         self._handshake: KVNodeHandshake | None = None
         self._host_regs: dict[int, Any] = {}
         self._totals: dict[str, float] = {}
+        self._failures_seen = 0
         self._last_log_s = time.monotonic()
         if role == KVConnectorRole.SCHEDULER:
             self._link = AgentLink(
@@ -132,10 +134,7 @@ class KVNodeConnector(KVConnectorBase_V1):
         it now (a first touch per page during a copy costs ~10x the copy), and on a
         GPU host, pinned for DMA."""
         buf = client.buffer
-        try:
-            buf.madvise(getattr(mmap, "MADV_POPULATE_WRITE", _MADV_POPULATE_WRITE))
-        except (OSError, ValueError, AttributeError):
-            pass  # older kernels: pages are mapped on first touch instead
+        _populate(buf)
         if torch.cuda.is_available():
             from kvnode.kernels.hostmem import register_host_memory
 
@@ -271,7 +270,10 @@ class KVNodeConnector(KVConnectorBase_V1):
             return new_blocks.get(rid)
 
         meta.loads, meta.saves = self._sched.build_step(scheduled, block_ids_of)
-        meta.agent_down = not self._link.up
+        # Only a fresh loss is news to the workers; a link that never came up (the
+        # agent absent from the start) leaves them to their own reconnects.
+        meta.agent_down = self._link.failures > self._failures_seen
+        self._failures_seen = self._link.failures
         return meta
 
     def request_finished(
@@ -314,6 +316,21 @@ class KVNodeConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         self._log_totals()
         self._link.close()
+
+
+def _populate(buf: Any) -> None:
+    """Map every page of ``buf`` now. Through ctypes, which lets go of the GIL: a large
+    arena takes a while and vLLM's threads must not wait on it."""
+    try:
+        view = np.frombuffer(buf, dtype=np.uint8)
+        address, nbytes = int(view.ctypes.data), int(view.nbytes)
+        del view  # holding the export would stop the client from unmapping it
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        if libc.madvise(address, nbytes, _MADV_POPULATE_WRITE) != 0:
+            log.debug("kvnode: madvise(POPULATE_WRITE) failed: errno %d", ctypes.get_errno())
+    except (OSError, AttributeError, ValueError, TypeError) as exc:
+        log.debug("kvnode: arena not pre-mapped: %s", exc)  # first touch maps it instead
 
 
 def _fmt(d: dict[str, int | float]) -> str:
