@@ -83,8 +83,10 @@ class WorkerSide:
         self.bpc = blocks_per_chunk
         self.keys_per_call_max = keys_per_call_max
         if checksum is None:
-            from kvnode.ipc.client import checksum as checksum
-        self.checksum = checksum
+            from kvnode.ipc.client import checksum as client_checksum
+
+            checksum = client_checksum
+        self.checksum: Callable[[Any], int] = checksum
         self.layers: list[_Layer] = []
         self.layer_nbytes = 0  # bytes of one block summed over layers
         self.chunk_nbytes = 0
