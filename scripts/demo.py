@@ -1,12 +1,13 @@
 """kvnode demo: two separate vLLM processes, one agent.
 
-Starts an agent, runs one vLLM process answering a long prompt, then a second,
-separate vLLM process given a prompt with the same long prefix. The second one is
+Starts an agent, runs one vLLM process answering a long prompt (a 3072-token document
+and a question), then a second, separate vLLM process given the same document and
+another question. The second one is
 served the prefix's KV from the agent instead of computing it. For each prints: prompt
 tokens, tokens served from kvnode, time to first token (wall time of a generate with
 max_tokens=1).
 
-    python scripts/demo.py [--size bench|tiny] [--prompt-tokens 3000]
+    python scripts/demo.py [--size bench|tiny] [--prefix-tokens 3072]
 """
 
 from __future__ import annotations
@@ -88,12 +89,28 @@ def _run(name: str, model: str, runtime_dir: str, ids: list[int]) -> dict[str, A
     raise RuntimeError(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
 
 
+def _wait_for_agent(runtime_dir: str, agent: subprocess.Popen[bytes]) -> None:
+    from kvnode.ipc.client import AgentClient
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if agent.poll() is not None:
+            raise SystemExit("the agent exited at start")
+        try:
+            with AgentClient(runtime_dir=runtime_dir, name="demo", timeout_s=1.0) as c:
+                c.connect()
+            return
+        except Exception:
+            time.sleep(0.2)
+    raise SystemExit("the agent did not answer in 60 s")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--size", choices=("tiny", "bench"), default="bench")
-    p.add_argument("--prompt-tokens", type=int, default=3000)
+    p.add_argument("--prefix-tokens", type=int, default=3072, help="shared by both prompts")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--runtime-dir", help=argparse.SUPPRESS)
@@ -109,7 +126,7 @@ def main() -> int:
     print(f"building/reusing the {a.size} random-weight model ...", flush=True)
     model = str(build_model.build(ROOT / ".cache" / "models" / f"{a.size}-llama", a.size))
     rng = random.Random(7)
-    prefix = [rng.randrange(2, 1000) for _ in range(a.prompt_tokens)]
+    prefix = [rng.randrange(2, 1000) for _ in range(a.prefix_tokens)]
     first_ids = prefix + [rng.randrange(2, 1000) for _ in range(20)]
     second_ids = prefix + [rng.randrange(2, 1000) for _ in range(20)]  # same prefix, new question
 
@@ -121,7 +138,7 @@ def main() -> int:
             stderr=subprocess.DEVNULL,
         )
         try:
-            time.sleep(1.0)
+            _wait_for_agent(rd, agent)
             print(f"agent started (pid {agent.pid}, runtime dir {rd})", flush=True)
             rows = []
             for name, ids in (("vLLM process 1", first_ids), ("vLLM process 2", second_ids)):
