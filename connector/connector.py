@@ -157,7 +157,8 @@ class KVNodeConnector(KVConnectorBase_V1):
             blocks_per_chunk=self.cfg.chunk_tokens // self.block_size,
             keys_per_call_max=self.cfg.keys_per_call_max,
         )
-        self._handshake = self._worker.register(kv_caches)
+        cache = self._worker.register(kv_caches)
+        self._handshake = KVNodeHandshake(cache.layout, cache.block_shape, cache.dtype)
         log.info(
             "kvnode worker rank tp=%d pp=%d: %d layers, layout %s, %d bytes per chunk",
             tp_rank,

@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvnode.connector.metadata import KVNodeHandshake
 from kvnode.connector.scheduler import ChunkOp
 from kvnode.errors import KVNodeError
 from kvnode.ipc.protocol import Status
@@ -54,6 +53,15 @@ class WorkerStats:
         for k in self.__slots__:  # type: ignore[attr-defined]
             setattr(self, k, type(getattr(self, k))())
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class CacheLayout:
+    """What a worker's KV cache looks like, for the chunk namespace."""
+
+    layout: str
+    block_shape: tuple[int, ...]  # (num_layers, *shape of one block of one layer)
+    dtype: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +106,7 @@ class WorkerSide:
     # ------------------------------------------------------------------ setup
     def register(
         self, kv_caches: dict[str, torch.Tensor], backend: str | None = None
-    ) -> KVNodeHandshake:
+    ) -> CacheLayout:
         layers: list[_Layer] = []
         offset = 0
         shapes: set[tuple[int, ...]] = set()
@@ -122,7 +130,7 @@ class WorkerSide:
         self.chunk_nbytes = offset
         self.layer_nbytes = offset // self.bpc
         # Mixed layers (e.g. hybrid models) are named by the sorted set of parts.
-        return KVNodeHandshake(
+        return CacheLayout(
             layout="+".join(sorted(names)),
             block_shape=(len(layers), *(d for s in sorted(shapes) for d in s)),
             dtype="+".join(sorted(dtypes)),
