@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kvnode.connector.scheduler import ChunkOp
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorHandshakeMetadata,
     KVConnectorMetadata,
 )
+
+from kvnode.connector.scheduler import ChunkOp
 
 
 @dataclass

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import xxhash
+
 from kvnode.connector.keys import Namespace
 from kvnode.connector.metadata import KVNodeHandshake
 

@@ -26,9 +26,8 @@ from typing import Any
 
 from kvnode.connector.config import ConnectorConfig
 from kvnode.connector.keys import Namespace, chunk_keys
-from kvnode.ipc.protocol import Lookup
-
 from kvnode.errors import KVNodeError
+from kvnode.ipc.protocol import Lookup
 
 log = logging.getLogger("kvnode.connector")
 

@@ -1,8 +1,8 @@
 from __future__ import annotations
 
 import pytest
-from kvnode.connector.config import ConnectorConfig
 
+from kvnode.connector.config import ConnectorConfig
 from kvnode.errors import ConfigError
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from kvnode.connector.link import AgentLink
 
+from kvnode.connector.link import AgentLink
 from kvnode.errors import AgentUnavailable
 
 

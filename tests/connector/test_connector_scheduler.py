@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+
 from kvnode.connector.config import ConnectorConfig
 from kvnode.connector.keys import Namespace, chunk_keys
 from kvnode.connector.scheduler import SchedulerSide, combine
-from kvnode.ipc.protocol import Lookup
-
 from kvnode.errors import AgentUnavailable
+from kvnode.ipc.protocol import Lookup
 
 C = 256
 BS = 128
