@@ -93,6 +93,12 @@ class KVNodeConnector(KVConnectorBase_V1):
         self._totals: dict[str, float] = {}
         self._failures_seen = 0
         self._last_log_s = time.monotonic()
+        self._supported = _supported_cache(kv_cache_config)
+        if not self._supported:
+            log.warning(
+                "kvnode: only models whose KV cache is one full-attention group are "
+                "supported; the connector stays off for this model"
+            )
         if role == KVConnectorRole.SCHEDULER:
             self._link = AgentLink(
                 default_client_factory(
@@ -148,6 +154,8 @@ class KVNodeConnector(KVConnectorBase_V1):
             unregister_host_memory(reg)
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        if not self._supported:
+            return  # no handshake: the scheduler side never turns on
         tp_rank, pp_rank = _ranks()
         self._worker = WorkerSide(
             self._link,
@@ -317,6 +325,16 @@ class KVNodeConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         self._log_totals()
         self._link.close()
+
+
+def _supported_cache(kv_cache_config: Any) -> bool:
+    """One KV cache group of full attention (MLA included): block ids then name the
+    same blocks in every layer, which the chunk payload assumes. Sliding windows,
+    Mamba state or several groups (hybrid models) are not cached."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    groups = getattr(kv_cache_config, "kv_cache_groups", None) or []
+    return len(groups) == 1 and isinstance(groups[0].kv_cache_spec, FullAttentionSpec)
 
 
 def _populate(buf: Any) -> None:
