@@ -185,11 +185,12 @@ class SchedulerSide:
     def get_num_new_matched_tokens(
         self, request: Any, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
-        if not (self.active and self.load_enabled):
+        if not self.active:
             return 0, False
-        st = self._state(request)
+        st = self._state(request)  # also when loads are off: saves are planned from it
         st.plan = None
-        if st.skip:
+        st.load = None
+        if st.skip or not self.load_enabled:
             return 0, False
         C = self.chunk_tokens
         # Never the chunk holding the last token: vLLM must compute at least one.

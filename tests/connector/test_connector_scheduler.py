@@ -263,3 +263,17 @@ def test_block_size_must_divide_chunk() -> None:
 
     with pytest.raises(ConfigError, match="chunk_tokens"):
         SchedulerSide(ConnectorConfig(chunk_tokens=200), FakeLink(), BS)
+
+
+def test_save_only_role_still_saves() -> None:
+    link, clock = FakeLink(), Clock()
+    s = SchedulerSide(ConnectorConfig(chunk_tokens=C), link, BS, load=False, clock=clock)
+    s.set_namespaces(make_ns())
+    toks = tokens(600)
+    cache(link, s.namespaces[0], toks, range(2))
+    req = Req("a", toks)
+    assert s.get_num_new_matched_tokens(req, 0) == (0, False)
+    assert link.client.calls == 0  # no lookups when loads are off
+    s.update_state_after_alloc(req, 0)
+    _, saves = s.build_step([("a", 0, 600)], lambda rid: list(range(10)))
+    assert [op.index for op in saves["a"]] == [0, 1]
