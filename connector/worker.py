@@ -27,7 +27,7 @@ import torch
 from kvnode.connector.scheduler import ChunkOp
 from kvnode.errors import KVNodeError
 from kvnode.ipc.protocol import Status
-from kvnode.kernels.copy import gather, scatter
+from kvnode.kernels.copy import gather, gather_layers, scatter, scatter_layers
 from kvnode.kernels.layout import KVLayout, detect_layout, physical_blocks
 
 log = logging.getLogger("kvnode.connector")
@@ -127,6 +127,10 @@ class WorkerSide:
             raise ValueError("register_kv_caches got no layers")
         self.layers = layers
         self.on_cpu = all(layer.kv.device.type == "cpu" for layer in layers)
+        # One layout for every layer: device caches move a whole chunk in one host copy.
+        self.shared_layout = (
+            layers[0].layout if len({layer.layout for layer in layers}) == 1 else None
+        )
         self.chunk_nbytes = offset
         self.layer_nbytes = offset // self.bpc
         # Mixed layers (e.g. hybrid models) are named by the sorted set of parts.
@@ -158,6 +162,16 @@ class WorkerSide:
         inp = src.numpy().reshape(len(block_ids), *blocks.shape[1:])
         for first, pos, count in _runs(block_ids):
             np.copyto(blocks[first : first + count], inp[pos : pos + count])
+
+    def _whole_chunk_on_device(self, op: ChunkOp) -> bool:
+        """A full chunk of a device cache with one layout: its payload is exactly what
+        ``gather_layers`` writes (layer after layer), so it crosses in one host copy."""
+        return (
+            not self.on_cpu
+            and self.shared_layout is not None
+            and op.block_offset == 0
+            and len(op.block_ids) == self.bpc
+        )
 
     def _staging_buffer(self) -> torch.Tensor:
         if self._staging is None:
@@ -237,10 +251,15 @@ class WorkerSide:
             self.stats.checksum_errors += 1
             return False
         n = len(op.block_ids)
-        for layer in self.layers:
-            nb = layer.layout.block_nbytes
-            a = layer.offset + op.block_offset * nb
-            self._scatter(payload[a : a + n * nb], layer, op.block_ids)
+        if self._whole_chunk_on_device(op):
+            assert self.shared_layout is not None
+            kvs = [layer.kv for layer in self.layers]
+            scatter_layers(payload, kvs, self.shared_layout, list(op.block_ids))
+        else:
+            for layer in self.layers:
+                nb = layer.layout.block_nbytes
+                a = layer.offset + op.block_offset * nb
+                self._scatter(payload[a : a + n * nb], layer, op.block_ids)
         self.stats.load_chunks += 1
         self.stats.load_bytes += n * self.layer_nbytes
         return True
@@ -306,9 +325,14 @@ class WorkerSide:
             raise ValueError(f"saves are whole chunks, got {op}")
         views = client.views(slot)
         dst = self._payload(client, slot, fill=False)
-        for layer in self.layers:
-            nb = layer.layout.block_nbytes
-            self._gather(layer, op.block_ids, dst[layer.offset : layer.offset + self.bpc * nb])
+        if self._whole_chunk_on_device(op):
+            assert self.shared_layout is not None
+            kvs = [layer.kv for layer in self.layers]
+            gather_layers(kvs, self.shared_layout, list(op.block_ids), dst)
+        else:
+            for layer in self.layers:
+                nb = layer.layout.block_nbytes
+                self._gather(layer, op.block_ids, dst[layer.offset : layer.offset + self.bpc * nb])
         if len(views) > 1:
             for pos, t in _pieces(views, self.chunk_nbytes):
                 t.copy_(dst[pos : pos + t.numel()])
