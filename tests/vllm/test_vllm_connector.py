@@ -31,13 +31,14 @@ A = _tokens(1100, 1)  # 4 usable chunks
 B = A[: 2 * C] + _tokens(500, 2)  # shares exactly A's first 2 chunks
 E = _tokens(700, 3)  # 2 chunks; one gets corrupted in the arena
 F = _tokens(900, 4)  # only ever asked after the agent is gone
-PROMPTS = {"A": A, "B": B, "E": E, "F": F}
+F2 = _tokens(900, 5)
+PROMPTS = {"A": A, "B": B, "E": E, "F": F, "F2": F2}
 
 
 def _stall_bound(ref: dict[str, Any]) -> float:
     # A stall would be the worker's I/O timeout (1 s) or more per request; the slack
     # covers a shared 2-core machine's noise.
-    return 2.0 * ref["elapsed_s"] + 0.5
+    return 2.0 * ref["elapsed_s"] + 1.0
 
 
 def _namespace(model: str) -> Namespace:
@@ -117,7 +118,11 @@ def test_processes_share_the_agent_cache(
     [f] = second.generate([F], MAX_TOKENS)
     assert f["tokens"] == reference["F"]["tokens"]
     assert f["cached"] == 0
-    assert f["elapsed_s"] < _stall_bound(reference["F"]), (f, reference["F"])
+    # The first request after the loss pays at most the lookup timeout: compare it
+    # with a request of the same length just after it (same machine load).
+    [f2] = second.generate([F2], MAX_TOKENS)
+    assert f2["tokens"] == reference["F2"]["tokens"]
+    assert f["elapsed_s"] < f2["elapsed_s"] + 0.5, (f, f2)
     [a2] = second.generate([A[:-1] + [7]], MAX_TOKENS)  # vLLM's own cache still works
     assert a2["cached"] >= 4 * C - 128
 
