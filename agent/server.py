@@ -277,7 +277,7 @@ class Agent:
         assert sock is not None
         for _ in range(_RECV_BATCH_MAX):
             # EVENTS is cheaper than a recv that raises Again once the queue is empty.
-            if not sock.get(zmq.EVENTS) & zmq.POLLIN:
+            if not int(sock.get(zmq.EVENTS)) & zmq.POLLIN:
                 return
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)

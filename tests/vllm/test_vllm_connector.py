@@ -152,8 +152,7 @@ def test_served_from_disk_after_agent_restart(
         "KVNODE_DISK_WRITE_POLICY": "write_through",
     }
     agent = make_agent(env=env)
-    if "disk" not in agent.stats().get("tiers", {}):
-        pytest.skip("this agent has no disk tier")
+    assert "disk" in agent.stats()["tiers"], "the agent did not start its disk tier"
     extra = {"kvnode.runtime_dir": str(agent.runtime_dir), "kvnode.prefetch_deadline_ms": 5000}
 
     writer = spawn_runner(extra, "disk-writer")
@@ -173,3 +172,49 @@ def test_served_from_disk_after_agent_restart(
     assert a["tokens"] == reference["A"]["tokens"]
     assert a["cached"] == 4 * C
     assert again.stats()["tiers"]["disk"]["hits"] >= 1
+
+
+def test_fresh_node_served_from_s3(
+    reference: dict[str, Any], make_agent: Any, spawn_runner: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Node 1 writes through to S3 (moto on loopback); node 2, a new agent with an empty
+    arena and no disk, serves a fresh vLLM process from the same bucket."""
+    from tests.tiers.conftest import S3Endpoint
+
+    # moto takes any credentials; the standard chain finds these in the environment.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+
+    endpoint = S3Endpoint()
+    endpoint.start()
+    try:
+        env = {
+            "KVNODE_S3_BUCKET": endpoint.new_bucket(),
+            "KVNODE_S3_ENDPOINT_URL": endpoint.url,
+            "KVNODE_S3_REGION": "us-east-1",
+            "KVNODE_S3_WRITE_POLICY": "write_through",
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+        }
+        node1 = make_agent(env=env)
+        assert "s3" in node1.stats()["tiers"], "the agent did not start its S3 tier"
+        writer = spawn_runner({"kvnode.runtime_dir": str(node1.runtime_dir)}, "s3-writer")
+        [a] = writer.generate([A], MAX_TOKENS)
+        assert a["tokens"] == reference["A"]["tokens"]
+        writer.close()
+        deadline = time.monotonic() + 30
+        while node1.stats()["tiers"]["s3"]["writes"] < 4 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert node1.stats()["tiers"]["s3"]["writes"] >= 4
+
+        node2 = make_agent(env=env)  # another node: its own runtime dir, empty arena
+        assert node2.stats()["arena"]["entries"] == 0
+        extra = {"kvnode.runtime_dir": str(node2.runtime_dir), "kvnode.prefetch_deadline_ms": 5000}
+        reader = spawn_runner(extra, "s3-reader")
+        [a] = reader.generate([A], MAX_TOKENS)
+        reader.close()
+        assert a["tokens"] == reference["A"]["tokens"]
+        assert a["cached"] == 4 * C
+        assert node2.stats()["tiers"]["s3"]["hits"] >= 1
+    finally:
+        endpoint.stop()
