@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.kvnode-installed
 PYTEST_ARGS ?=
 
-.PHONY: run test lint bench demo gpu-check system-deps clean
+.PHONY: run test lint bench demo gpu-check gpu-wheels system-deps clean
 
 $(STAMP): pyproject.toml Makefile scripts/install.sh
 	bash scripts/install.sh "$(PY)" "$(VENV)"
@@ -35,9 +35,13 @@ bench: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
-# On a GPU host with torch and no network: installs nothing from the network.
+# On a GPU host with torch and no network: installs nothing from the network, only the
+# wheels in .whl/ (fetched beforehand on a networked machine with `make gpu-wheels`).
 gpu-check:
 	bash scripts/gpu-check.sh
+
+gpu-wheels:
+	bash scripts/gpu-wheels.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
