@@ -126,7 +126,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
         print(f"kvnode: configuration OK (runtime dir {cfg.runtime_dir})")
         return 0
     _setup_logging(cfg.agent.log_level)
-    from kvnode.agent.server import run_agent
+    from kvnode.agent.service import run_agent
 
     return run_agent(cfg, reload_config=lambda: _load(args))
 
