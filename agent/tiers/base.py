@@ -4,19 +4,26 @@ A store moves bytes between arena slots and one lower tier. It is called from I/
 threads only (never the agent's loop) except for ``size_of`` and ``may_probe``, which
 answer from memory and are safe from any thread. Operating errors are counted and
 raised as ``TierError`` subclasses; a bad entry is dropped by the store before it
-raises, so the caller never has to clean up after a store.
+raises, so the caller never has to clean up after a store. ``TierStats.error`` counts
+every operating error and logs each kind once, not once per request: a dead endpoint
+or a full disk fails every request, and the log must stay readable.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol
 
 from kvnode.agent.tiers.format import NO_FINGERPRINT
 
+log = logging.getLogger("kvnode.tiers")
+
 RATE_SAMPLES_MAX = 256  # operations remembered for the recent-throughput gauges
+ERROR_LOG_EVERY_S = 300.0  # an error kind seen again is reported at most this often
 
 
 class SlotBuffers:
@@ -69,15 +76,43 @@ class TierStats:
         "dropped", "corrupt", "evictions", "deletes",
     )  # fmt: skip
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "tier", clock: Callable[[], float] = time.monotonic) -> None:
+        self.name = name
+        self._clock = clock
         self._lock = threading.Lock()
         self.counters = dict.fromkeys(self.COUNTERS, 0)
+        # error kind -> (when last logged, occurrences since): kinds are fixed strings
+        # in the stores' code, so this map stays small.
+        self._reported: dict[str, tuple[float, int]] = {}
         self._read_ops: deque[tuple[float, float, int]] = deque(maxlen=RATE_SAMPLES_MAX)
         self._write_ops: deque[tuple[float, float, int]] = deque(maxlen=RATE_SAMPLES_MAX)
 
     def inc(self, name: str, n: int = 1) -> None:
         with self._lock:
             self.counters[name] += n
+
+    def error(self, kind: str, detail: object = "", *also: str) -> None:
+        """Count one operating error (``errors`` and the counters in ``also``) and log
+        it: the first time, then at most every ``ERROR_LOG_EVERY_S`` per kind with the
+        number seen in between. ``kind`` must be a fixed string, never per key."""
+        now = self._clock()
+        with self._lock:
+            self.counters["errors"] += 1
+            for name in also:
+                self.counters[name] += 1
+            last, quiet = self._reported.get(kind, (None, 0))
+            if last is not None and now - last < ERROR_LOG_EVERY_S:
+                self._reported[kind] = (last, quiet + 1)
+                return
+            self._reported[kind] = (now, 0)
+        more = f" ({quiet} more since the last report)" if quiet else ""
+        log.warning("tier %s: %s: %s%s", self.name, kind, detail, more)
+
+    def recovered(self, what: str) -> None:
+        """The tier works again: log it once and let the next failure be reported."""
+        with self._lock:
+            self._reported.clear()
+        log.warning("tier %s: %s", self.name, what)
 
     def read_done(self, t0: float, nbytes: int) -> None:
         self._done("reads", "read_bytes", self._read_ops, t0, nbytes)

@@ -7,7 +7,11 @@ mid-write leaves at worst a temp file, which the next start removes; a lost rena
 only loses the entry. Reads land in arena slots with one ``preadv`` (header block plus
 the slot's extents), optionally with O_DIRECT. The in-memory index (key -> size) is
 rebuilt at start from headers alone and kept in LRU order; capacity is enforced by
-evicting least recently read files.
+evicting least recently read files. While the limit is below ``disk.bytes`` (after an
+ENOSPC, or a start on a full file system) free space is re-measured every
+``FREE_RECHECK_S`` from ``healthy()`` too, which the manager asks on every write and
+lookup: a tier with no room at all gets no ``put()`` calls, so the re-check cannot
+wait for one.
 
 All file system calls go through ``FileSystem``, the seam tests use to inject ENOSPC
 and EIO.
@@ -23,6 +27,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +54,10 @@ TMP_SUFFIX = ".tmp"
 DIRECT_ALIGN = 4096
 IOV_MAX = 1024  # buffers per preadv/pwritev call (Linux UIO_MAXIOV)
 RECOVERY_THREADS = 32  # header reads in flight during the start-up scan
-FREE_RECHECK_S = 30.0  # after ENOSPC, how long before free space is measured again
+# While the limit is below disk.bytes, free space is measured again this often (one
+# statvfs): space freed by others is used again within this time, well inside the 30 s
+# the docs promise.
+FREE_RECHECK_S = 5.0
 
 
 class FileSystem:
@@ -128,14 +136,16 @@ class DiskStore:
         fs: FileSystem | None = None,
         name: str = "disk",
         scan: bool = True,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
+        self.clock = clock
         self.root = Path(path)
         self.bytes_max = bytes_max
         self.fsync = fsync
         self.o_direct = o_direct and hasattr(os, "O_DIRECT")
         self.fs = fs or FileSystem()
-        self.stats = TierStats()
+        self.stats = TierStats(name)
         self.entries: OrderedDict[bytes, DiskEntry] = OrderedDict()  # LRU first
         self._lock = threading.Lock()
         self._bytes = 0  # files in the index
@@ -144,7 +154,7 @@ class DiskStore:
         self._tmp_seq = itertools.count()
         self._local = threading.local()
         self.bytes_limit = bytes_max  # lowered to what the file system really holds
-        self._limit_checked = 0.0
+        self._limit_checked = float("-inf")  # when free space was last measured
         self.recovery_s = 0.0
         self.stale_tmp_removed = 0
         self.scanning = True  # until recover() returns: the index may be incomplete
@@ -242,16 +252,16 @@ class DiskStore:
             if h.codec != CODEC_NONE or st.st_size != h.total_bytes:
                 raise CorruptEntry("length does not match header")
         except (ValueError, CorruptEntry, OSError) as exc:
-            log.warning("disk tier: dropping %s: %s", path, exc)
-            self.stats.inc("errors")
-            self.stats.inc("corrupt")
+            self.stats.error("unreadable file dropped", f"{path}: {exc}", "corrupt")
             self._unlink(path)
             return
         found.append((st.st_mtime_ns, key, DiskEntry(h.raw_bytes, h.total_bytes)))
 
     # -- capacity ----------------------------------------------------------------
     def _refresh_limit(self, force: bool = False) -> None:
-        now = time.monotonic()
+        """Set the limit to what the file system holds. Cheap enough for the loop
+        thread: one statvfs, at most every ``FREE_RECHECK_S`` unless forced."""
+        now = self.clock()
         if not force and (
             self.bytes_limit >= self.bytes_max or now - self._limit_checked < FREE_RECHECK_S
         ):
@@ -259,17 +269,22 @@ class DiskStore:
         self._limit_checked = now
         try:
             room = self.fs.free_bytes(str(self.root))
-        except OSError:
+        except OSError as exc:
+            self.stats.error("cannot measure free space", exc)
             return
         with self._lock:
+            was = self.bytes_limit
             self.bytes_limit = min(self.bytes_max, self._bytes + self._pending + room)
+            back = was == 0 and self.bytes_limit > 0
+        if back:
+            self.stats.recovered(f"file system has room again ({self.bytes_limit} bytes usable)")
 
     def set_capacity(self, bytes_max: int) -> None:
         """Runtime change of ``disk.bytes`` (SIGHUP). Shrinking evicts LRU files now."""
         with self._lock:
             self.bytes_max = bytes_max
             self.bytes_limit = bytes_max
-            self._limit_checked = 0.0  # re-read free space on the next write
+            self._limit_checked = float("-inf")  # re-read free space at the next chance
             victims = self._make_room(0)
         self._unlink_all(victims)
 
@@ -289,7 +304,7 @@ class DiskStore:
         except FileNotFoundError:
             pass
         except OSError as exc:
-            log.warning("disk tier: cannot remove %s: %s", path, exc)
+            self.stats.error("cannot remove a file", f"{path}: {exc}")
 
     def _unlink_all(self, paths: list[str]) -> None:
         for p in paths:
@@ -312,7 +327,10 @@ class DiskStore:
         path = self.path_of(key)
         try:
             st = os.stat(path)
-        except OSError:
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            self.stats.error("cannot stat a file", f"{path}: {exc}")
             return None
         found: list[tuple[int, bytes, DiskEntry]] = []
         self._recover_file(path, os.path.basename(path), st, found)
@@ -326,6 +344,9 @@ class DiskStore:
         return e.size
 
     def healthy(self) -> bool:
+        """False while the file system has no room for us. Also the timer of the free
+        space re-check: an unhealthy tier gets no put() that could run it."""
+        self._refresh_limit()
         return self.bytes_limit > 0
 
     def gauges(self) -> dict[str, int]:
@@ -369,7 +390,7 @@ class DiskStore:
     def _write_file(self, key: bytes, slot: SlotBuffers, checksum: int, fingerprint: bytes) -> None:
         got = payload_checksum(slot.views)
         if checksum and got != checksum:
-            self.stats.inc("errors")
+            self.stats.error("arena bytes do not match their committed checksum", key.hex())
             raise CorruptEntry("arena bytes do not match their committed checksum")
         hdr = self._header_buf()
         raw = encode_header(make_header(key, slot.size, slot.size, got, fingerprint=fingerprint))
@@ -397,12 +418,13 @@ class DiskStore:
                 except OSError:
                     pass
             self._unlink(tmp)
-            self.stats.inc("errors")
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                self.stats.error("file system full", f"{final}: {exc}")
                 with self._lock:  # the file system holds less than disk.bytes: believe it
                     self.bytes_limit = self._bytes
-                    self._limit_checked = time.monotonic()
+                    self._limit_checked = self.clock()
                 raise DiskFull(f"disk tier full writing {final}") from exc
+            self.stats.error("write failed", f"{final}: {exc}")
             raise DiskError(f"cannot write {final}: {exc}") from exc
 
     def _open(self, path: str, flags: int, direct: bool = False) -> int:
@@ -454,15 +476,17 @@ class DiskStore:
         except (CorruptEntry, OSError) as exc:
             self._forget(key)
             self._unlink(path)
-            self.stats.inc("errors")
             if isinstance(exc, CorruptEntry):
-                self.stats.inc("corrupt")
+                self.stats.error("corrupt file dropped", f"{path}: {exc}", "corrupt")
                 raise
+            self.stats.error("read failed", f"{path}: {exc}")
             raise DiskError(f"cannot read {path}: {exc}") from exc
         try:
             self.fs.touch(path)  # access time for LRU order after a restart
-        except OSError:
-            pass
+        except FileNotFoundError:
+            pass  # deleted meanwhile: nothing to order
+        except OSError as exc:
+            self.stats.error("cannot update access time", f"{path}: {exc}")
         self.stats.read_done(t0, slot.size)
         return got
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from kvnode.agent.tiers.base import SlotBuffers
-from kvnode.agent.tiers.disk import DiskStore, FileSystem
+from kvnode.agent.tiers.disk import FREE_RECHECK_S, DiskStore, FileSystem
 from kvnode.agent.tiers.format import HEADER_BYTES, checksum
 from kvnode.errors import CorruptEntry, DiskError, DiskFull
 
@@ -223,3 +223,82 @@ def test_scan_leaves_our_own_writes_in_progress_alone(tmp_path):
     crashed.write_bytes(b"left by a crash")
     d.recover()
     assert ours.exists() and not crashed.exists()
+
+
+# -- a full file system: the tier stops writing, and resumes once space is freed ----------
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def fill_up(mnt: Path) -> Path:
+    """Take every free byte of the mount, as another tenant would."""
+    filler = mnt / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * (64 * KiB))
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_enospc_on_an_empty_tier_recovers_without_a_put(small_tmpfs):
+    clock = Clock()
+    d = DiskStore(str(small_tmpfs / "kv"), 64 * MiB, clock=clock)
+    filler = fill_up(small_tmpfs)
+    v = os.urandom(128 * KiB)
+    with pytest.raises(DiskFull):
+        d.put(key(1), slot(v), 0)
+    assert d.bytes_limit == 0 and not d.healthy()  # the manager now sends no writes
+    filler.unlink()
+    clock.now += FREE_RECHECK_S / 2
+    assert not d.healthy()  # free space is not measured on every call
+    clock.now += FREE_RECHECK_S
+    assert d.healthy() and d.bytes_limit > len(v)  # healthy() alone re-measured it
+    assert d.put(key(2), slot(v), 0)
+    out = empty(len(v))
+    assert d.read_into(key(2), out) == checksum(v)
+    assert d.stats.snapshot()["errors"] == 1
+
+
+def test_agent_started_on_a_full_disk_writes_once_space_is_freed(small_tmpfs):
+    DiskStore(str(small_tmpfs / "kv"), 64 * MiB)  # its directories, made while there is room
+    filler = fill_up(small_tmpfs)
+    clock = Clock()
+    d = DiskStore(str(small_tmpfs / "kv"), 64 * MiB, clock=clock)
+    assert d.bytes_limit == 0 and not d.healthy()
+    filler.unlink()
+    clock.now += FREE_RECHECK_S
+    assert d.healthy()
+    v = os.urandom(128 * KiB)
+    assert d.put(key(1), slot(v), 0)
+
+
+class RoomFS(FileSystem):
+    """Free space as the test says (a unit test of the re-check logic)."""
+
+    room = 0
+    calls = 0
+
+    def free_bytes(self, path: str) -> int:
+        self.calls += 1
+        return self.room
+
+
+def test_free_space_recheck_is_rate_limited_and_independent_of_put(tmp_path):
+    fs, clock = RoomFS(), Clock()
+    d = DiskStore(str(tmp_path), 64 * MiB, fs=fs, clock=clock)
+    assert not d.healthy() and fs.calls == 1
+    fs.room = 10 * MiB
+    for _ in range(100):  # the loop asks often: one statvfs per period at most
+        assert not d.healthy()
+        clock.now += FREE_RECHECK_S / 200
+    assert fs.calls == 1
+    clock.now += FREE_RECHECK_S
+    assert d.healthy() and d.bytes_limit == 10 * MiB and fs.calls == 2
