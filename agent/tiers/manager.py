@@ -159,9 +159,13 @@ class TierManager:
 
     # -- promotion --------------------------------------------------------------------
     def on_lookup_miss(self, key: bytes) -> bool:
-        """True: ``key`` is below the arena and its promotion is under way (PENDING)."""
-        if key in self.promoting:
-            return True
+        """True: ``key`` is below the arena and its promotion is under way (PENDING).
+        An unhealthy tier promises nothing: a promotion still running from it is not
+        reported (its job finishes or fails on its own), and it is neither read nor
+        probed, so a stuck endpoint costs a recompute, not a wait."""
+        busy = self.promoting.get(key)
+        if busy is not None:
+            return busy.usable()
         if self._closing or not self.tiers:
             return False
         if len(self.promoting) >= self.inflight_max:
@@ -172,7 +176,7 @@ class TierManager:
             if size is not None and t.usable():
                 return self._start_read(key, t, size)
         for t in self.tiers:
-            if t.store.may_probe(key):
+            if t.usable() and t.store.may_probe(key):
                 job = Job("probe", t.name, key, self._guarded(t, partial(t.store.probe, key)))
                 if t.pool.submit(job, high=True):
                     self.promoting[key] = t

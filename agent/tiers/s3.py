@@ -9,12 +9,20 @@ fail, the tier reports itself unhealthy for a cool-down that doubles up to
 ``COOLDOWN_MAX_S``: the manager then drops writes and skips probes instead of queueing
 work behind a dead endpoint.
 
+A frozen endpoint (accepts connections, never answers) fails nothing until a read
+timeout, so failures alone would notice it only after ``timeout_s`` x attempts. The
+store therefore keeps the start time of every request in flight: when one has waited
+``stuck_after_s`` and nothing has been answered meanwhile, the endpoint is stuck and
+the tier trips at once. An attempt that hung that long is not retried, so a frozen
+endpoint holds an I/O thread for one timeout, not four.
+
 A key this node has not seen is probed with a ranged GET of the header; misses are
 remembered for ``s3.negative_ttl_s`` so a popular miss costs one request per TTL.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import threading
@@ -51,9 +59,10 @@ NEGATIVE_MAX = 65_536
 FAILURES_TO_TRIP = 3
 COOLDOWN_MIN_S = 1.0
 COOLDOWN_MAX_S = 30.0
+STUCK_AFTER_S = 4.0  # a request unanswered this long, nothing else answered: stuck
 BACKOFF_BASE_S = 0.05
 BACKOFF_MAX_S = 2.0
-_NOT_FOUND = {"NoSuchKey", "404", "NotFound", "NoSuchBucket"}
+_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 
 
 class _NotFound(Exception):
@@ -91,6 +100,8 @@ def _classify(exc: Exception) -> tuple[bool, bool]:
         err = exc.response.get("Error", {})
         code = str(err.get("Code", ""))
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        if code == "NoSuchBucket":  # a misconfigured tier, not a missing chunk
+            return False, False
         if code in _NOT_FOUND or status == 404:
             return True, False
         return False, status >= 500 or status == 429 or "Throttl" in code or code == "SlowDown"
@@ -110,6 +121,7 @@ class S3Store:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         name: str = "s3",
+        stuck_after_s: float = STUCK_AFTER_S,
     ) -> None:
         self.name = name
         self.bucket = bucket
@@ -121,7 +133,8 @@ class S3Store:
         self.negative_ttl_s = negative_ttl_s
         self.clock = clock
         self.sleep = sleep
-        self.stats = TierStats()
+        self.stuck_after_s = stuck_after_s
+        self.stats = TierStats(name)
         self._lock = threading.Lock()
         self._known: OrderedDict[bytes, int] = OrderedDict()
         self._known_bytes = 0
@@ -129,38 +142,89 @@ class S3Store:
         self._failures = 0
         self._cooldown_s = COOLDOWN_MIN_S
         self._down_until = 0.0
+        self._down = False  # tripped and not answered since: report recovery once
+        # request id -> start time. One request per I/O thread at a time, so this holds
+        # at most s3.concurrency entries.
+        self._inflight: dict[int, float] = {}
+        self._request_ids = itertools.count()
+        self._last_ok = float("-inf")  # when the endpoint last answered
 
     def object_key(self, key: bytes) -> str:
         return f"{self.prefix}{key.hex()}"
 
     # -- health and retries ------------------------------------------------------
     def healthy(self) -> bool:
-        return self.clock() >= self._down_until
+        """False while tripped, or while a request waits on an endpoint that has
+        answered nothing for ``stuck_after_s`` (checked here, so no timer is needed)."""
+        now = self.clock()
+        with self._lock:
+            if now < self._down_until:
+                return False
+            waited = self._stuck_for(now)
+            if waited is None:
+                return True
+            self._trip(now)
+        self.stats.error("endpoint stopped answering", f"a request has waited {waited:.1f}s")
+        return False
+
+    def _stuck_for(self, now: float) -> float | None:
+        """How long the oldest request has waited with nothing answered meanwhile,
+        when that is ``stuck_after_s`` or more. Caller holds the lock."""
+        if not self._inflight:
+            return None
+        waited = now - max(min(self._inflight.values()), self._last_ok)
+        return waited if waited >= self.stuck_after_s else None
+
+    def _trip(self, now: float) -> None:
+        """Unhealthy for the cool-down, which doubles while the tier keeps failing.
+        Caller holds the lock."""
+        self._down_until = now + self._cooldown_s
+        if not self._down:
+            log.warning("tier %s: failing; writes dropped, lookups miss", self.name)
+        self._down = True
+        self._cooldown_s = min(COOLDOWN_MAX_S, self._cooldown_s * 2)
+        self._failures = 0
 
     def _succeeded(self) -> None:
         with self._lock:
             self._failures = 0
             self._cooldown_s = COOLDOWN_MIN_S
+            self._last_ok = self.clock()
+            was_down, self._down = self._down, False
+            self._down_until = 0.0  # it answered: healthy again at once
+        if was_down:
+            self.stats.recovered("S3 answers again")
 
-    def _failed(self) -> None:
-        self.stats.inc("errors")
+    def _failed(self, what: str, exc: Exception | None) -> None:
+        self.stats.error(f"{what} failed", exc)
         with self._lock:
             self._failures += 1
             if self._failures >= FAILURES_TO_TRIP:
-                self._down_until = self.clock() + self._cooldown_s
-                log.warning("S3 tier failing; pausing it for %.1fs", self._cooldown_s)
-                self._cooldown_s = min(COOLDOWN_MAX_S, self._cooldown_s * 2)
-                self._failures = 0
+                self._trip(self.clock())
+
+    def _attempt(self, fn: Callable[[], T]) -> T:
+        """One request, its start time kept while it is in flight (see healthy())."""
+        rid = next(self._request_ids)
+        with self._lock:
+            self._inflight[rid] = self.clock()
+        try:
+            return fn()
+        finally:
+            with self._lock:
+                del self._inflight[rid]
 
     def _retrying(self, what: str, fn: Callable[[], T]) -> T:
         """Run ``fn`` with our retries. Raises _NotFound, CorruptEntry or S3Error."""
         last: Exception | None = None
         for attempt in range(self.retries_max + 1):
             if attempt:
+                if not self.healthy():
+                    break  # no retries into a tripped or stuck endpoint
                 delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (attempt - 1))
                 self.sleep(delay * (0.5 + random.random() / 2))
+            started = self.clock()
             try:
-                out = fn()
+                out = self._attempt(fn)
             except (CorruptEntry, _NotFound):
                 self._succeeded()  # the endpoint answered
                 raise
@@ -170,12 +234,13 @@ class S3Store:
                     self._succeeded()
                     raise _NotFound() from exc
                 last = exc
-                if not retryable:
+                # An attempt that hung this long found the endpoint stuck, not flaky.
+                if not retryable or self.clock() - started >= self.stuck_after_s:
                     break
                 continue
             self._succeeded()
             return out
-        self._failed()
+        self._failed(what, last)
         raise S3Error(f"S3 {what} failed: {last}") from last
 
     # -- local knowledge ------------------------------------------------------------
@@ -251,7 +316,7 @@ class S3Store:
             return False
         got = payload_checksum(slot.views)
         if checksum and got != checksum:
-            self.stats.inc("errors")
+            self.stats.error("arena bytes do not match their committed checksum", key.hex())
             raise CorruptEntry("arena bytes do not match their committed checksum")
         if self.codec == CODEC_LZ4:
             import lz4.frame
@@ -263,12 +328,16 @@ class S3Store:
         head = header_block(make_header(key, slot.size, stored_bytes, got, self.codec, fingerprint))
         body = b"".join([head, *stored])
         okey = self.object_key(key)
-        if len(body) > self.multipart_bytes:
-            self._put_multipart(okey, memoryview(body))
-        else:
-            self._retrying(
-                "put", lambda: self.client.put_object(Bucket=self.bucket, Key=okey, Body=body)
-            )
+        try:
+            if len(body) > self.multipart_bytes:
+                self._put_multipart(okey, memoryview(body))
+            else:
+                self._retrying(
+                    "put", lambda: self.client.put_object(Bucket=self.bucket, Key=okey, Body=body)
+                )
+        except _NotFound as exc:  # e.g. the upload vanished: a failed write, not a miss
+            self._failed("put", exc)
+            raise S3Error(f"S3 put of {okey} failed: not found") from exc
         self._remember(key, slot.size)
         self.stats.write_done(t0, slot.size)
         return True
@@ -350,8 +419,7 @@ class S3Store:
         return got
 
     def _corrupt(self, key: bytes) -> None:
-        self.stats.inc("corrupt")
-        self.stats.inc("errors")
+        self.stats.error("corrupt object dropped", self.object_key(key), "corrupt")
         try:
             self.delete(key)
         except S3Error:
