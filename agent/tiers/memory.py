@@ -26,7 +26,7 @@ class MemoryStore:
     def __init__(self, bytes_max: int, name: str = "memory") -> None:
         self.name = name
         self.bytes_max = bytes_max
-        self.stats = TierStats()
+        self.stats = TierStats(name)
         self.blobs: OrderedDict[bytes, bytearray] = OrderedDict()
         self._lock = threading.Lock()
         self._bytes = 0
@@ -51,7 +51,7 @@ class MemoryStore:
             return False
         got = payload_checksum(slot.views)
         if checksum and got != checksum:
-            self.stats.inc("errors")
+            self.stats.error("arena bytes do not match their committed checksum", key.hex())
             raise CorruptEntry("arena bytes do not match their committed checksum")
         head = header_block(make_header(key, slot.size, slot.size, got, fingerprint=fingerprint))
         blob = bytearray(head)
@@ -85,9 +85,8 @@ class MemoryStore:
                 pos += len(v)
             if payload_checksum(slot.views) != h.checksum:
                 raise CorruptEntry("payload checksum mismatch")
-        except CorruptEntry:
-            self.stats.inc("corrupt")
-            self.stats.inc("errors")
+        except CorruptEntry as exc:
+            self.stats.error("corrupt entry dropped", exc, "corrupt")
             self.delete(key)
             raise
         self.stats.read_done(t0, slot.size)

@@ -13,6 +13,7 @@ from typing import Any
 from kvnode.agent.config import load_config
 from kvnode.agent.index import Index
 from kvnode.agent.tiers.base import ERROR_LOG_EVERY_S, TierStats
+from kvnode.agent.tiers.disk import FREE_RECHECK_S, DiskStore, FileSystem
 from kvnode.agent.tiers.format import checksum
 from kvnode.agent.tiers.manager import TierManager
 from kvnode.agent.tiers.s3 import STUCK_AFTER_S, S3Store, make_client
@@ -196,3 +197,38 @@ def test_errors_are_counted_each_time_and_logged_once_per_kind(caplog):
     assert "99 more" in lines[2]
     snap = stats.snapshot()
     assert snap["errors"] == 102 and snap["corrupt"] == 1
+
+
+class RoomFS(FileSystem):
+    """Free space as the test says: the manager's view of a full disk."""
+
+    room = 0
+
+    def free_bytes(self, path: str) -> int:
+        return self.room
+
+
+def settle(h: Harness) -> None:
+    end = time.monotonic() + 10
+    while h.tm.pending_writes() and time.monotonic() < end:
+        h.tm.poll()
+        time.sleep(0.01)
+    h.tm.poll()
+
+
+def test_full_disk_drops_copies_then_takes_them_once_space_is_freed(arena, tmp_path):
+    fs, clock = RoomFS(), Clock()
+    disk = DiskStore(str(tmp_path), 64 * 1024 * 1024, fs=fs, clock=clock)
+    h = Harness(arena, {"disk": disk}, **{"disk.write_policy": "write_through"})
+    try:
+        h.put(key(1), os.urandom(100_000))
+        s = h.tm.stats()["disk"]
+        assert not s["healthy"] and s["dropped"] == 1 and s["queue_depth"] == 0
+        fs.room = 32 * 1024 * 1024  # another tenant freed space; no put() came since
+        clock.now += FREE_RECHECK_S
+        assert h.tm.stats()["disk"]["healthy"]
+        h.put(key(2), os.urandom(100_000))
+        settle(h)
+        assert disk.size_of(key(2)) == 100_000 and disk.size_of(key(1)) is None
+    finally:
+        h.tm.close()
