@@ -1,0 +1,529 @@
+"""The shared lookup index: which keys the arena holds, readable without a round trip.
+
+The agent's loop thread is the one writer; any number of processes read it without a
+lock and without ever making the writer wait. A reader's hit is a hint: the pin that
+follows confirms it, so a stale hit costs one failed pin, never wrong KV. A reader's
+miss is definitive only while ``lower_tiers`` is off (no disk, S3 or peers could have
+the chunk).
+
+Layout of the POSIX shm segment (little-endian uint64 words)::
+
+    header (one 4 KiB page): magic, version, capacity, generation, hseq, active,
+                             lower_tiers, closed, heartbeat_ns, probe_max
+    table 0: capacity slots of (seq, fp)
+    table 1: capacity slots of (seq, fp)     (rebuilt into, then made active)
+
+- A slot is a seqlock: ``seq`` is odd while the writer changes ``fp``; a reader takes
+  a slot only if it read the same even ``seq`` before and after ``fp``. ``fp`` is a
+  64-bit fingerprint of the 16-byte key; 0 marks an empty slot, 1 a tombstone.
+- Open addressing with linear probing. Deletion leaves a tombstone (an empty slot would
+  cut the probe chains of later keys) unless the next slot is empty. Invariant: for a
+  key in slot ``s`` with home ``h``, no slot in ``[h, s)`` is empty, at every instant,
+  so a reader never stops before a key that is present for the whole read.
+- Too many tombstones: the writer rebuilds into the inactive table and flips
+  ``active`` under the header seqlock ``hseq``; a reader whose read spanned a flip
+  reads again. Readers never wait on the writer and the writer never waits on readers.
+- The writer stamps ``heartbeat_ns`` (CLOCK_MONOTONIC, shared by the host's processes)
+  from its loop; a reader treats an index not stamped for ``stale_s`` as gone (the agent
+  died), as it does a ``closed`` one. A new writer marks the segment it replaces closed
+  before unlinking it, so readers of a crashed agent's index notice the new one.
+
+Store and load order is what the seqlocks rely on: the writer's three stores and the
+reader's three gathers are separate operations issued in program order, which x86-64
+(total store order) keeps. The bytes of a hit are never trusted from here.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import posix_ipc
+
+from kvnode.errors import ArenaError
+from kvnode.ipc.segment import group_id
+
+MAGIC = int.from_bytes(b"KVNIDX01", "little")
+VERSION = 1
+KEY_BYTES = 16
+HEADER_BYTES = 4096
+LOAD_FACTOR_MAX = 0.5  # live entries per slot that capacity_for() sizes for
+FILL_MAX = 0.75  # live + tombstones per slot before a rebuild
+CAPACITY_MIN = 64
+STALE_S = 5.0  # a writer that has not stamped the header for this long is gone
+WINDOW_SLOTS = 8  # slots a reader gathers per key and probe round
+READ_RETRIES_MAX = 16  # torn or flipped reads retried before giving up
+REOPEN_INTERVAL_S = 0.5
+
+EMPTY, TOMB = 0, 1
+GOLDEN = 0x9E3779B97F4A7C15  # Fibonacci hashing: spreads sequential fingerprints
+_M64 = (1 << 64) - 1
+
+# header word indices
+_MAGIC, _VERSION, _CAPACITY, _GENERATION, _HSEQ, _ACTIVE = 0, 1, 2, 3, 4, 5
+_LOWER, _CLOSED, _HEARTBEAT, _PROBE_MAX = 6, 7, 8, 9
+_HEADER_WORDS = HEADER_BYTES // 8
+
+
+def capacity_for(entries_max: int) -> int:
+    """Slots for at most ``entries_max`` live keys at load factor <= 0.5 (power of two).
+    The arena's most entries is its page count: every entry holds at least one page."""
+    need = max(CAPACITY_MIN, int(entries_max / LOAD_FACTOR_MAX))
+    return 1 << (need - 1).bit_length()
+
+
+def segment_bytes(capacity: int) -> int:
+    return HEADER_BYTES + 2 * capacity * 16
+
+
+def fingerprint(key: bytes) -> int:
+    """The 64-bit fingerprint of one key (the same as ``fingerprints`` computes)."""
+    lo = int.from_bytes(key[:8], "little")
+    hi = int.from_bytes(key[8:16], "little")
+    return max(lo ^ hi, 2)  # 0 and 1 mark empty slots and tombstones
+
+
+def fingerprints(keys: Sequence[bytes]) -> np.ndarray:
+    """Fingerprints of many 16-byte keys, vectorised (keys are already hashes)."""
+    raw = np.frombuffer(b"".join(keys), dtype="<u8")
+    if raw.size != 2 * len(keys):
+        raise ValueError(f"keys must be {KEY_BYTES} bytes each")
+    fp = raw[0::2] ^ raw[1::2]
+    np.maximum(fp, np.uint64(2), out=fp)
+    return fp
+
+
+def _home_shift(capacity: int) -> int:
+    return 64 - (capacity.bit_length() - 1)
+
+
+def _home(fp: int, shift: int) -> int:
+    return ((fp * GOLDEN) & _M64) >> shift
+
+
+class ShmIndexWriter:
+    """The agent's side: create the segment, keep it in step with the arena's committed
+    entries. Not thread-safe: one thread (the agent's loop) makes every call."""
+
+    def __init__(
+        self, name: str, capacity: int, group: str | None = None, generation: int = 0
+    ) -> None:
+        if capacity < CAPACITY_MIN or capacity & (capacity - 1):
+            raise ValueError(f"capacity must be a power of two >= {CAPACITY_MIN}")
+        self.name = name
+        self.capacity = capacity
+        self.generation = generation or int.from_bytes(os.urandom(6), "little") or 1
+        self._mask = capacity - 1
+        self._shift = _home_shift(capacity)
+        self._buf = _create(name, segment_bytes(capacity), group or "")
+        self._w = memoryview(self._buf).cast("Q")
+        self._tables = np.frombuffer(self._buf, "<u8", offset=HEADER_BYTES).reshape(2, capacity, 2)
+        self._active = 0
+        self._where: dict[int, int] = {}  # fingerprint -> slot in the active table
+        self._refs: dict[int, int] = {}  # fingerprint -> live keys (collisions share a slot)
+        self.tombstones = 0
+        self.probe_max = 0
+        self.rebuilds = 0
+        self.full_refusals = 0
+        self._closed = False
+        self._init_header()
+
+    def _init_header(self) -> None:
+        w = self._w
+        w[_VERSION], w[_CAPACITY], w[_GENERATION] = VERSION, self.capacity, self.generation
+        w[_HEARTBEAT] = time.monotonic_ns()
+        w[_MAGIC] = MAGIC  # last: a reader that sees the magic sees a whole header
+
+    # ------------------------------------------------------------------ state
+    @property
+    def count(self) -> int:
+        return len(self._where)
+
+    def __contains__(self, key: bytes) -> bool:
+        return fingerprint(key) in self._refs
+
+    def set_lower_tiers(self, on: bool) -> None:
+        """On while disk, S3 or peers could hold a key the arena lacks."""
+        if not self._closed:
+            self._w[_LOWER] = int(bool(on))
+
+    def touch(self) -> None:
+        """Stamp the heartbeat; call at least every second from the writer's loop."""
+        if not self._closed:
+            self._w[_HEARTBEAT] = time.monotonic_ns()
+
+    # ------------------------------------------------------------------ mutations
+    def insert(self, key: bytes) -> bool:
+        """Publish a committed key. False when the table is full (readers miss it)."""
+        if self._closed:
+            return False
+        fp = fingerprint(key)
+        refs = self._refs.get(fp, 0)
+        if refs:
+            self._refs[fp] = refs + 1
+            return True
+        if self.count + 1 > self.capacity * FILL_MAX:
+            self.full_refusals += 1
+            return False
+        if self.count + self.tombstones + 1 > self.capacity * FILL_MAX:
+            self._rebuild()
+        slot, dist = self._free_slot(fp)
+        if dist > self.probe_max:
+            self.probe_max = dist
+            self._w[_PROBE_MAX] = dist  # before the slot: a reader must probe that far
+        if self._fp_at(slot) == TOMB:
+            self.tombstones -= 1
+        self._store(slot, fp)
+        self._where[fp] = slot
+        self._refs[fp] = 1
+        return True
+
+    def remove(self, key: bytes) -> bool:
+        """Withdraw a key the arena no longer holds committed (evicted, dropped)."""
+        if self._closed:
+            return False
+        fp = fingerprint(key)
+        refs = self._refs.get(fp, 0)
+        if refs == 0:
+            return False
+        if refs > 1:
+            self._refs[fp] = refs - 1
+            return True
+        del self._refs[fp]
+        slot = self._where.pop(fp)
+        if self._fp_at((slot + 1) & self._mask) == EMPTY:
+            self._store(slot, EMPTY)
+            self._empty_tombstones_before(slot)
+        else:
+            self._store(slot, TOMB)
+            self.tombstones += 1
+        return True
+
+    def _empty_tombstones_before(self, slot: int) -> None:
+        """Tombstones right before an empty slot end no chain: make them empty too."""
+        prev = (slot - 1) & self._mask
+        while self._fp_at(prev) == TOMB:
+            self._store(prev, EMPTY)
+            self.tombstones -= 1
+            prev = (prev - 1) & self._mask
+
+    def _free_slot(self, fp: int) -> tuple[int, int]:
+        slot = _home(fp, self._shift)
+        dist = 0
+        while self._fp_at(slot) > TOMB:
+            slot = (slot + 1) & self._mask
+            dist += 1
+        return slot, dist
+
+    def _base(self) -> int:
+        return HEADER_BYTES // 8 + self._active * self.capacity * 2
+
+    def _fp_at(self, slot: int) -> int:
+        return int(self._w[self._base() + 2 * slot + 1])
+
+    def _store(self, slot: int, fp: int) -> None:
+        """Seqlocked store: odd seq, fingerprint, even seq, in that order."""
+        i = self._base() + 2 * slot
+        w = self._w
+        seq = w[i]
+        w[i] = seq + 1
+        w[i + 1] = fp
+        w[i] = seq + 2
+
+    # ------------------------------------------------------------------ rebuild
+    def _rebuild(self) -> None:
+        """Lay the live keys out afresh in the inactive table, then flip to it. Readers
+        of the old table notice the flip (hseq) and read again."""
+        target = 1 - self._active
+        table = self._tables[target]
+        fps = np.fromiter(self._where.keys(), dtype=np.uint64, count=len(self._where))
+        slots, probe_max = _layout(fps, self.capacity, self._shift)
+        new_fp = np.zeros(self.capacity, np.uint64)
+        new_fp[slots] = fps
+        table[:, 0] += np.uint64(2)  # seqs only grow: a slot never repeats a version
+        table[:, 1] = new_fp
+        w = self._w
+        hseq = w[_HSEQ]
+        w[_HSEQ] = hseq + 1
+        w[_ACTIVE] = target
+        w[_PROBE_MAX] = probe_max
+        w[_HSEQ] = hseq + 2
+        self._active = target
+        self._where = dict(zip(fps.tolist(), slots.tolist(), strict=True))
+        self.tombstones = 0
+        self.probe_max = probe_max
+        self.rebuilds += 1
+
+    # ------------------------------------------------------------------ teardown
+    def close(self, unlink: bool = True) -> None:
+        """Mark the index closed (readers stop trusting it at once), then unlink and
+        unmap. Later mutations are no-ops: the loop may still evict while it drains."""
+        if self._closed:
+            return
+        _mark_closed(self._w)
+        self._closed = True
+        if unlink:
+            _unlink(self.name)
+        self._tables = np.zeros((2, 0, 2), np.uint64)
+        self._w.release()
+        self._buf.close()
+
+
+def _layout(fps: np.ndarray, capacity: int, shift: int) -> tuple[np.ndarray, int]:
+    """Linear-probing slots for distinct fingerprints, vectorised: sorted by home, a
+    key lands at max(home, previous slot + 1). Runs past the end wrap to the first
+    free slots from 0 (few). Returns (slots in the order of ``fps``, longest probe)."""
+    n = fps.size
+    if n == 0:
+        return np.zeros(0, np.int64), 0
+    home = ((fps * np.uint64(GOLDEN)) >> np.uint64(shift)).astype(np.int64)
+    order = np.argsort(home, kind="stable")
+    h = home[order]
+    ramp = np.arange(n, dtype=np.int64)
+    pos = ramp + np.maximum.accumulate(h - ramp)
+    wrapped = pos >= capacity
+    if wrapped.any():
+        used = np.zeros(capacity, bool)
+        used[pos[~wrapped]] = True
+        free = iter(np.flatnonzero(~used).tolist())
+        for i in np.flatnonzero(wrapped).tolist():
+            pos[i] = next(free)  # lowest free slots: after the run, in order
+    slots = np.empty(n, np.int64)
+    slots[order] = pos
+    dist = (slots - home) % capacity
+    return slots, int(dist.max())
+
+
+class ShmIndexReader:
+    """A process's read-only view of the index. ``contains_many`` raises ``ArenaError``
+    when the index is closed, stale or unreadable: ask the agent instead."""
+
+    def __init__(self, name: str, stale_s: float = STALE_S) -> None:
+        self.name = name
+        self.stale_ns = int(stale_s * 1e9)
+        self.reopens = 0
+        self.retries = 0
+        self._next_reopen_s = 0.0
+        self._map()
+
+    def _map(self) -> None:
+        buf = _open(self.name)
+        h = memoryview(buf).cast("Q")
+        cap = int(h[_CAPACITY])
+        if h[_MAGIC] != MAGIC or h[_VERSION] != VERSION or len(buf) < segment_bytes(cap):
+            h.release()
+            buf.close()
+            raise ArenaError(f"index segment {self.name} has an unknown layout")
+        self._buf, self._h = buf, h
+        self.capacity = cap
+        self._mask = cap - 1
+        self._shift = np.uint64(_home_shift(cap))
+        tables = np.frombuffer(buf, "<u8", offset=HEADER_BYTES, count=4 * cap).reshape(2, cap, 2)
+        self._cols = [(tables[t, :, 0], tables[t, :, 1]) for t in (0, 1)]
+        self._offsets = np.arange(WINDOW_SLOTS, dtype=np.intp)
+
+    @property
+    def generation(self) -> int:
+        return int(self._h[_GENERATION])
+
+    @property
+    def lower_tiers(self) -> bool:
+        return bool(self._h[_LOWER])
+
+    def usable(self) -> bool:
+        h = self._h
+        return not h[_CLOSED] and time.monotonic_ns() - h[_HEARTBEAT] < self.stale_ns
+
+    def reopen(self) -> bool:
+        """Map the segment now under this name (the agent may have restarted). False
+        when there is none, or it was tried less than REOPEN_INTERVAL_S ago."""
+        now = time.monotonic()
+        if now < self._next_reopen_s:
+            return False
+        self._next_reopen_s = now + REOPEN_INTERVAL_S
+        old = (self._buf, self._h, self._cols)
+        try:
+            self._map()
+        except ArenaError:
+            return False
+        self.reopens += 1
+        _release(*old)
+        return True
+
+    def close(self) -> None:
+        _release(self._buf, self._h, self._cols)
+        self._cols = []
+
+    # ------------------------------------------------------------------ lookups
+    def contains_many(self, keys: Sequence[bytes]) -> np.ndarray:
+        """Per key, whether the index holds it: a bool array. A key present for the
+        whole call is always found; True for a key removed meanwhile is possible."""
+        if not self.usable() and not (self.reopen() and self.usable()):
+            raise ArenaError(f"index {self.name} is closed or its writer is gone")
+        if not keys:
+            return np.zeros(0, bool)
+        fp = fingerprints(keys)
+        home = ((fp * np.uint64(GOLDEN)) >> self._shift).astype(np.intp)
+        for _ in range(READ_RETRIES_MAX):
+            hseq = self._h[_HSEQ]
+            if not hseq & 1:
+                seqs, fps = self._cols[self._h[_ACTIVE] & 1]
+                hit = self._probe(fp, home, seqs, fps, int(self._h[_PROBE_MAX]))
+                if hit is not None and self._h[_HSEQ] == hseq:
+                    return hit
+            self.retries += 1
+        raise ArenaError(f"index {self.name} changed under {READ_RETRIES_MAX} reads")
+
+    def read_slots(self, slots: np.ndarray) -> tuple[int, np.ndarray, np.ndarray] | None:
+        """Diagnostics: (active table, seqs, fingerprints) of ``slots`` as one consistent
+        read, or None when a slot was mid-write or the table flipped meanwhile."""
+        hseq = self._h[_HSEQ]
+        active = int(self._h[_ACTIVE] & 1)
+        got = self._read(*self._cols[active], np.asarray(slots, np.intp))
+        if got is None or hseq & 1 or self._h[_HSEQ] != hseq:
+            return None
+        return active, got[0], got[1]
+
+    @staticmethod
+    def _read(
+        seqs: np.ndarray, fps: np.ndarray, idx: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """Seqlocked gather: seqs, fingerprints, seqs again, as three separate loads in
+        that order; None if any slot changed meanwhile or was being written."""
+        s1 = seqs[idx]
+        f = fps[idx]
+        s2 = seqs[idx]
+        if not np.array_equal(s1, s2) or (s1 & np.uint64(1)).any():
+            return None
+        return s1, f
+
+    def _probe(
+        self, fp: np.ndarray, home: np.ndarray, seqs: np.ndarray, fps: np.ndarray, probe_max: int
+    ) -> np.ndarray | None:
+        """One read of every key's probe chain; None if any slot read was torn. A match
+        anywhere in the window means the key was in the table at that instant."""
+        width = min(WINDOW_SLOTS, probe_max + 1)
+        got = self._read(seqs, fps, (home[:, None] + self._offsets[:width]) & self._mask)
+        if got is None:
+            return None
+        f = got[1]
+        hit = (f == fp[:, None]).any(1)
+        if width > probe_max or hit.all():
+            return hit
+        open_ = ~hit & ~(f == EMPTY).any(1)
+        if open_.any():
+            more = self._probe_far(fp[open_], home[open_], seqs, fps, probe_max)
+            if more is None:
+                return None
+            hit[open_] = more
+        return hit
+
+    def _probe_far(
+        self, fp: np.ndarray, home: np.ndarray, seqs: np.ndarray, fps: np.ndarray, probe_max: int
+    ) -> np.ndarray | None:
+        """The rare keys whose chain runs past the first window: the rest of it, up
+        to ``probe_max``, in one gather."""
+        offsets = np.arange(WINDOW_SLOTS, probe_max + 1, dtype=np.intp)
+        got = self._read(seqs, fps, (home[:, None] + offsets) & self._mask)
+        if got is None:
+            return None
+        match = got[1] == fp[:, None]
+        # Only a match before the chain's first empty slot counts.
+        empty = got[1] == EMPTY
+        first_empty = np.where(empty.any(1), empty.argmax(1), offsets.size)
+        first_match = np.where(match.any(1), match.argmax(1), offsets.size)
+        return np.asarray(first_match < first_empty)
+
+
+# ---------------------------------------------------------------- segment handling
+def _create(name: str, size: int, group: str) -> mmap.mmap:
+    """A fresh owner-only (or group) segment; one left by another writer is marked
+    closed first so its readers stop trusting it."""
+    mode = 0o660 if group else 0o600
+    _retire(name)
+    try:
+        shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=mode, size=size)
+    except (posix_ipc.Error, OSError, ValueError) as exc:
+        raise ArenaError(f"cannot create index segment {name}: {exc}") from exc
+    try:
+        if group:
+            os.fchown(shm.fd, -1, group_id(group))
+        os.fchmod(shm.fd, mode)  # the umask may have narrowed it
+        return mmap.mmap(shm.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    except (KeyError, OSError) as exc:
+        _unlink(name)
+        raise ArenaError(f"cannot set up index segment {name}: {exc}") from exc
+    finally:
+        shm.close_fd()
+
+
+def _retire(name: str) -> None:
+    try:
+        shm = posix_ipc.SharedMemory(name, 0)
+    except posix_ipc.ExistentialError:
+        return
+    except (posix_ipc.Error, OSError) as exc:
+        raise ArenaError(f"cannot open old index segment {name}: {exc}") from exc
+    try:
+        if shm.size >= HEADER_BYTES:
+            buf = mmap.mmap(shm.fd, HEADER_BYTES, mmap.MAP_SHARED)
+            words = memoryview(buf).cast("Q")
+            if words[_MAGIC] == MAGIC:
+                _mark_closed(words)
+            words.release()
+            buf.close()
+    finally:
+        shm.close_fd()
+    _unlink(name)
+
+
+def _mark_closed(words: Any) -> None:
+    hseq = words[_HSEQ]
+    words[_HSEQ] = hseq + 1
+    words[_CLOSED] = 1
+    words[_HSEQ] = hseq + 2
+
+
+def _open(name: str) -> mmap.mmap:
+    try:
+        shm = posix_ipc.SharedMemory(name, 0, read_only=True)
+    except (posix_ipc.Error, OSError) as exc:
+        raise ArenaError(f"cannot open index segment {name}: {exc}") from exc
+    try:
+        if shm.size < HEADER_BYTES:
+            raise ArenaError(f"index segment {name} is too small")
+        return mmap.mmap(shm.fd, shm.size, mmap.MAP_SHARED, mmap.PROT_READ)
+    except OSError as exc:
+        raise ArenaError(f"cannot map index segment {name}: {exc}") from exc
+    finally:
+        shm.close_fd()
+
+
+def _release(buf: mmap.mmap, header: memoryview, cols: list[Any]) -> None:
+    cols.clear()
+    header.release()
+    try:
+        buf.close()
+    except BufferError:
+        pass  # a caller still holds an array over it: the mapping lives until then
+
+
+def _unlink(name: str) -> None:
+    try:
+        posix_ipc.unlink_shared_memory(name)
+    except posix_ipc.ExistentialError:
+        pass
+
+
+__all__ = [
+    "ShmIndexReader",
+    "ShmIndexWriter",
+    "capacity_for",
+    "fingerprint",
+    "fingerprints",
+    "segment_bytes",
+]
