@@ -14,12 +14,10 @@ forward pass, so no block is ever held past its request.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
@@ -37,6 +35,7 @@ from kvnode.connector.namespace import model_identity, rank_namespaces
 from kvnode.connector.scheduler import SchedulerSide
 from kvnode.connector.stats import KVNodeStats
 from kvnode.connector.worker import WorkerSide
+from kvnode.kernels.hostmem import ArenaMapping
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -48,7 +47,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvnode.connector")
 LOG_INTERVAL_S = 60.0
-_MADV_POPULATE_WRITE = 23  # Linux 5.14+; not in Python 3.11's mmap module
 
 
 def _share_vllm_logging() -> None:
@@ -89,7 +87,7 @@ class KVNodeConnector(KVConnectorBase_V1):
         self._sched: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
         self._handshake: KVNodeHandshake | None = None
-        self._host_regs: dict[int, Any] = {}
+        self._arena: ArenaMapping | None = None
         self._totals: dict[str, float] = {}
         self._failures_seen = 0
         self._last_log_s = time.monotonic()
@@ -99,6 +97,11 @@ class KVNodeConnector(KVConnectorBase_V1):
                 "kvnode: only models whose KV cache is one full-attention group are "
                 "supported; the connector stays off for this model"
             )
+        elif (why := _unsupported_parallelism(par)) is not None:
+            # Chunk keys name TP and PP ranks only: KV split over context-parallel ranks
+            # would be saved under keys that do not say which part it is.
+            log.warning("kvnode: %s is not supported; the connector stays off", why)
+            self._supported = False
         if role == KVConnectorRole.SCHEDULER:
             self._link = AgentLink(
                 default_client_factory(
@@ -114,14 +117,19 @@ class KVNodeConnector(KVConnectorBase_V1):
             self._model_id = self.cfg.model_id or model_identity(mc.model, mc.revision)
             self._model_dtype = str(mc.dtype).removeprefix("torch.")
         else:
+            # The client owns the arena mapping; these hooks follow each (re)mapping
+            # (populate, register for DMA), agent restarts included.
+            self._arena = ArenaMapping()
             self._link = AgentLink(
                 default_client_factory(
-                    self.cfg.runtime_dir, "vllm-worker", self.cfg.io_timeout_ms / 1000.0
+                    self.cfg.runtime_dir,
+                    "vllm-worker",
+                    self.cfg.io_timeout_ms / 1000.0,
+                    on_map=self._arena.on_map,
+                    on_unmap=self._arena.on_unmap,
                 ),
                 retry_interval_s=self.cfg.reconnect_interval_ms / 1000.0,
                 retry_max_s=self.cfg.reconnect_max_ms / 1000.0,
-                on_connect=self._pin_arena,
-                on_disconnect=self._unpin_arena,
             )
             self._num_blocks = kv_cache_config.num_blocks
         log.info(
@@ -135,34 +143,18 @@ class KVNodeConnector(KVConnectorBase_V1):
         )
 
     # ================================================================ worker side
-    def _pin_arena(self, client: Any) -> None:
-        """Make the freshly mapped arena ready for copies: page-table entries for all of
-        it now (a first touch per page during a copy costs ~10x the copy), and on a
-        GPU host, pinned for DMA."""
-        buf = client.buffer
-        _populate(buf)
-        if torch.cuda.is_available():
-            from kvnode.kernels.hostmem import register_host_memory
-
-            self._host_regs[id(client)] = register_host_memory(buf)
-
-    def _unpin_arena(self, client: Any) -> None:
-        reg = self._host_regs.pop(id(client), None)
-        if reg is not None:
-            from kvnode.kernels.hostmem import unregister_host_memory
-
-            unregister_host_memory(reg)
-
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         if not self._supported:
             return  # no handshake: the scheduler side never turns on
-        tp_rank, pp_rank = _ranks()
+        assert self._arena is not None, "register_kv_caches on the scheduler side"
+        tp_rank, pp_rank = _ranks(self.tp_size, self.pp_size)
         self._worker = WorkerSide(
             self._link,
             rank_index=pp_rank * self.tp_size + tp_rank,
             num_blocks=self._num_blocks,
             block_size=self.block_size,
             blocks_per_chunk=self.cfg.chunk_tokens // self.block_size,
+            arena=self._arena,
             keys_per_call_max=self.cfg.keys_per_call_max,
         )
         cache = self._worker.register(kv_caches)
@@ -215,8 +207,8 @@ class KVNodeConnector(KVConnectorBase_V1):
     def set_xfer_handshake_metadata_pp_aware(
         self, metadata: dict[tuple[int, int], KVConnectorHandshakeMetadata]
     ) -> None:
-        if self._sched is None:
-            return
+        if self._sched is None or not self._supported:
+            return  # off (already said why): no second warning about missing layouts
         ns = rank_namespaces(
             self._model_id,
             self._model_dtype,
@@ -337,29 +329,38 @@ def _supported_cache(kv_cache_config: Any) -> bool:
     return len(groups) == 1 and isinstance(groups[0].kv_cache_spec, FullAttentionSpec)
 
 
-def _populate(buf: Any) -> None:
-    """Map every page of ``buf`` now. Through ctypes, which lets go of the GIL: a large
-    arena takes a while and vLLM's threads must not wait on it."""
-    try:
-        view = np.frombuffer(buf, dtype=np.uint8)
-        address, nbytes = int(view.ctypes.data), int(view.nbytes)
-        del view  # holding the export would stop the client from unmapping it
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        if libc.madvise(address, nbytes, _MADV_POPULATE_WRITE) != 0:
-            log.debug("kvnode: madvise(POPULATE_WRITE) failed: errno %d", ctypes.get_errno())
-    except (OSError, AttributeError, ValueError, TypeError) as exc:
-        log.debug("kvnode: arena not pre-mapped: %s", exc)  # first touch maps it instead
+def _unsupported_parallelism(par: Any) -> str | None:
+    """What the chunk keys cannot describe: context parallelism splits one request's KV
+    over ranks the namespace does not name (vLLM 0.32's ParallelConfig fields)."""
+    for field in ("prefill_context_parallel_size", "decode_context_parallel_size"):
+        size = int(getattr(par, field, 1) or 1)
+        if size > 1:
+            return f"{field}={size}"
+    return None
 
 
 def _fmt(d: dict[str, int | float]) -> str:
     return ", ".join(f"{k}={v}" for k, v in d.items() if v)
 
 
-def _ranks() -> tuple[int, int]:
+def _ranks(tp_size: int, pp_size: int) -> tuple[int, int]:
+    """This worker's (TP rank, PP rank). Chunk keys include them, so a wrong answer
+    would save one rank's KV under another's keys: with more than one rank, a rank that
+    cannot be told stops the connector, never defaults to 0."""
     try:
         from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank
 
-        return get_tensor_model_parallel_rank(), get_pp_group().rank_in_group
-    except Exception:  # not initialised (single process): rank 0
-        return 0, 0
+        tp_rank, pp_rank = get_tensor_model_parallel_rank(), get_pp_group().rank_in_group
+    except Exception as exc:
+        if tp_size * pp_size > 1:
+            raise RuntimeError(
+                f"kvnode: cannot tell this worker's rank (tensor_parallel_size={tp_size}, "
+                f"pipeline_parallel_size={pp_size}): {exc!r}"
+            ) from exc
+        return 0, 0  # one rank: vLLM's groups may be uninitialised, rank 0 is right
+    if not (0 <= tp_rank < tp_size and 0 <= pp_rank < pp_size):
+        raise RuntimeError(
+            f"kvnode: worker rank tp={tp_rank} pp={pp_rank} outside "
+            f"tensor_parallel_size={tp_size}, pipeline_parallel_size={pp_size}"
+        )
+    return int(tp_rank), int(pp_rank)

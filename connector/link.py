@@ -23,11 +23,27 @@ T = TypeVar("T")
 ClientFactory = Callable[[], Any]
 
 
-def default_client_factory(runtime_dir: str | None, name: str, timeout_s: float) -> ClientFactory:
+def default_client_factory(
+    runtime_dir: str | None,
+    name: str,
+    timeout_s: float,
+    on_map: Callable[[Any], None] | None = None,
+    on_unmap: Callable[[Any], None] | None = None,
+) -> ClientFactory:
+    """Clients that call ``on_map(buffer)`` / ``on_unmap(buffer)`` on every (re)mapping
+    of the arena, agent restarts included: the client owns the mapping, and whatever
+    must follow it (page population, pinned-memory registration) lives in the hooks."""
+
     def make() -> Any:
         from kvnode.ipc.client import AgentClient
 
-        return AgentClient(runtime_dir=runtime_dir, name=name, timeout_s=timeout_s)
+        return AgentClient(
+            runtime_dir=runtime_dir,
+            name=name,
+            timeout_s=timeout_s,
+            on_map=on_map,
+            on_unmap=on_unmap,
+        )
 
     return make
 
@@ -35,9 +51,9 @@ def default_client_factory(runtime_dir: str | None, name: str, timeout_s: float)
 class AgentLink:
     """One ``AgentClient`` at a time, replaced in the background when it fails.
 
-    ``on_connect(client)`` / ``on_disconnect(client)`` let the worker (un)register the
-    mapped arena as pinned host memory. Calls are serialised by one lock, which is
-    also what keeps a reconnect from unmapping an arena that a copy is using.
+    Calls are serialised by one lock. The link knows nothing of the arena mapping:
+    the client owns it and runs the factory's ``on_map``/``on_unmap`` hooks itself,
+    also when it remaps on its own after an agent restart.
     """
 
     def __init__(
@@ -45,16 +61,12 @@ class AgentLink:
         factory: ClientFactory,
         retry_interval_s: float = 1.0,
         retry_max_s: float = 10.0,
-        on_connect: Callable[[Any], None] | None = None,
-        on_disconnect: Callable[[Any], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         background: bool = True,
     ) -> None:
         self._factory = factory
         self._retry_interval_s = retry_interval_s
         self._retry_max_s = retry_max_s
-        self._on_connect = on_connect
-        self._on_disconnect = on_disconnect
         self._clock = clock
         self._lock = threading.RLock()
         self._client: Any = None
@@ -90,13 +102,6 @@ class AgentLink:
             self._backoff_s = min(self._backoff_s * 2, self._retry_max_s)
             log.debug("kvnode agent not reachable (%s); next try in %.1fs", exc, self._backoff_s)
             return False
-        if self._on_connect is not None:
-            # Before the client is published, outside the lock: the hook may take a
-            # while (mapping a large arena) and calls must not wait for it.
-            try:
-                self._on_connect(client)
-            except Exception:
-                log.exception("kvnode: on_connect hook failed")
         with self._lock:
             self._client = client
             self._backoff_s = self._retry_interval_s
@@ -116,11 +121,6 @@ class AgentLink:
         self._wake.set()
 
     def _close_client(self, client: Any) -> None:
-        if self._on_disconnect is not None:
-            try:
-                self._on_disconnect(client)
-            except Exception:
-                log.exception("kvnode: on_disconnect hook failed")
         try:
             client.close()
         except Exception:

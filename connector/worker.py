@@ -6,18 +6,26 @@ of the chunk's blocks of that layer as ``kvnode.kernels.copy.gather`` writes the
 
     [layer 0: block 0 .. block n-1][layer 1: block 0 .. block n-1] ...
 
-Loads: pin -> verify size and xxh3-64 checksum -> scatter -> release. A chunk that is
-missing, has the wrong size or fails its checksum is reported to vLLM as load errors
-(vLLM recomputes those blocks) and a bad entry is dropped at the agent.
-Saves: reserve (EXISTS: someone has it, skip) -> gather into the slot -> commit with the
-checksum. Whole blocks only: the CPU backend's block slab is not token-separable.
+Loads: pin -> copy -> checksum THE COPY -> release. The checksum is of the bytes that
+went into vLLM's cache (or of the private staging buffer they go through), never of the
+arena before a copy: bytes that change in the arena after the check would otherwise be
+loaded unverified. A chunk that is missing, has the wrong size or fails its checksum is
+reported to vLLM as load errors (vLLM recomputes those blocks); a chunk that failed its
+checksum in an unchanged mapping is dropped at the agent.
+Saves: reserve (EXISTS: someone has it, skip) -> copy into the slot -> commit with the
+checksum of the source the slot was written from. Whole blocks only: the CPU backend's
+block slab is not token-separable.
+
+Every copy runs inside ``ArenaMapping.use(epoch)`` with the epoch read before the call
+that granted the slots: a remap (agent restart) in between makes the slots stale, and
+the chunks are recomputed (loads) or not committed (saves), with nothing dropped.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,9 +33,12 @@ import numpy as np
 import torch
 
 from kvnode.connector.scheduler import ChunkOp
-from kvnode.errors import KVNodeError
+from kvnode.errors import AgentError, KVNodeError
+from kvnode.ipc.checksum import checksum
 from kvnode.ipc.protocol import Status
+from kvnode.kernels import hostcopy
 from kvnode.kernels.copy import gather, gather_layers, scatter, scatter_layers
+from kvnode.kernels.hostmem import ArenaMapping, StaleMapping
 from kvnode.kernels.layout import KVLayout, detect_layout, physical_blocks
 
 log = logging.getLogger("kvnode.connector")
@@ -40,6 +51,7 @@ class WorkerStats:
     load_s: float = 0.0
     load_errors: int = 0
     load_misses: int = 0
+    load_stale: int = 0  # chunks not loaded: the arena was remapped since their pin
     checksum_errors: int = 0
     save_chunks: int = 0
     save_bytes: int = 0
@@ -47,6 +59,7 @@ class WorkerStats:
     save_exists: int = 0
     save_no_space: int = 0
     save_errors: int = 0
+    save_stale: int = 0  # chunks not committed: the arena was remapped since their reserve
 
     def take(self) -> dict[str, float]:
         out = {k: getattr(self, k) for k in self.__slots__}  # type: ignore[attr-defined]
@@ -81,20 +94,17 @@ class WorkerSide:
         num_blocks: int,
         block_size: int,
         blocks_per_chunk: int,
-        checksum: Callable[[Any], int] | None = None,
+        *,
+        arena: ArenaMapping,
         keys_per_call_max: int = 4096,
     ) -> None:
         self.link = link
+        self.arena = arena
         self.rank = rank_index
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.bpc = blocks_per_chunk
         self.keys_per_call_max = keys_per_call_max
-        if checksum is None:
-            from kvnode.ipc.client import checksum as client_checksum
-
-            checksum = client_checksum
-        self.checksum: Callable[[Any], int] = checksum
         self.layers: list[_Layer] = []
         self.layer_nbytes = 0  # bytes of one block summed over layers
         self.chunk_nbytes = 0
@@ -102,6 +112,8 @@ class WorkerSide:
         self._load_errors: set[int] = set()
         self._staging: torch.Tensor | None = None
         self.on_cpu = True
+        self.shared_layout: KVLayout | None = None
+        self._direct = False  # CPU cache whose block runs are contiguous: no staging
 
     # ------------------------------------------------------------------ setup
     def register(
@@ -127,6 +139,7 @@ class WorkerSide:
             raise ValueError("register_kv_caches got no layers")
         self.layers = layers
         self.on_cpu = all(layer.kv.device.type == "cpu" for layer in layers)
+        self._direct = self.on_cpu and all(layer.blocks.flags.c_contiguous for layer in layers)
         # One layout for every layer: device caches move a whole chunk in one host copy.
         self.shared_layout = (
             layers[0].layout if len({layer.layout for layer in layers}) == 1 else None
@@ -140,43 +153,30 @@ class WorkerSide:
             dtype="+".join(sorted(dtypes)),
         )
 
-    # Host-to-host copies go through numpy: one memcpy per run of blocks on the calling
-    # thread. torch's copy_ splits a copy over its OpenMP team (vLLM's CPU worker keeps
-    # 2+ threads and forbids changing that), and on a busy host the team waits at its
-    # barrier for a descheduled member: measured 10-30x slower on a loaded 2-core
-    # machine. Device caches use kvnode.kernels.copy.
-    def _gather(self, layer: _Layer, block_ids: Sequence[int], dst: torch.Tensor) -> None:
-        if not self.on_cpu:
-            gather(layer.kv, layer.layout, list(block_ids), dst)
-            return
-        blocks = layer.blocks
-        out = dst.numpy().reshape(len(block_ids), *blocks.shape[1:])
-        for first, pos, count in _runs(block_ids):
-            np.copyto(out[pos : pos + count], blocks[first : first + count])
-
-    def _scatter(self, src: torch.Tensor, layer: _Layer, block_ids: Sequence[int]) -> None:
-        if not self.on_cpu:
-            scatter(src, layer.kv, layer.layout, list(block_ids))
-            return
-        blocks = layer.blocks
-        inp = src.numpy().reshape(len(block_ids), *blocks.shape[1:])
-        for first, pos, count in _runs(block_ids):
-            np.copyto(blocks[first : first + count], inp[pos : pos + count])
-
-    def _whole_chunk_on_device(self, op: ChunkOp) -> bool:
-        """A full chunk of a device cache with one layout: its payload is exactly what
-        ``gather_layers`` writes (layer after layer), so it crosses in one host copy."""
-        return (
-            not self.on_cpu
-            and self.shared_layout is not None
-            and op.block_offset == 0
-            and len(op.block_ids) == self.bpc
-        )
-
     def _staging_buffer(self) -> torch.Tensor:
+        """A private host buffer of one chunk: nobody else writes it between the copy
+        and the checksum. Pinned on a GPU host, so its device copies are DMA."""
         if self._staging is None:
-            self._staging = torch.empty(self.chunk_nbytes, dtype=torch.uint8)
+            pin = not self.on_cpu and torch.cuda.is_available()
+            self._staging = torch.empty(self.chunk_nbytes, dtype=torch.uint8, pin_memory=pin)
         return self._staging
+
+    def _views(self, arena: memoryview, slot: Any) -> list[memoryview]:
+        return [arena[off : off + n] for off, n in slot.extents]
+
+    def _direct_op(self, op: ChunkOp, views: list[memoryview]) -> bool:
+        """A whole chunk of a CPU cache into or out of one extent: copied straight
+        between the arena and the cache, and checksummed in the cache."""
+        return self._direct and len(views) == 1 and op.block_offset == 0
+
+    def _cache_parts(self, block_ids: Sequence[int]) -> list[np.ndarray]:
+        """The cache's bytes of ``block_ids`` for every layer, in payload order."""
+        parts: list[np.ndarray] = []
+        for layer in self.layers:
+            got = hostcopy.block_parts(layer.blocks, block_ids)
+            assert got is not None, "register() checked the layers are contiguous"
+            parts.extend(got)
+        return parts
 
     # ------------------------------------------------------------------ loads
     def take_load_errors(self) -> set[int]:
@@ -204,77 +204,108 @@ class WorkerSide:
             self.stats.load_errors += len(failed_from)
         self.stats.load_s += time.perf_counter() - t0
 
+    def _pin(self, client: Any, keys: list[bytes]) -> list[tuple[int, Any]]:
+        answers: list[tuple[int, Any]] = []
+        for i in range(0, len(keys), self.keys_per_call_max):
+            answers.extend(client.pin(keys[i : i + self.keys_per_call_max]))
+        return answers
+
     def _load_with(
         self, client: Any, work: list[tuple[str, ChunkOp]], failed_from: dict[str, int]
     ) -> None:
         keys = [op.keys[self.rank] for _, op in work]
-        pinned: list[bytes] = []
+        epoch = self.arena.epoch  # before the pins: their slots belong to this mapping
+        answers = self._pin(client, keys)
+        pinned = [k for k, (s, _) in zip(keys, answers, strict=True) if s == Status.OK]
         bad: list[bytes] = []
         try:
-            answers: list[tuple[int, Any]] = []
-            for i in range(0, len(keys), self.keys_per_call_max):
-                answers.extend(client.pin(keys[i : i + self.keys_per_call_max]))
-            pinned = [k for k, (s, _) in zip(keys, answers, strict=True) if s == Status.OK]
-            for (rid, op), key, (status, slot) in zip(work, keys, answers, strict=True):
-                if rid in failed_from:
-                    continue
-                if status != Status.OK or slot is None:
-                    self.stats.load_misses += 1
-                    failed_from[rid] = op.index
-                    continue
-                if not self._load_one(client, op, slot):
-                    failed_from[rid] = op.index
-                    bad.append(key)
+            with self.arena.use(epoch) as arena:
+                bad = self._copy_in(arena, work, answers, failed_from)
+        except StaleMapping as exc:
+            # The agent restarted under us: the pins died with it, the entries are not
+            # known to be bad. Recompute; drop nothing, release nothing.
+            log.info("kvnode: %s; recomputing %d chunk(s)", exc, len(work))
+            self.stats.load_stale += len(work)
+            for rid, op in work:
+                failed_from[rid] = min(failed_from.get(rid, op.index), op.index)
+            return
         finally:
-            if pinned:
-                client.release(pinned)
-            if bad:
-                try:
-                    client.drop(bad)
-                except KVNodeError as exc:
-                    log.warning("kvnode: could not drop %d bad chunk(s): %s", len(bad), exc)
+            if self.arena.epoch == epoch and pinned:
+                self._quietly(client.release, pinned)
+        if bad and self.arena.epoch == epoch:
+            self._quietly(client.drop, bad)
 
-    def _load_one(self, client: Any, op: ChunkOp, slot: Any) -> bool:
+    def _copy_in(
+        self,
+        arena: memoryview,
+        work: list[tuple[str, ChunkOp]],
+        answers: list[tuple[int, Any]],
+        failed_from: dict[str, int],
+    ) -> list[bytes]:
+        """Copy and verify each pinned chunk; returns the keys of bad entries."""
+        bad: list[bytes] = []
+        for (rid, op), (status, slot) in zip(work, answers, strict=True):
+            if rid in failed_from:
+                continue
+            if status != Status.OK or slot is None:
+                self.stats.load_misses += 1
+                failed_from[rid] = op.index
+                continue
+            if not self._load_one(arena, op, slot):
+                failed_from[rid] = op.index
+                bad.append(op.keys[self.rank])
+        return bad
+
+    def _load_one(self, arena: memoryview, op: ChunkOp, slot: Any) -> bool:
+        key = op.keys[self.rank].hex()
         if slot.size != self.chunk_nbytes:
-            log.warning(
-                "kvnode: chunk %s has %d bytes, want %d",
-                op.keys[self.rank].hex(),
-                slot.size,
-                self.chunk_nbytes,
-            )
+            log.warning("kvnode: chunk %s has %d bytes, want %d", key, slot.size, self.chunk_nbytes)
             return False
-        payload = self._payload(client, slot, fill=True)
-        if slot.checksum == 0 or self.checksum(payload.numpy()) != slot.checksum:
-            log.warning(
-                "kvnode: chunk %s failed its checksum; recomputing", op.keys[self.rank].hex()
-            )
+        views = self._views(arena, slot)
+        if self._direct_op(op, views):
+            got = self._load_direct(views[0], op)
+        else:
+            got = self._load_staged(views, op)
+        if slot.checksum == 0 or got != slot.checksum:
+            log.warning("kvnode: chunk %s failed its checksum; recomputing", key)
             self.stats.checksum_errors += 1
             return False
-        n = len(op.block_ids)
-        if self._whole_chunk_on_device(op):
-            assert self.shared_layout is not None
-            kvs = [layer.kv for layer in self.layers]
-            scatter_layers(payload, kvs, self.shared_layout, list(op.block_ids))
-        else:
-            for layer in self.layers:
-                nb = layer.layout.block_nbytes
-                a = layer.offset + op.block_offset * nb
-                self._scatter(payload[a : a + n * nb], layer, op.block_ids)
         self.stats.load_chunks += 1
-        self.stats.load_bytes += n * self.layer_nbytes
+        self.stats.load_bytes += len(op.block_ids) * self.layer_nbytes
         return True
 
-    def _payload(self, client: Any, slot: Any, fill: bool) -> torch.Tensor:
-        """The slot's bytes as one uint8 tensor: the arena itself when the slot is one
-        extent; otherwise a staging copy (filled from the extents if ``fill``)."""
-        views = client.views(slot)
-        if len(views) == 1:
-            return torch.frombuffer(views[0], dtype=torch.uint8, count=self.chunk_nbytes)
-        staging = self._staging_buffer()
-        if fill:
-            for pos, t in _pieces(views, self.chunk_nbytes):
-                staging[pos : pos + t.numel()].copy_(t)
-        return staging
+    def _load_direct(self, extent: memoryview, op: ChunkOp) -> int:
+        """Arena -> cache, then the checksum of what landed in the cache."""
+        src = np.frombuffer(extent, dtype=np.uint8, count=self.chunk_nbytes)
+        for layer in self.layers:
+            region = src[layer.offset : layer.offset + self.bpc * layer.layout.block_nbytes]
+            hostcopy.blocks_in(
+                region.reshape(self.bpc, *layer.blocks.shape[1:]), layer.blocks, op.block_ids
+            )
+        return checksum(self._cache_parts(op.block_ids))
+
+    def _load_staged(self, views: list[memoryview], op: ChunkOp) -> int:
+        """Arena -> private staging, checksum of the staging, staging -> cache."""
+        payload = self._staging_buffer()
+        hostcopy.read_extents(views, payload)
+        got = checksum(payload.numpy())
+        n = len(op.block_ids)
+        if op.block_offset == 0 and n == self.bpc and not self.on_cpu and self.shared_layout:
+            kvs = [layer.kv for layer in self.layers]
+            scatter_layers(payload, kvs, self.shared_layout, list(op.block_ids))
+            return got
+        for layer in self.layers:
+            nb = layer.layout.block_nbytes
+            a = layer.offset + op.block_offset * nb
+            scatter(payload[a : a + n * nb], layer.kv, layer.layout, list(op.block_ids))
+        return got
+
+    def _quietly(self, fn: Any, keys: list[bytes]) -> None:
+        """release/drop whose error reply must not undo the chunks already loaded."""
+        try:
+            fn(keys)
+        except AgentError as exc:
+            log.warning("kvnode: %s of %d chunk(s) refused: %s", fn.__name__, len(keys), exc)
 
     # ------------------------------------------------------------------ saves
     def save(self, saves: dict[str, list[ChunkOp]]) -> None:
@@ -292,73 +323,67 @@ class WorkerSide:
         self.stats.save_s += time.perf_counter() - t0
 
     def _save_with(self, client: Any, ops: list[ChunkOp]) -> None:
+        for op in ops:
+            if len(op.block_ids) != self.bpc or op.block_offset != 0:
+                raise ValueError(f"saves are whole chunks, got {op}")
         keys = [op.keys[self.rank] for op in ops]
+        epoch = self.arena.epoch  # before the reserve: its slots belong to this mapping
         answers = client.reserve(keys, [self.chunk_nbytes] * len(keys))
-        held: list[bytes] = [k for k, (s, _) in zip(keys, answers, strict=True) if s == Status.OK]
-        done: list[bytes] = []
-        sums: list[int] = []
+        held = [k for k, (s, _) in zip(keys, answers, strict=True) if s == Status.OK]
         try:
-            for op, key, (status, slot) in zip(ops, keys, answers, strict=True):
-                if status == Status.EXISTS:
-                    self.stats.save_exists += 1
-                    continue
-                if status != Status.OK or slot is None:
-                    self.stats.save_no_space += 1
-                    continue
-                sums.append(self._save_one(client, op, slot))
-                done.append(key)
+            with self.arena.use(epoch) as arena:
+                done, sums = self._copy_out(arena, ops, keys, answers)
+        except StaleMapping:
+            # The reservations died with the old agent; nothing to abort or commit.
+            self.stats.save_stale += len(held)
+            return
         except BaseException:
             client.abort(held)
             raise
         leftover = [k for k in held if k not in set(done)]
         if leftover:
             client.abort(leftover)
-        if done:
+        if done and self.arena.epoch != epoch:
+            self.stats.save_stale += len(done)
+        elif done:
             statuses = client.commit(done, sums)
             ok = sum(1 for s in statuses if s == Status.OK)
             self.stats.save_chunks += ok
             self.stats.save_bytes += ok * self.chunk_nbytes
             self.stats.save_errors += len(done) - ok
 
-    def _save_one(self, client: Any, op: ChunkOp, slot: Any) -> int:
-        if len(op.block_ids) != self.bpc or op.block_offset != 0:
-            raise ValueError(f"saves are whole chunks, got {op}")
-        views = client.views(slot)
-        dst = self._payload(client, slot, fill=False)
-        if self._whole_chunk_on_device(op):
-            assert self.shared_layout is not None
+    def _copy_out(
+        self, arena: memoryview, ops: list[ChunkOp], keys: list[bytes], answers: list[Any]
+    ) -> tuple[list[bytes], list[int]]:
+        done: list[bytes] = []
+        sums: list[int] = []
+        for op, key, (status, slot) in zip(ops, keys, answers, strict=True):
+            if status == Status.EXISTS:
+                self.stats.save_exists += 1
+            elif status != Status.OK or slot is None:
+                self.stats.save_no_space += 1
+            else:
+                sums.append(self._save_one(self._views(arena, slot), op))
+                done.append(key)
+        return done, sums
+
+    def _save_one(self, views: list[memoryview], op: ChunkOp) -> int:
+        """Write one chunk into its slot; returns the checksum of the source written."""
+        if self._direct_op(op, views):
+            dst = np.frombuffer(views[0], dtype=np.uint8, count=self.chunk_nbytes)
+            for layer in self.layers:
+                region = dst[layer.offset : layer.offset + self.bpc * layer.layout.block_nbytes]
+                hostcopy.blocks_out(
+                    layer.blocks, op.block_ids, region.reshape(self.bpc, *layer.blocks.shape[1:])
+                )
+            return checksum(self._cache_parts(op.block_ids))
+        payload = self._staging_buffer()
+        if not self.on_cpu and self.shared_layout is not None:
             kvs = [layer.kv for layer in self.layers]
-            gather_layers(kvs, self.shared_layout, list(op.block_ids), dst)
+            gather_layers(kvs, self.shared_layout, list(op.block_ids), payload)
         else:
             for layer in self.layers:
-                nb = layer.layout.block_nbytes
-                self._gather(layer, op.block_ids, dst[layer.offset : layer.offset + self.bpc * nb])
-        if len(views) > 1:
-            for pos, t in _pieces(views, self.chunk_nbytes):
-                t.copy_(dst[pos : pos + t.numel()])
-        return self.checksum(dst.numpy())
-
-
-def _pieces(views: list[memoryview], nbytes: int) -> list[tuple[int, torch.Tensor]]:
-    """(payload offset, tensor over the arena) for each extent, up to ``nbytes``."""
-    out: list[tuple[int, torch.Tensor]] = []
-    pos = 0
-    for v in views:
-        n = min(len(v), nbytes - pos)
-        if n <= 0:
-            break
-        out.append((pos, torch.frombuffer(v, dtype=torch.uint8, count=n)))
-        pos += n
-    return out
-
-
-def _runs(block_ids: Sequence[int]) -> list[tuple[int, int, int]]:
-    """(first block id, position in the chunk, count) per run of consecutive ids."""
-    runs: list[tuple[int, int, int]] = []
-    for pos, b in enumerate(block_ids):
-        if runs and runs[-1][0] + runs[-1][2] == b:
-            first, p, n = runs[-1]
-            runs[-1] = (first, p, n + 1)
-        else:
-            runs.append((b, pos, 1))
-    return runs
+                part = payload[layer.offset : layer.offset + self.bpc * layer.layout.block_nbytes]
+                gather(layer.kv, layer.layout, list(op.block_ids), part)
+        hostcopy.write_extents(payload, views)
+        return checksum(payload.numpy())

@@ -4,10 +4,9 @@
 len(block_ids) * layout.block_nbytes``); ``scatter`` is its exact inverse. Only whole
 blocks move: the CPU backend's slab order makes partial-block copies wrong.
 
-Same device (CPU cache, host buffer): blocks go straight between the two. Gather copies a
-single run of consecutive ids as one slice and anything else with one ``index_select``;
-scatter copies one slice per run, because CPU ``index_copy_`` goes element by element
-(measured 10-20x slower than memcpy). GPU cache, host buffer: the blocks are packed on
+Same device (CPU cache, host buffer): blocks go straight between the two, one numpy
+memcpy per run of consecutive ids (``kvnode.kernels.hostcopy``, the one host copy path:
+torch's CPU copies split over an OpenMP team that stalls beside vLLM's). GPU cache, host buffer: the blocks are packed on
 the device (slices for a few runs, one indexed kernel for many) and cross the bus in one
 copy, so a registered (pinned) buffer gets one DMA per call. Both calls return once the
 buffer's bytes are final, so the caller may commit, reuse or release it.
@@ -28,6 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
+from kvnode.kernels import hostcopy
 from kvnode.kernels.hostmem import register_host_memory, unregister_host_memory
 from kvnode.kernels.layout import KVLayout, physical_blocks
 from kvnode.kernels.staging import staging_buffer
@@ -52,7 +52,8 @@ _index_cache: dict[tuple[tuple[int, ...], int, int], torch.Tensor] = {}
 _index_lock = threading.Lock()
 
 BlockIds = Sequence[int] | torch.Tensor
-Runs = list[tuple[int, int, int]]  # (first block id, position in the buffer, count)
+Runs = hostcopy.Runs
+_runs = hostcopy.runs_of
 
 
 def gather(
@@ -247,11 +248,12 @@ def _copy_blocks_out(
     blocks: torch.Tensor, ids: list[int], out: torch.Tensor, runs: Runs | None = None
 ) -> None:
     runs = _runs(ids) if runs is None else runs
-    if len(runs) <= 1 or (blocks.device.type != "cpu" and len(runs) <= _RUNS_MAX):
+    if blocks.device.type == "cpu" and out.device.type == "cpu":
+        hostcopy.blocks_out(blocks, ids, out, runs)
+    elif len(runs) <= _RUNS_MAX:
         for first, pos, count in runs:
             out[pos : pos + count].copy_(blocks[first : first + count])
     else:
-        # One pass of row copies; on CPU as fast as memcpy for contiguous block rows.
         src, dst = _widest(blocks, out)
         torch.index_select(src, 0, _index(ids, blocks.device), out=dst)
 
@@ -260,23 +262,14 @@ def _copy_blocks_in(
     blocks: torch.Tensor, ids: list[int], inp: torch.Tensor, runs: Runs | None = None
 ) -> None:
     runs = _runs(ids) if runs is None else runs
-    if blocks.device.type == "cpu" or len(runs) <= _RUNS_MAX:
+    if blocks.device.type == "cpu" and inp.device.type == "cpu":
+        hostcopy.blocks_in(inp, blocks, ids, runs)
+    elif len(runs) <= _RUNS_MAX:
         for first, pos, count in runs:
             blocks[first : first + count].copy_(inp[pos : pos + count])
     else:
         dst, src = _widest(blocks, inp)
         dst.index_copy_(0, _index(ids, blocks.device), src)
-
-
-def _runs(ids: list[int]) -> Runs:
-    """``(first block id, position in the buffer, count)`` per run of consecutive ids."""
-    runs: Runs = []
-    pos = 0
-    for i in range(1, len(ids) + 1):
-        if i == len(ids) or ids[i] != ids[i - 1] + 1:
-            runs.append((ids[pos], pos, i - pos))
-            pos = i
-    return runs
 
 
 def _widest(*tensors: torch.Tensor) -> list[torch.Tensor]:

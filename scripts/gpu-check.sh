@@ -4,7 +4,9 @@
 #      prepared on a networked machine) into a throwaway directory,
 #   2. make kvnode importable without installing it (a symlink tree, as the package-dir
 #      mapping in pyproject.toml lays it out),
-#   3. run the kernel tests (GPU tests included) and any other test marked gpu,
+#   3. run the kernel tests (GPU tests included) and any other test marked gpu, among
+#      them tests/connector/test_connector_gpu.py (cudaHostRegister of the arena follows
+#      two agent restarts; GPU -> arena -> GPU, every byte checked),
 #   4. run benchmarks/gpu_copy_bench.py (one JSON line).
 # Finishes in well under 5 minutes; prints everything and copies the log and the
 # benchmark JSON to $OUT when that is set. Exit status: 0 only if every step passed.
@@ -95,7 +97,8 @@ PYTEST=("$PY" -m pytest -q -ra -p no:cacheprovider -p kvnode --timeout=120)
 step kernel-tests 150 "${PYTEST[@]}" tests/kernels tests/connector/test_keys.py -m 'not vllm'
 mapfile -t GPU_FILES < <(grep -rlE 'mark\.gpu|"gpu"' tests --include='test_*.py' | grep -v '^tests/kernels/' | sort)
 if [ "${#GPU_FILES[@]}" -gt 0 ]; then
-    step gpu-marked-tests 90 "${PYTEST[@]}" -m 'gpu and not vllm' "${GPU_FILES[@]}"
+    # 150 s: the arena test starts three agents
+    step gpu-marked-tests 150 "${PYTEST[@]}" -m 'gpu and not vllm' "${GPU_FILES[@]}"
 else
     echo "== gpu-marked-tests: no other test file marks tests gpu"
 fi

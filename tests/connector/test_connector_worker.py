@@ -1,5 +1,6 @@
 """Worker-side copies with real CPU tensors and the real kernels, against an in-memory
-arena: save then load round-trips, partial-chunk loads, checksum failures, misses."""
+arena: save then load round-trips, partial-chunk loads, checksum failures, misses, a
+writer that changes the arena during a load, and one host copy path (numpy)."""
 
 from __future__ import annotations
 
@@ -7,26 +8,26 @@ from typing import Any
 
 import pytest
 import torch
-import xxhash
 
 from kvnode.connector.scheduler import ChunkOp
 from kvnode.connector.worker import WorkerSide
 from kvnode.errors import AgentUnavailable
+from kvnode.ipc.checksum import checksum
 from kvnode.ipc.protocol import Slot, Status
+from kvnode.kernels.hostmem import ArenaMapping
 
 NUM_BLOCKS, BS, HEADS, HEAD = 16, 4, 2, 8
 BPC = 2  # blocks per chunk
 
 
-def checksum(buf: Any) -> int:
-    return xxhash.xxh3_64_intdigest(buf) or 1
-
-
 class ArenaClient:
-    """Committed entries in one bytearray; ``split`` makes slots of two extents."""
+    """Committed entries in one bytearray; ``split`` makes slots of two extents. Like
+    the real client it tells its ``arena`` hooks of the mapping."""
 
     def __init__(self, split: bool = False) -> None:
         self.buffer = bytearray(1 << 20)
+        self.arena = ArenaMapping(prepare=lambda buf: None)
+        self.arena.on_map(self.buffer)
         self.top = 0
         self.entries: dict[bytes, list[Any]] = {}  # key -> [slot, committed]
         self.split = split
@@ -110,7 +111,7 @@ def caches(seed: int, device: str = "cpu") -> dict[str, torch.Tensor]:
 
 
 def worker(link: Link, kv: dict[str, torch.Tensor]) -> WorkerSide:
-    w = WorkerSide(link, 0, NUM_BLOCKS, BS, BPC, checksum=checksum)
+    w = WorkerSide(link, 0, NUM_BLOCKS, BS, BPC, arena=link.client.arena)
     hs = w.register(kv)
     assert hs.layout == "cpu" and hs.block_shape == (3, HEADS, BS, 2 * HEAD)
     return w
@@ -185,3 +186,85 @@ def test_missing_chunk_and_dead_agent_are_load_errors() -> None:
     assert dst.take_load_errors() == {1, 2}
     dst.save({"q": [op(0, (1, 2))]})  # a save to a dead agent is dropped, not raised
     assert dst.stats.save_errors == 1
+
+
+def _entry_bytes(link: Link, key: bytes) -> list[memoryview]:
+    slot = link.client.entries[key][0]
+    return [memoryview(link.client.buffer)[o : o + n] for o, n in slot.extents]
+
+
+def _scribble(views: list[memoryview]) -> None:
+    """A writer that rewrites an entry in place (e.g. a slot reused after its pin was
+    reclaimed): every byte changes."""
+    for v in views:
+        v[:] = bytes(b ^ 0x5A for b in v)
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_writer_between_copy_and_checksum_is_never_loaded(
+    split: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The arena changes right after the worker's checksum has read its input: what
+    vLLM gets must be exactly what the checksum covered (the original bytes)."""
+    import kvnode.connector.worker as worker_mod
+
+    link = Link(ArenaClient(split=split))
+    src_kv, dst_kv = caches(1), caches(2)
+    src, dst = worker(link, src_kv), worker(link, dst_kv)
+    src.save({"r": [op(0, (3, 7))]})
+    target = _entry_bytes(link, op(0, ()).keys[0])
+
+    def checksum_then_writer(parts: Any) -> int:
+        value = checksum(parts)
+        _scribble(target)
+        return value
+
+    monkeypatch.setattr(worker_mod, "checksum", checksum_then_writer)
+    dst.load({"q": [op(0, (1, 2))]})
+    errors = dst.take_load_errors()
+    if errors:  # rejected: fine, vLLM recomputes
+        assert errors == {1, 2}
+        return
+    for name in src_kv:
+        assert torch.equal(dst_kv[name][1], src_kv[name][3]), "changed bytes were loaded"
+        assert torch.equal(dst_kv[name][2], src_kv[name][7]), "changed bytes were loaded"
+
+
+def test_writer_during_the_copy_is_a_load_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The arena changes while the chunk is being copied (after its first layer): the
+    checksum of the copy fails, the load is an error, vLLM recomputes."""
+    from kvnode.kernels import hostcopy
+
+    link = Link(ArenaClient())
+    src_kv, dst_kv = caches(1), caches(2)
+    src, dst = worker(link, src_kv), worker(link, dst_kv)
+    src.save({"r": [op(0, (3, 7))]})
+    target = _entry_bytes(link, op(0, ()).keys[0])
+    real = hostcopy.blocks_in
+    calls = []
+
+    def copy_then_writer(*args: Any, **kw: Any) -> None:
+        real(*args, **kw)
+        calls.append(1)
+        if len(calls) == 1:
+            _scribble(target)
+
+    monkeypatch.setattr(hostcopy, "blocks_in", copy_then_writer)
+    dst.load({"q": [op(0, (1, 2))]})
+    assert len(calls) == 3, "one copy per layer"
+    assert dst.take_load_errors() == {1, 2}
+    assert dst.stats.checksum_errors == 1 and dst.stats.load_errors == 1
+    assert dst.stats.load_chunks == 0
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_cpu_copies_never_use_torch_copy(split: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One host copy path (kvnode.kernels.hostcopy, numpy memcpy): torch's copy_ stalls
+    beside vLLM's OpenMP team, so no CPU save or load may go through it, whatever the
+    slot's extents."""
+
+    def refuse(*args: Any, **kw: Any) -> None:
+        raise AssertionError("torch copy_ on a CPU copy path")
+
+    monkeypatch.setattr(torch.Tensor, "copy_", refuse)
+    _roundtrip(split=split)

@@ -1,0 +1,193 @@
+"""The worker's arena through agent restarts, with real agent processes and a real
+client: the client owns the mapping and its hooks (populate, register for DMA) follow
+every remap; a restart under a load recomputes and drops nothing.
+
+The registration here is recorded, not cudaHostRegister (no GPU on this host): the GPU
+variant is tests/connector/test_connector_gpu.py.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from kvnode.connector.link import AgentLink, default_client_factory
+from kvnode.connector.scheduler import ChunkOp
+from kvnode.connector.worker import WorkerSide
+from kvnode.errors import KVNodeError
+from kvnode.ipc.client import AgentClient, Lookup
+from kvnode.kernels.hostmem import ArenaMapping, populate
+from tests.conftest import AgentProcess
+
+NUM_BLOCKS, BS, HEADS, HEAD, LAYERS, BPC = 96, 16, 2, 64, 2, 2
+DEADLINE_S = 15.0
+
+
+class Recorder:
+    """Registration hooks that log what they see: the buffer must still be mapped when
+    it is unregistered, and the new one mapped when it is registered."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int, bool]] = []  # (what, buffer id, mapped)
+        self.buffers: list[Any] = []
+
+    def register(self, buf: Any) -> Any:
+        self.buffers.append(buf)
+        self.events.append(("register", id(buf), not buf.closed))
+        return buf
+
+    def unregister(self, buf: Any) -> None:
+        self.events.append(("unregister", id(buf), not buf.closed))
+
+
+def caches(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        f"model.layers.{i}.self_attn.attn": torch.randn(
+            NUM_BLOCKS, HEADS, BS, 2 * HEAD, generator=g
+        )
+        for i in range(LAYERS)
+    }
+
+
+def payload(kv: dict[str, torch.Tensor], blocks: tuple[int, ...]) -> bytes:
+    """A chunk's bytes as the connector lays them out, built by hand."""
+    return b"".join(
+        kv[n][list(blocks)].contiguous().view(torch.uint8).numpy().tobytes() for n in sorted(kv)
+    )
+
+
+def key(round_: int, i: int) -> bytes:
+    return bytes([round_, i]) * 8
+
+
+def make_link(rd: Path, arena: ArenaMapping) -> AgentLink:
+    link = AgentLink(
+        default_client_factory(str(rd), "vllm-worker", 2.0, arena.on_map, arena.on_unmap),
+        retry_interval_s=0.05,
+        retry_max_s=0.2,
+        background=False,
+    )
+    until(link.try_connect, "the link did not connect")
+    return link
+
+
+def until(check: Any, what: str) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def client_of(link: AgentLink) -> AgentClient:
+    client: AgentClient = link.call(lambda c: c)
+    return client
+
+
+def reach(c: AgentClient) -> bool:
+    """One call that succeeds once the client has registered (and remapped) again."""
+    try:
+        c.lookup([b"\0" * 16], promote=False)
+        return True
+    except KVNodeError:
+        return False
+
+
+@pytest.fixture
+def agent_dir(runtime_dir: Path) -> Iterator[list[AgentProcess]]:
+    agents = [AgentProcess(runtime_dir).start()]
+    yield agents
+    agents[-1].stop()
+
+
+def restart(agents: list[AgentProcess]) -> None:
+    agents[-1].stop()
+    agents.append(AgentProcess(agents[-1].runtime_dir).start())
+
+
+def test_hooks_follow_two_agent_restarts(agent_dir: list[AgentProcess]) -> None:
+    rec = Recorder()
+    arena = ArenaMapping(register=rec.register, unregister=rec.unregister, prepare=populate)
+    link = make_link(agent_dir[0].runtime_dir, arena)
+    kv = caches(1)
+    w = WorkerSide(link, 0, NUM_BLOCKS, BS, BPC, arena=arena)
+    w.register(kv)
+    reader = AgentClient(agent_dir[0].runtime_dir, name="reader", timeout_s=2.0)
+    try:
+        for round_ in range(3):
+            if round_:
+                seen = len(rec.events)
+                restart(agent_dir)
+                # Nobody calls: the client notices and remaps on its own (heartbeat).
+                until(lambda n=seen: len(rec.events) >= n + 2, "the client did not remap")
+                old, new = rec.buffers[-2], rec.buffers[-1]
+                assert rec.events[seen:] == [
+                    ("unregister", id(old), True),  # before its unmap
+                    ("register", id(new), True),  # after the new mapping
+                ]
+                assert old.closed, "the old arena is still mapped"
+            assert client_of(link).buffer is rec.buffers[-1], "registered != mapped"
+            ops = [ChunkOp(i, (key(round_, i),), (2 * i + 1, 2 * i + 2)) for i in range(8)]
+            w.save({"r": ops})
+            assert w.stats.take()["save_chunks"] == 8
+            until(lambda: reach(reader), "the reader did not reach the agent")
+            for o in ops:
+                assert reader.get(o.keys[0]) == payload(kv, o.block_ids), f"round {round_}"
+        assert [e[0] for e in rec.events] == ["register"] + ["unregister", "register"] * 2
+    finally:
+        reader.close()
+        link.close()
+    assert rec.events[-1][0] == "unregister" and rec.buffers[-1].closed
+
+
+def test_restart_during_a_load_drops_nothing_and_recomputes(
+    agent_dir: list[AgentProcess],
+) -> None:
+    rd = agent_dir[0].runtime_dir
+    n = 40
+    src_kv, dst_kv = caches(1), caches(2)
+    ops = [ChunkOp(i, (key(9, i),), (2 * i + 1, 2 * i + 2)) for i in range(n)]
+    writer = AgentClient(rd, name="writer", timeout_s=2.0)
+    for o in ops:
+        writer.put(o.keys[0], payload(src_kv, o.block_ids))
+    writer.close()
+
+    arena = ArenaMapping()
+    link = make_link(rd, arena)
+    w = WorkerSide(link, 0, NUM_BLOCKS, BS, BPC, arena=arena)
+    w.register(dst_kv)
+    client = client_of(link)
+    real_pin = client.pin
+
+    def pin_then_restart(keys: list[bytes]) -> Any:
+        answers = real_pin(keys)  # slots of the old agent's arena
+        restart(agent_dir)
+        # The new agent holds the same entries, written in another order (other slots).
+        with AgentClient(rd, name="writer", timeout_s=2.0) as again:
+            for o in reversed(ops):
+                again.put(o.keys[0], payload(src_kv, o.block_ids))
+        until(lambda: reach(client), "the worker's client did not remap")
+        return answers
+
+    client.pin = pin_then_restart  # type: ignore[method-assign]
+    moved = [ChunkOp(o.index, o.keys, (2 * o.index + 11, 2 * o.index + 12)) for o in ops]
+    w.load({"q": moved})
+    client.pin = real_pin  # type: ignore[method-assign]
+    # Recomputed, not loaded: every block of the request is a load error.
+    assert w.take_load_errors() == {b for o in moved for b in o.block_ids}
+    with AgentClient(rd, name="check", timeout_s=2.0) as check:
+        counters = check.stats()["counters"]
+        assert counters["drops"] == 0, "good entries were dropped after the restart"
+        assert check.lookup([o.keys[0] for o in ops], promote=False) == [Lookup.HIT] * n
+    # The next step loads them from the new agent, byte for byte.
+    w.load({"q": moved})
+    assert w.take_load_errors() == set()
+    for o, m in zip(ops, moved, strict=True):
+        for name in src_kv:
+            assert torch.equal(dst_kv[name][list(m.block_ids)], src_kv[name][list(o.block_ids)])
+    link.close()
