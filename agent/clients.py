@@ -27,6 +27,8 @@ class Client:
     started: float = 0.0  # process create time, guards against pid reuse
     leases: set[bytes] = field(default_factory=set)
     pins: Counter[bytes] = field(default_factory=Counter)
+    fd: int = -1  # the connection's socket fd in the agent (zmq.SRCFD of its Hello)
+    pidfd: int = -1  # watches the process when it is in the agent's pid namespace
 
     def process_alive(self, agent_pid_ns: int) -> bool | None:
         """True/False when the pid can be checked from here; None when it cannot

@@ -1,13 +1,18 @@
 """The index: key -> entry, the two-phase lifecycle and eviction.
 
     absent -> RESERVED (write lease of one client) -> COMMITTED (readable)
-           -> EVICTING (a lower tier is copying it out; invisible to readers) -> absent
+           -> EVICTING (leaving: invisible to readers, pages held) -> absent
+
+An entry leaves through EVICTING whenever something still reads its pages: client pins
+(a drop of a pinned entry) or agent holds (a lower tier copying it out). Its pages are
+freed when the last pin and hold are gone, never earlier.
 
 Invariants (checked by ``check()``, raised even under ``python -O``):
 - live entries (any state) never share a page;
-- a pinned or reserved entry is never evicted;
+- a pinned, held or reserved entry is never freed;
 - ``bytes_used`` equals the sum of live entries' sizes; pages used + free = total.
-The index moves no bytes; it only decides which pages hold which key.
+The index moves no bytes and calls nobody: eviction returns its victims as data, and
+the caller hands them to whoever copies them out.
 """
 
 from __future__ import annotations
@@ -19,9 +24,23 @@ from enum import IntEnum
 
 from kvnode.agent.allocator import AllocatorInvariantError, Extent, PageAllocator
 from kvnode.agent.policy import EvictionPolicy, make_policy
-from kvnode.ipc.protocol import Status
 
 AGENT_OWNER = 0  # client id used for reservations the agent makes itself (promotions)
+
+
+class Outcome(IntEnum):
+    """The index's answers; the wire protocol maps them to its own status codes."""
+
+    OK = 0
+    EXISTS = 1  # reserve: already committed or being written
+    NO_SPACE = 2  # reserve: committed, unpinned pages cannot cover it
+    NOT_FOUND = 3
+    TOO_LARGE = 4
+    BAD_STATE = 5  # commit/abort of an entry this owner does not hold
+
+
+# Kept for callers that still say Status: the values match the wire's.
+Status = Outcome
 
 
 class State(IntEnum):
@@ -41,6 +60,10 @@ class Entry:
     pins: int = 0
     lease_deadline: float = 0.0
     hits: int = 0
+    holds: int = 0  # agent-side readers (lower-tier copies in flight)
+
+    def page_count(self) -> int:
+        return sum(c for _, c in self.pages)
 
     def extents(self, page_bytes: int) -> list[tuple[int, int]]:
         """Byte extents (offset, length) covering exactly ``size`` bytes."""
@@ -53,9 +76,14 @@ class Entry:
         return out
 
 
-# Called when a committed entry is chosen for eviction. Returns True when the callee
-# keeps the entry's pages until it calls ``Index.finish_evict(key)`` (write-back).
-EvictHook = Callable[[Entry], bool]
+@dataclass(slots=True)
+class Evicted:
+    """What one eviction pass did. ``leaving``: entries held (EVICTING) for the caller
+    to offer to write-back tiers, each with one hold the caller must ``unhold``;
+    ``removed``: keys gone from the arena (freed now or leaving)."""
+
+    leaving: list[Entry]
+    removed: list[bytes]
 
 
 @dataclass(slots=True)
@@ -65,6 +93,7 @@ class IndexCounters:
     evict_unsaved: int = 0  # evicted without write-back: the lower tier still held pages
     expired_leases: int = 0
     reserve_no_space: int = 0
+    drops_deferred: int = 0  # drops that waited for pins or copies to end
 
 
 class Index:
@@ -86,8 +115,11 @@ class Index:
         self.evicting_pages = 0  # pages of EVICTING entries (freed when write-back ends)
         self.clock = clock
         self.reserve_ttl_s = reserve_ttl_s
-        self.on_evict: EvictHook | None = None
+        # True when a write-back tier may take victims: eviction then holds them
+        # (EVICTING) instead of freeing, while free + leaving pages fall short.
+        self.write_back = False
         self.counters = IndexCounters()
+        self.removed: list[bytes] = []  # keys that left the arena since take_removed()
 
     # -- reads ---------------------------------------------------------------
     def lookup(self, key: bytes) -> Entry | None:
@@ -118,23 +150,65 @@ class Index:
         e.pins -= count
         if e.pins == 0:
             self.pinned -= 1
+            self._free_if_left(e)
+
+    def hold(self, key: bytes) -> Entry | None:
+        """An agent-side reader (a lower-tier copy) starts: the pages stay until
+        ``unhold``, even if the entry is dropped or evicted meanwhile."""
+        e = self.entries.get(key)
+        if e is None or e.state is State.RESERVED:
+            return None
+        e.holds += 1
+        return e
+
+    def unhold(self, key: bytes) -> None:
+        e = self.entries.get(key)
+        if e is None or e.holds <= 0:
+            raise AllocatorInvariantError("unhold of an entry not held")
+        e.holds -= 1
+        self._free_if_left(e)
+
+    def _free_if_left(self, e: Entry) -> None:
+        if e.state is State.EVICTING and e.pins == 0 and e.holds == 0:
+            self.evicting_pages -= e.page_count()
+            self._free(e)
+
+    def _leave(self, e: Entry) -> None:
+        """Committed -> EVICTING: invisible now, freed when the last reader is done."""
+        self.policy.remove(e.key)
+        e.state = State.EVICTING
+        self.evicting_pages += e.page_count()
+        self.removed.append(e.key)
+        self._free_if_left(e)
+
+    def take_removed(self) -> list[bytes]:
+        """Keys that left the arena since the last call (for events and lookups)."""
+        out, self.removed = self.removed, []
+        return out
 
     # -- writes ----------------------------------------------------------------
-    def reserve(self, key: bytes, size: int, owner: int) -> tuple[Status, Entry | None]:
+    def reserve(
+        self, key: bytes, size: int, owner: int, evicted: list[Entry] | None = None
+    ) -> tuple[Outcome, Entry | None]:
+        """Reserve pages for ``key``, evicting unpinned committed entries if needed.
+        Victims that a write-back tier may copy out are appended to ``evicted`` (each
+        holding one ``hold`` the caller releases); without that list, none are kept."""
         if key in self.entries:
-            return Status.EXISTS, None
+            return Outcome.EXISTS, None
         if size <= 0:
-            return Status.TOO_LARGE, None
+            return Outcome.TOO_LARGE, None
         pages = -(-size // self.page_bytes)
         if pages > self.alloc.pages_total:
-            return Status.TOO_LARGE, None
+            return Outcome.TOO_LARGE, None
         got = self.alloc.alloc(pages)
         if got is None:
-            self.evict_pages(pages)
+            out = self.evict_pages(pages, keep=evicted is not None)
+            if evicted is not None:
+                evicted.extend(out.leaving)
             got = self.alloc.alloc(pages)
         if got is None:
             self.counters.reserve_no_space += 1
-            return Status.NO_SPACE, None
+            return Outcome.NO_SPACE, None
         e = Entry(key, size, got, State.RESERVED, owner)
         e.lease_deadline = self.clock() + self.reserve_ttl_s
         self.entries[key] = e
@@ -142,17 +216,17 @@ class Index:
         self.reserved += 1
         return Status.OK, e
 
-    def commit(self, key: bytes, owner: int, checksum: int = 0) -> Status:
+    def commit(self, key: bytes, owner: int, checksum: int = 0) -> Outcome:
         e = self.entries.get(key)
         if e is None:
-            return Status.NOT_FOUND
+            return Outcome.NOT_FOUND
         if e.state is not State.RESERVED or e.owner != owner:
-            return Status.BAD_STATE
+            return Outcome.BAD_STATE
         e.state = State.COMMITTED
         e.checksum = checksum
         self.reserved -= 1
         self.policy.insert(key)
-        return Status.OK
+        return Outcome.OK
 
     def abort(self, key: bytes, owner: int) -> bool:
         e = self.entries.get(key)
@@ -163,66 +237,72 @@ class Index:
         return True
 
     def drop(self, key: bytes) -> bool:
-        """Remove a committed, unpinned entry (e.g. it failed a checksum)."""
+        """Remove a committed entry (e.g. it failed a checksum). It disappears for
+        readers at once; its pages are freed when its pins and copies are done."""
         e = self.entries.get(key)
-        if e is None or e.state is not State.COMMITTED or e.pins:
+        if e is None or e.state is not State.COMMITTED:
             return False
-        self.policy.remove(key)
-        self._free(e)
+        if e.pins or e.holds:
+            self.counters.drops_deferred += 1
+        self._leave(e)
         return True
 
     # -- eviction ----------------------------------------------------------------
-    def evict_pages(self, pages_needed: int, must_free: bool = True) -> int:
+    def evict_pages(self, pages_needed: int, must_free: bool = True, keep: bool = True) -> Evicted:
         """Evict unpinned committed entries until ``pages_needed`` pages are free.
 
-        Entries a lower tier takes for write-back keep their pages until the copy is
-        done, so they count as "on the way out". Once free + on-the-way-out pages
-        suffice, further victims are dropped without write-back (counted in
-        ``evict_unsaved``) when ``must_free`` is set: a store must not fail because a
-        slow tier holds pages. With ``must_free`` unset (background headroom) it stops
-        there. Returns the number of entries evicted."""
-        evicted = 0
-        skipped: set[bytes] = set()
-        while self.alloc.pages_free < pages_needed:
-            defer = self.alloc.pages_free + self.evicting_pages < pages_needed
+        With ``keep`` and ``write_back`` set, victims are held (EVICTING, one hold each,
+        returned in ``leaving``) while free + leaving pages fall short of the need, so a
+        write-back tier can copy them out; once they suffice, further victims are freed
+        unsaved (``evict_unsaved``) when ``must_free`` is set: a store must not fail
+        because a slow tier holds pages. Without ``must_free`` (background headroom)
+        it stops there. A reserve fails only when committed, unpinned pages cannot
+        cover it (or copies in flight still hold them): every pinned or reserved
+        entry is skipped, never a stop."""
+        out = Evicted([], [])
+        keep = keep and self.write_back
+        for key in self._victims():
+            if self.alloc.pages_free >= pages_needed:
+                break
+            defer = keep and self.alloc.pages_free + self.evicting_pages < pages_needed
             if not defer and not must_free:
                 break
+            e = self.entries[key]
+            self.counters.evictions += 1
+            out.removed.append(key)
+            if defer:
+                e.holds += 1
+                out.leaving.append(e)
+                self.counters.evict_deferred += 1
+            elif self.write_back:
+                self.counters.evict_unsaved += 1
+            self._leave(e)
+        return out
+
+    def _victims(self) -> Iterable[bytes]:
+        """Evictable keys in policy order, each offered once. The policy's iterator is
+        restarted after every eviction (it may not survive the removal)."""
+        offered: set[bytes] = set()
+        while True:
             victim = None
             for key in self.policy.candidates():
-                if key in skipped:
-                    victim = None
-                    break  # went all the way round
+                if key in offered:
+                    continue
+                offered.add(key)
                 e = self.entries[key]
+                # A held entry (a copy in flight) may leave: its pages follow the copy.
                 if e.pins == 0 and e.state is State.COMMITTED:
-                    victim = e
+                    victim = key
                     break
-                skipped.add(key)
+                if len(offered) > len(self.policy):
+                    break  # every candidate seen: none evictable
             if victim is None:
-                break
-            self._evict(victim, defer)
-            evicted += 1
-        return evicted
-
-    def _evict(self, e: Entry, defer: bool = True) -> None:
-        self.policy.remove(e.key)
-        self.counters.evictions += 1
-        if defer and self.on_evict is not None and self.on_evict(e):
-            e.state = State.EVICTING
-            self.evicting_pages += sum(c for _, c in e.pages)
-            self.counters.evict_deferred += 1
-            return
-        if not defer and self.on_evict is not None:
-            self.counters.evict_unsaved += 1
-        self._free(e)
-
-    def finish_evict(self, key: bytes) -> None:
-        e = self.entries.get(key)
-        if e is None or e.state is not State.EVICTING:
-            raise AllocatorInvariantError("finish_evict of an entry not evicting")
-        self.evicting_pages -= sum(c for _, c in e.pages)
-        self._free(e)
+                return
+            yield victim
 
     def _free(self, e: Entry) -> None:
+        if e.pins or e.holds:
+            raise AllocatorInvariantError("freeing an entry that is still read")
         del self.entries[e.key]
         self.bytes_used -= e.size
         self.alloc.free(e.pages)
@@ -247,7 +327,7 @@ class Index:
         """Drop a client's reservations and pins. Returns (leases, pins) reclaimed."""
         n_leases = sum(1 for k in list(leases) if self.abort(k, owner))
         n_pins = 0
-        for key, count in pins.items():
+        for key, count in list(pins.items()):
             if key in self.entries and count:
                 self.unpin(key, count)
                 n_pins += count
@@ -267,16 +347,15 @@ class Index:
             total += e.size
             reserved += e.state is State.RESERVED
             pinned += e.pins > 0
-            in_policy = e.state is State.COMMITTED
-            if e.pins < 0:
-                raise AllocatorInvariantError("negative pin count")
-            if not in_policy and e.pins:
-                raise AllocatorInvariantError("pinned entry that is not committed")
+            if e.pins < 0 or e.holds < 0:
+                raise AllocatorInvariantError("negative pin or hold count")
+            if e.state is State.RESERVED and (e.pins or e.holds):
+                raise AllocatorInvariantError("pinned or held entry that is reserved")
+            if e.state is State.EVICTING and not (e.pins or e.holds):
+                raise AllocatorInvariantError("leaving entry that nobody reads")
         if total != self.bytes_used:
             raise AllocatorInvariantError(f"bytes_used {self.bytes_used} != {total}")
-        evicting = sum(
-            sum(c for _, c in e.pages) for e in self.entries.values() if e.state is State.EVICTING
-        )
+        evicting = sum(e.page_count() for e in self.entries.values() if e.state is State.EVICTING)
         if evicting != self.evicting_pages:
             raise AllocatorInvariantError("evicting_pages drifted")
         if reserved != self.reserved or pinned != self.pinned:
@@ -287,4 +366,4 @@ class Index:
         self.alloc.check(used)
 
 
-__all__ = ["AGENT_OWNER", "Entry", "Index", "State"]
+__all__ = ["AGENT_OWNER", "Entry", "Evicted", "Index", "Outcome", "State", "Status"]

@@ -12,7 +12,7 @@ from kvnode.agent import sdnotify
 from kvnode.agent.config import Config, format_size, load_config
 from kvnode.agent.logs import parse_level, set_level
 from kvnode.agent.metrics import AgentStatsSource, MetricsServer
-from kvnode.agent.server import Agent
+from kvnode.agent.server import Agent, StopRequested
 from kvnode.errors import ArenaError, ConfigError, KVNodeError
 
 log = logging.getLogger("kvnode.agent")
@@ -25,12 +25,18 @@ def run_agent(cfg: Config, reload_config: Callable[[], Config] | None = None) ->
     loader); without it the file and flags recorded in ``cfg.sources`` are read again.
     """
     agent = Agent(cfg)
+    # Signals first: a SIGTERM during a multi-GiB pre-fault must still unlink it.
+    agent.install_signal_handlers()
     sdnotify.status(f"mapping {format_size(cfg.arena.cpu_bytes)} arena")
     stats_source = AgentStatsSource(cfg.runtime_dir)
     metrics = MetricsServer(cfg.metrics.address, cfg.metrics.port, stats_source)
     try:
         agent.start()
         metrics.start()
+    except StopRequested:
+        log.info("stopped while starting")
+        agent.close()
+        return 0
     except (ArenaError, ConfigError) as exc:
         log.error("%s", exc)
         sdnotify.status(f"failed: {exc}")
@@ -43,7 +49,6 @@ def run_agent(cfg: Config, reload_config: Callable[[], Config] | None = None) ->
     agent.hooks_stopping.append(metrics.stop)
     agent.hooks_stopping.append(stats_source.close)
     agent.hooks_reload.append(_reloader(reload_config or (lambda: _load_again(cfg)), agent))
-    agent.install_signal_handlers()
     try:
         agent.serve_forever()
     finally:

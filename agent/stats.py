@@ -13,6 +13,7 @@ COUNTERS = (
     "reserve_failed", "commits", "aborts", "pins", "pin_misses", "releases", "drops",
     "bytes_in", "bytes_out", "evictions", "reclaimed_clients", "reclaimed_leases",
     "reclaimed_pins", "bad_frames", "errors", "expired_leases", "evict_unsaved",
+    "refused_identity", "refused_stale", "refused_commits", "drops_deferred",
 )  # fmt: skip
 LATENCY_OPS = ("lookup", "reserve", "commit", "pin", "release")
 

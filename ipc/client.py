@@ -4,6 +4,14 @@ Control calls go over a ZeroMQ DEALER socket; bytes go through the mapped arena.
 Every call has a timeout. An absent agent raises ``AgentUnavailable``; the next call
 tries to connect again (rate-limited by ``retry_interval_s``), so a restarted agent is
 picked up without restarting the caller.
+
+The client is the one owner of the arena mapping: it maps the segment a ``Welcome``
+names, and on a generation change it calls ``on_unmap(old_buffer)`` before it unmaps
+the old segment and ``on_map(new_buffer)`` after it maps the new one, before any call
+of the new generation returns. Whoever registers the arena (e.g. ``cudaHostRegister``)
+does it in those hooks and nowhere else. Heartbeats go over the request socket (the
+agent binds a client to its connection), without waiting for the reply; an idle client
+that hears "stale generation" registers again at once.
 """
 
 from __future__ import annotations
@@ -13,33 +21,31 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import xxhash
 import zmq
 
-from kvnode.errors import AgentError, AgentUnavailable, ArenaError, ClientUnknown, ProtocolError
+from kvnode.errors import (
+    AgentError,
+    AgentUnavailable,
+    ArenaError,
+    ChecksumError,
+    ClientUnknown,
+    ProtocolError,
+)
 from kvnode.ipc import protocol as P
+from kvnode.ipc.checksum import checksum
 from kvnode.ipc.protocol import Lookup, Slot, Status
 from kvnode.ipc.segment import Segment
 
 log = logging.getLogger("kvnode.client")
 
+# Error replies after which the client registers again (and remaps) before retrying.
+_REREGISTER = (P.ErrCode.UNKNOWN_CLIENT, P.ErrCode.STALE_GENERATION)
+
 __all__ = ["AgentClient", "Lookup", "Slot", "Status", "checksum", "default_runtime_dir"]
-
-
-def checksum(buf: Any) -> int:
-    """xxh3-64 of a bytes-like object (or a list of them); never 0 (0 means 'none')."""
-    if isinstance(buf, (list, tuple)):
-        h = xxhash.xxh3_64()
-        for part in buf:
-            h.update(part)
-        value = h.intdigest()
-    else:
-        value = xxhash.xxh3_64_intdigest(buf)
-    return value or 1
 
 
 def default_runtime_dir() -> Path:
@@ -67,6 +73,8 @@ class AgentClient:
         timeout_s: float = 1.0,
         retry_interval_s: float = 0.5,
         heartbeat: bool = True,
+        on_map: Callable[[Any], None] | None = None,
+        on_unmap: Callable[[Any], None] | None = None,
     ) -> None:
         self.runtime_dir = Path(runtime_dir) if runtime_dir else default_runtime_dir()
         self.endpoint = f"ipc://{self.runtime_dir / 'agent.sock'}"
@@ -87,6 +95,10 @@ class AgentClient:
         self._closed = False
         self._hb_thread: threading.Thread | None = None
         self._hb_stop = threading.Event()
+        self._hb_rids: set[int] = set()  # heartbeats whose reply has not been read
+        self._on_map = on_map
+        self._on_unmap = on_unmap
+        self.remaps = 0  # arena mappings after the first (agent restarts seen)
 
     # ------------------------------------------------------------------ connection
     @property
@@ -153,7 +165,11 @@ class AgentClient:
         if not isinstance(rep, P.Welcome):
             raise ProtocolError(f"unexpected reply to hello: {type(rep).__name__}")
         if rep.generation != self._generation or self._segment is None:
-            self._map(rep)
+            try:
+                self._map(rep)
+            except BaseException:
+                self._reset_socket()  # the agent reclaims the registration on disconnect
+                raise
         self._client_id = rep.client_id
         self._generation = rep.generation
         self._page_bytes = rep.page_bytes
@@ -161,13 +177,34 @@ class AgentClient:
         self._start_heartbeat()
 
     def _map(self, w: P.Welcome) -> None:
-        old = self._segment
+        """Replace the mapping: unregister -> unmap the old one, map -> register the
+        new one. A hook that fails leaves the client unmapped and unregistered."""
+        self._unmap()
         try:
-            self._segment = Segment.open(w.segment, w.arena_bytes)
+            seg = Segment.open(w.segment, w.arena_bytes)
         except ArenaError as exc:
             raise AgentUnavailable(f"agent's arena cannot be mapped: {exc}") from exc
-        if old is not None:
-            old.close()
+        if self._on_map is not None:
+            try:
+                self._on_map(seg.buffer)
+            except Exception as exc:
+                seg.close()
+                raise AgentUnavailable(f"arena mapped but not made ready: {exc}") from exc
+        if self._generation:
+            self.remaps += 1
+            log.info("agent generation %x -> %x: arena remapped", self._generation, w.generation)
+        self._segment = seg
+
+    def _unmap(self) -> None:
+        seg, self._segment = self._segment, None
+        if seg is None:
+            return
+        if self._on_unmap is not None:
+            try:
+                self._on_unmap(seg.buffer)
+            except Exception:
+                log.exception("on_unmap hook failed; unmapping anyway")
+        seg.close()
 
     def _lost(self) -> None:
         """The agent is gone or forgot us: the next call registers again."""
@@ -182,16 +219,15 @@ class AgentClient:
             if self._client_id and self._sock is not None:
                 rid = next(self._rid)
                 try:
-                    self._sock.send(P.encode(P.Bye(rid, self._client_id)), zmq.NOBLOCK)
+                    bye = P.Bye(rid, self._client_id, self._generation)
+                    self._sock.send(P.encode(bye), zmq.NOBLOCK)
                     self._sock.poll(100)
                 except zmq.ZMQError:
                     pass
             self._closed = True
             self._client_id = 0
             self._reset_socket()
-            if self._segment is not None:
-                self._segment.close()
-                self._segment = None
+            self._unmap()
 
     def __enter__(self) -> AgentClient:
         return self
@@ -235,22 +271,25 @@ class AgentClient:
             rep = P.decode_reply(frame)
             if rep.rid == rid:
                 return rep
+            if rep.rid in self._hb_rids:
+                self._hb_rids.discard(rep.rid)
             # a late reply to a call that already timed out: drop it, wait out the rest
             left_ms = int((deadline - time.monotonic()) * 1000)
 
     def _call(self, make: Any, timeout_s: float | None = None) -> Any:
-        """Send ``make(rid, client_id)``; re-register once if the agent forgot us."""
+        """Send ``make(rid, client_id, generation)``; register again (and remap) once
+        if the agent restarted or forgot us."""
         with self._lock:
             for attempt in (0, 1):
                 self._ensure()
                 rid = next(self._rid)
-                rep = self._roundtrip(make(rid, self._client_id), rid, timeout_s)
+                rep = self._roundtrip(make(rid, self._client_id, self._generation), rid, timeout_s)
                 if isinstance(rep, P.Error):
-                    if rep.code == P.ErrCode.UNKNOWN_CLIENT and attempt == 0:
+                    if rep.code in _REREGISTER and attempt == 0:
                         self._lost()
                         self._next_retry = 0.0
                         continue
-                    if rep.code == P.ErrCode.UNKNOWN_CLIENT:
+                    if rep.code in _REREGISTER:
                         raise ClientUnknown(rep.code, rep.message)
                     raise AgentError(rep.code, rep.message)
                 return rep
@@ -266,65 +305,98 @@ class AgentClient:
         self._hb_thread.start()
 
     def _heartbeat_loop(self) -> None:
-        # Its own socket: ZeroMQ sockets are not thread-safe. The agent keys clients by
-        # client id, so heartbeats need not come from the request socket.
-        sock: zmq.Socket | None = None
-        rid = itertools.count(1)
+        while not self._hb_stop.wait(self._heartbeat_interval_s):
+            # A call in progress is itself a sign of life: skip rather than wait for it.
+            if not self._lock.acquire(blocking=False):
+                continue
+            try:
+                self._heartbeat_once()
+            except Exception:  # never let the thread die: the next tick tries again
+                log.debug("heartbeat failed", exc_info=True)
+            finally:
+                self._lock.release()
+
+    def _heartbeat_once(self) -> None:
+        """Read replies to earlier heartbeats, send the next one. Runs under the lock."""
+        if self._closed:
+            return
+        sock = self._sock
+        stale = False
+        if sock is not None:
+            while sock.poll(0):
+                rep = P.decode_reply(sock.recv())
+                self._hb_rids.discard(rep.rid)
+                if isinstance(rep, P.Error) and rep.code in _REREGISTER:
+                    stale = True
+        if stale or (not self._client_id and self._segment is not None):
+            # The agent restarted (or forgot us): register and remap now, not at the
+            # next call, so an idle client never sits on a dead arena.
+            self._lost()
+            self._next_retry = 0.0
+            try:
+                self._ensure()
+            except AgentUnavailable:
+                return
+        if not self._client_id or self._sock is None:
+            return
+        rid = next(self._rid)
+        if len(self._hb_rids) > 64:
+            self._hb_rids.clear()  # replies that never came: bound the set
+        self._hb_rids.add(rid)
         try:
-            while not self._hb_stop.wait(self._heartbeat_interval_s):
-                cid = self._client_id
-                if not cid:
-                    continue
-                if sock is None:
-                    sock = self._new_socket()
-                try:
-                    sock.send(P.encode(P.Heartbeat(next(rid), cid)), zmq.NOBLOCK)
-                    while sock.poll(0):
-                        sock.recv()
-                except zmq.ZMQError:
-                    sock.close(0)
-                    sock = None
-        finally:
-            if sock is not None:
-                sock.close(0)
+            self._sock.send(
+                P.encode(P.Heartbeat(rid, self._client_id, self._generation)), zmq.NOBLOCK
+            )
+        except zmq.ZMQError:
+            pass  # nothing connected: the next call or tick reconnects
 
     # ------------------------------------------------------------------ API
     def lookup(
         self, keys: Sequence[bytes], promote: bool = True, timeout_s: float | None = None
     ) -> list[Lookup]:
         keys = list(keys)
-        rep = self._call(lambda r, c: P.LookupReq(r, c, keys, promote), timeout_s)
+        rep = self._call(lambda r, c, g: P.LookupReq(r, c, g, keys, promote), timeout_s)
         return rep.states  # ints that compare equal to Lookup members; no per-key conversion
 
     def reserve(
         self, keys: Sequence[bytes], sizes: Sequence[int]
     ) -> list[tuple[Status, Slot | None]]:
         keys, sizes = list(keys), list(sizes)
-        rep = self._call(lambda r, c: P.ReserveReq(r, c, keys, sizes))
+        rep = self._call(lambda r, c, g: P.ReserveReq(r, c, g, keys, sizes))
         return [(Status(s), slot) for s, slot in zip(rep.status, rep.slots)]
 
-    def commit(self, keys: Sequence[bytes], checksums: Sequence[int] | None = None) -> list[Status]:
+    def commit(
+        self,
+        keys: Sequence[bytes],
+        checksums: Sequence[int] | None = None,
+        parents: Sequence[bytes] | None = None,
+        tokens: Sequence[Sequence[int]] | None = None,
+    ) -> list[Status]:
+        """Make reserved entries readable. ``parents``/``tokens`` (optional, per key)
+        feed the agent's KV events: the previous chunk's key and the chunk's tokens."""
         keys = list(keys)
         sums = list(checksums) if checksums is not None else [0] * len(keys)
-        rep = self._call(lambda r, c: P.CommitReq(r, c, keys, sums))
+        par = list(parents) if parents is not None else []
+        toks = [list(t) for t in tokens] if tokens is not None else []
+        rep = self._call(lambda r, c, g: P.CommitReq(r, c, g, keys, sums, par, toks))
         return [Status(s) for s in rep.status]
 
     def abort(self, keys: Sequence[bytes]) -> None:
         keys = list(keys)
-        self._call(lambda r, c: P.AbortReq(r, c, keys))
+        self._call(lambda r, c, g: P.AbortReq(r, c, g, keys))
 
     def pin(self, keys: Sequence[bytes]) -> list[tuple[Status, Slot | None]]:
         keys = list(keys)
-        rep = self._call(lambda r, c: P.PinReq(r, c, keys))
+        rep = self._call(lambda r, c, g: P.PinReq(r, c, g, keys))
         return [(Status(s), slot) for s, slot in zip(rep.status, rep.slots)]
 
     def release(self, keys: Sequence[bytes]) -> None:
         keys = list(keys)
-        self._call(lambda r, c: P.ReleaseReq(r, c, keys))
+        self._call(lambda r, c, g: P.ReleaseReq(r, c, g, keys))
 
     def drop(self, keys: Sequence[bytes]) -> None:
         keys = list(keys)
-        self._call(lambda r, c: P.DropReq(r, c, keys))
+        self._call(lambda r, c, g: P.DropReq(r, c, g, keys))
 
     def stats(self, timeout_s: float | None = None) -> dict[str, Any]:
         """Agent statistics. Needs no registration (tools use it for health checks)."""
@@ -386,7 +458,10 @@ class AgentClient:
         return self.commit([key], [csum])[0]
 
     def get(self, key: bytes, verify: bool = True) -> bytes | None:
-        """Pin, copy, release one entry; None when absent. Verifies the checksum."""
+        """Pin, copy, release one entry; None when absent. With ``verify`` the copy is
+        checked against the committed checksum, and an entry committed without one is
+        refused as unverified (``ChecksumError``): bytes are never returned as good
+        unless they were checked. ``verify=False`` returns whatever the entry holds."""
         ((st, slot),) = self.pin([key])
         if st != Status.OK or slot is None:
             return None
@@ -394,8 +469,9 @@ class AgentClient:
             data = bytes(self.read(slot))
         finally:
             self.release([key])
-        if verify and slot.checksum and checksum(data) != slot.checksum:
-            from kvnode.errors import ChecksumError
-
-            raise ChecksumError(f"entry {key.hex()} failed its checksum")
+        if verify:
+            if not slot.checksum:
+                raise ChecksumError(f"entry {key.hex()} has no checksum: bytes unverified")
+            if checksum(data) != slot.checksum:
+                raise ChecksumError(f"entry {key.hex()} failed its checksum")
         return data

@@ -5,17 +5,46 @@ first element is the message's one-byte type tag (msgspec tagged, array-like str
 Bulk KV bytes never travel here: they go through the shared-memory arena.
 Requests carry ``rid`` (request id) echoed by the reply so a client can drop a late
 reply to a call it already timed out.
+
+Every field is bounded by the schema itself (``msgspec.Meta``): keys are exactly
+``KEY_BYTES`` long, integers fit their range, strings and lists have a maximum length.
+A frame that breaks any bound fails to decode and gets a ``BAD_FRAME`` error; nothing a
+client sends reaches a handler unchecked.
+
+Identity: a client's requests carry the ``client_id`` and ``generation`` its ``Welcome``
+gave it. The agent accepts them only from the ZeroMQ connection that said ``Hello`` and
+only in that generation; a request from an earlier generation gets ``STALE_GENERATION``
+(register again and remap), any other mismatch ``UNKNOWN_CLIENT``.
 """
 
 from __future__ import annotations
 
 from enum import IntEnum
-from typing import Any, Union
+from typing import Annotated, Any, Union
 
 import msgspec
+from msgspec import Meta
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 _VERSION_BYTE = bytes([PROTOCOL_VERSION])
+
+KEY_BYTES = 16  # a chunk key: 128-bit chained content hash (kvnode.connector.keys)
+KEYS_MAX = 65536  # keys in one request (the agent's batch_keys_max is usually lower)
+NAME_CHARS_MAX = 64
+TOKENS_PER_KEY_MAX = 1 << 16
+U63 = (1 << 63) - 1
+
+Key = Annotated[bytes, Meta(min_length=KEY_BYTES, max_length=KEY_BYTES)]
+Keys = Annotated[list[Key], Meta(max_length=KEYS_MAX)]
+Rid = Annotated[int, Meta(ge=0, le=U63)]
+ClientId = Annotated[int, Meta(ge=1, le=U63)]
+Generation = Annotated[int, Meta(ge=0, le=U63)]
+Checksum = Annotated[int, Meta(ge=0)]  # uint64 (msgpack bounds it)
+Size = Annotated[int, Meta(ge=0, le=1 << 48)]
+Name = Annotated[str, Meta(max_length=NAME_CHARS_MAX)]
+Tokens = Annotated[
+    list[Annotated[int, Meta(ge=0, le=(1 << 32) - 1)]], Meta(max_length=TOKENS_PER_KEY_MAX)
+]
 
 
 class Lookup(IntEnum):
@@ -45,6 +74,7 @@ class ErrCode(IntEnum):
     TOO_MANY_CLIENTS = 5
     INTERNAL = 6
     SHUTTING_DOWN = 7
+    STALE_GENERATION = 8  # the agent restarted since this client registered: Hello again
 
 
 class _Msg(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, tag_field="t"):
@@ -53,72 +83,87 @@ class _Msg(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, tag_fi
 
 # ---------------------------------------------------------------- requests
 class Hello(_Msg, tag=1):
-    rid: int
-    name: str
-    pid: int
-    pid_ns: int = 0  # inode of /proc/self/ns/pid: pid liveness checks only in the same ns
-    version: int = PROTOCOL_VERSION
+    rid: Rid
+    name: Name
+    pid: Annotated[int, Meta(ge=0, le=(1 << 32) - 1)]  # 0: unknown (no pid checks)
+    pid_ns: Annotated[int, Meta(ge=0, le=U63)] = 0  # inode of /proc/self/ns/pid
+    version: Annotated[int, Meta(ge=0, le=255)] = PROTOCOL_VERSION
 
 
 class Heartbeat(_Msg, tag=2):
-    rid: int
-    client_id: int
+    rid: Rid
+    client_id: ClientId
+    generation: Generation
 
 
 class LookupReq(_Msg, tag=3):
-    rid: int
-    client_id: int
-    keys: list[bytes]
+    rid: Rid
+    client_id: ClientId
+    generation: Generation
+    keys: Keys
     promote: bool = True  # start promotion of keys found in lower tiers
 
 
 class ReserveReq(_Msg, tag=4):
-    rid: int
-    client_id: int
-    keys: list[bytes]
-    sizes: list[int]
+    rid: Rid
+    client_id: ClientId
+    generation: Generation
+    keys: Keys
+    sizes: Annotated[list[Size], Meta(max_length=KEYS_MAX)]
 
 
 class CommitReq(_Msg, tag=5):
-    rid: int
-    client_id: int
-    keys: list[bytes]
-    checksums: list[int]  # xxh3-64 of each payload; 0 = not given
+    rid: Rid
+    client_id: ClientId
+    generation: Generation
+    keys: Keys
+    checksums: Annotated[list[Checksum], Meta(max_length=KEYS_MAX)]  # 0 = not given
+    # Optional, per key, for KV events: the previous chunk's key (b"" for the first
+    # chunk of a prompt) and the chunk's token ids. Empty lists: not given.
+    parents: Annotated[
+        list[Annotated[bytes, Meta(max_length=KEY_BYTES)]], Meta(max_length=KEYS_MAX)
+    ] = []
+    tokens: Annotated[list[Tokens], Meta(max_length=KEYS_MAX)] = []
 
 
 class AbortReq(_Msg, tag=6):
-    rid: int
-    client_id: int
-    keys: list[bytes]
+    rid: Rid
+    client_id: ClientId
+    generation: Generation
+    keys: Keys
 
 
 class PinReq(_Msg, tag=7):
-    rid: int
-    client_id: int
-    keys: list[bytes]
+    rid: Rid
+    client_id: ClientId
+    generation: Generation
+    keys: Keys
 
 
 class ReleaseReq(_Msg, tag=8):
-    rid: int
-    client_id: int
-    keys: list[bytes]
+    rid: Rid
+    client_id: ClientId
+    generation: Generation
+    keys: Keys
 
 
 class StatsReq(_Msg, tag=9):
-    rid: int
+    rid: Rid
 
 
 class Bye(_Msg, tag=10):
-    rid: int
-    client_id: int
+    rid: Rid
+    client_id: ClientId
+    generation: Generation
 
 
 class DropReq(_Msg, tag=11):
     """Remove committed, unpinned entries (all tiers). Used on checksum failure."""
 
-    rid: int
-    client_id: int
-    keys: list[bytes]
+    rid: Rid
+    client_id: ClientId
+    generation: Generation
+    keys: Keys
 
 
 # ---------------------------------------------------------------- replies
@@ -138,6 +183,7 @@ class Welcome(_Msg, tag=64):
     page_bytes: int
     generation: int  # changes on every agent start: remap on change
     heartbeat_interval_s: float
+    index_segment: str = ""  # shared-memory lookup index ("" when not published)
 
 
 class Ok(_Msg, tag=65):
@@ -208,6 +254,8 @@ def _split(frame: bytes | memoryview) -> memoryview:
 
 
 def decode_request(frame: bytes | memoryview) -> Any:
+    """Decode one request frame. Any input at all either decodes into a request whose
+    every field is within its bounds or raises ``ProtocolError``."""
     from kvnode.errors import ProtocolError
 
     body = _split(frame)
@@ -215,6 +263,8 @@ def decode_request(frame: bytes | memoryview) -> Any:
         return _req_decoder.decode(body)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ProtocolError(f"bad request: {exc}") from exc
+    except (UnicodeDecodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:
+        raise ProtocolError(f"bad request: {type(exc).__name__}") from exc
 
 
 def decode_reply(frame: bytes | memoryview) -> Any:
@@ -227,12 +277,19 @@ def decode_reply(frame: bytes | memoryview) -> Any:
         raise ProtocolError(f"bad reply: {exc}") from exc
 
 
+class _RidOnly(msgspec.Struct, array_like=True):
+    tag: Any
+    rid: Rid
+
+
+_rid_decoder = msgspec.msgpack.Decoder(_RidOnly)
+
+
 def request_rid(frame: bytes) -> int:
-    """Best-effort request id of an undecodable frame, for the error reply (0 if none)."""
+    """Best-effort request id of an undecodable frame, for the error reply (0 if none).
+    Decodes only the first two array elements' types, so a hostile frame costs no
+    more than the decode that already failed on it."""
     try:
-        raw = msgspec.msgpack.decode(frame[1:])
-        if isinstance(raw, list) and len(raw) > 1 and isinstance(raw[1], int):
-            return int(raw[1])
+        return _rid_decoder.decode(frame[1:]).rid
     except Exception:
-        pass
-    return 0
+        return 0

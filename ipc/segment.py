@@ -8,6 +8,7 @@ import grp
 import mmap
 import os
 import time
+from collections.abc import Callable
 
 import posix_ipc
 
@@ -29,9 +30,17 @@ class Segment:
     # -- agent side ---------------------------------------------------------------
     @classmethod
     def create(
-        cls, name: str, size: int, group: str = "", prefault: bool = True, hugepages: bool = True
+        cls,
+        name: str,
+        size: int,
+        group: str = "",
+        prefault: bool = True,
+        hugepages: bool = True,
+        stop: Callable[[], bool] | None = None,
     ) -> Segment:
-        """Create a fresh segment (a stale one of the same name is unlinked first)."""
+        """Create a fresh segment (a stale one of the same name is unlinked first).
+        ``stop`` is asked between pre-fault steps: a stop request during a multi-GiB
+        pre-fault ends it early (the caller then unlinks the segment)."""
         mode = 0o660 if group else 0o600
         try:
             posix_ipc.unlink_shared_memory(name)
@@ -61,26 +70,29 @@ class Segment:
             except OSError:
                 pass  # shmem THP may be disabled: only an optimisation
         if prefault:
-            seg.prefault()
+            seg.prefault(stop)
         return seg
 
-    def prefault(self) -> float:
+    def prefault(self, stop: Callable[[], bool] | None = None) -> float:
         """Touch every page now so the first real copy runs at memory speed
-        (first touch of fresh shm pages costs ~35x a warm copy). Returns seconds."""
+        (first touch of fresh shm pages costs ~35x a warm copy). Works in steps so
+        signal handlers run and ``stop()`` can end it. Returns seconds."""
         t0 = time.perf_counter()
         populate = getattr(mmap, "MADV_POPULATE_WRITE", None)
-        done = False
-        if populate is not None:
-            try:
-                self.buffer.madvise(populate)
-                done = True
-            except OSError:
-                done = False
-        if not done:
-            zeros = bytes(min(_PREFAULT_STEP, self.size))
-            for off in range(0, self.size, _PREFAULT_STEP):
-                n = min(_PREFAULT_STEP, self.size - off)
-                self.view[off : off + n] = zeros[:n]
+        zeros = b""
+        for off in range(0, self.size, _PREFAULT_STEP):
+            if stop is not None and stop():
+                break
+            n = min(_PREFAULT_STEP, self.size - off)
+            if populate is not None:
+                try:
+                    self.buffer.madvise(populate, off, n)
+                    continue
+                except OSError:
+                    populate = None  # an older kernel: touch the pages instead
+            if len(zeros) < n:
+                zeros = bytes(n)
+            self.view[off : off + n] = zeros[:n]
         return time.perf_counter() - t0
 
     def unlink(self) -> None:

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import struct
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import xxhash
 
 from kvnode.errors import CorruptEntry
+from kvnode.ipc.checksum import checksum
 
 MAGIC = b"KVNT"
 FORMAT_VERSION = 1
@@ -38,16 +38,6 @@ _CODEC_IDS = frozenset(CODECS.values())
 _BODY = struct.Struct("<4sHBBIQQQQ16s64s")
 _SUM = struct.Struct("<Q")
 HEADER_STRUCT_BYTES = _BODY.size + _SUM.size
-
-
-def checksum(parts: Iterable[bytes | memoryview] | bytes | memoryview) -> int:
-    """xxh3-64 of the concatenated parts; never 0 (0 means "no checksum")."""
-    if isinstance(parts, (bytes, bytearray, memoryview)):
-        return xxhash.xxh3_64_intdigest(parts) or 1
-    h = xxhash.xxh3_64()
-    for p in parts:
-        h.update(p)
-    return h.intdigest() or 1
 
 
 @dataclass(slots=True, frozen=True)

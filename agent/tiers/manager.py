@@ -4,10 +4,11 @@ Runs in the agent's loop thread, which it never blocks: every byte moves in the
 tiers' I/O threads (``pool.IOPool``), which report completed jobs into a queue and call
 ``wake()``; the loop collects them with ``poll()`` and only then touches the index.
 
-- Demotion. ``write_through``: a copy is queued when a chunk is committed (the entry
-  stays readable meanwhile; if it is evicted before the copy is done, ``on_evict``
-  holds its pages until it is). ``write_back``: the copy is queued when the chunk is
-  evicted from the arena and the entry stays EVICTING until the copy is done. A tier
+- Demotion. Every copy out of the arena holds its entry (``Index.hold``) until the
+  copy is done, so neither eviction nor a drop frees pages a copy still reads.
+  ``write_through``: a copy is queued when a chunk is committed (the entry stays
+  readable meanwhile). ``write_back``: the index returns its victims as data and the
+  agent hands them to ``on_evicted``, which queues their copies. A tier
   that still lacks a chunk at eviction (copy dropped, or not admitted yet) gets it
   then, whatever its policy. S3 admits only chunks with ``s3.admit_min_hits`` arena
   hits. Queues hold at most ``queue_max`` writes; when full or the tier is failing,
@@ -30,11 +31,10 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from kvnode.agent.index import AGENT_OWNER, Entry, Index, State
+from kvnode.agent.index import AGENT_OWNER, Entry, Index, Outcome, State
 from kvnode.agent.tiers.base import SlotBuffers, TierStore
 from kvnode.agent.tiers.pool import IOPool, Job
 from kvnode.errors import KVNodeError, TierError
-from kvnode.ipc.protocol import Status
 
 log = logging.getLogger("kvnode.tiers")
 
@@ -117,7 +117,6 @@ class TierManager:
         self.promote_no_space = 0
         self._writes: dict[bytes, int] = {}  # key -> write jobs in flight (all tiers)
         self._queued: set[tuple[str, bytes]] = set()  # (tier, key) writes in flight
-        self._holding: set[bytes] = set()  # EVICTING entries we owe a finish_evict
         self._cancelled: set[bytes] = set()  # dropped while a write was in flight
         self._closing = False
         for t in self.tiers:
@@ -186,9 +185,11 @@ class TierManager:
         return False
 
     def _start_read(self, key: bytes, t: Tier, size: int) -> bool:
-        status, e = self.index.reserve(key, size, AGENT_OWNER)
-        if status is not Status.OK or e is None:
-            if status is not Status.EXISTS:
+        leaving: list[Entry] = []
+        status, e = self.index.reserve(key, size, AGENT_OWNER, leaving)
+        self.on_evicted(leaving)
+        if status is not Outcome.OK or e is None:
+            if status is not Outcome.EXISTS:
                 self.promote_no_space += 1
             return False
         slot = self._slot(e)
@@ -203,7 +204,7 @@ class TierManager:
         key = job.key
         if job.error is None and job.result is not None:
             st = self.index.commit(key, AGENT_OWNER, checksum=job.result)
-            if st is Status.OK:
+            if st is Outcome.OK:
                 t.store.stats.inc("hits")
                 self.on_commit(key)  # e.g. from S3: a write-through disk wants it too
                 return
@@ -228,17 +229,16 @@ class TierManager:
             if t.write_policy == "write_through" and self._admitted(t, e):
                 self._enqueue_write(t, e)
 
-    def on_evict(self, e: Entry, slot: Any = None) -> bool:
-        """Index eviction hook. True: keep the pages until we call ``finish_evict``."""
-        if self._closing:
-            return False
-        for t in self.tiers:
-            if self._admitted(t, e):
-                self._enqueue_write(t, e)
-        if e.key in self._writes:
-            self._holding.add(e.key)
-            return True
-        return False
+    def on_evicted(self, leaving: list[Entry]) -> None:
+        """Victims the index kept for write-back, each with one hold: queue their
+        copies (each takes its own hold), then give back the eviction's hold, which
+        frees the pages of any victim no tier took."""
+        for e in leaving:
+            if not self._closing:
+                for t in self.tiers:
+                    if self._admitted(t, e):
+                        self._enqueue_write(t, e)
+            self.index.unhold(e.key)
 
     def _enqueue_write(self, t: Tier, e: Entry) -> None:
         key = e.key
@@ -249,7 +249,10 @@ class TierManager:
             return
         slot, csum = self._slot(e), e.checksum
         job = Job("write", t.name, key, self._guarded(t, lambda: t.store.put(key, slot, csum)))
+        if self.index.hold(key) is None:
+            return
         if not t.pool.submit(job, high=False):
+            self.index.unhold(key)
             return
         t.depth += 1
         self._queued.add((t.name, key))
@@ -259,6 +262,7 @@ class TierManager:
         key = job.key
         t.depth -= 1
         self._queued.discard((t.name, key))
+        self.index.unhold(key)
         left = self._writes[key] - 1
         if left:
             self._writes[key] = left
@@ -267,9 +271,6 @@ class TierManager:
         if key in self._cancelled:
             self._cancelled.discard(key)
             self.drop(key)
-        if key in self._holding:
-            self._holding.discard(key)
-            self.index.finish_evict(key)
 
     # -- removal ----------------------------------------------------------------------
     def drop(self, key: bytes) -> None:

@@ -12,11 +12,12 @@ import pytest
 
 from kvnode.agent.config import load_config
 from kvnode.agent.index import Index, State
+from kvnode.agent.index import Outcome as Status
 from kvnode.agent.tiers.disk import DiskStore
 from kvnode.agent.tiers.format import checksum
 from kvnode.agent.tiers.manager import TierManager
 from kvnode.agent.tiers.memory import MemoryStore
-from kvnode.ipc.protocol import Lookup, Status
+from kvnode.ipc.protocol import Lookup
 
 PAGE = 64 * 1024
 MiB = 1024 * 1024
@@ -52,13 +53,15 @@ class Harness:
         self.index = Index(len(arena.buffer), PAGE, "lru")
         self.wakes = 0
         self.tm = TierManager(self.cfg, arena, self.index, self._wake, stores=stores)
-        self.index.on_evict = self.tm.on_evict
+        self.index.write_back = True
 
     def _wake(self) -> None:
         self.wakes += 1
 
     def put(self, key: bytes, data: bytes) -> Status:
-        st, e = self.index.reserve(key, len(data), CLIENT)
+        leaving: list[Any] = []
+        st, e = self.index.reserve(key, len(data), CLIENT, leaving)
+        self.tm.on_evicted(leaving)  # victims come back as data; the tiers take them
         if st is not Status.OK:
             return st
         pos = 0
@@ -68,6 +71,10 @@ class Harness:
         assert self.index.commit(key, CLIENT, checksum(data)) is Status.OK
         self.tm.on_commit(key)
         return Status.OK
+
+    def evict_all(self) -> None:
+        out = self.index.evict_pages(self.index.alloc.pages_total)
+        self.tm.on_evicted(out.leaving)
 
     def lookup(self, key: bytes) -> Lookup:
         if self.index.lookup(key) is not None:
@@ -139,15 +146,18 @@ def test_write_through_copies_on_commit_and_stays_readable(arena):
     h.settle()
     assert store.size_of(key(1)) == MiB
     # Already below: eviction needs no copy and frees the pages at once.
-    e = h.index.entries[key(1)]
-    assert h.tm.on_evict(e) is False
+    out = h.index.evict_pages(h.index.alloc.pages_total)
+    assert [e.key for e in out.leaving] == [key(1)]
+    h.tm.on_evicted(out.leaving)
+    assert key(1) not in h.index.entries
 
 
 def test_write_through_eviction_during_copy_is_held(arena):
     store = GatedStore(64 * MiB, name="disk")
     h = Harness(arena, {"disk": store}, **{"disk.write_policy": "write_through"})
     h.put(key(1), blob(1))
-    h.index.evict_pages(h.index.alloc.pages_total)  # force it out while the copy waits
+    # force it out while the copy waits: it leaves, but its pages stay until copied
+    h.index.evict_pages(h.index.alloc.pages_total, keep=False)
     assert h.index.entries[key(1)].state is State.EVICTING
     store.gate.set()
     h.settle()
@@ -178,7 +188,7 @@ def test_inflight_bound_and_missing_key(arena, mem):
     h = Harness(arena, {"disk": mem}, **{"promote.inflight_max": 2})
     for i in range(3):
         h.put(key(i), blob(i, 100_000))
-    h.index.evict_pages(h.index.alloc.pages_total)
+    h.evict_all()
     h.settle()
     assert [h.lookup(key(i)) for i in range(3)] == [Lookup.PENDING, Lookup.PENDING, Lookup.MISS]
     assert h.tm.stats()["disk"]["promote_dropped"] == 1
@@ -192,7 +202,7 @@ def test_inflight_bound_and_missing_key(arena, mem):
 def test_corrupt_copy_is_not_promoted(arena, mem):
     h = Harness(arena, {"disk": mem})
     h.put(key(1), blob(1))
-    h.index.evict_pages(h.index.alloc.pages_total)
+    h.evict_all()
     h.settle()
     mem.blobs[key(1)][-1] ^= 0xFF
     assert h.lookup(key(1)) is Lookup.PENDING
@@ -208,7 +218,7 @@ def test_failing_tier_drops_and_lookups_miss(arena):
     store.up = False
     h = Harness(arena, {"disk": store})
     h.put(key(1), blob(1))
-    h.index.evict_pages(h.index.alloc.pages_total)
+    h.evict_all()
     assert key(1) not in h.index.entries  # not held: nothing to copy into
     assert h.tm.stats()["disk"]["dropped"] == 1
     assert h.lookup(key(1)) is Lookup.MISS
@@ -221,7 +231,7 @@ def test_s3_admission(arena, mem):
     h.put(key(2), blob(2))
     for _ in range(2):
         h.lookup(key(2))
-    h.index.evict_pages(h.index.alloc.pages_total)
+    h.evict_all()
     h.settle()
     assert mem.size_of(key(1)) and mem.size_of(key(2))
     assert s3.size_of(key(1)) is None and s3.size_of(key(2)) == MiB
@@ -233,7 +243,7 @@ def test_promotion_from_s3_fills_write_through_disk(arena, mem):
     d = blob(3)
     other = Harness(arena.__class__(__import__("mmap").mmap(-1, 8 * MiB)), {"s3": s3})
     other.put(key(3), d)
-    other.index.evict_pages(other.index.alloc.pages_total)
+    other.evict_all()
     other.settle()
     assert h.lookup(key(3)) is Lookup.PENDING
     h.settle()
@@ -245,7 +255,7 @@ def test_drop_removes_from_every_tier(arena, mem):
     s3 = MemoryStore(64 * MiB, name="s3")
     h = Harness(arena, {"disk": mem, "s3": s3})
     h.put(key(1), blob(1))
-    h.index.evict_pages(h.index.alloc.pages_total)
+    h.evict_all()
     h.settle()
     h.tm.drop(key(1))
     for _ in range(200):
@@ -261,7 +271,7 @@ def test_flush_drains_write_back_within_deadline(arena, tmp_path):
     h = Harness(arena, {"disk": disk})
     for i in range(6):
         h.put(key(i), blob(i))
-    h.index.evict_pages(h.index.alloc.pages_total)
+    h.evict_all()
     assert h.tm.flush(10.0) == 0
     assert disk.gauges()["entries"] == 6
     h.tm.close()

@@ -1,0 +1,148 @@
+"""The cache state's one owner: the index (allocator, policy, entry lifecycle) and the
+lower tiers' bookkeeping, behind two-phase calls (reserve -> commit/abort, pin ->
+unpin). Handlers and housekeeping go through here, never around it.
+
+Eviction comes back from the index as data (``Evicted``); this object hands the
+victims to the tiers. Keys that enter or leave the arena are told to listeners (the
+shared lookup index, KV events) after the change is complete, never during it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Protocol
+
+from kvnode.agent.index import Entry, Index, Outcome
+
+if TYPE_CHECKING:
+    from kvnode.agent.tiers.manager import TierManager
+
+log = logging.getLogger("kvnode.agent")
+
+MEDIUM_ARENA = "CPU"
+
+
+class CacheListener(Protocol):
+    def stored(self, key: bytes, parent: bytes | None, tokens: list[int], medium: str) -> None: ...
+    def removed(self, keys: list[bytes], medium: str) -> None: ...
+
+
+class Cache:
+    def __init__(self, index: Index, tiers: TierManager | None = None, headroom_pages: int = 0):
+        self.index = index
+        self.tiers = tiers
+        self.headroom_pages = headroom_pages
+        self.listeners: list[CacheListener] = []
+        self.tier_errors = 0
+        index.write_back = tiers is not None
+
+    # -- reads -------------------------------------------------------------------------
+    def lookup(self, key: bytes) -> bool:
+        return self.index.lookup(key) is not None
+
+    def promote(self, key: bytes) -> bool:
+        """True when a lower tier has ``key`` and its promotion is under way."""
+        if self.tiers is None:
+            return False
+        try:
+            return self.tiers.on_lookup_miss(key)
+        except Exception:
+            self.tier_errors += 1
+            log.exception("lower-tier lookup failed")
+            return False
+
+    def pin(self, key: bytes) -> Entry | None:
+        return self.index.pin(key)
+
+    def unpin(self, key: bytes, count: int = 1) -> None:
+        self.index.unpin(key, count)
+
+    # -- writes ------------------------------------------------------------------------
+    def reserve(self, key: bytes, size: int, owner: int) -> tuple[Outcome, Entry | None]:
+        leaving: list[Entry] = []
+        out = self.index.reserve(key, size, owner, leaving)
+        self._hand_over(leaving)
+        return out
+
+    def commit(
+        self, key: bytes, owner: int, checksum: int, parent: bytes | None, tokens: list[int]
+    ) -> Outcome:
+        st = self.index.commit(key, owner, checksum)
+        if st is not Outcome.OK:
+            return st
+        if self.tiers is not None:
+            try:
+                self.tiers.on_commit(key)
+            except Exception:
+                self.tier_errors += 1
+                log.exception("write-through hook failed")
+        for li in self.listeners:
+            _call(li.stored, key, parent, tokens, MEDIUM_ARENA)
+        return st
+
+    def abort(self, key: bytes, owner: int) -> bool:
+        return self.index.abort(key, owner)
+
+    def drop(self, key: bytes) -> bool:
+        """Gone for readers now (all tiers); pages freed once nobody reads them."""
+        dropped = self.index.drop(key)
+        if self.tiers is not None:
+            try:
+                self.tiers.drop(key)
+            except Exception:
+                self.tier_errors += 1
+                log.exception("dropping %s from lower tiers failed", key.hex())
+        return dropped
+
+    def release_owner(
+        self, owner: int, leases: set[bytes], pins: dict[bytes, int]
+    ) -> tuple[int, int]:
+        return self.index.release_owner(owner, leases, pins)
+
+    # -- housekeeping ------------------------------------------------------------------
+    def housekeeping(self) -> None:
+        if self.tiers is not None:
+            try:
+                self.tiers.poll()
+            except Exception:
+                self.tier_errors += 1
+                log.exception("tier manager poll failed")
+            # Keep headroom free ahead of stores, so write-back has time to copy
+            # victims out instead of the store path dropping them unsaved.
+            out = self.index.evict_pages(self.headroom_pages, must_free=False)
+            self._hand_over(out.leaving)
+
+    def expire_leases(self) -> list[Entry]:
+        return self.index.expire_leases()
+
+    def publish(self) -> None:
+        """Tell listeners which keys left the arena since the last call."""
+        removed = self.index.take_removed()
+        if removed:
+            for li in self.listeners:
+                _call(li.removed, removed, MEDIUM_ARENA)
+
+    def busy(self) -> bool:
+        return self.tiers is not None and self.tiers.busy()
+
+    def _hand_over(self, leaving: list[Entry]) -> None:
+        if not leaving:
+            return
+        if self.tiers is None:  # nobody copies them out: give the holds back
+            for e in leaving:
+                self.index.unhold(e.key)
+            return
+        try:
+            self.tiers.on_evicted(leaving)
+        except Exception:
+            self.tier_errors += 1
+            # A bug: the victims' pages stay held (visible in evicting_bytes) rather
+            # than risk freeing pages a copy may still read.
+            log.exception("handing victims to the tiers failed")
+
+
+def _call(fn: object, *args: object) -> None:
+    try:
+        fn(*args)  # type: ignore[operator]
+    except Exception:
+        log.exception("cache listener failed")

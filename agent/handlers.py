@@ -1,0 +1,192 @@
+"""Request handlers: one function per message type, each given the client the request
+was authenticated as. They check what the schema cannot (lengths that must agree,
+batch limits), go through the cache's two-phase calls, and answer with wire types.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from kvnode.agent.cache import Cache
+from kvnode.agent.clients import Client
+from kvnode.agent.config import Config
+from kvnode.agent.index import Entry, Outcome
+from kvnode.agent.stats import Stats
+from kvnode.ipc import protocol as P
+
+log = logging.getLogger("kvnode.agent")
+
+# Index outcomes on the wire (the values agree, but the mapping is explicit).
+_WIRE_STATUS = {
+    Outcome.OK: P.Status.OK,
+    Outcome.EXISTS: P.Status.EXISTS,
+    Outcome.NO_SPACE: P.Status.NO_SPACE,
+    Outcome.NOT_FOUND: P.Status.NOT_FOUND,
+    Outcome.TOO_LARGE: P.Status.TOO_LARGE,
+    Outcome.BAD_STATE: P.Status.BAD_STATE,
+}
+
+
+class ClientError(Exception):
+    """A request the agent refuses: answered with an ``Error`` of ``code``."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+Handler = Callable[[Client, Any], Any]
+
+
+class Handlers:
+    def __init__(self, cfg: Config, cache: Cache, stats: Stats) -> None:
+        self.cfg = cfg
+        self.cache = cache
+        self.stats = stats
+        self.page_bytes = cfg.arena.page_bytes
+        self.table: dict[type, Handler] = {
+            P.Heartbeat: self.heartbeat,
+            P.LookupReq: self.lookup,
+            P.ReserveReq: self.reserve,
+            P.CommitReq: self.commit,
+            P.AbortReq: self.abort,
+            P.PinReq: self.pin,
+            P.ReleaseReq: self.release,
+            P.DropReq: self.drop,
+        }
+
+    def _limit(self, nkeys: int) -> None:
+        if nkeys > self.cfg.agent.batch_keys_max:
+            raise ClientError(P.ErrCode.TOO_MANY_KEYS, f"{nkeys} keys > batch_keys_max")
+
+    def slot(self, e: Entry) -> P.Slot:
+        return P.Slot(e.size, e.extents(self.page_bytes), e.checksum)
+
+    # -- handlers ------------------------------------------------------------------------
+    def heartbeat(self, c: Client, m: P.Heartbeat) -> Any:
+        return P.Ok(m.rid)
+
+    def lookup(self, c: Client, m: P.LookupReq) -> Any:
+        t0 = time.perf_counter()
+        self._limit(len(m.keys))
+        cache = self.cache
+        states: list[int] = []
+        hits = pending = 0
+        for key in m.keys:
+            if cache.lookup(key):
+                states.append(P.Lookup.HIT)
+                hits += 1
+            elif m.promote and cache.promote(key):
+                states.append(P.Lookup.PENDING)
+                pending += 1
+            else:
+                states.append(P.Lookup.MISS)
+        st = self.stats
+        st.inc("lookups")
+        st.inc("lookup_keys", len(m.keys))
+        st.inc("hits", hits)
+        st.inc("pending", pending)
+        st.inc("misses", len(m.keys) - hits - pending)
+        st.observe("lookup", time.perf_counter() - t0)
+        return P.LookupRep(m.rid, states)
+
+    def reserve(self, c: Client, m: P.ReserveReq) -> Any:
+        t0 = time.perf_counter()
+        self._limit(len(m.keys))
+        if len(m.sizes) != len(m.keys):
+            raise ClientError(P.ErrCode.BAD_FRAME, "keys and sizes differ in length")
+        status: list[int] = []
+        slots: list[P.Slot | None] = []
+        for key, size in zip(m.keys, m.sizes):
+            out, e = self.cache.reserve(key, size, c.client_id)
+            status.append(_WIRE_STATUS[out])
+            if e is None:
+                slots.append(None)
+                if out is not Outcome.EXISTS:
+                    self.stats.inc("reserve_failed")
+            else:
+                c.leases.add(key)
+                slots.append(P.Slot(e.size, e.extents(self.page_bytes)))
+        self.stats.inc("reserves")
+        self.stats.inc("reserve_keys", len(m.keys))
+        self.stats.observe("reserve", time.perf_counter() - t0)
+        return P.SlotsRep(m.rid, status, slots)
+
+    def commit(self, c: Client, m: P.CommitReq) -> Any:
+        t0 = time.perf_counter()
+        n = len(m.keys)
+        self._limit(n)
+        if len(m.checksums) != n:
+            raise ClientError(P.ErrCode.BAD_FRAME, "keys and checksums differ in length")
+        if (m.parents and len(m.parents) != n) or (m.tokens and len(m.tokens) != n):
+            raise ClientError(P.ErrCode.BAD_FRAME, "parents/tokens must match keys in length")
+        out: list[int] = []
+        for i, (key, csum) in enumerate(zip(m.keys, m.checksums)):
+            if key not in c.leases:  # not this client's reservation: never commit it
+                out.append(
+                    P.Status.BAD_STATE if key in self.cache.index.entries else P.Status.NOT_FOUND
+                )
+                self.stats.inc("refused_commits")
+                continue
+            parent = (m.parents[i] or None) if m.parents else None
+            tokens = m.tokens[i] if m.tokens else []
+            st = self.cache.commit(key, c.client_id, csum, parent, tokens)
+            out.append(_WIRE_STATUS[st])
+            if st is Outcome.OK:
+                c.leases.discard(key)
+                self.stats.inc("commits")
+                self.stats.inc("bytes_in", self.cache.index.entries[key].size)
+        self.stats.observe("commit", time.perf_counter() - t0)
+        return P.StatusRep(m.rid, out)
+
+    def abort(self, c: Client, m: P.AbortReq) -> Any:
+        self._limit(len(m.keys))
+        for key in m.keys:
+            if key in c.leases and self.cache.abort(key, c.client_id):
+                c.leases.discard(key)
+                self.stats.inc("aborts")
+        return P.Ok(m.rid)
+
+    def pin(self, c: Client, m: P.PinReq) -> Any:
+        t0 = time.perf_counter()
+        self._limit(len(m.keys))
+        status: list[int] = []
+        slots: list[P.Slot | None] = []
+        for key in m.keys:
+            e = self.cache.pin(key)
+            if e is None:
+                status.append(P.Status.NOT_FOUND)
+                slots.append(None)
+                self.stats.inc("pin_misses")
+                continue
+            c.pins[key] += 1
+            status.append(P.Status.OK)
+            slots.append(self.slot(e))
+            self.stats.inc("bytes_out", e.size)
+        self.stats.inc("pins")
+        self.stats.observe("pin", time.perf_counter() - t0)
+        return P.SlotsRep(m.rid, status, slots)
+
+    def release(self, c: Client, m: P.ReleaseReq) -> Any:
+        t0 = time.perf_counter()
+        self._limit(len(m.keys))
+        for key in m.keys:
+            if c.pins.get(key, 0) > 0:  # only pins this client holds
+                c.pins[key] -= 1
+                if not c.pins[key]:
+                    del c.pins[key]
+                self.cache.unpin(key)
+        self.stats.inc("releases")
+        self.stats.observe("release", time.perf_counter() - t0)
+        return P.Ok(m.rid)
+
+    def drop(self, c: Client, m: P.DropReq) -> Any:
+        self._limit(len(m.keys))
+        for key in m.keys:
+            if self.cache.drop(key):
+                self.stats.inc("drops")
+        return P.Ok(m.rid)
