@@ -12,7 +12,12 @@ Rules (docs/connector.md):
 - a chunk is a hit only if every rank (TP x PP) has it;
 - a lookup answering PENDING makes vLLM ask again next step, up to a deadline, after
   which the prefix already readable is used;
-- an absent, slow or failing agent is a miss, never an exception.
+- an absent, slow or failing agent is a miss, never an exception;
+- when the agent publishes its shared lookup index (``client.index_segment``), hits and
+  plain misses are answered from it without a round trip. Its hits are hints: the
+  worker's pin confirms each, and a failed pin is a load error vLLM recomputes. The
+  agent is asked only from the first miss on, and only when a lower tier or a peer
+  could have the chunk (``lower_tiers``): for promotion and PENDING, as before.
 """
 
 from __future__ import annotations
@@ -26,13 +31,15 @@ from typing import Any
 
 from kvnode.connector.config import ConnectorConfig
 from kvnode.connector.keys import Namespace, chunk_keys
-from kvnode.errors import KVNodeError
+from kvnode.errors import ArenaError, KVNodeError
 from kvnode.ipc.protocol import Lookup
+from kvnode.ipc.shmindex import ShmIndexReader
 
 log = logging.getLogger("kvnode.connector")
 
 SKIP_PARAM = "kvnode.skip"
 REQUESTS_TRACKED_MAX = 65536  # requests vLLM never reported finished are forgotten past this
+INDEX_RETRY_S = 1.0  # an index segment that would not open is tried again after this
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +73,9 @@ class SchedulerStats:
     lookups: int = 0
     lookup_errors: int = 0
     lookup_s: float = 0.0
+    index_lookups: int = 0  # answered from the shared index
+    index_round_trips: int = 0  # of those, the agent asked from the first miss on
+    index_errors: int = 0  # index closed, stale or busy: the agent answered instead
     query_tokens: int = 0
     hit_tokens: int = 0
     pending_waits: int = 0
@@ -143,6 +153,8 @@ class SchedulerSide:
         self.namespaces: list[Namespace] = []  # by rank index; empty until workers report
         self.stats = SchedulerStats()
         self._reqs: OrderedDict[str, _Req] = OrderedDict()
+        self._index: ShmIndexReader | None = None
+        self._index_retry_s = 0.0
 
     # ------------------------------------------------------------------ setup
     def set_namespaces(self, namespaces: Sequence[Namespace]) -> None:
@@ -222,11 +234,78 @@ class SchedulerSide:
         return end - num_computed_tokens, False
 
     def _lookup(self, keys: list[tuple[bytes, ...]]) -> list[int] | None:
-        """One batched lookup for all ranks; None when the agent cannot answer."""
-        n_ranks = len(self.namespaces)
-        flat = [k for per_rank in zip(*keys, strict=True) for k in per_rank] if keys else []
+        """Per chunk, the answer for all ranks; None when the agent cannot answer."""
         t0 = time.perf_counter()
         self.stats.lookups += 1
+        try:
+            try:
+                reader = self.link.call(self._index_for)
+            except KVNodeError as exc:
+                self.stats.lookup_errors += 1
+                log.debug("kvnode lookup failed: %s", exc)
+                return None
+            if reader is not None:
+                states = self._index_states(reader, keys)
+                if states is not None:
+                    return states
+            return self._agent_states(keys)
+        finally:
+            self.stats.lookup_s += time.perf_counter() - t0
+
+    def _index_for(self, client: Any) -> ShmIndexReader | None:
+        """The reader of the index the client's agent publishes, (re)opened for the
+        agent's current generation; None when there is none to trust."""
+        name = getattr(client, "index_segment", "") or ""
+        reader = self._index
+        if reader is not None and reader.name != name:
+            reader.close()
+            self._index = reader = None
+        if not name:
+            return None
+        if reader is None:
+            now = self.clock()
+            if now < self._index_retry_s:
+                return None
+            try:
+                reader = self._index = ShmIndexReader(name)
+            except ArenaError as exc:
+                self._index_retry_s = now + INDEX_RETRY_S
+                log.debug("kvnode: lookup index not readable (%s)", exc)
+                return None
+        generation = getattr(client, "generation", 0)
+        stale = bool(generation) and reader.generation != generation
+        if stale and not (reader.reopen() and reader.generation == generation):
+            return None  # the client has not seen that agent yet, or vice versa
+        return reader
+
+    def _index_states(
+        self, reader: ShmIndexReader, keys: list[tuple[bytes, ...]]
+    ) -> list[int] | None:
+        """Leading hits from the index; the first miss ends the prefix unless a lower
+        tier could have it, in which case the agent answers from there on."""
+        n = len(keys)
+        flat = [k for per_rank in zip(*keys, strict=True) for k in per_rank] if keys else []
+        try:
+            present = reader.contains_many(flat)
+            lower_tiers = reader.lower_tiers
+        except ArenaError as exc:
+            self.stats.index_errors += 1
+            log.debug("kvnode: lookup index unusable (%s); asking the agent", exc)
+            return None
+        self.stats.index_lookups += 1
+        every_rank = present.reshape(len(self.namespaces), n).all(axis=0)
+        hits = n if every_rank.all() else int(every_rank.argmin())
+        states: list[int] = [Lookup.HIT] * hits
+        if hits == n or not lower_tiers:
+            return states + [Lookup.MISS] * (n - hits)
+        self.stats.index_round_trips += 1
+        rest = self._agent_states(keys[hits:])
+        return states + (rest if rest is not None else [Lookup.MISS] * (n - hits))
+
+    def _agent_states(self, keys: list[tuple[bytes, ...]]) -> list[int] | None:
+        """One batched lookup round trip for all ranks; None when it fails."""
+        n_ranks = len(self.namespaces)
+        flat = [k for per_rank in zip(*keys, strict=True) for k in per_rank] if keys else []
         try:
             answer: list[int] = []
             step = self.cfg.keys_per_call_max
@@ -237,8 +316,6 @@ class SchedulerSide:
             self.stats.lookup_errors += 1
             log.debug("kvnode lookup failed: %s", exc)
             return None
-        finally:
-            self.stats.lookup_s += time.perf_counter() - t0
         if len(answer) != len(flat):
             self.stats.lookup_errors += 1
             return None
@@ -335,3 +412,8 @@ class SchedulerSide:
 
     def request_finished(self, request_id: str) -> None:
         self._reqs.pop(request_id, None)
+
+    def close(self) -> None:
+        if self._index is not None:
+            self._index.close()
+            self._index = None

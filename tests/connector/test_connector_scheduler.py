@@ -1,8 +1,11 @@
 """Scheduler-side logic of the connector with a fake agent: prefix rules, the
-all-ranks rule, PENDING handling, failures, and step planning."""
+all-ranks rule, PENDING handling, failures, step planning, and lookups answered from a
+real shared index (writer in the test, reader in the scheduler)."""
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +16,7 @@ from kvnode.connector.keys import Namespace, chunk_keys
 from kvnode.connector.scheduler import SchedulerSide, combine
 from kvnode.errors import AgentUnavailable
 from kvnode.ipc.protocol import Lookup
+from kvnode.ipc.shmindex import ShmIndexWriter
 
 C = 256
 BS = 128
@@ -277,3 +281,127 @@ def test_save_only_role_still_saves() -> None:
     s.update_state_after_alloc(req, 0)
     _, saves = s.build_step([("a", 0, 600)], lambda rid: list(range(10)))
     assert [op.index for op in saves["a"]] == [0, 1]
+
+
+# ---------------------------------------------------------------- shared lookup index
+@pytest.fixture
+def indexed() -> Iterator[tuple[SchedulerSide, FakeLink, ShmIndexWriter]]:
+    """A scheduler whose agent publishes a real shared index (writer in this process)."""
+    name = f"/kvnode-test-sched-{uuid.uuid4().hex[:12]}"
+    writer = ShmIndexWriter(name, 1024, generation=5)
+    s, link, _ = side(tp_size=2)
+    link.client.index_segment = name  # type: ignore[attr-defined]
+    link.client.generation = 5  # type: ignore[attr-defined]
+    try:
+        yield s, link, writer
+    finally:
+        s.close()
+        writer.close()
+
+
+def publish(writer: ShmIndexWriter, s: SchedulerSide, toks: list[int], chunks: range) -> None:
+    for ns in s.namespaces:
+        keys = chunk_keys(ns, toks, C)
+        for c in chunks:
+            writer.insert(keys[c])
+
+
+def test_index_answers_hits_and_misses_without_a_round_trip(
+    indexed: tuple[SchedulerSide, FakeLink, ShmIndexWriter],
+) -> None:
+    s, link, writer = indexed
+    toks = tokens(1100)
+    publish(writer, s, toks, range(3))
+    assert s.get_num_new_matched_tokens(Req("a", toks), 0) == (3 * C, False)
+    assert s.get_num_new_matched_tokens(Req("b", tokens(1100, seed=9)), 0) == (0, False)
+    assert link.client.calls == 0
+    assert s.stats.index_lookups == 2 and s.stats.index_round_trips == 0
+
+
+def test_index_first_miss_ends_the_prefix_and_every_rank_must_hit(
+    indexed: tuple[SchedulerSide, FakeLink, ShmIndexWriter],
+) -> None:
+    s, link, writer = indexed
+    toks = tokens(1300)
+    publish(writer, s, toks, range(1))
+    publish(writer, s, toks, range(2, 4))  # chunk 1 missing: 2 and 3 do not count
+    writer.insert(chunk_keys(s.namespaces[0], toks, C)[1])  # on one rank only
+    assert s.get_num_new_matched_tokens(Req("a", toks), 0) == (C, False)
+    assert link.client.calls == 0
+
+
+def test_index_miss_with_lower_tiers_asks_the_agent_from_the_miss_on(
+    indexed: tuple[SchedulerSide, FakeLink, ShmIndexWriter],
+) -> None:
+    s, link, writer = indexed
+    writer.set_lower_tiers(True)
+    toks = tokens(1100)
+    publish(writer, s, toks, range(2))
+    asked: list[list[bytes]] = []
+    lookup = link.client.lookup
+
+    def recording(keys: list[bytes], promote: bool = True) -> list[int]:
+        asked.append(list(keys))
+        return lookup(keys, promote)
+
+    link.client.lookup = recording  # type: ignore[method-assign]
+    for r, ns in enumerate(s.namespaces):
+        cache(link, ns, toks, range(2, 4), PENDING if r else HIT)
+    req = Req("a", toks)
+    assert s.get_num_new_matched_tokens(req, 0) == (None, False)  # chunk 2 promoting
+    per_rank = [chunk_keys(ns, toks, C) for ns in s.namespaces]
+    assert asked == [[per_rank[0][2], per_rank[0][3], per_rank[1][2], per_rank[1][3]]]
+    for ns in s.namespaces:
+        cache(link, ns, toks, range(2, 4))
+    assert s.get_num_new_matched_tokens(req, 0) == (4 * C, False)
+    # Everything in the index: no round trip even with lower tiers.
+    asked.clear()
+    publish(writer, s, toks, range(4))
+    assert s.get_num_new_matched_tokens(Req("b", toks), 0) == (4 * C, False)
+    assert asked == [] and s.stats.index_round_trips == 2
+
+
+def test_stale_hit_is_planned_and_left_to_the_pin(
+    indexed: tuple[SchedulerSide, FakeLink, ShmIndexWriter],
+) -> None:
+    """An entry evicted after the index answered: the load is planned all the same;
+    the worker's pin fails and vLLM recomputes (test_connector_worker covers that)."""
+    s, link, writer = indexed
+    toks = tokens(1000)
+    publish(writer, s, toks, range(2))
+    req = Req("a", toks)
+    assert s.get_num_new_matched_tokens(req, 0) == (2 * C, False)
+    for ns in s.namespaces:
+        writer.remove(chunk_keys(ns, toks, C)[1])
+    s.update_state_after_alloc(req, 2 * C)
+    loads, _ = s.build_step([("a", 0, 1000)], lambda rid: list(range(10)))
+    assert [op.index for op in loads["a"]] == [0, 1]
+
+
+def test_unusable_index_falls_back_to_the_agent(
+    indexed: tuple[SchedulerSide, FakeLink, ShmIndexWriter],
+) -> None:
+    s, link, writer = indexed
+    toks = tokens(1000)
+    for ns in s.namespaces:
+        cache(link, ns, toks, range(3))
+    link.client.generation = 6  # type: ignore[attr-defined]  # another agent generation
+    assert s.get_num_new_matched_tokens(Req("a", toks), 0) == (3 * C, False)
+    assert link.client.calls == 1 and s.stats.index_lookups == 0
+    link.client.generation = 5  # type: ignore[attr-defined]
+    writer.close()  # the agent stopped: its index is closed
+    assert s.get_num_new_matched_tokens(Req("b", toks), 0) == (3 * C, False)
+    assert link.client.calls == 2 and s.stats.index_errors == 1
+    link.client.index_segment = "/kvnode-test-no-such-index"  # type: ignore[attr-defined]
+    assert s.get_num_new_matched_tokens(Req("c", toks), 0) == (3 * C, False)
+    assert link.client.calls == 3
+
+
+def test_index_not_consulted_when_the_agent_is_down(
+    indexed: tuple[SchedulerSide, FakeLink, ShmIndexWriter],
+) -> None:
+    s, link, writer = indexed
+    toks = tokens(1000)
+    publish(writer, s, toks, range(3))
+    link.down = True
+    assert s.get_num_new_matched_tokens(Req("a", toks), 0) == (0, False)
