@@ -91,6 +91,7 @@ class AgentClient:
         self._generation = 0
         self._segment: Segment | None = None
         self._heartbeat_interval_s = 1.0
+        self._index_segment = ""
         self._next_retry = 0.0
         self._closed = False
         self._hb_thread: threading.Thread | None = None
@@ -119,6 +120,12 @@ class AgentClient:
         self._ensure()
         assert self._segment is not None
         return self._segment.buffer
+
+    @property
+    def index_segment(self) -> str:
+        """The agent's shared lookup index ("" when it publishes none)."""
+        self._ensure()
+        return self._index_segment
 
     @property
     def page_bytes(self) -> int:
@@ -174,6 +181,7 @@ class AgentClient:
         self._generation = rep.generation
         self._page_bytes = rep.page_bytes
         self._heartbeat_interval_s = rep.heartbeat_interval_s
+        self._index_segment = rep.index_segment
         self._start_heartbeat()
 
     def _map(self, w: P.Welcome) -> None:
