@@ -72,6 +72,20 @@ def _size(default: int | str, **meta: Any) -> Any:
     return field(default=parse_size(default), metadata={"kind": "size", **meta})
 
 
+def _list() -> Any:
+    """A list of strings: a TOML array, or comma-separated from environment or --set."""
+    return field(default_factory=list, metadata={"kind": "list"})
+
+
+def parse_list(value: Any) -> list[str]:
+    """'a, b,,c' -> ['a', 'b', 'c']; a list must hold only strings."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return [v.strip() for v in value if v.strip()]
+    raise ValueError(f"not a list of strings: {value!r}")
+
+
 def _default_runtime_dir() -> str:
     base = Path("/run/kvnode")
     try:
@@ -164,6 +178,33 @@ class MetricsSection:
 
 
 @dataclass(slots=True)
+class PeersSection:
+    listen: str = ""  # "" -> not serving peers, e.g. tcp://0.0.0.0:7470
+    seeds: list[str] = _list()  # tcp://HOST:PORT and dns:NAME:PORT (re-resolved)
+    curve_secret_key: str = ""  # this fleet's secret certificate (kvnode keygen)
+    curve_authorized_dir: str = ""  # public certificates of the clients let in
+    insecure: bool = False  # plaintext, no authentication: only when true
+    deadline_ms: int = 5  # a lookup fanned out to peers waits at most this long
+    fetch_timeout_ms: int = 2000  # one fetch from the chosen peer
+    fetch_inflight_max: int = 256  # chunks being fetched at once
+    fetch_bytes_max: int = _size("512MiB")  # arena bytes reserved for fetches at once
+    queue_max: int = 64  # requests outstanding to one peer
+    serve_bytes_max: int = _size("512MiB")  # arena bytes pinned for sends at once
+    negative_ttl_s: float = 2.0  # keys no peer had are not asked again for this long
+    resolve_interval_s: float = 10.0  # dns: seeds are resolved again this often
+
+
+@dataclass(slots=True)
+class EventsSection:
+    endpoint: str = ""  # "" -> off; e.g. tcp://*:5557 (bind) or ipc:///run/kvnode/events
+    replay_endpoint: str = ""  # "" -> no replay socket; e.g. tcp://*:5558
+    topic: str = ""
+    hwm: int = 100_000  # PUB send high-water mark (messages)
+    queue_max: int = 100_000  # events waiting for the next flush; more are dropped
+    replay_batches_max: int = 10_000  # batches kept for replay
+
+
+@dataclass(slots=True)
 class Config:
     agent: AgentSection = field(default_factory=AgentSection)
     arena: ArenaSection = field(default_factory=ArenaSection)
@@ -171,6 +212,8 @@ class Config:
     s3: S3Section = field(default_factory=S3Section)
     promote: PromoteSection = field(default_factory=PromoteSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    peers: PeersSection = field(default_factory=PeersSection)
+    events: EventsSection = field(default_factory=EventsSection)
     # "section.name" -> "default" | "file:PATH" | "env:NAME" | "flag"
     sources: dict[str, str] = field(default_factory=dict)
 
@@ -230,6 +273,43 @@ class Config:
             for section in ("disk", "s3"):
                 if getattr(getattr(self, section), name) < 1:
                     raise ConfigError(f"{section}.{name}", "must be >= 1")
+        self._validate_peers()
+        self._validate_events()
+
+    def _validate_peers(self) -> None:
+        p = self.peers
+        if p.listen and not p.listen.startswith("tcp://"):
+            raise ConfigError("peers.listen", "must be tcp://HOST:PORT or empty (off)")
+        for seed in p.seeds:
+            if not re.match(r"^(tcp://\S+:\d+|dns:[^:\s]+:\d+)$", seed):
+                raise ConfigError(
+                    "peers.seeds", f"{seed!r}: expected tcp://HOST:PORT or dns:NAME:PORT"
+                )
+        if (p.listen or p.seeds) and not p.insecure:
+            for key in ("curve_secret_key", "curve_authorized_dir"):
+                if not getattr(p, key):
+                    raise ConfigError(f"peers.{key}", "required unless peers.insecure = true")
+        for key in ("deadline_ms", "fetch_timeout_ms", "fetch_inflight_max", "queue_max"):
+            if getattr(p, key) < 1:
+                raise ConfigError(f"peers.{key}", "must be >= 1")
+        for key in ("fetch_bytes_max", "serve_bytes_max"):
+            if getattr(p, key) < self.arena.page_bytes:
+                raise ConfigError(f"peers.{key}", "must be at least one arena page")
+        if p.negative_ttl_s < 0 or p.resolve_interval_s <= 0:
+            key = "negative_ttl_s" if p.negative_ttl_s < 0 else "resolve_interval_s"
+            raise ConfigError(f"peers.{key}", "out of range")
+
+    def _validate_events(self) -> None:
+        ev = self.events
+        for key in ("endpoint", "replay_endpoint"):
+            value = getattr(ev, key)
+            if value and not value.startswith(("tcp://", "ipc://", "inproc://")):
+                raise ConfigError(f"events.{key}", "must be tcp://, ipc:// or inproc:// (or empty)")
+        if ev.replay_endpoint and not ev.endpoint:
+            raise ConfigError("events.replay_endpoint", "needs events.endpoint")
+        for key in ("hwm", "queue_max", "replay_batches_max"):
+            if getattr(ev, key) < 1:
+                raise ConfigError(f"events.{key}", "must be >= 1")
 
     def as_dict(self) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
@@ -238,7 +318,7 @@ class Config:
         return out
 
 
-SECTIONS = ("agent", "arena", "disk", "s3", "promote", "metrics")
+SECTIONS = ("agent", "arena", "disk", "s3", "promote", "metrics", "peers", "events")
 
 
 def _fields(section: str) -> tuple[dataclasses.Field[Any], ...]:
@@ -252,6 +332,8 @@ def _coerce(key: str, f: dataclasses.Field[Any], value: Any) -> Any:
     try:
         if kind == "size":
             return parse_size(value)
+        if kind == "list":
+            return parse_list(value)
         if ftype == "bool":
             if isinstance(value, bool):
                 return value

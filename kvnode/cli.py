@@ -1,4 +1,4 @@
-"""The ``kvnode`` command: ``agent``, ``stats``, ``config show``."""
+"""The ``kvnode`` command: ``agent``, ``stats``, ``config show``, ``keygen``."""
 
 from __future__ import annotations
 
@@ -59,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--cpu-bytes", metavar="SIZE")
     show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     show.add_argument("--json", action="store_true")
+
+    kg = sub.add_parser("keygen", help="write a CURVE certificate pair for peer links")
+    kg.add_argument("name", metavar="NAME", help="writes NAME.key and NAME.key_secret")
+    kg.add_argument("--dir", required=True, metavar="DIR", help="directory to write into")
+    kg.add_argument("--force", action="store_true", help="replace existing files")
     return ap
 
 
@@ -96,6 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_stats(cfg.runtime_dir, args)
         if args.command == "config":
             return _cmd_config_show(args)
+        if args.command == "keygen":
+            return _cmd_keygen(args)
     except ConfigError as exc:
         print(f"kvnode: {exc}", file=sys.stderr)
         return 2
@@ -129,6 +136,39 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     from kvnode.agent.service import run_agent
 
     return run_agent(cfg, reload_config=lambda: _load(args))
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    """pyzmq's zmq.auth certificate pair. The secret file is made owner-only: it is
+    the fleet's identity (every agent presents it)."""
+    import os
+    from pathlib import Path
+
+    import zmq.auth
+
+    name = args.name
+    if not name or "/" in name or name.startswith("."):
+        raise ConfigError("NAME", f"{name!r}: a plain file name is expected")
+    out = Path(args.dir)
+    targets = [out / f"{name}.key", out / f"{name}.key_secret"]
+    existing = [str(t) for t in targets if t.exists()]
+    if existing and not args.force:
+        print(f"kvnode: {', '.join(existing)} exists (use --force to replace)", file=sys.stderr)
+        return 1
+    try:
+        out.mkdir(mode=0o700, parents=True, exist_ok=True)
+        old_umask = os.umask(0o077)  # the secret is never readable by others, not even briefly
+        try:
+            public, secret = zmq.auth.create_certificates(out, name)
+        finally:
+            os.umask(old_umask)
+        os.chmod(public, 0o644)
+        os.chmod(secret, 0o600)
+    except OSError as exc:
+        print(f"kvnode: cannot write certificates in {out}: {exc}", file=sys.stderr)
+        return 1
+    print(f"public: {public}\nsecret: {secret}")
+    return 0
 
 
 def _cmd_config_show(args: argparse.Namespace) -> int:
