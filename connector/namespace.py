@@ -13,10 +13,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import xxhash
-
 from kvnode.connector.keys import Namespace
 from kvnode.connector.metadata import KVNodeHandshake
+from kvnode.ipc.checksum import checksum
 
 _SAMPLE_BYTES = 1 << 20  # head and tail of each weight file go into a local model's id
 
@@ -29,20 +28,22 @@ def model_identity(model: str, revision: str | None = None) -> str:
     path = Path(model)
     if not path.is_dir():
         return f"{model}@{revision or 'main'}"
-    h = xxhash.xxh3_64()
+    parts: list[bytes] = []
     for name in ("config.json",):
         f = path / name
         if f.is_file():
-            h.update(f.read_bytes())
+            parts.append(f.read_bytes())
     for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
         size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
+        parts.append(f"{f.name}:{size}".encode())
         with open(f, "rb") as fh:
-            h.update(fh.read(_SAMPLE_BYTES))
+            parts.append(fh.read(_SAMPLE_BYTES))
             if size > _SAMPLE_BYTES:
                 fh.seek(max(_SAMPLE_BYTES, size - _SAMPLE_BYTES))
-                h.update(fh.read(_SAMPLE_BYTES))
-    return f"{os.path.realpath(path)}#{h.hexdigest()}"
+                parts.append(fh.read(_SAMPLE_BYTES))
+    # The project's one checksum (xxh3-64) written as xxhash's hexdigest was, so model
+    # ids, and the keys of entries already on disk or in S3, stay the same.
+    return f"{os.path.realpath(path)}#{checksum(parts):016x}"
 
 
 def rank_namespaces(
