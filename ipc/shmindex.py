@@ -10,8 +10,8 @@ Layout of the POSIX shm segment (little-endian uint64 words)::
 
     header (one 4 KiB page): magic, version, capacity, generation, hseq, active,
                              lower_tiers, closed, heartbeat_ns, probe_max
-    table 0: capacity slots of (seq, fp)
-    table 1: capacity slots of (seq, fp)     (rebuilt into, then made active)
+    table 0: capacity seqs, then capacity fps (a slot is seq[i] with fp[i])
+    table 1: the same                        (rebuilt into, then made active)
 
 - A slot is a seqlock: ``seq`` is odd while the writer changes ``fp``; a reader takes
   a slot only if it read the same even ``seq`` before and after ``fp``. ``fp`` is a
@@ -55,7 +55,7 @@ LOAD_FACTOR_MAX = 0.5  # live entries per slot that capacity_for() sizes for
 FILL_MAX = 0.75  # live + tombstones per slot before a rebuild
 CAPACITY_MIN = 64
 STALE_S = 5.0  # a writer that has not stamped the header for this long is gone
-WINDOW_SLOTS = 8  # slots a reader gathers per key and probe round
+WINDOW_SLOTS = 32  # slots gathered per key at once: at load 0.5 nearly every probe chain
 READ_RETRIES_MAX = 16  # torn or flipped reads retried before giving up
 REOPEN_INTERVAL_S = 0.5
 
@@ -121,7 +121,8 @@ class ShmIndexWriter:
         self._shift = _home_shift(capacity)
         self._buf = _create(name, segment_bytes(capacity), group or "")
         self._w = memoryview(self._buf).cast("Q")
-        self._tables = np.frombuffer(self._buf, "<u8", offset=HEADER_BYTES).reshape(2, capacity, 2)
+        # [table][0: seqs, 1: fps][slot]
+        self._tables = np.frombuffer(self._buf, "<u8", offset=HEADER_BYTES).reshape(2, 2, capacity)
         self._active = 0
         self._where: dict[int, int] = {}  # fingerprint -> slot in the active table
         self._refs: dict[int, int] = {}  # fingerprint -> live keys (collisions share a slot)
@@ -220,18 +221,19 @@ class ShmIndexWriter:
         return slot, dist
 
     def _base(self) -> int:
+        """Word index of the active table's first seq; its fps follow ``capacity`` on."""
         return HEADER_BYTES // 8 + self._active * self.capacity * 2
 
     def _fp_at(self, slot: int) -> int:
-        return int(self._w[self._base() + 2 * slot + 1])
+        return int(self._w[self._base() + self.capacity + slot])
 
     def _store(self, slot: int, fp: int) -> None:
         """Seqlocked store: odd seq, fingerprint, even seq, in that order."""
-        i = self._base() + 2 * slot
+        i = self._base() + slot
         w = self._w
         seq = w[i]
         w[i] = seq + 1
-        w[i + 1] = fp
+        w[i + self.capacity] = fp
         w[i] = seq + 2
 
     # ------------------------------------------------------------------ rebuild
@@ -244,8 +246,8 @@ class ShmIndexWriter:
         slots, probe_max = _layout(fps, self.capacity, self._shift)
         new_fp = np.zeros(self.capacity, np.uint64)
         new_fp[slots] = fps
-        table[:, 0] += np.uint64(2)  # seqs only grow: a slot never repeats a version
-        table[:, 1] = new_fp
+        table[0] += np.uint64(2)  # seqs only grow: a slot never repeats a version
+        table[1] = new_fp
         w = self._w
         hseq = w[_HSEQ]
         w[_HSEQ] = hseq + 1
@@ -268,7 +270,7 @@ class ShmIndexWriter:
         self._closed = True
         if unlink:
             _unlink(self.name)
-        self._tables = np.zeros((2, 0, 2), np.uint64)
+        self._tables = np.zeros((2, 2, 0), np.uint64)
         self._w.release()
         self._buf.close()
 
@@ -320,11 +322,10 @@ class ShmIndexReader:
             raise ArenaError(f"index segment {self.name} has an unknown layout")
         self._buf, self._h = buf, h
         self.capacity = cap
-        self._mask = cap - 1
         self._shift = np.uint64(_home_shift(cap))
-        tables = np.frombuffer(buf, "<u8", offset=HEADER_BYTES, count=4 * cap).reshape(2, cap, 2)
-        self._cols = [(tables[t, :, 0], tables[t, :, 1]) for t in (0, 1)]
-        self._offsets = np.arange(WINDOW_SLOTS, dtype=np.intp)
+        tables = np.frombuffer(buf, "<u8", offset=HEADER_BYTES, count=4 * cap).reshape(2, 2, cap)
+        self._cols = [(tables[t, 0], tables[t, 1]) for t in (0, 1)]
+        self._offsets = np.arange(WINDOW_SLOTS, dtype=np.int64)
 
     @property
     def generation(self) -> int:
@@ -367,7 +368,7 @@ class ShmIndexReader:
         if not keys:
             return np.zeros(0, bool)
         fp = fingerprints(keys)
-        home = ((fp * np.uint64(GOLDEN)) >> self._shift).astype(np.intp)
+        home = ((fp * np.uint64(GOLDEN)) >> self._shift).view(np.int64)  # < 2**63
         for _ in range(READ_RETRIES_MAX):
             hseq = self._h[_HSEQ]
             if not hseq & 1:
@@ -383,7 +384,7 @@ class ShmIndexReader:
         read, or None when a slot was mid-write or the table flipped meanwhile."""
         hseq = self._h[_HSEQ]
         active = int(self._h[_ACTIVE] & 1)
-        got = self._read(*self._cols[active], np.asarray(slots, np.intp))
+        got = self._read(*self._cols[active], np.asarray(slots, np.int64))
         if got is None or hseq & 1 or self._h[_HSEQ] != hseq:
             return None
         return active, got[0], got[1]
@@ -393,11 +394,12 @@ class ShmIndexReader:
         seqs: np.ndarray, fps: np.ndarray, idx: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray] | None:
         """Seqlocked gather: seqs, fingerprints, seqs again, as three separate loads in
-        that order; None if any slot changed meanwhile or was being written."""
-        s1 = seqs[idx]
-        f = fps[idx]
-        s2 = seqs[idx]
-        if not np.array_equal(s1, s2) or (s1 & np.uint64(1)).any():
+        that order; None if any slot changed meanwhile or was being written. Indices
+        past the end wrap (probe chains do)."""
+        s1 = seqs.take(idx, mode="wrap")
+        f = fps.take(idx, mode="wrap")
+        s2 = seqs.take(idx, mode="wrap")
+        if not (s1 == s2).all() or np.bitwise_or.reduce(s1, axis=None) & 1:
             return None
         return s1, f
 
@@ -407,7 +409,7 @@ class ShmIndexReader:
         """One read of every key's probe chain; None if any slot read was torn. A match
         anywhere in the window means the key was in the table at that instant."""
         width = min(WINDOW_SLOTS, probe_max + 1)
-        got = self._read(seqs, fps, (home[:, None] + self._offsets[:width]) & self._mask)
+        got = self._read(seqs, fps, home[:, None] + self._offsets[:width])
         if got is None:
             return None
         f = got[1]
@@ -427,8 +429,8 @@ class ShmIndexReader:
     ) -> np.ndarray | None:
         """The rare keys whose chain runs past the first window: the rest of it, up
         to ``probe_max``, in one gather."""
-        offsets = np.arange(WINDOW_SLOTS, probe_max + 1, dtype=np.intp)
-        got = self._read(seqs, fps, (home[:, None] + offsets) & self._mask)
+        offsets = np.arange(WINDOW_SLOTS, probe_max + 1, dtype=np.int64)
+        got = self._read(seqs, fps, home[:, None] + offsets)
         if got is None:
             return None
         match = got[1] == fp[:, None]

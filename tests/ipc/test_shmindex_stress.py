@@ -44,14 +44,14 @@ class LoggingWriter(ShmIndexWriter):
         }
 
     def _store(self, slot: int, fp: int) -> None:
-        seq = int(self._w[self._base() + 2 * slot])
+        seq = int(self._w[self._base() + slot])
         super()._store(slot, fp)
         self.stored.add((self._active, slot, seq + 2, fp))
 
     def _rebuild(self) -> None:
         super()._rebuild()
-        table = self._tables[self._active]
-        for s, (seq, fp) in enumerate(table.tolist()):
+        seqs, fps = self._tables[self._active]
+        for s, (seq, fp) in enumerate(zip(seqs.tolist(), fps.tolist(), strict=True)):
             self.stored.add((self._active, s, seq, fp))
 
 
