@@ -60,15 +60,16 @@ KEY_BYTES = 16
 NODE_ID_BYTES = 16
 PEER_KEYS_MAX = 4096  # keys in one peer request
 REQUEST_BYTES_MAX = 1 << 20  # a request frame (keys only) larger than this is refused
-U64 = (1 << 64) - 1
+U63 = (1 << 63) - 1
 
 _Key = Annotated[bytes, Meta(min_length=KEY_BYTES, max_length=KEY_BYTES)]
 _Keys = Annotated[list[_Key], Meta(max_length=PEER_KEYS_MAX)]
-_Rid = Annotated[int, Meta(ge=0, le=U64)]
+_Rid = Annotated[int, Meta(ge=0, le=U63)]
 _Node = Annotated[bytes, Meta(max_length=NODE_ID_BYTES)]
 _Size = Annotated[int, Meta(ge=0, le=1 << 48)]
 _Sizes = Annotated[list[_Size], Meta(max_length=PEER_KEYS_MAX)]
-_Ints = Annotated[list[Annotated[int, Meta(ge=0, le=U64)]], Meta(max_length=PEER_KEYS_MAX)]
+# uint64 checksums: msgpack itself bounds them (msgspec takes no bound past int64)
+_Ints = Annotated[list[Annotated[int, Meta(ge=0)]], Meta(max_length=PEER_KEYS_MAX)]
 _Tokens = Annotated[list[Annotated[int, Meta(ge=0, le=(1 << 32) - 1)]], Meta(max_length=1 << 16)]
 
 
@@ -636,7 +637,7 @@ class _Network(threading.Thread):
         self._lock = threading.Lock()
         self._inbox: deque[_Job] = deque()
         self._wanted: set[str] | None = None  # new endpoint set from the resolver
-        self._stop = False
+        self._stopping = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -655,7 +656,7 @@ class _Network(threading.Thread):
 
     def submit(self, job: _Job) -> bool:
         with self._lock:
-            if self._stop or len(self._inbox) >= INBOX_MAX:
+            if self._stopping or len(self._inbox) >= INBOX_MAX:
                 return False
             self._inbox.append(job)
         self._wake()
@@ -668,7 +669,7 @@ class _Network(threading.Thread):
 
     def stop(self) -> None:
         with self._lock:
-            self._stop = True
+            self._stopping = True
         self._wake()
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
@@ -681,7 +682,7 @@ class _Network(threading.Thread):
         self._ctx = zmq.Context()
         self._poller.register(self._wake_r, zmq.POLLIN)
         try:
-            while not self._stop:
+            while not self._stopping:
                 self._step()
         except Exception:  # programmer error: say so, then fail every job cleanly
             log.exception("peer network thread failed")
@@ -948,7 +949,7 @@ class _Network(threading.Thread):
 
     def _shutdown(self) -> None:
         with self._lock:
-            self._stop = True
+            self._stopping = True
             jobs = list(self._inbox)
             self._inbox.clear()
         for link in list(self.links.values()):

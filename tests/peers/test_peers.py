@@ -1,0 +1,326 @@
+"""Two (or three) nodes on 127.0.0.1 with real CURVE certificates: fetch byte-exact,
+refuse an unknown key, reject a lying peer's bytes, bound what a frozen peer costs."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+import pytest
+import zmq
+from zmq.auth.thread import ThreadAuthenticator
+
+from kvnode.agent import peers as P
+from kvnode.agent.peers import Curve, payload_checksum, resolve_seeds
+from kvnode.errors import ProtocolError
+from tests.peers.conftest import Node, pump
+
+KiB = 1024
+
+
+def _key(i: int) -> bytes:
+    return i.to_bytes(2, "big") * 8
+
+
+def _data(i: int, size: int) -> bytes:
+    return ((bytes([i % 251]) + os.urandom(15)) * (size // 16 + 1))[:size]
+
+
+def _curve(fleet: dict[str, Any], who: str = "") -> Curve:
+    prefix = f"{who}_" if who else ""
+    return Curve.load(fleet[f"{prefix}secret"], fleet[f"{prefix}authorized"])
+
+
+class RawPeer:
+    """A CURVE peer that misbehaves on purpose. ``mode``: "frozen" (accepts, never
+    reads), "wrong_size" (claims keys, sends short payloads), "mute_fetch" (answers
+    lookups, never fetches)."""
+
+    def __init__(self, curve: Curve, mode: str, size: int) -> None:
+        self.ctx = zmq.Context()
+        self.auth = ThreadAuthenticator(self.ctx)
+        self.auth.start()
+        self.auth.configure_curve_callback(P.ZAP_DOMAIN, curve.ring)
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.curve_secretkey, self.sock.curve_publickey = curve.secret, curve.public
+        self.sock.curve_server = True
+        self.sock.zap_domain = P.ZAP_DOMAIN.encode()
+        self.sock.linger = 0
+        self.sock.bind("tcp://127.0.0.1:*")
+        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.mode, self.size = mode, size
+        self.node = P.new_node_id()
+        self.requests = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        if mode != "frozen":
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop:
+            if not self.sock.poll(20):
+                continue
+            ident, body = self.sock.recv_multipart()
+            self.requests += 1
+            m = P.decode_request(body)
+            n = len(m.keys)
+            if isinstance(m, P.HaveReq):
+                rep: Any = P.HaveRep(m.rid, self.node, [P.Have.ARENA] * n, [self.size] * n)
+                self.sock.send_multipart([ident, P.encode(rep)])
+            elif self.mode == "wrong_size":
+                short = b"x" * (self.size // 2)
+                rep = P.FetchRep(m.rid, self.node, [self.size] * n,
+                                 [payload_checksum([short])] * n, [1] * n)  # fmt: skip
+                self.sock.send_multipart([ident, P.encode(rep), *([short] * n)])
+
+    def close(self) -> None:
+        self._stop = True
+        if self._thread.is_alive():
+            self._thread.join(2)
+        self.sock.close(0)
+        self.auth.stop()
+        self.ctx.term()
+
+
+@pytest.fixture
+def raw_peers() -> Any:
+    made: list[RawPeer] = []
+    yield made
+    for r in made:
+        r.close()
+
+
+def _wait_connected(
+    node: Node, endpoints: list[str], others: list[Node] = (), timeout_s: float = 5.0
+) -> None:
+    """Ask until every endpoint has answered once (CURVE handshakes take a moment),
+    running the loops of ``others`` (the peers' servers) meanwhile."""
+    assert node.manager is not None
+    probe = [_key(60000)]
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        stats = node.manager.stats()["peers"]
+        if all(stats.get(ep, {}).get("state") == "up" for ep in endpoints):
+            node.manager._negative.clear()
+            return
+        node.manager._negative.clear()
+        node.manager.on_lookup_miss(probe)
+        pump([node, *others], lambda: not node.manager.busy(), timeout_s=1.0)  # type: ignore[union-attr]
+    raise AssertionError(f"peers never answered: {node.manager.stats()['peers']}")
+
+
+def test_committed_on_a_is_fetched_by_b_byte_exact(
+    fleet: dict[str, Any], nodes: list[Node]
+) -> None:
+    a = Node(_curve(fleet))
+    nodes.append(a)
+    b = Node(_curve(fleet), seeds=[a.endpoint], serve=False, deadline_ms=200)
+    nodes.append(b)
+    sizes = [300 * KiB, 64 * KiB, 1000]  # several pages, one page, a partial page
+    data = [_data(i, s) for i, s in enumerate(sizes)]
+    keys = [_key(i + 1) for i in range(3)]
+    for k, d in zip(keys, data):
+        a.put(k, d)
+    _wait_connected(b, [a.endpoint], [a])
+    assert b.manager is not None
+    missing = _key(99)
+    assert b.manager.on_lookup_miss([*keys, missing], parent=_key(0)) == {*keys, missing}
+    assert pump([a, b], lambda: len(b.landed) == 3)
+    assert [f.key for f in b.landed] == keys
+    assert [f.parent for f in b.landed] == [_key(0), keys[0], keys[1]]
+    for k, d in zip(keys, data):
+        assert b.read(k) == d
+        assert b.index.entries[k].checksum == payload_checksum([d])
+    assert b.read(missing) is None and not b.manager.pending(missing)
+    assert b.manager.on_lookup_miss([missing]) == set()  # nobody had it: not asked again
+    peer = b.manager.stats()["peers"][a.endpoint]
+    assert (
+        peer["fetched_keys"] == 3 and peer["bytes"] == sum(map(len, data)) and peer["errors"] == 0
+    )
+    assert pump([a, b], lambda: a.index.pinned == 0)  # sends finished: pins released
+    assert a.server is not None and a.server.stats()["served_keys"] == 3
+    assert b.index.reserved == 0
+
+
+def test_unknown_key_is_refused_and_counted(fleet: dict[str, Any], nodes: list[Node]) -> None:
+    a = Node(_curve(fleet))
+    nodes.append(a)
+    a.put(_key(1), _data(1, 4 * KiB))
+    stranger = Node(_curve(fleet, "stranger"), seeds=[a.endpoint], serve=False, deadline_ms=50)
+    nodes.append(stranger)
+    assert a.server is not None and stranger.manager is not None
+
+    def refused() -> bool:
+        stranger.manager._negative.clear()  # type: ignore[union-attr]
+        stranger.manager.on_lookup_miss([_key(1)])  # type: ignore[union-attr]
+        return a.server.stats()["refused"] >= 1  # type: ignore[union-attr]
+
+    assert pump([a, stranger], refused)
+    assert a.server.stats()["have_requests"] == 0  # nothing it sent got through
+    assert stranger.read(_key(1)) is None
+    # A plain client that knows the server key but not an authorized client key.
+    ctx = zmq.Context()
+    pub, sec = zmq.curve_keypair()
+    s = ctx.socket(zmq.DEALER)
+    s.linger = 0
+    s.curve_publickey, s.curve_secretkey = pub, sec
+    s.curve_serverkey = _curve(fleet).public
+    s.connect(a.endpoint)
+    s.send(P.encode(P.HaveReq(1, [_key(1)])))
+    before = a.server.stats()["refused"]
+    assert pump([a], lambda: a.server.stats()["refused"] > before)  # type: ignore[union-attr]
+    assert s.poll(200) == 0 and a.server.stats()["have_requests"] == 0
+    s.close(0)
+    ctx.term()
+
+
+def test_lying_peer_bytes_are_rejected_and_counted(
+    fleet: dict[str, Any], nodes: list[Node]
+) -> None:
+    a = Node(_curve(fleet))
+    nodes.append(a)
+    b = Node(_curve(fleet), seeds=[a.endpoint], serve=False, deadline_ms=200)
+    nodes.append(b)
+    good = _data(3, 128 * KiB)
+    a.put(_key(1), good)
+    e = a.index.entries[_key(1)]
+    off, _ = e.extents(a.index.page_bytes)[0]
+    a.segment.view[off : off + 4] = b"\xde\xad\xbe\xef"  # A's copy went bad after commit
+    _wait_connected(b, [a.endpoint], [a])
+    assert b.manager is not None
+    assert b.manager.on_lookup_miss([_key(1)]) == {_key(1)}
+    assert pump([a, b], lambda: not b.manager.busy())  # type: ignore[union-attr]
+    assert b.landed == [] and b.read(_key(1)) is None and not b.index.contains(_key(1))
+    peer = b.manager.stats()["peers"][a.endpoint]
+    assert peer["corrupt"] == 1 and peer["fetched_keys"] == 0
+    assert b.manager.stats()["failed"] == 1
+    assert b.manager.on_lookup_miss([_key(1)]) == set()  # not asked again at once
+
+
+def test_wrong_sizes_are_rejected(
+    fleet: dict[str, Any], nodes: list[Node], raw_peers: list[RawPeer]
+) -> None:
+    liar = RawPeer(_curve(fleet), "wrong_size", 64 * KiB)
+    raw_peers.append(liar)
+    b = Node(_curve(fleet), seeds=[liar.endpoint], serve=False, deadline_ms=200)
+    nodes.append(b)
+    _wait_connected(b, [liar.endpoint])
+    assert b.manager is not None
+    keys = [_key(1), _key(2)]
+    before = b.manager.stats()["peers"][liar.endpoint]["corrupt"]  # the probe's, if any
+    assert b.manager.on_lookup_miss(keys) == set(keys)
+    assert pump([b], lambda: not b.manager.busy())  # type: ignore[union-attr]
+    assert b.landed == [] and all(not b.index.contains(k) for k in keys)
+    assert b.manager.stats()["peers"][liar.endpoint]["corrupt"] - before == 2
+    assert b.index.reserved == 0 and b.manager.bytes_inflight == 0
+
+
+def test_frozen_peer_costs_at_most_the_deadline(
+    fleet: dict[str, Any], nodes: list[Node], raw_peers: list[RawPeer]
+) -> None:
+    deadline_s = 0.1
+    frozen = RawPeer(_curve(fleet), "frozen", 0)
+    raw_peers.append(frozen)
+    a = Node(_curve(fleet))
+    nodes.append(a)
+    b = Node(_curve(fleet), seeds=[frozen.endpoint, a.endpoint], serve=False,
+             deadline_ms=int(deadline_s * 1000))  # fmt: skip
+    nodes.append(b)
+    data = _data(5, 256 * KiB)
+    a.put(_key(1), data)
+    _wait_connected(b, [a.endpoint], [a])
+    assert b.manager is not None
+    t0 = time.monotonic()
+    assert b.manager.on_lookup_miss([_key(1)]) == {_key(1)}
+    assert pump([a, b], lambda: len(b.landed) == 1)
+    elapsed = time.monotonic() - t0
+    assert b.read(_key(1)) == data
+    assert elapsed < deadline_s + 0.5, elapsed  # the frozen peer held it up by the deadline
+    assert b.manager.stats()["peers"][frozen.endpoint]["timeouts"] >= 1
+    # Alone, the frozen peer turns a lookup into a miss within the deadline, every time.
+    t0 = time.monotonic()
+    assert b.manager.on_lookup_miss([_key(2)]) == {_key(2)}
+    assert pump([a, b], lambda: not b.manager.busy())  # type: ignore[union-attr]
+    assert time.monotonic() - t0 < deadline_s + 0.5
+    assert not b.index.contains(_key(2))
+
+
+def test_peer_silent_on_fetch_leaves_nothing_behind(
+    fleet: dict[str, Any], nodes: list[Node], raw_peers: list[RawPeer]
+) -> None:
+    mute = RawPeer(_curve(fleet), "mute_fetch", 64 * KiB)
+    raw_peers.append(mute)
+    b = Node(_curve(fleet), seeds=[mute.endpoint], serve=False, deadline_ms=200,
+             fetch_timeout_ms=200)  # fmt: skip
+    nodes.append(b)
+    _wait_connected(b, [mute.endpoint])
+    assert b.manager is not None
+    assert b.manager.on_lookup_miss([_key(1)]) == {_key(1)}
+    assert pump([b], lambda: b.manager.pending(_key(1)) and b.index.reserved == 1)  # type: ignore[union-attr]
+    assert pump([b], lambda: not b.manager.busy(), timeout_s=3)  # type: ignore[union-attr]
+    assert not b.index.contains(_key(1)) and b.index.reserved == 0
+    assert b.manager.stats()["peers"][mute.endpoint]["timeouts"] >= 1
+
+
+def test_a_seed_that_is_this_agent_is_recognised(fleet: dict[str, Any], nodes: list[Node]) -> None:
+    a = Node(_curve(fleet))
+    nodes.append(a)
+    assert a.server is not None
+    a.manager = P.PeerManager(a.index, a.segment, _curve(fleet), a.node_id, a.woken.set,
+                              [a.endpoint], deadline_ms=200)  # fmt: skip
+    a.put(_key(1), _data(1, 4 * KiB))
+
+    def is_self() -> bool:
+        a.manager._negative.clear()  # type: ignore[union-attr]
+        a.manager.on_lookup_miss([_key(2)])  # type: ignore[union-attr]
+        peer = a.manager.stats()["peers"].get(a.endpoint, {})  # type: ignore[union-attr]
+        return bool(peer.get("state") == "self")
+
+    assert pump([a], is_self)
+
+
+def test_insecure_mode_round_trip(nodes: list[Node]) -> None:
+    a = Node(None)
+    nodes.append(a)
+    b = Node(None, seeds=[a.endpoint], serve=False, deadline_ms=200)
+    nodes.append(b)
+    a.put(_key(1), _data(1, 70 * KiB))
+    _wait_connected(b, [a.endpoint], [a])
+    assert b.manager is not None and b.manager.on_lookup_miss([_key(1)]) == {_key(1)}
+    assert pump([a, b], lambda: len(b.landed) == 1)
+    assert b.read(_key(1)) == a.read(_key(1))
+
+
+def test_bad_frames_get_an_error_and_the_server_goes_on(nodes: list[Node]) -> None:
+    a = Node(None)
+    nodes.append(a)
+    with pytest.raises(ProtocolError):
+        P.decode_request(b"\x01\xc1garbage")
+    with pytest.raises(ProtocolError):
+        P.decode_request(P.encode(P.HaveReq(1, [b"short"])))
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.linger = 0
+    s.connect(a.endpoint)
+    s.send(b"\x01\xff\xff")
+    s.send_multipart([b"two", b"frames"])
+    s.send(P.encode(P.HaveReq(7, [_key(1)])))
+    got: list[Any] = []
+    assert pump(
+        [a], lambda: bool(s.poll(0)) and got.append(s.recv_multipart()) is None and len(got) >= 2
+    )
+    assert isinstance(P.decode_reply(got[0][0]), P.ErrorRep)
+    rep = P.decode_reply(got[1][0])
+    assert isinstance(rep, P.HaveRep) and rep.rid == 7 and rep.states == [P.Have.ABSENT]
+    assert a.server is not None and a.server.stats()["bad_frames"] == 2
+    s.close(0)
+    ctx.term()
+
+
+def test_seeds_resolve_dns_names() -> None:
+    got = resolve_seeds(["tcp://10.0.0.5:7470", "dns:localhost:7470", "dns:no-such-name.invalid:1"])
+    assert "tcp://10.0.0.5:7470" in got
+    assert "tcp://127.0.0.1:7470" in got or "tcp://[::1]:7470" in got
+    assert not any("no-such-name" in g for g in got)
