@@ -23,8 +23,11 @@ MEDIUM_ARENA = "CPU"
 
 
 class CacheListener(Protocol):
-    def stored(self, key: bytes, parent: bytes | None, tokens: list[int], medium: str) -> None: ...
-    def removed(self, keys: list[bytes], medium: str) -> None: ...
+    def stored(self, key: bytes, parent: bytes | None, tokens: list[int], medium: str) -> None:
+        """A client committed ``key`` (with its chunk's tokens, when it sent them)."""
+
+    def arena_changed(self, changes: list[tuple[bool, bytes]]) -> None:
+        """Keys that became readable (True) or left the arena (False), in order."""
 
 
 class Cache:
@@ -116,11 +119,11 @@ class Cache:
         return self.index.expire_leases()
 
     def publish(self) -> None:
-        """Tell listeners which keys left the arena since the last call."""
-        removed = self.index.take_removed()
-        if removed:
+        """Tell listeners what entered and left the arena since the last call."""
+        changes = self.index.take_changes()
+        if changes:
             for li in self.listeners:
-                _call(li.removed, removed, MEDIUM_ARENA)
+                _call(li.arena_changed, changes)
 
     def busy(self) -> bool:
         return self.tiers is not None and self.tiers.busy()

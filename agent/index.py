@@ -119,7 +119,8 @@ class Index:
         # (EVICTING) instead of freeing, while free + leaving pages fall short.
         self.write_back = False
         self.counters = IndexCounters()
-        self.removed: list[bytes] = []  # keys that left the arena since take_removed()
+        # (True, key) committed, (False, key) left the arena, in order, since take_changes()
+        self.changes: list[tuple[bool, bytes]] = []
 
     # -- reads ---------------------------------------------------------------
     def lookup(self, key: bytes) -> Entry | None:
@@ -178,12 +179,13 @@ class Index:
         self.policy.remove(e.key)
         e.state = State.EVICTING
         self.evicting_pages += e.page_count()
-        self.removed.append(e.key)
+        self.changes.append((False, e.key))
         self._free_if_left(e)
 
-    def take_removed(self) -> list[bytes]:
-        """Keys that left the arena since the last call (for events and lookups)."""
-        out, self.removed = self.removed, []
+    def take_changes(self) -> list[tuple[bool, bytes]]:
+        """Keys that became readable (True) or left (False) since the last call, in
+        order (for the shared lookup index and KV events)."""
+        out, self.changes = self.changes, []
         return out
 
     # -- writes ----------------------------------------------------------------
@@ -226,6 +228,7 @@ class Index:
         e.checksum = checksum
         self.reserved -= 1
         self.policy.insert(key)
+        self.changes.append((True, key))
         return Outcome.OK
 
     def abort(self, key: bytes, owner: int) -> bool:

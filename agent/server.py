@@ -25,6 +25,7 @@ from kvnode.agent.clients import Client, own_pid_namespace
 from kvnode.agent.config import Config
 from kvnode.agent.handlers import ClientError, Handlers
 from kvnode.agent.index import AGENT_OWNER, Index, State
+from kvnode.agent.published import PublishedIndex
 from kvnode.agent.registry import ClientRegistry, Refused
 from kvnode.agent.runtime import RuntimeDir, chgrp, create_arena
 from kvnode.agent.snapshot import snapshot
@@ -79,6 +80,8 @@ class Agent:
         self.hooks_reload: list[Callable[[Config], list[str]]] = []
         self.hooks_housekeeping: list[Callable[[], Any]] = []  # each loop tick
         self._reload_requested = False
+        self.published: PublishedIndex | None = None
+        self.index_segment = ""  # the shared lookup index's name, when published
 
     @property
     def clients(self) -> dict[int, Client]:
@@ -106,9 +109,10 @@ class Agent:
             self.segment.name, self.segment.size, self.index.alloc.pages_total,
             cfg.arena.page_bytes, time.perf_counter() - t0,
         )  # fmt: skip
-        self._bind()
         if cfg.disk.path or cfg.s3.bucket:
             self._start_tiers()
+        self._publish_index()
+        self._bind()
         self._running = not self._stop_requested
         log.info("serving on %s (generation %x)", cfg.endpoint, self.generation)
 
@@ -141,6 +145,24 @@ class Agent:
         headroom = int(self.index.alloc.pages_total * self.cfg.arena.headroom_share)
         self.cache = Cache(self.index, tiers, headroom)
         self.handlers.cache = self.cache
+
+    def _publish_index(self) -> None:
+        if not self.cfg.arena.publish_index:
+            return
+        assert self.segment is not None
+        self.published = PublishedIndex(
+            self.segment.name + "-idx",
+            self.index.alloc.pages_total,  # every entry holds at least one page
+            self.cfg.agent.group,
+            self.generation,
+        )
+        self.published.set_lower_tiers(self.lower_tiers())
+        self.cache.listeners.append(self.published)
+        self.index_segment = self.published.name
+
+    def lower_tiers(self) -> bool:
+        """True when a key the arena lacks may still be found (disk, S3, peers)."""
+        return self.cache.tiers is not None or bool(self.cfg.peers.seeds)
 
     def wake(self) -> None:
         """Wake the loop from another thread or a signal handler."""
@@ -188,6 +210,11 @@ class Agent:
         if self.ctx is not None:
             self.ctx.term()
             self.ctx = None
+        if self.published is not None:
+            _safe(
+                lambda: self.published.close(unlink=self.runtime.held) if self.published else None
+            )
+            self.published = None
         if self.segment is not None:
             if self.runtime.held:  # only the lock holder owns the segment
                 self.segment.unlink()
@@ -288,6 +315,8 @@ class Agent:
         for hook in self.hooks_housekeeping:
             _safe(hook)
         self.cache.publish()
+        if self.published is not None:
+            self.published.touch()
 
     def _expire_leases(self) -> None:
         for e in self.cache.expire_leases():
@@ -377,8 +406,6 @@ class Agent:
             m.rid, c.client_id, self.segment.name, self.segment.size, self.cfg.arena.page_bytes,
             self.generation, self.cfg.agent.heartbeat_interval_s, self.index_segment,
         )  # fmt: skip
-
-    index_segment = ""  # set when the shared lookup index is published
 
     def _send(self, identity: bytes, reply: Any) -> None:
         assert self.sock is not None

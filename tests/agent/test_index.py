@@ -113,7 +113,7 @@ def test_drop_waits_for_pins_and_copies() -> None:
     assert idx.alloc.pages_free == 6
     idx.unhold(b"k")
     assert idx.alloc.pages_free == 8 and b"k" not in idx.entries
-    assert idx.take_removed() == [b"k"]
+    assert idx.take_changes() == [(True, b"k"), (False, b"k")]
     idx.check()
 
 
