@@ -130,6 +130,7 @@ class ArenaSection:
     policy: str = "s3fifo"  # "lru" or "s3fifo"
     prefault: bool = True
     hugepages: bool = True
+    publish_index: bool = True  # the arena's keys in shared memory for lookups
     segment_name: str = ""  # "" -> derived from runtime dir
     reserve_ttl_s: float = 60.0  # a reservation not committed by then is dropped
     # With write-back tiers: share of the arena kept free (victims copied out ahead of
