@@ -637,6 +637,7 @@ class _Network(threading.Thread):
         self._lock = threading.Lock()
         self._inbox: deque[_Job] = deque()
         self._wanted: set[str] | None = None  # new endpoint set from the resolver
+        self._rebuild = False  # certificates changed: re-create every link
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -672,6 +673,11 @@ class _Network(threading.Thread):
             self._stopping = True
         self._wake()
 
+    def rebuild(self) -> None:
+        with self._lock:
+            self._rebuild = True
+        self._wake()
+
     def snapshot(self) -> dict[str, dict[str, Any]]:
         with self._lock:
             stats = list(self.peer_stats.items())
@@ -692,8 +698,14 @@ class _Network(threading.Thread):
     def _step(self) -> None:
         with self._lock:
             wanted, self._wanted = self._wanted, None
+            rebuild, self._rebuild = self._rebuild, False
             jobs = list(self._inbox)
             self._inbox.clear()
+        if rebuild:  # new server-key candidates apply to new sockets only
+            current = set(self.links)
+            for old in list(self.links.values()):
+                self._drop_link(old)
+            wanted = current if wanted is None else wanted
         if wanted is not None:
             self._reconcile(wanted)
         now = self.clock()
@@ -1045,6 +1057,7 @@ class PeerManager:
         self.negative_ttl_s = negative_ttl_s
         self.on_evicted = on_evicted
         self.clock = clock
+        self._curve = curve
         self._pending: dict[bytes, str] = {}  # key -> "asking" | "fetching"
         self._reserved: set[bytes] = set()  # AGENT_OWNER reservations for fetches
         self._negative: OrderedDict[bytes, float] = OrderedDict()
@@ -1081,6 +1094,16 @@ class PeerManager:
             self.wake()
         except Exception:  # a wake that fails only delays the next poll
             log.exception("peer manager: wake() failed")
+
+    def reload_keys(self) -> int:
+        """SIGHUP after a certificate change: read the authorized directory again (the
+        server sharing this ``Curve`` admits by it at once) and re-create every link
+        with the new server-key candidates. Returns the number of authorized keys."""
+        if self._curve is None:
+            return 0
+        n = self._curve.ring.reload()
+        self._net.rebuild()
+        return n
 
     def set_seeds(self, seeds: Sequence[str]) -> None:
         """Replace ``tcp://`` endpoints at runtime (tests, SIGHUP without dns: seeds)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -324,3 +325,37 @@ def test_seeds_resolve_dns_names() -> None:
     assert "tcp://10.0.0.5:7470" in got
     assert "tcp://127.0.0.1:7470" in got or "tcp://[::1]:7470" in got
     assert not any("no-such-name" in g for g in got)
+
+
+def test_key_rotation_without_a_gap(
+    fleet: dict[str, Any], tmp_path: Any, nodes: list[Node]
+) -> None:
+    """A runs the old fleet key, B already the new one. Until both authorized dirs
+    list both keys they cannot talk; after a reload they do, with no restart."""
+    new_dir = tmp_path / "new"
+    new_dir.mkdir()
+    pub2, sec2 = zmq.auth.create_certificates(new_dir, "fleet2")
+    b_auth = tmp_path / "b-authorized"
+    b_auth.mkdir()
+    (b_auth / "fleet2.key").write_bytes(Path(pub2).read_bytes())
+    a = Node(_curve(fleet))
+    nodes.append(a)
+    a.put(_key(1), _data(1, 8 * KiB))
+    b = Node(Curve.load(sec2, str(b_auth)), seeds=[a.endpoint], serve=False, deadline_ms=50)
+    nodes.append(b)
+    assert b.manager is not None and a.server is not None
+    b.manager.on_lookup_miss([_key(1)])
+    assert not pump([a, b], lambda: len(b.landed) == 1, timeout_s=0.5)
+    # Step 1 of a rotation: both keys authorized everywhere, then reload.
+    (b_auth / "fleet.key").write_bytes((Path(fleet["authorized"]) / "fleet.key").read_bytes())
+    (Path(fleet["authorized"]) / "fleet2.key").write_bytes(Path(pub2).read_bytes())
+    assert a.server.curve is not None and a.server.curve.ring.reload() == 2
+    assert b.manager.reload_keys() == 2
+
+    def fetched() -> bool:
+        b.manager._negative.clear()  # type: ignore[union-attr]
+        b.manager.on_lookup_miss([_key(1)])  # type: ignore[union-attr]
+        return len(b.landed) == 1
+
+    assert pump([a, b], fetched)
+    assert b.read(_key(1)) == a.read(_key(1))
