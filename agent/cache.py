@@ -61,9 +61,11 @@ class Cache:
         self.index.unpin(key, count)
 
     # -- writes ------------------------------------------------------------------------
-    def reserve(self, key: bytes, size: int, owner: int) -> tuple[Outcome, Entry | None]:
+    def reserve(
+        self, key: bytes, size: int, owner: int, group: bytes | None = None
+    ) -> tuple[Outcome, Entry | None]:
         leaving: list[Entry] = []
-        out = self.index.reserve(key, size, owner, leaving)
+        out = self.index.reserve(key, size, owner, leaving, group)
         self._hand_over(leaving)
         return out
 

@@ -97,12 +97,13 @@ class Handlers:
     def reserve(self, c: Client, m: P.ReserveReq) -> Any:
         t0 = time.perf_counter()
         self._limit(len(m.keys))
-        if len(m.sizes) != len(m.keys):
-            raise ClientError(P.ErrCode.BAD_FRAME, "keys and sizes differ in length")
+        if len(m.sizes) != len(m.keys) or (m.groups and len(m.groups) != len(m.keys)):
+            raise ClientError(P.ErrCode.BAD_FRAME, "keys, sizes and groups differ in length")
         status: list[int] = []
         slots: list[P.Slot | None] = []
-        for key, size in zip(m.keys, m.sizes):
-            out, e = self.cache.reserve(key, size, c.client_id)
+        for i, (key, size) in enumerate(zip(m.keys, m.sizes)):
+            group = m.groups[i] if m.groups else None
+            out, e = self.cache.reserve(key, size, c.client_id, group)
             status.append(_WIRE_STATUS[out])
             if e is None:
                 slots.append(None)

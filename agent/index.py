@@ -61,6 +61,7 @@ class Entry:
     lease_deadline: float = 0.0
     hits: int = 0
     holds: int = 0  # agent-side readers (lower-tier copies in flight)
+    group: bytes | None = None  # entries of one group are evicted and dropped together
 
     def page_count(self) -> int:
         return sum(c for _, c in self.pages)
@@ -119,6 +120,7 @@ class Index:
         # (EVICTING) instead of freeing, while free + leaving pages fall short.
         self.write_back = False
         self.counters = IndexCounters()
+        self.groups: dict[bytes, set[bytes]] = {}  # group -> member keys (any state)
         # (True, key) committed, (False, key) left the arena, in order, since take_changes()
         self.changes: list[tuple[bool, bytes]] = []
 
@@ -190,7 +192,12 @@ class Index:
 
     # -- writes ----------------------------------------------------------------
     def reserve(
-        self, key: bytes, size: int, owner: int, evicted: list[Entry] | None = None
+        self,
+        key: bytes,
+        size: int,
+        owner: int,
+        evicted: list[Entry] | None = None,
+        group: bytes | None = None,
     ) -> tuple[Outcome, Entry | None]:
         """Reserve pages for ``key``, evicting unpinned committed entries if needed.
         Victims that a write-back tier may copy out are appended to ``evicted`` (each
@@ -211,7 +218,9 @@ class Index:
         if got is None:
             self.counters.reserve_no_space += 1
             return Outcome.NO_SPACE, None
-        e = Entry(key, size, got, State.RESERVED, owner)
+        e = Entry(key, size, got, State.RESERVED, owner, group=group)
+        if group is not None:
+            self.groups.setdefault(group, set()).add(key)
         e.lease_deadline = self.clock() + self.reserve_ttl_s
         self.entries[key] = e
         self.bytes_used += size
@@ -240,15 +249,24 @@ class Index:
         return True
 
     def drop(self, key: bytes) -> bool:
-        """Remove a committed entry (e.g. it failed a checksum). It disappears for
-        readers at once; its pages are freed when its pins and copies are done."""
+        """Remove a committed entry (e.g. it failed a checksum) and the committed
+        members of its group. They disappear for readers at once; pages are freed
+        when their pins and copies are done."""
         e = self.entries.get(key)
         if e is None or e.state is not State.COMMITTED:
             return False
-        if e.pins or e.holds:
-            self.counters.drops_deferred += 1
-        self._leave(e)
+        for m in self._members(e):
+            if m.state is State.COMMITTED:
+                if m.pins or m.holds:
+                    self.counters.drops_deferred += 1
+                self._leave(m)
         return True
+
+    def _members(self, e: Entry) -> list[Entry]:
+        """``e`` and the other entries of its group."""
+        if e.group is None:
+            return [e]
+        return [self.entries[k] for k in self.groups.get(e.group, ()) if k in self.entries]
 
     # -- eviction ----------------------------------------------------------------
     def evict_pages(self, pages_needed: int, must_free: bool = True, keep: bool = True) -> Evicted:
@@ -270,16 +288,18 @@ class Index:
             defer = keep and self.alloc.pages_free + self.evicting_pages < pages_needed
             if not defer and not must_free:
                 break
-            e = self.entries[key]
-            self.counters.evictions += 1
-            out.removed.append(key)
-            if defer:
-                e.holds += 1
-                out.leaving.append(e)
-                self.counters.evict_deferred += 1
-            elif self.write_back:
-                self.counters.evict_unsaved += 1
-            self._leave(e)
+            for e in self._members(self.entries[key]):
+                if e.state is not State.COMMITTED:
+                    continue
+                self.counters.evictions += 1
+                out.removed.append(e.key)
+                if defer:
+                    e.holds += 1
+                    out.leaving.append(e)
+                    self.counters.evict_deferred += 1
+                elif self.write_back:
+                    self.counters.evict_unsaved += 1
+                self._leave(e)
         return out
 
     def _victims(self) -> Iterable[bytes]:
@@ -294,7 +314,10 @@ class Index:
                 offered.add(key)
                 e = self.entries[key]
                 # A held entry (a copy in flight) may leave: its pages follow the copy.
-                if e.pins == 0 and e.state is State.COMMITTED:
+                # A group leaves whole, so no member may be pinned or being written.
+                if e.state is State.COMMITTED and all(
+                    m.pins == 0 and m.state is not State.RESERVED for m in self._members(e)
+                ):
                     victim = key
                     break
                 if len(offered) > len(self.policy):
@@ -307,6 +330,12 @@ class Index:
         if e.pins or e.holds:
             raise AllocatorInvariantError("freeing an entry that is still read")
         del self.entries[e.key]
+        if e.group is not None:
+            members = self.groups.get(e.group)
+            if members is not None:
+                members.discard(e.key)
+                if not members:
+                    del self.groups[e.group]
         self.bytes_used -= e.size
         self.alloc.free(e.pages)
 

@@ -367,10 +367,16 @@ class AgentClient:
         return rep.states  # ints that compare equal to Lookup members; no per-key conversion
 
     def reserve(
-        self, keys: Sequence[bytes], sizes: Sequence[int]
+        self,
+        keys: Sequence[bytes],
+        sizes: Sequence[int],
+        groups: Sequence[bytes] | None = None,
     ) -> list[tuple[Status, Slot | None]]:
+        """Reserve arena slots. ``groups`` (optional, per key, 16 bytes each): entries
+        of one group live and die together (a chunk's entries of every TP rank)."""
         keys, sizes = list(keys), list(sizes)
-        rep = self._call(lambda r, c, g: P.ReserveReq(r, c, g, keys, sizes))
+        grp = list(groups) if groups is not None else []
+        rep = self._call(lambda r, c, g: P.ReserveReq(r, c, g, keys, sizes, grp))
         return [(Status(s), slot) for s, slot in zip(rep.status, rep.slots)]
 
     def commit(

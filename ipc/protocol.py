@@ -110,6 +110,9 @@ class ReserveReq(_Msg, tag=4):
     generation: Generation
     keys: Keys
     sizes: Annotated[list[Size], Meta(max_length=KEYS_MAX)]
+    # Optional, per key: entries that share a group (one chunk's per-rank entries under
+    # tensor parallelism) are evicted and dropped together. Empty list: no groups.
+    groups: Annotated[list[Key], Meta(max_length=KEYS_MAX)] = []
 
 
 class CommitReq(_Msg, tag=5):

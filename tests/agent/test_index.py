@@ -227,3 +227,30 @@ class IndexMachine(RuleBasedStateMachine):
 
 TestIndexMachine = IndexMachine.TestCase
 TestIndexMachine.settings = settings(max_examples=60, stateful_step_count=60, deadline=None)
+
+
+def test_a_group_is_evicted_and_dropped_whole() -> None:
+    """A chunk's per-rank entries live and die together: evicting one rank's entry
+    must not leave the others filling the arena as orphans."""
+    idx = Index(8 * PAGE, PAGE, "lru")
+    g1, g2 = b"1" * 16, b"2" * 16
+    for rank in range(2):
+        for g in (g1, g2):
+            k = g[:15] + bytes([rank])
+            assert idx.reserve(k, 2 * PAGE, 1, group=g)[0] == Status.OK
+            idx.commit(k, 1)
+    # Full: a 2-page reserve evicts the least recent group, both of its ranks.
+    assert idx.reserve(b"n" * 16, 2 * PAGE, 1)[0] == Status.OK
+    assert not any(k[:15] == g1[:15] for k in idx.entries), "an orphan rank entry stayed"
+    assert idx.alloc.pages_free == 2
+    # A pinned member keeps its whole group in.
+    idx.commit(b"n" * 16, 1)
+    idx.pin(g2[:15] + b"\x01")
+    assert idx.reserve(b"m" * 16, 6 * PAGE, 1)[0] == Status.NO_SPACE
+    assert len([k for k in idx.entries if k[:15] == g2[:15]]) == 2
+    # A drop (a checksum failure of one rank) takes the group.
+    assert idx.drop(g2[:15] + b"\x00")
+    assert idx.lookup(g2[:15] + b"\x00") is None and idx.lookup(g2[:15] + b"\x01") is None
+    idx.unpin(g2[:15] + b"\x01")
+    assert not any(k[:15] == g2[:15] for k in idx.entries) and not idx.groups
+    idx.check()
