@@ -1119,7 +1119,8 @@ class PeerManager:
             return set()
         out: set[bytes] = set()
         fresh, parents = self._fresh(keys, parent, out)
-        room = self.fetch_inflight_max - len(self._pending)
+        # One batched request per peer: never more keys than a peer accepts in one.
+        room = min(self.fetch_inflight_max - len(self._pending), PEER_KEYS_MAX)
         if len(fresh) > room:
             self.counters["dropped"] += len(fresh) - max(room, 0)
             fresh, parents = fresh[: max(room, 0)], parents[: max(room, 0)]
