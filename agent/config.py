@@ -116,7 +116,7 @@ class AgentSection:
     log_level: str = "info"
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 10.0
-    client_check_interval_s: float = 0.1
+    client_check_interval_s: float = 0.1  # ignored: liveness is event-driven (registry.py)
     clients_max: int = 1024
     request_bytes_max: int = field(default=parse_size("16MiB"), metadata={"kind": "size"})
     batch_keys_max: int = 65536
