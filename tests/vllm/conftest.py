@@ -48,8 +48,13 @@ def spawn_runner(tmp_path_factory: pytest.TempPathFactory, tiny_model: str) -> I
     runners: list[Runner] = []
     logs = tmp_path_factory.mktemp("vllm-logs")
 
-    def spawn(extra: dict[str, Any] | None, name: str, env: dict[str, str] | None = None) -> Runner:
-        r = Runner(tiny_model, extra, logs / f"{name}.log", env)
+    def spawn(
+        extra: dict[str, Any] | None,
+        name: str,
+        env: dict[str, str] | None = None,
+        llm_kwargs: dict[str, Any] | None = None,
+    ) -> Runner:
+        r = Runner(tiny_model, extra, logs / f"{name}.log", env, llm_kwargs)
         runners.append(r)
         return r
 

@@ -2,6 +2,7 @@
 
     python runner.py MODEL_DIR '{"kvnode.runtime_dir": DIR}'   # with the connector
     python runner.py MODEL_DIR none                             # without any connector
+    python runner.py MODEL_DIR none '{"tensor_parallel_size": 2}'  # more LLM() arguments
 
 Each stdin line is one JSON command; each answer is one stdout line starting with
 ``@@kvnode@@`` (vLLM logs to stdout too). Commands:
@@ -24,6 +25,7 @@ TAG = "@@kvnode@@ "
 
 def main() -> int:
     model, extra = sys.argv[1], sys.argv[2]
+    llm_kwargs = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
     for k, v in {
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "HF_HUB_OFFLINE": "1",
@@ -50,6 +52,7 @@ def main() -> int:
         max_model_len=4096,
         seed=0,
         **kwargs,
+        **llm_kwargs,
     )
     # Warm-up: first-call costs are not what the tests time.
     llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_tokens=2), use_tqdm=False)

