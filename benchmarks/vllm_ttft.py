@@ -15,6 +15,10 @@ from this run, on this machine:
 - ``nohit_throughput_ratio``: prefill tokens/s on unique prompts (all misses: lookups
   and saves, no loads) with the connector / without it: the median over rounds of
   the ratio within a round (each round runs both, back to back, order alternating).
+- ``nohit_short_throughput_ratio``: the same for many short unique prompts at once
+  (``--short-tokens`` 128, ``--short-batch`` 64 in flight per round), where the
+  connector's per-request and per-step costs show rather than the prefill's. Prompts
+  shorter than one chunk (plus the token vLLM must compute) are never looked up.
 
 The processes live side by side and take turns (only one computes at a time), so the
 noise of a shared machine hits both sides of each comparison alike.
@@ -179,7 +183,7 @@ def measure(a: argparse.Namespace, model: str, rd: str) -> dict[str, Any]:
     r: dict[str, list[Any]] = {
         k: [] for k in ("cold", "cold_conn", "apc", "kvnode", "kvnode_first", "cached")
     }
-    r.update(apc_cached=[], tp_plain=[], tp_conn=[])
+    r.update(apc_cached=[], tp_plain=[], tp_conn=[], short_plain=[], short_conn=[])
     try:
         for p in prompts:
             r["cold"].append(plain.call(op="ttft", ids=p)["s"])
@@ -211,12 +215,27 @@ def measure(a: argparse.Namespace, model: str, rd: str) -> dict[str, Any]:
                 order = [(plain, mine, "tp_plain"), (served, theirs, "tp_conn")]
                 for child_, batch, key in order if i % 2 == 0 else order[::-1]:
                     r[key].append(n / child_.call(op="batch", prompts=batch)["s"])
+            short_rounds(a, plain, served, r)
         finally:
             served.close()
     finally:
         plain.close()
         seeder.close()
     return r
+
+
+def short_rounds(
+    a: argparse.Namespace, plain: _Child, served: _Child, r: dict[str, list[Any]]
+) -> None:
+    """Many short unique prompts in flight at once, in pairs of rounds as above."""
+    n = a.short_batch * a.short_tokens
+    for i in range(a.short_rounds):
+        seeds = [200_000 + 1000 * i + j for j in range(2 * a.short_batch)]
+        mine = [_prompt(a.short_tokens, s) for s in seeds[: a.short_batch]]
+        theirs = [_prompt(a.short_tokens, s) for s in seeds[a.short_batch :]]
+        order = [(plain, mine, "short_plain"), (served, theirs, "short_conn")]
+        for child_, batch, key in order if i % 2 == 0 else order[::-1]:
+            r[key].append(n / child_.call(op="batch", prompts=batch)["s"])
 
 
 def parent(a: argparse.Namespace) -> dict[str, Any]:
@@ -246,6 +265,11 @@ def parent(a: argparse.Namespace) -> dict[str, Any]:
             med(c / p for c, p in zip(r["tp_conn"], r["tp_plain"], strict=True)), 4
         ),
         "nohit_throughput_ratio_of_medians": round(tp_conn / tp_plain, 4),
+        "nohit_short_throughput_ratio": round(
+            med(c / p for c, p in zip(r["short_conn"], r["short_plain"], strict=True)), 4
+        ),
+        "short_throughput_tok_s_without": round(med(r["short_plain"]), 1),
+        "short_throughput_tok_s_with": round(med(r["short_conn"]), 1),
         "throughput_tok_s_without": round(tp_plain, 1),
         "throughput_tok_s_with": round(tp_conn, 1),
         "ttft_cold_with_connector_s": round(med(r["cold_conn"]), 4),
@@ -257,6 +281,9 @@ def parent(a: argparse.Namespace) -> dict[str, Any]:
         "prompts": a.prompts,
         "throughput_rounds": a.rounds,
         "throughput_batch": a.batch,
+        "short_prompt_tokens": a.short_tokens,
+        "short_in_flight": a.short_batch,
+        "short_rounds": a.short_rounds,
         "ttft_definition": "wall time of LLM.generate(max_tokens=1), median over prompts",
         "model": {
             k: cfg[k]
@@ -283,6 +310,9 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=12, help="throughput rounds (pairs)")
     p.add_argument("--repeats", type=int, default=3, help="APC / kvnode TTFT samples per prompt")
     p.add_argument("--batch", type=int, default=1, help="prompts per throughput round")
+    p.add_argument("--short-tokens", type=int, default=128, help="short unique prompt length")
+    p.add_argument("--short-batch", type=int, default=64, help="short prompts in flight")
+    p.add_argument("--short-rounds", type=int, default=8, help="short throughput rounds (pairs)")
     p.add_argument("--cpu-bytes", default="1GiB")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
