@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvnode.agent.cache import Cache
 from kvnode.agent.clients import Client
@@ -16,6 +16,9 @@ from kvnode.agent.config import Config
 from kvnode.agent.index import Entry, Outcome
 from kvnode.agent.stats import Stats
 from kvnode.ipc import protocol as P
+
+if TYPE_CHECKING:
+    from kvnode.agent.fleet import Fleet
 
 log = logging.getLogger("kvnode.agent")
 
@@ -48,6 +51,7 @@ class Handlers:
         self.cache = cache
         self.stats = stats
         self.page_bytes = cfg.arena.page_bytes
+        self.fleet: Fleet | None = None  # peers, when configured
         self.table: dict[type, Handler] = {
             P.Heartbeat: self.heartbeat,
             P.LookupReq: self.lookup,
@@ -85,6 +89,8 @@ class Handlers:
                 pending += 1
             else:
                 states.append(P.Lookup.MISS)
+        if self.fleet is not None and m.promote:
+            pending += self._ask_peers(m.keys, states)
         st = self.stats
         st.inc("lookups")
         st.inc("lookup_keys", len(m.keys))
@@ -93,6 +99,23 @@ class Handlers:
         st.inc("misses", len(m.keys) - hits - pending)
         st.observe("lookup", time.perf_counter() - t0)
         return P.LookupRep(m.rid, states)
+
+    def _ask_peers(self, keys: list[bytes], states: list[int]) -> int:
+        """Keys from the first miss on go to the peers; those a peer will send are
+        PENDING, like a promotion from disk. Returns how many."""
+        assert self.fleet is not None
+        try:
+            first = states.index(P.Lookup.MISS)
+        except ValueError:
+            return 0
+        parent = keys[first - 1] if first else None
+        wanted = self.fleet.on_lookup_miss(keys[first:], parent)
+        n = 0
+        for i in range(first, len(keys)):
+            if states[i] == P.Lookup.MISS and keys[i] in wanted:
+                states[i] = P.Lookup.PENDING
+                n += 1
+        return n
 
     def reserve(self, c: Client, m: P.ReserveReq) -> Any:
         t0 = time.perf_counter()

@@ -15,7 +15,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 import zmq.utils.monitor
@@ -26,6 +26,9 @@ from kvnode.agent.config import Config
 from kvnode.agent.handlers import ClientError, Handlers
 from kvnode.agent.index import AGENT_OWNER, Index, State
 from kvnode.agent.published import PublishedIndex
+
+if TYPE_CHECKING:
+    from kvnode.agent.fleet import Fleet
 from kvnode.agent.registry import ClientRegistry, Refused
 from kvnode.agent.runtime import RuntimeDir, chgrp, create_arena
 from kvnode.agent.snapshot import snapshot
@@ -81,6 +84,7 @@ class Agent:
         self.hooks_housekeeping: list[Callable[[], Any]] = []  # each loop tick
         self._reload_requested = False
         self.published: PublishedIndex | None = None
+        self.fleet: Fleet | None = None
         self.index_segment = ""  # the shared lookup index's name, when published
 
     @property
@@ -113,6 +117,7 @@ class Agent:
             self._start_tiers()
         self._publish_index()
         self._bind()
+        self._start_fleet()
         self._running = not self._stop_requested
         log.info("serving on %s (generation %x)", cfg.endpoint, self.generation)
 
@@ -160,6 +165,19 @@ class Agent:
         self.cache.listeners.append(self.published)
         self.index_segment = self.published.name
 
+    def _start_fleet(self) -> None:
+        cfg = self.cfg
+        if not (cfg.peers.listen or cfg.peers.seeds or cfg.events.endpoint):
+            return
+        from kvnode.agent.fleet import Fleet
+
+        assert self.segment is not None
+        fleet = Fleet.build(cfg, self.index, self.segment, self.wake, self.cache.tiers)
+        self.fleet = fleet
+        self.handlers.fleet = fleet
+        if fleet.listener is not None:
+            self.cache.listeners.append(fleet.listener)
+
     def lower_tiers(self) -> bool:
         """True when a key the arena lacks may still be found (disk, S3, peers)."""
         return self.cache.tiers is not None or bool(self.cfg.peers.seeds)
@@ -193,6 +211,9 @@ class Agent:
         self._draining = True
         for hook in self.hooks_stopping:
             _safe(hook)
+        if self.fleet is not None:
+            _safe(self.fleet.close)  # before the tiers flush and the arena goes
+            self.fleet = None
         tiers = self.cache.tiers
         if tiers is not None:
             try:
@@ -237,6 +258,9 @@ class Agent:
         poller.register(self._monitor, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         poller.register(self.registry.fileno(), zmq.POLLIN)
+        fleet_socks = self.fleet.sockets() if self.fleet is not None else []
+        for s in fleet_socks:
+            poller.register(s, zmq.POLLIN)
         for hook in self.hooks_ready:
             _safe(hook)
         while self._running:
@@ -252,13 +276,24 @@ class Agent:
                 self._drain_socket()
             if self._wake_r in events:
                 self._drain_wake()
+            if self.fleet is not None and any(s in events for s in fleet_socks):
+                self._guard(self.fleet.on_readable)
             if self._reload_requested:
                 self._reload_requested = False
                 self._reload()
             self._housekeeping()
 
     def _poll_timeout_ms(self) -> int:
-        return 5 if self.cache.busy() else _POLL_MS_MAX
+        busy = self.cache.busy() or (self.fleet is not None and self.fleet.busy())
+        return 5 if busy else _POLL_MS_MAX
+
+    def _guard(self, fn: Callable[[], Any]) -> None:
+        """Run a loop step; a bug in it is counted and logged, the loop goes on."""
+        try:
+            fn()
+        except Exception:
+            self.stats.inc("errors")
+            log.exception("%s failed", getattr(fn, "__qualname__", "loop step"))
 
     def _drain_wake(self) -> None:
         try:
@@ -303,6 +338,8 @@ class Agent:
 
     def _housekeeping(self) -> None:
         self.cache.housekeeping()
+        if self.fleet is not None:
+            self._guard(self.fleet.poll)
         for c in self.registry.exited():
             self._reclaim(c, "process exited")
         now = self.clock()
@@ -317,6 +354,8 @@ class Agent:
         self.cache.publish()
         if self.published is not None:
             self.published.touch()
+        if self.fleet is not None:
+            self._guard(self.fleet.flush)
 
     def _expire_leases(self) -> None:
         for e in self.cache.expire_leases():
@@ -416,12 +455,22 @@ class Agent:
 
     # ------------------------------------------------------------------ stats
     def snapshot(self) -> dict[str, Any]:
-        return snapshot(
+        out = snapshot(
             self.cache, self.registry, self.stats, str(self.runtime_dir), self._started_at
         )
+        if self.published is not None:
+            out["lookup_index"] = self.published.stats()
+        if self.fleet is not None:
+            try:
+                out.update(self.fleet.stats())
+            except Exception:
+                log.exception("fleet stats failed")
+        return out
 
     # ------------------------------------------------------------------ reload
     def _reload(self) -> None:
+        if self.fleet is not None:
+            self._guard(self.fleet.reload)
         for hook in self.hooks_reload:
             try:
                 for note in hook(self.cfg) or []:

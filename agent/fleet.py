@@ -1,0 +1,135 @@
+"""What the agent shares beyond its own processes: peer agents (a miss here is fetched
+from a peer that has the chunk) and KV events for cache-aware routers. Built from the
+config at start, driven from the agent loop; nothing here blocks the loop."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from kvnode.agent.events import MEDIUM_CPU, EventPublisher
+from kvnode.agent.index import Index
+from kvnode.agent.peers import PeerManager, PeerServer, build_peers
+
+if TYPE_CHECKING:
+    from kvnode.agent.config import Config
+    from kvnode.agent.tiers.manager import TierManager
+    from kvnode.ipc.segment import Segment
+
+log = logging.getLogger("kvnode.agent")
+
+
+class EventsListener:
+    """A cache listener that turns arena changes into vLLM KV events."""
+
+    def __init__(self, events: EventPublisher) -> None:
+        self.events = events
+
+    def stored(self, key: bytes, parent: bytes | None, tokens: list[int], medium: str) -> None:
+        self.events.stored(key, parent, tokens, medium)
+
+    def arena_changed(self, changes: list[tuple[bool, bytes]]) -> None:
+        for readable, key in changes:
+            if not readable:
+                self.events.removed(key, MEDIUM_CPU)
+
+
+class Fleet:
+    def __init__(
+        self,
+        server: PeerServer | None,
+        peers: PeerManager | None,
+        events: EventPublisher | None,
+        tiers: TierManager | None,
+    ) -> None:
+        self.server = server
+        self.peers = peers
+        self.events = events
+        self.tiers = tiers
+        self.listener = EventsListener(events) if events is not None else None
+
+    @classmethod
+    def build(
+        cls, cfg: Config, index: Index, arena: Segment, wake: Any, tiers: TierManager | None
+    ) -> Fleet:
+        server, peers = build_peers(
+            cfg, index, arena, wake,
+            lower_has=tiers.on_lookup_miss if tiers is not None else None,
+            on_evicted=tiers.on_evicted if tiers is not None else None,
+        )  # fmt: skip
+        events = None
+        e = cfg.events
+        if e.endpoint:
+            events = EventPublisher(
+                e.endpoint, e.topic, e.replay_endpoint, e.hwm, e.queue_max, e.replay_batches_max
+            )
+            events.cleared()  # a fresh arena: routers forget what this node had
+        return cls(server, peers, events, tiers)
+
+    def sockets(self) -> list[Any]:
+        out: list[Any] = []
+        if self.server is not None:
+            out.append(self.server.socket)
+        if self.events is not None:
+            out.extend(self.events.sockets())
+        return out
+
+    def on_readable(self) -> None:
+        if self.server is not None:
+            self.server.handle()
+
+    def on_lookup_miss(self, keys: list[bytes], parent: bytes | None) -> set[bytes]:
+        """Keys a peer will be asked for (the client is told PENDING)."""
+        if self.peers is None or not keys:
+            return set()
+        return self.peers.on_lookup_miss(keys, parent=parent)
+
+    def poll(self) -> None:
+        if self.peers is not None:
+            for f in self.peers.poll():
+                if self.tiers is not None:
+                    self.tiers.on_commit(f.key)
+                if self.events is not None:
+                    self.events.stored(f.key, f.parent, f.tokens, MEDIUM_CPU)
+        if self.server is not None:
+            self.server.poll()
+
+    def flush(self) -> None:
+        if self.events is not None:
+            self.events.flush()
+
+    def busy(self) -> bool:
+        return bool(
+            (self.peers is not None and self.peers.busy())
+            or (self.server is not None and self.server.busy())
+        )
+
+    def reload(self) -> None:
+        if self.peers is not None:
+            self.peers.reload_keys()
+        elif self.server is not None and self.server.curve is not None:
+            self.server.curve.ring.reload()
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.peers is not None:
+            out["peers"] = self.peers.stats()
+        if self.server is not None:
+            out["peers_server"] = self.server.stats()
+        if self.events is not None:
+            out["events"] = self.events.stats()
+        return out
+
+    def close(self) -> None:
+        for part in (self.peers, self.server):
+            if part is not None:
+                try:
+                    part.close()
+                except Exception:
+                    log.exception("closing %s failed", type(part).__name__)
+        if self.events is not None:
+            try:
+                self.events.flush()
+                self.events.close()
+            except Exception:
+                log.exception("closing the event publisher failed")

@@ -1,0 +1,108 @@
+"""Two real agent processes joined by CURVE peer links, real clients, and a real
+subscriber of the KV events decoded with vLLM's own types."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+import pytest
+import zmq
+
+from kvnode.ipc.client import AgentClient, Lookup, Status
+from tests.conftest import AgentProcess
+
+kv_events = pytest.importorskip("vllm.distributed.kv_events", reason="vLLM not installed")
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _keygen(d: Path) -> tuple[str, str]:
+    keys, auth = d / "keys", d / "authorized"
+    subprocess.run([sys.executable, "-m", "kvnode", "keygen", "fleet", "--dir", str(keys)],
+                   check=True)  # fmt: skip
+    auth.mkdir()
+    (auth / "fleet.key").write_bytes((keys / "fleet.key").read_bytes())
+    return str(keys / "fleet.key_secret"), str(auth)
+
+
+def test_a_miss_is_fetched_from_a_peer_and_events_are_published(tmp_path: Path) -> None:
+    secret, auth = _keygen(tmp_path)
+    pa, pb, pev = _port(), _port(), _port()
+    common = [
+        "--set", f"peers.curve_secret_key={secret}",
+        "--set", f"peers.curve_authorized_dir={auth}",
+        "--set", "peers.deadline_ms=200",
+    ]  # fmt: skip
+    a = AgentProcess(tmp_path / "a", args=[*common, "--set", f"peers.listen=tcp://127.0.0.1:{pa}",
+                                           "--set", f"events.endpoint=tcp://127.0.0.1:{pev}"])  # fmt: skip
+    b = AgentProcess(tmp_path / "b", args=[*common, "--set", f"peers.listen=tcp://127.0.0.1:{pb}",
+                                           "--set", f"peers.seeds=tcp://127.0.0.1:{pa}"])  # fmt: skip
+    # A collector that binds; the agent's publisher connects to it (a non-wildcard tcp
+    # endpoint), as vLLM's publisher does.
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.setsockopt(zmq.RCVTIMEO, 3000)
+    sub.bind(f"tcp://127.0.0.1:{pev}")
+    a.start()
+    b.start()
+    # A socket handles its new connections when its thread calls into it: poll, so the
+    # subscription reaches the agent's PUB before anything is published.
+    sub.poll(500)
+    ca = AgentClient(a.runtime_dir, name="on-a", timeout_s=2.0)
+    cb = AgentClient(b.runtime_dir, name="on-b", timeout_s=2.0)
+    try:
+        keys = [os.urandom(16) for _ in range(3)]
+        datas = [os.urandom(200_000 + i) for i in range(3)]
+        for i, (k, d) in enumerate(zip(keys, datas)):
+            ((st, slot),) = ca.reserve([k], [len(d)])
+            assert st == Status.OK and slot is not None
+            ca.write(slot, d)
+            parent = keys[i - 1] if i else b""
+            from kvnode.ipc.checksum import checksum
+
+            assert ca.commit([k], [checksum(d)], [parent], [[i, i + 1]]) == [Status.OK]
+        # B misses locally: the peer has them, so they are PENDING, then hits.
+        first = cb.lookup(keys)
+        assert all(s in (Lookup.PENDING, Lookup.HIT) for s in first), first
+        deadline = time.monotonic() + 5
+        while cb.lookup(keys) != [Lookup.HIT] * 3:
+            assert time.monotonic() < deadline, cb.stats().get("peers")
+            time.sleep(0.02)
+        for k, d in zip(keys, datas):
+            assert cb.get(k) == d
+        # A key no peer has: asked once (PENDING), a miss once the peers answered.
+        nobody = [os.urandom(16)]
+        deadline = time.monotonic() + 2
+        while cb.lookup(nobody) != [Lookup.MISS]:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        # Events: BlockStored with the chunk key as hash, its parent and tokens.
+        decoder = msgspec.msgpack.Decoder(kv_events.KVEventBatch)
+        stored = []
+        while len(stored) < 3:
+            topic, seq, payload = sub.recv_multipart()
+            assert len(seq) == 8
+            for ev in decoder.decode(payload).events:
+                if isinstance(ev, kv_events.BlockStored):
+                    stored.append(ev)
+        assert [ev.block_hashes[0] for ev in stored] == keys
+        assert stored[1].parent_block_hash == keys[0] and stored[0].parent_block_hash is None
+        assert stored[2].token_ids == [2, 3] and stored[0].medium == "CPU"
+        sa = ca.stats()
+        assert sa["peers_server"]["refused"] == 0
+    finally:
+        sub.close()
+        ca.close()
+        cb.close()
+        a.stop()
+        b.stop()
