@@ -209,6 +209,11 @@ class Agent:
         """Stop: flush bounded write-back queues within the deadline, then unlink."""
         self._running = False
         self._draining = True
+        if self.published is not None:
+            # First: readers must stop answering hits from an agent that no longer
+            # serves (the flush below may take agent.shutdown_flush_s).
+            published, self.published = self.published, None
+            _safe(lambda: published.close(unlink=self.runtime.held))
         for hook in self.hooks_stopping:
             _safe(hook)
         if self.fleet is not None:
@@ -231,11 +236,6 @@ class Agent:
         if self.ctx is not None:
             self.ctx.term()
             self.ctx = None
-        if self.published is not None:
-            _safe(
-                lambda: self.published.close(unlink=self.runtime.held) if self.published else None
-            )
-            self.published = None
         if self.segment is not None:
             if self.runtime.held:  # only the lock holder owns the segment
                 self.segment.unlink()
