@@ -29,6 +29,7 @@ from kvnode.agent.published import PublishedIndex
 
 if TYPE_CHECKING:
     from kvnode.agent.fleet import Fleet
+    from kvnode.agent.tiers.manager import TierManager
 from kvnode.agent.registry import ClientRegistry, Refused
 from kvnode.agent.runtime import RuntimeDir, chgrp, create_arena
 from kvnode.agent.snapshot import snapshot
@@ -92,7 +93,7 @@ class Agent:
         return self.registry.by_id
 
     @property
-    def tiers(self) -> Any:
+    def tiers(self) -> TierManager | None:
         return self.cache.tiers
 
     # ------------------------------------------------------------------ lifecycle

@@ -182,4 +182,14 @@ class TierStore(Protocol):
         """entries, bytes, bytes_max."""
         ...
 
+    def startup_scan(self) -> Callable[[], None] | None:
+        """Work to run once in an I/O thread at start (e.g. index the files already on
+        disk), or None."""
+        ...
+
+    def set_capacity(self, bytes_max: int) -> int | None:
+        """Runtime change of the tier's size (SIGHUP). Returns the previous size, or
+        None when this tier has no size of its own (S3)."""
+        ...
+
     def close(self) -> None: ...

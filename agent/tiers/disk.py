@@ -279,14 +279,19 @@ class DiskStore:
         if back:
             self.stats.recovered(f"file system has room again ({self.bytes_limit} bytes usable)")
 
-    def set_capacity(self, bytes_max: int) -> None:
+    def startup_scan(self) -> Callable[[], None] | None:
+        return self.recover if self.scanning else None
+
+    def set_capacity(self, bytes_max: int) -> int | None:
         """Runtime change of ``disk.bytes`` (SIGHUP). Shrinking evicts LRU files now."""
+        old = self.bytes_max
         with self._lock:
             self.bytes_max = bytes_max
             self.bytes_limit = bytes_max
             self._limit_checked = float("-inf")  # re-read free space at the next chance
             victims = self._make_room(0)
         self._unlink_all(victims)
+        return old
 
     def _make_room(self, need: int) -> list[str]:
         """Pop LRU entries until ``need`` more bytes fit. Caller holds the lock."""

@@ -31,10 +31,12 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from kvnode.agent.config import Config
 from kvnode.agent.index import AGENT_OWNER, Entry, Index, Outcome, State
 from kvnode.agent.tiers.base import SlotBuffers, TierStore
 from kvnode.agent.tiers.pool import IOPool, Job
 from kvnode.errors import KVNodeError, TierError
+from kvnode.ipc.segment import Segment
 
 log = logging.getLogger("kvnode.tiers")
 
@@ -55,7 +57,7 @@ class Tier:
         return self.store.healthy()
 
 
-def build_stores(cfg: Any) -> dict[str, TierStore]:
+def build_stores(cfg: Config) -> dict[str, TierStore]:
     """The stores the config turns on: disk when disk.path, S3 when s3.bucket."""
     stores: dict[str, TierStore] = {}
     if cfg.disk.path:
@@ -84,8 +86,8 @@ def build_stores(cfg: Any) -> dict[str, TierStore]:
 class TierManager:
     def __init__(
         self,
-        cfg: Any,
-        arena: Any,
+        cfg: Config,
+        arena: Segment,
         index: Index,
         wake: Callable[[], None],
         stores: dict[str, TierStore] | None = None,
@@ -100,18 +102,7 @@ class TierManager:
         self.tiers: list[Tier] = []
         stores = build_stores(cfg) if stores is None else stores
         for name, store in stores.items():
-            sec = getattr(cfg, name)
-            threads = sec.io_threads if name == "disk" else sec.concurrency
-            self.tiers.append(
-                Tier(
-                    name,
-                    store,
-                    IOPool(name, threads, self._job_done),
-                    sec.write_policy,
-                    sec.queue_max,
-                    getattr(sec, "admit_min_hits", 0),
-                )
-            )
+            self.tiers.append(self._tier(cfg, name, store))
         self.promoting: dict[bytes, Tier] = {}  # key -> tier being read or probed
         self.promote_dropped = 0
         self.promote_no_space = 0
@@ -120,9 +111,20 @@ class TierManager:
         self._cancelled: set[bytes] = set()  # dropped while a write was in flight
         self._closing = False
         for t in self.tiers:
-            if getattr(t.store, "scanning", False):
-                scan = Job("scan", t.name, b"", t.store.recover)  # type: ignore[attr-defined]
-                t.pool.submit(scan, high=True)
+            scan_fn = t.store.startup_scan()
+            if scan_fn is not None:
+                t.pool.submit(Job("scan", t.name, b"", scan_fn), high=True)
+
+    def _tier(self, cfg: Config, name: str, store: TierStore) -> Tier:
+        if name == "disk":
+            d = cfg.disk
+            pool = IOPool(name, d.io_threads, self._job_done)
+            return Tier(name, store, pool, d.write_policy, d.queue_max, 0)
+        if name == "s3":
+            s = cfg.s3
+            pool = IOPool(name, s.concurrency, self._job_done)
+            return Tier(name, store, pool, s.write_policy, s.queue_max, s.admit_min_hits)
+        raise ValueError(f"unknown tier {name!r}")
 
     # -- I/O thread side --------------------------------------------------------------
     def _job_done(self, job: Job) -> None:
@@ -314,24 +316,21 @@ class TierManager:
                 t.depth -= 1
         return n
 
-    def apply_limits(self, cfg: Any) -> list[str]:
+    def apply_limits(self, cfg: Config) -> list[str]:
         """SIGHUP: apply the tier limits that can change at runtime. Returns what changed."""
         notes = []
         for t in self.tiers:
-            sec = getattr(cfg, t.name, None)
-            if sec is None:
-                continue
-            if sec.queue_max != t.queue_max:
-                notes.append(f"{t.name}.queue_max {t.queue_max} -> {sec.queue_max}")
-                t.queue_max = sec.queue_max
-            if t.name == "s3" and sec.admit_min_hits != t.admit_min_hits:
-                notes.append(f"s3.admit_min_hits {t.admit_min_hits} -> {sec.admit_min_hits}")
-                t.admit_min_hits = sec.admit_min_hits
-            set_capacity = getattr(t.store, "set_capacity", None)
-            current = getattr(t.store, "bytes_max", None)
-            if t.name == "disk" and set_capacity is not None and sec.bytes != current:
-                notes.append(f"disk.bytes {current} -> {sec.bytes}")
-                set_capacity(sec.bytes)
+            queue_max = cfg.disk.queue_max if t.name == "disk" else cfg.s3.queue_max
+            if queue_max != t.queue_max:
+                notes.append(f"{t.name}.queue_max {t.queue_max} -> {queue_max}")
+                t.queue_max = queue_max
+            if t.name == "s3" and cfg.s3.admit_min_hits != t.admit_min_hits:
+                notes.append(f"s3.admit_min_hits {t.admit_min_hits} -> {cfg.s3.admit_min_hits}")
+                t.admit_min_hits = cfg.s3.admit_min_hits
+            if t.name == "disk" and cfg.disk.bytes != t.store.gauges().get("bytes_max"):
+                old = t.store.set_capacity(cfg.disk.bytes)
+                if old is not None:
+                    notes.append(f"disk.bytes {old} -> {cfg.disk.bytes}")
         return notes
 
     def busy(self) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 from kvnode.agent.tiers.base import SlotBuffers, TierStats
 from kvnode.agent.tiers.format import (
@@ -100,6 +101,12 @@ class MemoryStore:
 
     def healthy(self) -> bool:
         return True
+
+    def startup_scan(self) -> Callable[[], None] | None:
+        return None  # nothing to recover: what the tier holds is found by probing
+
+    def set_capacity(self, bytes_max: int) -> int | None:
+        return None
 
     def gauges(self) -> dict[str, int]:
         with self._lock:

@@ -281,6 +281,12 @@ class S3Store:
             del self._negative[key]
             return True
 
+    def startup_scan(self) -> Callable[[], None] | None:
+        return None  # nothing to recover: what the tier holds is found by probing
+
+    def set_capacity(self, bytes_max: int) -> int | None:
+        return None
+
     def gauges(self) -> dict[str, int]:
         # entries/bytes: what this node knows to be in the bucket; no limit of ours.
         with self._lock:
