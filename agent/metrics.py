@@ -44,7 +44,7 @@ _COUNTER_HELP = {
     "reserve_failed": "Keys whose reservation failed (no space, too large).",
     "commits": "Keys committed.",
     "aborts": "Reservations aborted by their clients.",
-    "pins": "Keys pinned for reading.",
+    "pins": "Pin requests.",
     "pin_misses": "Pins of keys not committed.",
     "releases": "Keys unpinned.",
     "drops": "Entries dropped by clients.",
@@ -57,6 +57,10 @@ _COUNTER_HELP = {
     "bad_frames": "Frames that did not decode.",
     "errors": "Requests answered with an error.",
     "expired_leases": "Reservations not committed within arena.reserve_ttl_s.",
+    "refused_identity": "Requests refused: the client id is not registered on that connection.",
+    "refused_stale": "Requests refused: sent to an earlier agent generation.",
+    "refused_commits": "Commit keys refused: not reserved by the committing client.",
+    "drops_deferred": "Drops that waited for readers or copies before freeing pages.",
 }
 _ARENA_GAUGES = {
     "bytes_total": ("arena_capacity_bytes", "Size of the shared-memory arena."),

@@ -139,9 +139,10 @@ class AgentLink:
             except AgentUnavailable as exc:
                 self.mark_down(str(exc))
                 raise
-            except ClientUnknown as exc:
-                # The agent restarted and forgot us; a fresh registration fixes it.
-                self.mark_down(str(exc))
+            except ClientUnknown:
+                # The agent restarted: what this call referred to (a pin, a slot) was
+                # the earlier generation's and is gone. The client has registered and
+                # remapped already; the link stays up.
                 raise
 
     # ------------------------------------------------------------------ thread

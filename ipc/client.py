@@ -117,9 +117,10 @@ class AgentClient:
     @property
     def buffer(self) -> Any:
         """The mapped arena (an mmap): wrap with numpy/torch ``frombuffer``."""
-        self._ensure()
-        assert self._segment is not None
-        return self._segment.buffer
+        with self._lock:
+            self._ensure()
+            assert self._segment is not None
+            return self._segment.buffer
 
     @property
     def index_segment(self) -> str:
@@ -284,9 +285,11 @@ class AgentClient:
             # a late reply to a call that already timed out: drop it, wait out the rest
             left_ms = int((deadline - time.monotonic()) * 1000)
 
-    def _call(self, make: Any, timeout_s: float | None = None) -> Any:
-        """Send ``make(rid, client_id, generation)``; register again (and remap) once
-        if the agent restarted or forgot us."""
+    def _call(self, make: Any, timeout_s: float | None = None, retry: bool = True) -> Any:
+        """Send ``make(rid, client_id, generation)``; register again (and remap) if
+        the agent restarted or forgot us, and resend once when ``retry``. Calls about
+        state of the earlier generation (commit, abort, release, drop: slots and pins
+        it granted) are not resent into the new one: they raise ``ClientUnknown``."""
         with self._lock:
             for attempt in (0, 1):
                 self._ensure()
@@ -296,12 +299,21 @@ class AgentClient:
                     if rep.code in _REREGISTER and attempt == 0:
                         self._lost()
                         self._next_retry = 0.0
+                        if not retry:
+                            self._reregister_quietly()
+                            raise ClientUnknown(rep.code, rep.message)
                         continue
                     if rep.code in _REREGISTER:
                         raise ClientUnknown(rep.code, rep.message)
                     raise AgentError(rep.code, rep.message)
                 return rep
         raise AssertionError("unreachable")
+
+    def _reregister_quietly(self) -> None:
+        try:
+            self._ensure()
+        except (AgentUnavailable, AgentError, ProtocolError):
+            pass  # the next call tries again
 
     # ------------------------------------------------------------------ heartbeat
     def _start_heartbeat(self) -> None:
@@ -392,12 +404,12 @@ class AgentClient:
         sums = list(checksums) if checksums is not None else [0] * len(keys)
         par = list(parents) if parents is not None else []
         toks = [list(t) for t in tokens] if tokens is not None else []
-        rep = self._call(lambda r, c, g: P.CommitReq(r, c, g, keys, sums, par, toks))
+        rep = self._call(lambda r, c, g: P.CommitReq(r, c, g, keys, sums, par, toks), retry=False)
         return [Status(s) for s in rep.status]
 
     def abort(self, keys: Sequence[bytes]) -> None:
         keys = list(keys)
-        self._call(lambda r, c, g: P.AbortReq(r, c, g, keys))
+        self._call(lambda r, c, g: P.AbortReq(r, c, g, keys), retry=False)
 
     def pin(self, keys: Sequence[bytes]) -> list[tuple[Status, Slot | None]]:
         keys = list(keys)
@@ -406,11 +418,11 @@ class AgentClient:
 
     def release(self, keys: Sequence[bytes]) -> None:
         keys = list(keys)
-        self._call(lambda r, c, g: P.ReleaseReq(r, c, g, keys))
+        self._call(lambda r, c, g: P.ReleaseReq(r, c, g, keys), retry=False)
 
     def drop(self, keys: Sequence[bytes]) -> None:
         keys = list(keys)
-        self._call(lambda r, c, g: P.DropReq(r, c, g, keys))
+        self._call(lambda r, c, g: P.DropReq(r, c, g, keys), retry=False)
 
     def stats(self, timeout_s: float | None = None) -> dict[str, Any]:
         """Agent statistics. Needs no registration (tools use it for health checks)."""
@@ -430,9 +442,10 @@ class AgentClient:
     # ------------------------------------------------------------------ bytes
     def views(self, slot: Slot) -> list[memoryview]:
         """Writable views of the slot's extents in the mapped arena."""
-        self._ensure()
-        assert self._segment is not None
-        v = self._segment.view
+        with self._lock:
+            self._ensure()
+            assert self._segment is not None
+            v = self._segment.view
         return [v[off : off + n] for off, n in slot.extents]
 
     def write(self, slot: Slot, data: Any) -> None:

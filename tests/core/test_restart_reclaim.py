@@ -169,3 +169,29 @@ def test_killed_client_in_another_pid_namespace_is_reclaimed_within_one_second(
         except ProcessLookupError:
             pass
         p.wait()
+
+
+def test_generation_bound_calls_are_not_resent_into_a_new_generation(runtime_dir: Path) -> None:
+    """A drop (or release, commit, abort) meant for the old arena must not act on the
+    new one: it raises ClientUnknown instead of being resent after re-registering."""
+    from kvnode.errors import ClientUnknown
+
+    a = AgentProcess(runtime_dir).start()
+    stale = AgentClient(runtime_dir, name="stale", timeout_s=1.0, retry_interval_s=0.05,
+                        heartbeat=False)  # fmt: skip
+    fresh = AgentClient(runtime_dir, name="fresh", timeout_s=1.0, retry_interval_s=0.05)
+    try:
+        stale.connect()
+        key = os.urandom(16)
+        a.stop()
+        a = AgentProcess(runtime_dir).start()
+        assert fresh.put(key, b"good bytes of the new generation") == Status.OK
+        with pytest.raises(ClientUnknown):
+            stale.drop([key])  # meant for the old arena's entry
+        assert fresh.get(key) == b"good bytes of the new generation"
+        assert stale.generation == fresh.generation  # registered again meanwhile
+        assert stale.lookup([key]) == [1]
+    finally:
+        stale.close()
+        fresh.close()
+        a.stop()
