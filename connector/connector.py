@@ -24,14 +24,18 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorHandshakeMetadata,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorTransferResults,
+    SupportsHMA,
 )
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvnode.connector.config import ConnectorConfig
+from kvnode.connector.group_worker import GroupWorkers, build_group_workers
+from kvnode.connector.groups import plan_groups
 from kvnode.connector.link import AgentLink, default_client_factory
 from kvnode.connector.metadata import KVNodeConnectorMetadata, KVNodeHandshake
-from kvnode.connector.namespace import model_identity, rank_namespaces
+from kvnode.connector.namespace import group_namespaces, model_identity, rank_namespaces
 from kvnode.connector.scheduler import SchedulerSide
 from kvnode.connector.stats import KVNodeStats
 from kvnode.connector.worker import WorkerSide
@@ -62,7 +66,7 @@ def _share_vllm_logging() -> None:
 _share_vllm_logging()
 
 
-class KVNodeConnector(KVConnectorBase_V1):
+class KVNodeConnector(KVConnectorBase_V1, SupportsHMA):
     _cache_hit_source = CacheHitSource.HOST
 
     def __init__(
@@ -85,17 +89,22 @@ class KVNodeConnector(KVConnectorBase_V1):
         self._load = bool(ktc.is_kv_consumer)
         self._save = bool(ktc.is_kv_producer)
         self._sched: SchedulerSide | None = None
-        self._worker: WorkerSide | None = None
+        self._worker: WorkerSide | GroupWorkers | None = None
         self._handshake: KVNodeHandshake | None = None
         self._arena: ArenaMapping | None = None
         self._totals: dict[str, float] = {}
         self._failures_seen = 0
         self._last_log_s = time.monotonic()
-        self._supported = _supported_cache(kv_cache_config)
+        # Which KV cache groups are cached (connector/groups.py): with the hybrid
+        # manager on, one entry per chunk and group; a group kvnode cannot restore
+        # (Mamba state...) turns it off for the model.
+        self._plan = plan_groups(kv_cache_config)
+        self._supported = bool(self._plan.groups)
         if not self._supported:
             log.warning(
-                "kvnode: only models whose KV cache is one full-attention group are "
-                "supported; the connector stays off for this model"
+                "kvnode: %s, which kvnode cannot restore; the connector stays off for "
+                "this model (no hits, no saves)",
+                self._plan.why_off,
             )
         elif (why := _unsupported_parallelism(par)) is not None:
             # Chunk keys name TP and PP ranks only: KV split over context-parallel ranks
@@ -111,7 +120,12 @@ class KVNodeConnector(KVConnectorBase_V1):
                 retry_max_s=self.cfg.reconnect_max_ms / 1000.0,
             )
             self._sched = SchedulerSide(
-                self.cfg, self._link, self.block_size, load=self._load, save=self._save
+                self.cfg,
+                self._link,
+                self.block_size,
+                load=self._load,
+                save=self._save,
+                plan=self._plan if self._supported else None,
             )
             mc = vllm_config.model_config
             self._model_id = self.cfg.model_id or model_identity(mc.model, mc.revision)
@@ -148,6 +162,9 @@ class KVNodeConnector(KVConnectorBase_V1):
             return  # no handshake: the scheduler side never turns on
         assert self._arena is not None, "register_kv_caches on the scheduler side"
         tp_rank, pp_rank = _ranks(self.tp_size, self.pp_size)
+        if not self._plan.plain:
+            self._register_groups(kv_caches, pp_rank * self.tp_size + tp_rank)
+            return
         self._worker = WorkerSide(
             self._link,
             rank_index=pp_rank * self.tp_size + tp_rank,
@@ -166,6 +183,34 @@ class KVNodeConnector(KVConnectorBase_V1):
             len(kv_caches),
             self._handshake.layout,
             self._worker.chunk_nbytes,
+        )
+
+    def _register_groups(self, kv_caches: dict[str, torch.Tensor], rank_index: int) -> None:
+        """Several KV cache groups: a worker per group, each group's layout reported."""
+        arena = self._arena
+        assert arena is not None, "register_kv_caches on the scheduler side"
+
+        def make(blocks_per_chunk: int) -> WorkerSide:
+            return WorkerSide(
+                self._link,
+                rank_index=rank_index,
+                num_blocks=self._num_blocks,
+                block_size=self.block_size,
+                blocks_per_chunk=blocks_per_chunk,
+                arena=arena,
+                keys_per_call_max=self.cfg.keys_per_call_max,
+            )
+
+        bpc = self.cfg.chunk_tokens // self.block_size
+        workers, parts = build_group_workers(self._plan, kv_caches, make, bpc, self.block_size)
+        self._worker = workers
+        self._handshake = KVNodeHandshake(*parts[0], groups=parts)
+        log.info(
+            "kvnode worker rank %d: KV cache groups %s, layouts %s, %d bytes per chunk",
+            rank_index,
+            [g.tag() for g in self._plan.groups],
+            [p[0] for p in parts],
+            workers.chunk_nbytes,
         )
 
     def get_handshake_metadata(self) -> KVConnectorHandshakeMetadata | None:
@@ -203,6 +248,14 @@ class KVNodeConnector(KVConnectorBase_V1):
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_load_errors() if self._worker is not None else set()
 
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        """Several KV cache groups: loads are asynchronous, and each one's outcome is
+        reported per request (vLLM recomputes a failed one)."""
+        if not isinstance(self._worker, GroupWorkers):
+            return super().get_transfer_results(finished_req_ids)
+        done, failed = self._worker.take_results()
+        return KVConnectorTransferResults(finished_recving=done, failed_recving=failed)
+
     # ================================================================ scheduler side
     def set_xfer_handshake_metadata_pp_aware(
         self, metadata: dict[tuple[int, int], KVConnectorHandshakeMetadata]
@@ -218,10 +271,11 @@ class KVNodeConnector(KVConnectorBase_V1):
             self.pp_size,
             metadata,
         )
-        if ns is None:
+        gns = group_namespaces(ns, self._plan, metadata) if ns is not None else None
+        if ns is None or gns is None:
             log.warning("kvnode: not every worker reported its KV layout; connector stays off")
             return
-        self._sched.set_namespaces(ns)
+        self._sched.set_namespaces(ns, gns)
         log.info("kvnode: namespace %s (%d rank(s))", ns[0], len(ns))
 
     def set_xfer_handshake_metadata(
@@ -244,8 +298,12 @@ class KVNodeConnector(KVConnectorBase_V1):
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
-        if self._sched is not None:
-            self._sched.update_state_after_alloc(request, num_external_tokens)
+        if self._sched is None:
+            return
+        # An async load (several KV cache groups) runs before vLLM schedules the
+        # request: its block tables are known only here.
+        tables = blocks.get_block_ids() if self._sched.async_loads and num_external_tokens else None
+        self._sched.update_state_after_alloc(request, num_external_tokens, tables)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         meta = KVNodeConnectorMetadata()
@@ -253,21 +311,21 @@ class KVNodeConnector(KVConnectorBase_V1):
             return meta
         scheduled: list[tuple[str, int, int]] = []
         n_sched = scheduler_output.num_scheduled_tokens
-        new_blocks: dict[str, list[int]] = {}
+        new_blocks: dict[str, tuple[list[int], ...]] = {}
         for nr in scheduler_output.scheduled_new_reqs:
             scheduled.append((nr.req_id, nr.num_computed_tokens, n_sched.get(nr.req_id, 0)))
             if nr.block_ids:
-                new_blocks[nr.req_id] = list(nr.block_ids[0])
+                new_blocks[nr.req_id] = nr.block_ids
         cached = scheduler_output.scheduled_cached_reqs
         for i, rid in enumerate(cached.req_ids):
             scheduled.append((rid, cached.num_computed_tokens[i], n_sched.get(rid, 0)))
         state = getattr(scheduler_output, "kv_connector_block_state", None)
 
-        def block_ids_of(rid: str) -> list[int] | None:
+        def block_ids_of(rid: str) -> tuple[list[int], ...] | None:
             if state is not None:
                 groups = state.get_block_ids(rid)
                 if groups:
-                    return list(groups[0])
+                    return groups  # one block table per KV cache group
             return new_blocks.get(rid)
 
         meta.loads, meta.saves = self._sched.build_step(scheduled, block_ids_of)
@@ -283,6 +341,18 @@ class KVNodeConnector(KVConnectorBase_V1):
         if self._sched is not None:
             self._sched.request_finished(request.request_id)
         return False, None  # saves are done by the end of each step: nothing to hold
+
+    def request_finished_all_groups(
+        self, request: Request, block_ids: tuple[list[int], ...]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """vLLM's hybrid-manager form of ``request_finished``: every group's blocks are
+        saved within the step that completed them, so none is held past the request."""
+        return self.request_finished(request, block_ids[0] if block_ids else [])
+
+    def get_loaded_kv_cache_group_ids(self, request: Request) -> tuple[int, ...]:
+        """Every group vLLM transfers: a hit is offered only when all of them can be
+        restored (connector/groups.py)."""
+        return self._plan.group_ids
 
     # ================================================================ both
     def get_kv_connector_stats(self) -> KVNodeStats | None:
@@ -317,16 +387,6 @@ class KVNodeConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         self._log_totals()
         self._link.close()
-
-
-def _supported_cache(kv_cache_config: Any) -> bool:
-    """One KV cache group of full attention (MLA included): block ids then name the
-    same blocks in every layer, which the chunk payload assumes. Sliding windows,
-    Mamba state or several groups (hybrid models) are not cached."""
-    from vllm.v1.kv_cache_interface import FullAttentionSpec
-
-    groups = getattr(kv_cache_config, "kv_cache_groups", None) or []
-    return len(groups) == 1 and isinstance(groups[0].kv_cache_spec, FullAttentionSpec)
 
 
 def _unsupported_parallelism(par: Any) -> str | None:

@@ -22,6 +22,7 @@ import xxhash
 
 KEY_BYTES = 16
 _FORMAT = b"kvnode-namespace-v1\x00"
+_GROUP_TAG = b"group\x00"  # only after the fields every namespace has
 _TOKEN_MAX = 2**32 - 1
 _U32 = np.dtype("<u4")
 if array("I").itemsize != 4:
@@ -42,11 +43,15 @@ class Namespace:
     tp_rank: int
     pp_rank: int
     extras: tuple[str, ...] = ()  # LoRA name/id, cache_salt, multimodal hashes, in order
+    # The KV cache group (kind, window, layers; connector/groups.py). Empty for a model
+    # whose cache is one plain full-attention group: its bytes, and so the keys already
+    # in every tier, are exactly those from before groups were named.
+    group: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "block_shape", tuple(int(d) for d in self.block_shape))
         object.__setattr__(self, "extras", tuple(self.extras))
-        for text in (self.model, self.dtype, self.kv_layout, *self.extras):
+        for text in (self.model, self.dtype, self.kv_layout, *self.extras, self.group):
             if not isinstance(text, str):
                 raise TypeError(f"namespace text fields must be str, got {text!r}")
         if self.block_size <= 0 or self.chunk_tokens <= 0:
@@ -70,6 +75,8 @@ class Namespace:
         )
         parts.append(struct.pack("<I", len(self.extras)))
         parts.extend(_text(e) for e in self.extras)
+        if self.group:
+            parts.append(_GROUP_TAG + _text(self.group))
         return b"".join(parts)
 
     def fingerprint(self) -> bytes:
@@ -81,6 +88,9 @@ class Namespace:
 
     def with_extras(self, extras: Iterable[str]) -> Namespace:
         return dataclasses.replace(self, extras=tuple(extras))
+
+    def with_group(self, group: str) -> Namespace:
+        return dataclasses.replace(self, group=group)
 
 
 def chunk_keys(

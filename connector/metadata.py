@@ -35,3 +35,6 @@ class KVNodeHandshake(KVConnectorHandshakeMetadata):
     layout: str
     block_shape: tuple[int, ...]  # (num_layers, *shape of one block of one layer)
     dtype: str
+    # Per cached KV cache group, in GroupPlan order: (layout, block_shape, dtype) of its
+    # layers. Empty for one plain full-attention group (the fields above describe it).
+    groups: tuple[tuple[str, tuple[int, ...], str], ...] = ()

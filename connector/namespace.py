@@ -8,11 +8,13 @@ name chunks the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from kvnode.connector.groups import GroupPlan
 from kvnode.connector.keys import Namespace
 from kvnode.connector.metadata import KVNodeHandshake
 from kvnode.ipc.checksum import checksum
@@ -76,4 +78,36 @@ def rank_namespaces(
                     pp_rank=pp,
                 )
             )
+    return out
+
+
+def group_namespaces(
+    ranks: Sequence[Namespace], plan: GroupPlan, handshakes: Mapping[tuple[int, int], Any]
+) -> list[list[Namespace]] | None:
+    """Namespaces by cached group, then by rank index. One plain full-attention group
+    keeps the namespaces it always had (the keys already stored stay valid); otherwise
+    each group's namespace names the group and its own layout and block shape, so two
+    groups never share an entry. None if a rank did not describe every group."""
+    if plan.plain:
+        return [list(ranks)]
+    tp_size = ranks[0].tp_size if ranks else 1
+    out: list[list[Namespace]] = []
+    for pos, group in enumerate(plan.groups):
+        per_rank: list[Namespace] = []
+        for ns in ranks:
+            hs = handshakes.get((ns.pp_rank, ns.tp_rank))
+            parts = getattr(hs, "groups", ())
+            if len(parts) != len(plan.groups) or ns.tp_size != tp_size:
+                return None
+            layout, block_shape, dtype = parts[pos]
+            per_rank.append(
+                dataclasses.replace(
+                    ns,
+                    kv_layout=layout,
+                    block_shape=tuple(block_shape),
+                    dtype=f"{ns.dtype.split('/')[0]}/{dtype}",
+                    group=group.tag(),
+                )
+            )
+        out.append(per_rank)
     return out

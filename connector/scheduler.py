@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvnode.connector.config import ConnectorConfig
+from kvnode.connector.groups import FULL, CacheGroup, GroupPlan
 from kvnode.connector.keys import Namespace, chunk_keys
 from kvnode.errors import ArenaError, KVNodeError
 from kvnode.ipc.protocol import Lookup
@@ -38,6 +39,7 @@ from kvnode.ipc.shmindex import ShmIndexReader
 log = logging.getLogger("kvnode.connector")
 
 SKIP_PARAM = "kvnode.skip"
+NULL_BLOCK_ID = 0  # vLLM's placeholder block for tokens out of a window
 REQUESTS_TRACKED_MAX = 65536  # requests vLLM never reported finished are forgotten past this
 INDEX_RETRY_S = 1.0  # an index segment that would not open is tried again after this
 
@@ -46,14 +48,17 @@ INDEX_RETRY_S = 1.0  # an index segment that would not open is tried again after
 class ChunkOp:
     """One chunk to load or save: its key on every rank and the vLLM blocks it covers.
 
-    ``block_offset`` is the index, inside the chunk, of ``block_ids[0]``: a load that
-    starts behind vLLM's own prefix-cache hit covers only the chunk's tail blocks.
+    ``block_offset`` is the index, inside the stored entry, of ``block_ids[0]``: a load
+    that starts behind vLLM's own prefix-cache hit covers only the chunk's tail blocks.
+    A sliding-window group's entry holds only the chunk's last blocks
+    (``CacheGroup.stored_blocks``); offsets count from its first one.
     """
 
     index: int
     keys: tuple[bytes, ...]  # by rank index (pp_rank * tp_size + tp_rank)
     block_ids: tuple[int, ...]
     block_offset: int = 0
+    group: int = 0  # vLLM's KV cache group id: whose block table block_ids index
 
 
 @dataclass(slots=True)
@@ -61,11 +66,12 @@ class _Req:
     request: Any
     extras: tuple[str, ...]
     skip: bool
-    keys: list[tuple[bytes, ...]] = field(default_factory=list)  # per chunk, per rank
+    keys: list[list[tuple[bytes, ...]]] = field(default_factory=list)  # group, chunk, rank
     pending_since_s: float | None = None
     plan: tuple[int, int] | None = None  # (start, end) tokens offered by the last lookup
     load: tuple[int, int] | None = None  # (start, end) tokens to load in the next step
     saved_chunks: int = 0  # chunks [0, saved_chunks) are stored or known present
+    load_blocks: tuple[list[int], ...] | None = None  # an async load's block tables
 
 
 @dataclass(slots=True)
@@ -140,8 +146,14 @@ class SchedulerSide:
         load: bool = True,
         save: bool = True,
         clock: Callable[[], float] = time.monotonic,
+        plan: GroupPlan | None = None,
     ) -> None:
         cfg.check_block_size(block_size)
+        plan = plan or GroupPlan((CacheGroup(0, FULL, 0, ()),), 1)
+        self.groups = plan.groups
+        # Several block tables: vLLM cannot map block-level load errors back to requests,
+        # so loads are asynchronous and a failed one is reported per request.
+        self.async_loads = plan.num_vllm_groups > 1
         self.cfg = cfg
         self.link = link
         self.block_size = block_size
@@ -151,14 +163,22 @@ class SchedulerSide:
         self.save_enabled = save and cfg.save
         self.clock = clock
         self.namespaces: list[Namespace] = []  # by rank index; empty until workers report
+        self.group_ns: list[list[Namespace]] = []  # by position in self.groups, then rank
         self.stats = SchedulerStats()
         self._reqs: OrderedDict[str, _Req] = OrderedDict()
         self._index: ShmIndexReader | None = None
         self._index_retry_s = 0.0
 
     # ------------------------------------------------------------------ setup
-    def set_namespaces(self, namespaces: Sequence[Namespace]) -> None:
+    def set_namespaces(
+        self,
+        namespaces: Sequence[Namespace],
+        group_ns: Sequence[Sequence[Namespace]] | None = None,
+    ) -> None:
+        if group_ns is not None and len(group_ns) != len(self.groups):
+            raise ValueError(f"{len(group_ns)} group namespaces for {len(self.groups)} groups")
         self.namespaces = list(namespaces)
+        self.group_ns = [list(g) for g in group_ns] if group_ns else [self.namespaces]
 
     @property
     def active(self) -> bool:
@@ -179,19 +199,23 @@ class SchedulerSide:
             st.request = request
         return st
 
-    def _keys(self, st: _Req, n_chunks: int) -> list[tuple[bytes, ...]]:
-        """Keys of chunks [0, n_chunks) on every rank (computed once, extended as the
-        request grows: keys are chained, so a prefix's keys never change)."""
-        if len(st.keys) < n_chunks:
+    def _keys(self, st: _Req, n_chunks: int, pos: int = 0) -> list[tuple[bytes, ...]]:
+        """Keys of chunks [0, n_chunks) of the group at ``pos`` on every rank (computed
+        once, extended as the request grows: keys are chained, so a prefix's keys never
+        change)."""
+        if not st.keys or len(st.keys[0]) < n_chunks:
             tokens = list(st.request.all_token_ids[: n_chunks * self.chunk_tokens])
-            per_rank = [
-                chunk_keys(
-                    ns.with_extras(st.extras) if st.extras else ns, tokens, self.chunk_tokens
-                )
-                for ns in self.namespaces
-            ]
-            st.keys = list(zip(*per_rank, strict=True))
-        return st.keys[:n_chunks]
+            st.keys = [self._group_keys(st, tokens, ranks) for ranks in self.group_ns]
+        return st.keys[pos][:n_chunks]
+
+    def _group_keys(
+        self, st: _Req, tokens: list[int], ranks: list[Namespace]
+    ) -> list[tuple[bytes, ...]]:
+        per_rank = [
+            chunk_keys(ns.with_extras(st.extras) if st.extras else ns, tokens, self.chunk_tokens)
+            for ns in ranks
+        ]
+        return list(zip(*per_rank, strict=True))
 
     # ------------------------------------------------------------------ lookup
     def get_num_new_matched_tokens(
@@ -210,15 +234,12 @@ class SchedulerSide:
         first = num_computed_tokens // C
         if usable <= first:
             return 0, False
-        keys = self._keys(st, usable)[first:]
         self.stats.query_tokens += usable * C - num_computed_tokens
-        states = self._lookup(keys)
-        if states is None:
+        match = self._match(st, first, usable)
+        if match is None:
             return 0, False
-        hits = 0
-        while hits < len(states) and states[hits] == Lookup.HIT:
-            hits += 1
-        if hits < len(states) and states[hits] == Lookup.PENDING:
+        hit_end, pending = match
+        if pending:
             now = self.clock()
             if st.pending_since_s is None:
                 st.pending_since_s = now
@@ -226,12 +247,61 @@ class SchedulerSide:
                 self.stats.pending_waits += 1
                 return None, False
             self.stats.pending_timeouts += 1
-        end = (first + hits) * C
+        end = hit_end * C
         if end <= num_computed_tokens:
             return 0, False
         st.plan = (num_computed_tokens, end)
         self.stats.hit_tokens += end - num_computed_tokens
-        return end - num_computed_tokens, False
+        return end - num_computed_tokens, self.async_loads
+
+    def _match(self, st: _Req, first: int, usable: int) -> tuple[int, bool] | None:
+        """(chunk where the hit ends, whether a PENDING chunk ends it) for chunks
+        [first, usable): every full-attention group has each chunk of the hit, every
+        sliding-window group the chunks its window reads before the hit's end. None
+        when the agent cannot answer."""
+        end, pending = usable, False
+        for pos, group in enumerate(self.groups):
+            if group.kind == FULL:
+                run = self._run(st, pos, first, end)
+                if run is None:
+                    return None
+                end, pending = _narrow(end, pending, run)
+        if end > first and not self._windows_hit(st, first, end):
+            for pos, group in enumerate(self.groups):
+                if group.kind != FULL:
+                    lo = self._window_start(group, first, first + 1)
+                    run = self._run(st, pos, lo, end)
+                    if run is None:
+                        return None
+                    end, pending = _narrow(end, pending, run)
+        return max(end, first), pending
+
+    def _window_start(self, group: CacheGroup, first: int, end: int) -> int:
+        """The first chunk a hit ending at chunk ``end`` needs from ``group``."""
+        return max(first, group.first_needed_token(end * self.chunk_tokens) // self.chunk_tokens)
+
+    def _windows_hit(self, st: _Req, first: int, end: int) -> bool:
+        """Whether every sliding-window group has the chunks its window reads before
+        ``end``: the common case asks for those chunks only."""
+        for pos, group in enumerate(self.groups):
+            if group.kind != FULL:
+                run = self._run(st, pos, self._window_start(group, first, end), end)
+                if run is None or run[0] < end:
+                    return False
+        return True
+
+    def _run(self, st: _Req, pos: int, lo: int, hi: int) -> tuple[int, bool] | None:
+        """Of the group's chunks [lo, hi): where its run of hits from ``lo`` ends, and
+        whether a PENDING chunk ends it. None when the agent cannot answer."""
+        if hi <= lo:
+            return hi, False
+        states = self._lookup(self._keys(st, hi, pos)[lo:])
+        if states is None:
+            return None
+        hits = 0
+        while hits < len(states) and states[hits] == Lookup.HIT:
+            hits += 1
+        return lo + hits, hits < len(states) and states[hits] == Lookup.PENDING
 
     def _lookup(self, keys: list[tuple[bytes, ...]]) -> list[int] | None:
         """Per chunk, the answer for all ranks; None when the agent cannot answer."""
@@ -322,7 +392,14 @@ class SchedulerSide:
         n = len(keys)
         return combine([answer[r * n : (r + 1) * n] for r in range(n_ranks)])
 
-    def update_state_after_alloc(self, request: Any, num_external_tokens: int) -> None:
+    def update_state_after_alloc(
+        self,
+        request: Any,
+        num_external_tokens: int,
+        block_ids: tuple[list[int], ...] | None = None,
+    ) -> None:
+        """``block_ids``: the request's block table per vLLM group, for an async load
+        (the request is not scheduled in the step that loads it)."""
         st = self._reqs.get(request.request_id)
         if st is None:
             return
@@ -333,6 +410,7 @@ class SchedulerSide:
         start, end = st.plan
         end = min(end, start + num_external_tokens)
         st.load = (start, end)
+        st.load_blocks = block_ids if self.async_loads else None
         st.saved_chunks = max(st.saved_chunks, end // self.chunk_tokens)
         st.plan = None
 
@@ -340,11 +418,12 @@ class SchedulerSide:
     def build_step(
         self,
         scheduled: Iterable[tuple[str, int, int]],
-        block_ids_of: Callable[[str], list[int] | None],
+        block_ids_of: Callable[[str], Sequence[Sequence[int]] | None],
     ) -> tuple[dict[str, list[ChunkOp]], dict[str, list[ChunkOp]]]:
-        """``scheduled``: (req_id, tokens computed before this step, tokens scheduled).
-        Returns (loads, saves) by request id."""
-        loads: dict[str, list[ChunkOp]] = {}
+        """``scheduled``: (req_id, tokens computed before this step, tokens scheduled);
+        ``block_ids_of``: a request's block table per vLLM group (or the one table of a
+        single-group model). Returns (loads, saves) by request id."""
+        loads = self._async_loads()
         saves: dict[str, list[ChunkOp]] = {}
         budget = self.cfg.chunks_per_step_max
         for req_id, computed, scheduled_n in scheduled:
@@ -356,35 +435,66 @@ class SchedulerSide:
             )
             if st.load is None and not need_save:
                 continue
-            blocks = block_ids_of(req_id)
-            if blocks is None:
+            got = block_ids_of(req_id)
+            if got is None:
                 continue
+            tables = _tables(got)
             if st.load is not None:
-                ops = self._load_ops(st, blocks)
-                st.load = None
-                if ops:
-                    loads[req_id] = ops
-                    self.stats.load_chunks_planned += len(ops)
+                self._plan_load(loads, req_id, st, tables)
             if need_save and budget > 0:
-                ops = self._save_ops(st, blocks, computed + scheduled_n, budget)
+                ops = self._save_ops(st, tables, computed + scheduled_n, budget)
                 if ops:
                     saves[req_id] = ops
-                    budget -= len(ops)
+                    budget -= len({op.index for op in ops})
                     self.stats.save_chunks_planned += len(ops)
         return loads, saves
 
-    def _load_ops(self, st: _Req, blocks: list[int]) -> list[ChunkOp]:
+    def _async_loads(self) -> dict[str, list[ChunkOp]]:
+        """Loads granted with their own block tables: vLLM does not schedule a request
+        while its asynchronous load runs."""
+        loads: dict[str, list[ChunkOp]] = {}
+        if not self.async_loads:
+            return loads
+        for req_id, st in self._reqs.items():
+            if st.load is not None and st.load_blocks is not None and not st.skip:
+                self._plan_load(loads, req_id, st, [list(t) for t in st.load_blocks])
+                st.load_blocks = None
+        return loads
+
+    def _plan_load(
+        self, loads: dict[str, list[ChunkOp]], req_id: str, st: _Req, tables: list[list[int]]
+    ) -> None:
+        ops = self._load_ops(st, tables)
+        st.load = None
+        if ops:
+            loads[req_id] = ops
+            self.stats.load_chunks_planned += len(ops)
+
+    def _load_ops(self, st: _Req, tables: list[list[int]]) -> list[ChunkOp]:
         assert st.load is not None
         start, end = st.load
-        bs, bpc, C = self.block_size, self.blocks_per_chunk, self.chunk_tokens
-        keys = self._keys(st, -(-end // C))
         ops: list[ChunkOp] = []
-        for c in range(start // C, -(-end // C)):
-            b0 = max(c * bpc, start // bs)
-            b1 = min((c + 1) * bpc, -(-end // bs), len(blocks))
-            if b1 <= b0:
-                break
-            ops.append(ChunkOp(c, keys[c], tuple(blocks[b0:b1]), b0 - c * bpc))
+        for pos, group in enumerate(self.groups):
+            table = tables[group.index] if group.index < len(tables) else []
+            ops.extend(self._group_load_ops(st, pos, group, table, start, end))
+        return ops
+
+    def _group_load_ops(
+        self, st: _Req, pos: int, group: CacheGroup, table: list[int], start: int, end: int
+    ) -> list[ChunkOp]:
+        """The blocks of [start, end) the group needs, from the entries that hold them:
+        a sliding-window group only those its window reads before ``end``."""
+        bs, bpc = self.block_size, self.blocks_per_chunk
+        stored = group.stored_blocks(bpc, bs)
+        lo = max(start // bs, group.first_needed_token(end) // bs)
+        hi = min(-(-end // bs), len(table))
+        keys = self._keys(st, -(-hi // bpc), pos)
+        ops: list[ChunkOp] = []
+        for c in range(lo // bpc, -(-hi // bpc)):
+            first_stored = (c + 1) * bpc - stored
+            b0, b1 = max(lo, first_stored), min(hi, (c + 1) * bpc)
+            if b1 > b0:
+                ops.append(ChunkOp(c, keys[c], tuple(table[b0:b1]), b0 - first_stored, group.index))
         return ops
 
     def _save_end(self, st: _Req, computed_after: int) -> int:
@@ -395,18 +505,27 @@ class SchedulerSide:
         return min(computed_after, limit, req.num_tokens) // self.chunk_tokens
 
     def _save_ops(
-        self, st: _Req, blocks: list[int], computed_after: int, budget: int
+        self, st: _Req, tables: list[list[int]], computed_after: int, budget: int
     ) -> list[ChunkOp]:
+        """Each new chunk, in every group: the blocks a later hit reads from it."""
         bpc = self.blocks_per_chunk
-        end = min(self._save_end(st, computed_after), len(blocks) // bpc)
+        end = self._save_end(st, computed_after)
+        for group in self.groups:
+            table = tables[group.index] if group.index < len(tables) else []
+            end = min(end, len(table) // bpc)
         end = min(end, st.saved_chunks + budget)
         if end <= st.saved_chunks:
             return []
-        keys = self._keys(st, end)
-        ops = [
-            ChunkOp(c, keys[c], tuple(blocks[c * bpc : (c + 1) * bpc]))
-            for c in range(st.saved_chunks, end)
-        ]
+        ops: list[ChunkOp] = []
+        for pos, group in enumerate(self.groups):
+            keys = self._keys(st, end, pos)
+            table, stored = tables[group.index], group.stored_blocks(bpc, self.block_size)
+            for c in range(st.saved_chunks, end):
+                blocks = tuple(table[(c + 1) * bpc - stored : (c + 1) * bpc])
+                # vLLM's null block (id 0) stands for blocks it freed behind a window:
+                # nothing to save there (the window argument says it never happens).
+                if group.kind == FULL or NULL_BLOCK_ID not in blocks:
+                    ops.append(ChunkOp(c, keys[c], blocks, 0, group.index))
         st.saved_chunks = end
         return ops
 
@@ -417,3 +536,18 @@ class SchedulerSide:
         if self._index is not None:
             self._index.close()
             self._index = None
+
+
+def _narrow(end: int, pending: bool, run: tuple[int, bool]) -> tuple[int, bool]:
+    """The hit end after one more group's run: the shorter wins, with its PENDING."""
+    run_end, run_pending = run
+    if run_end < end:
+        return run_end, run_pending
+    return end, pending or (run_end == end and run_pending)
+
+
+def _tables(got: Sequence[Sequence[int]] | Sequence[int]) -> list[list[int]]:
+    """Per-group block tables from vLLM's tuple of lists, or one table given flat."""
+    if got and not isinstance(got[0], int):
+        return [list(t) for t in got]  # type: ignore[arg-type]
+    return [list(got)]  # type: ignore[arg-type]
