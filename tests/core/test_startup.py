@@ -84,3 +84,24 @@ def test_runtime_dir_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
     rt = tmp_path / "run"
     rt.symlink_to(real)
     assert "not a directory" in _refused(rt)
+
+
+def test_agent_makes_its_own_directory_inside_a_world_writable_parent(tmp_path: Path) -> None:
+    """The sidecar's shape: an emptyDir (root-owned, mode 0777) is the parent; the agent
+    creates the runtime directory in it and serves."""
+    parent = tmp_path / "emptydir"
+    parent.mkdir()
+    parent.chmod(0o777)
+    rt = parent / "kvnode"
+    p = _agent(rt, "--cpu-bytes", "16MiB")
+    try:
+        deadline = time.monotonic() + 20
+        while not (rt / "agent.sock").exists():
+            assert p.poll() is None and time.monotonic() < deadline, (
+                p.stdout.read() if p.stdout else ""
+            )
+            time.sleep(0.02)
+        assert oct(rt.stat().st_mode & 0o777) == oct(0o700)
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.communicate(timeout=30)

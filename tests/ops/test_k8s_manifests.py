@@ -159,7 +159,10 @@ def test_vllm_shares_socket_and_shm_with_group(doc: dict[str, Any], tmp_path: Pa
         vols = {v["name"]: v for v in spec["volumes"]}
         agent, vllm = agent_container(spec), vllm_container(spec)
         assert agent.get("restartPolicy") == "Always"  # native sidecar: up before vLLM
-        for path in ("/dev/shm", "/run/kvnode"):
+        # The agent refuses a root-owned, world-writable emptyDir as its runtime
+        # directory: the shared volume is its parent, the agent creates the directory.
+        assert str(cfg.runtime_dir.parent) == "/run"
+        for path in ("/dev/shm", "/run"):
             a = next(m["name"] for m in agent["volumeMounts"] if m["mountPath"] == path)
             v = next(m["name"] for m in vllm["volumeMounts"] if m["mountPath"] == path)
             assert a == v, f"{path} is not shared"
