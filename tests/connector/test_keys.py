@@ -41,6 +41,25 @@ def test_golden_vector() -> None:
     assert [k.hex() for k in chunk_keys(NS, TOKENS)] == GOLDEN_KEYS
 
 
+# The same namespace naming a KV cache group (hybrid models): other keys, fixed here too.
+GROUP = "sliding_window:w=4096:n=12:l=00112233445566ff"
+GOLDEN_GROUP_FINGERPRINT = "16308b2e36f21edbb616a89339a870ce"
+GOLDEN_GROUP_KEYS = [
+    "05e15b7df59f4a5ce89a72d68416f27d",
+    "d6b0a1b48425df30e238b89a31812192",
+    "a61dca4fc612156e36d340dcae35fcd5",
+]
+
+
+def test_group_golden_vector() -> None:
+    grouped = NS.with_group(GROUP)
+    assert grouped.fingerprint().hex() == GOLDEN_GROUP_FINGERPRINT
+    assert [k.hex() for k in chunk_keys(grouped, TOKENS)] == GOLDEN_GROUP_KEYS
+    # No group: the bytes (and so the keys already stored) of before groups existed.
+    assert NS.with_group("").canonical_bytes() == NS.canonical_bytes()
+    assert NS.with_group("").fingerprint().hex() == GOLDEN_FINGERPRINT
+
+
 def test_key_shape_and_chain() -> None:
     import xxhash
 
@@ -88,6 +107,8 @@ def test_same_keys_in_other_processes(seed: str) -> None:
         {"extras": ("lora:7",)},
         {"extras": ("salt:abc",)},
         {"extras": ("mm:1", "mm:2")},
+        {"group": "full_attention:n=1:l=0"},
+        {"group": "sliding_window:w=512:n=1:l=0"},
     ],
     ids=lambda c: next(iter(c)) + "=" + str(next(iter(c.values()))),
 )
