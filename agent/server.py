@@ -147,6 +147,7 @@ class Agent:
     def _start_tiers(self) -> None:
         from kvnode.agent.tiers.manager import TierManager
 
+        assert self.segment is not None
         tiers = TierManager(self.cfg, arena=self.segment, index=self.index, wake=self.wake)
         headroom = int(self.index.alloc.pages_total * self.cfg.arena.headroom_share)
         self.cache = Cache(self.index, tiers, headroom)
