@@ -328,7 +328,13 @@ class WorkerSide:
                 raise ValueError(f"saves are whole chunks, got {op}")
         keys = [op.keys[self.rank] for op in ops]
         epoch = self.arena.epoch  # before the reserve: its slots belong to this mapping
-        answers = client.reserve(keys, [self.chunk_nbytes] * len(keys))
+        sizes = [self.chunk_nbytes] * len(keys)
+        if ops and len(ops[0].keys) > 1:
+            # One group per chunk across ranks (named by rank 0's key): the agent evicts
+            # and drops a chunk's rank entries together, so none stays as an orphan.
+            answers = client.reserve(keys, sizes, [op.keys[0] for op in ops])
+        else:
+            answers = client.reserve(keys, sizes)
         held = [k for k, (s, _) in zip(keys, answers, strict=True) if s == Status.OK]
         try:
             with self.arena.use(epoch) as arena:

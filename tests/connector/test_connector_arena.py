@@ -191,3 +191,30 @@ def test_restart_during_a_load_drops_nothing_and_recomputes(
         for name in src_kv:
             assert torch.equal(dst_kv[name][list(m.block_ids)], src_kv[name][list(o.block_ids)])
     link.close()
+
+
+def test_a_chunks_rank_entries_live_and_die_together(agent_dir: list[AgentProcess]) -> None:
+    """Two TP ranks save one chunk each under their own key; the agent files them as
+    one group, so dropping (or evicting) one rank's entry takes the other too."""
+    rd = agent_dir[0].runtime_dir
+    workers, links = [], []
+    for rank in range(2):
+        arena = ArenaMapping()
+        link = make_link(rd, arena)
+        w = WorkerSide(link, rank, NUM_BLOCKS, BS, BPC, arena=arena)
+        w.register(caches(10 + rank))
+        workers.append(w)
+        links.append(link)
+    reader = AgentClient(rd, name="reader", timeout_s=2.0)
+    try:
+        ops = [ChunkOp(i, (key(7, i), key(8, i)), (2 * i + 1, 2 * i + 2)) for i in range(3)]
+        for w in workers:
+            w.save({"r": ops})
+        every = [k for o in ops for k in o.keys]
+        assert reader.lookup(every, promote=False) == [1] * 6
+        reader.drop([ops[0].keys[1]])  # rank 1's entry of chunk 0 failed its checksum
+        assert reader.lookup(every, promote=False) == [0, 0, 1, 1, 1, 1]
+    finally:
+        reader.close()
+        for link in links:
+            link.close()
