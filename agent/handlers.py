@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvnode.agent")
 
+HIT, PENDING = int(P.Lookup.HIT), int(P.Lookup.PENDING)
+
 # Index outcomes on the wire (the values agree, but the mapping is explicit).
 _WIRE_STATUS = {
     Outcome.OK: P.Status.OK,
@@ -78,17 +80,17 @@ class Handlers:
         t0 = time.perf_counter()
         self._limit(len(m.keys))
         cache = self.cache
-        states: list[int] = []
+        # The common answers (committed or absent) in one pass without calls; the rest
+        # (recency of hits, lower tiers) only for the keys that need it.
+        states = cache.index.states(m.keys)
         hits = pending = 0
-        for key in m.keys:
-            if cache.lookup(key):
-                states.append(P.Lookup.HIT)
+        for i, s in enumerate(states):
+            if s == HIT:
+                cache.lookup(m.keys[i])  # recency
                 hits += 1
-            elif m.promote and cache.promote(key):
-                states.append(P.Lookup.PENDING)
+            elif m.promote and cache.tiers is not None and cache.promote(m.keys[i]):
+                states[i] = PENDING
                 pending += 1
-            else:
-                states.append(P.Lookup.MISS)
         if self.fleet is not None and m.promote:
             pending += self._ask_peers(m.keys, states)
         st = self.stats

@@ -134,6 +134,11 @@ class Index:
         e.hits += 1
         return e
 
+    def states(self, keys: list[bytes]) -> list[int]:
+        """1 for each committed key, 0 otherwise; no side effects."""
+        get, committed = self.entries.get, State.COMMITTED
+        return [int(e is not None and e.state is committed) for e in map(get, keys)]
+
     def contains(self, key: bytes) -> bool:
         return key in self.entries
 

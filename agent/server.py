@@ -43,6 +43,7 @@ log = logging.getLogger("kvnode.agent")
 _RECV_BATCH_MAX = 256  # messages handled per wake-up before housekeeping runs
 _POLL_MS_MAX = 100
 _LEASE_CHECK_S = 1.0
+_TICK_S = 0.002  # housekeeping at least this far apart while requests keep coming
 
 
 class StopRequested(Exception):
@@ -265,6 +266,7 @@ class Agent:
             poller.register(s, zmq.POLLIN)
         for hook in self.hooks_ready:
             _safe(hook)
+        next_tick = 0.0
         while self._running:
             try:
                 events = dict(poller.poll(self._poll_timeout_ms()))
@@ -276,6 +278,15 @@ class Agent:
                 self._drain_monitor()
             if self.sock in events:
                 self._drain_socket()
+            if self.index.changes:
+                self.cache.publish()  # readers of the shared index see commits at once
+            # Housekeeping runs on a short timer, or at once when something other than
+            # a request woke us: between back-to-back requests it would only add latency.
+            other = len(events) - (self.sock in events)
+            now = time.monotonic()
+            if not other and now < next_tick:
+                continue
+            next_tick = now + _TICK_S
             if self._wake_r in events:
                 self._drain_wake()
             if self.fleet is not None and any(s in events for s in fleet_socks):
@@ -309,10 +320,10 @@ class Agent:
         assert sock is not None
         for _ in range(_RECV_BATCH_MAX):
             # EVENTS is cheaper than a recv that raises Again once the queue is empty.
-            if not int(sock.get(zmq.EVENTS)) & zmq.POLLIN:
+            if not sock.getsockopt(_EVENTS) & _POLLIN:
                 return
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = self._recv(sock)
             except zmq.Again:
                 return
             try:
@@ -320,6 +331,15 @@ class Agent:
             except Exception:  # last line of defence: the loop never dies from input
                 self.stats.inc("errors")
                 log.exception("request handling failed")
+
+    @staticmethod
+    def _recv(sock: zmq.Socket) -> list[Any]:
+        """One message: the routing id as bytes, then the frames (the first as a
+        ``zmq.Frame``: a Hello's source fd is read from it)."""
+        parts: list[Any] = [sock.recv(zmq.NOBLOCK)]
+        while sock.getsockopt(_RCVMORE):
+            parts.append(sock.recv(zmq.NOBLOCK, copy=len(parts) > 1))
+        return parts
 
     def _drain_monitor(self) -> None:
         mon = self._monitor
@@ -379,14 +399,14 @@ class Agent:
         )  # fmt: skip
 
     # ------------------------------------------------------------------ messages
-    def _handle(self, frames: list[zmq.Frame]) -> None:
+    def _handle(self, frames: list[Any]) -> None:
         if len(frames) != 2:
             self.stats.inc("bad_frames")
             if len(frames) > 2:
-                self._send(frames[0].bytes, P.Error(0, P.ErrCode.BAD_FRAME, "expected one frame"))
+                self._send(frames[0], P.Error(0, P.ErrCode.BAD_FRAME, "expected one frame"))
             return
-        identity = frames[0].bytes
-        payload = frames[1]
+        identity: bytes = frames[0]
+        payload: zmq.Frame = frames[1]
         try:
             msg = P.decode_request(payload.buffer)
         except ProtocolError as exc:
@@ -451,7 +471,8 @@ class Agent:
     def _send(self, identity: bytes, reply: Any) -> None:
         assert self.sock is not None
         try:
-            self.sock.send_multipart([identity, P.encode(reply)], zmq.NOBLOCK)
+            self.sock.send(identity, _SNDMORE_NOBLOCK)
+            self.sock.send(P.encode(reply), zmq.NOBLOCK)
         except zmq.ZMQError:
             self.stats.inc("errors")  # peer gone or its queue full: it will time out
 
@@ -491,6 +512,10 @@ class Agent:
         }
         if leased != reserved:
             raise AssertionError("client leases and reserved entries disagree")
+
+
+_EVENTS, _POLLIN, _RCVMORE = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.RCVMORE)
+_SNDMORE_NOBLOCK = int(zmq.SNDMORE) | int(zmq.NOBLOCK)
 
 
 def _printable(name: str) -> str:

@@ -48,13 +48,13 @@ from kvnode.errors import ArenaError
 from kvnode.ipc.segment import group_id
 
 MAGIC = int.from_bytes(b"KVNIDX01", "little")
-VERSION = 1
+VERSION = 2
 KEY_BYTES = 16
 HEADER_BYTES = 4096
 LOAD_FACTOR_MAX = 0.5  # live entries per slot that capacity_for() sizes for
 FILL_MAX = 0.75  # live + tombstones per slot before a rebuild
 CAPACITY_MIN = 64
-STALE_S = 5.0  # a writer that has not stamped the header for this long is gone
+STALE_S = 2.0  # a writer that has not stamped the header for this long is gone
 WINDOW_SLOTS = 32  # slots gathered per key at once: at load 0.5 nearly every probe chain
 READ_RETRIES_MAX = 16  # torn or flipped reads retried before giving up
 REOPEN_INTERVAL_S = 0.5
@@ -65,7 +65,7 @@ _M64 = (1 << 64) - 1
 
 # header word indices
 _MAGIC, _VERSION, _CAPACITY, _GENERATION, _HSEQ, _ACTIVE = 0, 1, 2, 3, 4, 5
-_LOWER, _CLOSED, _HEARTBEAT, _PROBE_MAX = 6, 7, 8, 9
+_LOWER, _CLOSED, _HEARTBEAT, _PROBE_MAX, _PID, _PID_NS = 6, 7, 8, 9, 10, 11
 _HEADER_WORDS = HEADER_BYTES // 8
 
 
@@ -137,6 +137,7 @@ class ShmIndexWriter:
         w = self._w
         w[_VERSION], w[_CAPACITY], w[_GENERATION] = VERSION, self.capacity, self.generation
         w[_HEARTBEAT] = time.monotonic_ns()
+        w[_PID], w[_PID_NS] = os.getpid(), _pid_ns()
         w[_MAGIC] = MAGIC  # last: a reader that sees the magic sees a whole header
 
     # ------------------------------------------------------------------ state
@@ -307,6 +308,7 @@ class ShmIndexReader:
     def __init__(self, name: str, stale_s: float = STALE_S) -> None:
         self.name = name
         self.stale_ns = int(stale_s * 1e9)
+        self._pid_ns = _pid_ns()
         self.reopens = 0
         self.retries = 0
         self._next_reopen_s = 0.0
@@ -336,8 +338,13 @@ class ShmIndexReader:
         return bool(self._h[_LOWER])
 
     def usable(self) -> bool:
+        """Not closed, stamped lately, and (when the reader can see it: the same pid
+        namespace) its writer process still exists, so a killed agent's index stops
+        answering at once, not ``stale_s`` later."""
         h = self._h
-        return not h[_CLOSED] and time.monotonic_ns() - h[_HEARTBEAT] < self.stale_ns
+        if h[_CLOSED] or time.monotonic_ns() - h[_HEARTBEAT] >= self.stale_ns:
+            return False
+        return self._pid_ns != h[_PID_NS] or _alive(int(h[_PID]))
 
     def reopen(self) -> bool:
         """Map the segment now under this name (the agent may have restarted). False
@@ -442,6 +449,25 @@ class ShmIndexReader:
 
 
 # ---------------------------------------------------------------- segment handling
+def _pid_ns() -> int:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # unknown: the heartbeat decides
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, another user's
+    return True
+
+
 def _create(name: str, size: int, group: str) -> mmap.mmap:
     """A fresh owner-only (or group) segment; one left by another writer is marked
     closed first so its readers stop trusting it."""

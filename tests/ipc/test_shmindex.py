@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Iterator
 
 import numpy as np
+import posix_ipc
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -306,3 +307,35 @@ def test_keys_with_equal_halves_do_not_collide() -> None:
     from kvnode.ipc.shmindex import fingerprints
 
     assert [int(f) for f in fingerprints(keys)] == [fingerprint(k) for k in keys]
+
+
+def test_a_killed_writers_index_stops_answering_at_once() -> None:
+    """A writer process killed mid-life cannot mark its index closed; a reader in the
+    same pid namespace sees its process gone and stops trusting the index at once,
+    not after the heartbeat's stale_s."""
+    import signal
+    import subprocess
+    import sys
+
+    name = f"/kvnode-test-killed-{os.getpid()}"
+    code = (
+        "import sys, time; from kvnode.ipc.shmindex import ShmIndexWriter; "
+        f"w = ShmIndexWriter({name!r}, 64); w.insert(b'k' * 16); print('up', flush=True); "
+        "time.sleep(60)"
+    )
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None and p.stdout.readline().strip() == "up"
+        r = ShmIndexReader(name)
+        assert r.contains_many([b"k" * 16])[0]
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        assert not r.usable()
+        r.close()
+    finally:
+        p.kill()
+        p.wait()
+        try:
+            posix_ipc.unlink_shared_memory(name)
+        except posix_ipc.ExistentialError:
+            pass
