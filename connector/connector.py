@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -34,7 +36,12 @@ from kvnode.connector.config import ConnectorConfig
 from kvnode.connector.group_worker import GroupWorkers, build_group_workers
 from kvnode.connector.groups import plan_groups
 from kvnode.connector.link import AgentLink, default_client_factory
-from kvnode.connector.metadata import KVNodeConnectorMetadata, KVNodeHandshake
+from kvnode.connector.metadata import (
+    KVNodeConnectorMetadata,
+    KVNodeEvents,
+    KVNodeHandshake,
+    stored_event,
+)
 from kvnode.connector.namespace import group_namespaces, model_identity, rank_namespaces
 from kvnode.connector.scheduler import SchedulerSide
 from kvnode.connector.stats import KVNodeStats
@@ -43,14 +50,17 @@ from kvnode.kernels.hostmem import ArenaMapping
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_events import KVCacheEvent
     from vllm.forward_context import ForwardContext
     from vllm.v1.attention.backend import AttentionMetadata
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 log = logging.getLogger("kvnode.connector")
 LOG_INTERVAL_S = 60.0
+EVENTS_QUEUED_MAX = 100_000  # stored-chunk events waiting for vLLM's take_events
 
 
 def _share_vllm_logging() -> None:
@@ -95,6 +105,13 @@ class KVNodeConnector(KVConnectorBase_V1, SupportsHMA):
         self._totals: dict[str, float] = {}
         self._failures_seen = 0
         self._last_log_s = time.monotonic()
+        # vLLM's own KV event stream carries the chunks this connector stored, when
+        # vLLM's KV events are on (otherwise the workers do not report them).
+        kec = getattr(vllm_config, "kv_events_config", None)
+        self._events_on = bool(kec is not None and kec.enable_kv_cache_events)
+        self._events: deque[KVCacheEvent] = deque()
+        self.events_dropped = 0
+        self._saved_step = False
         # Which KV cache groups are cached (connector/groups.py): with the hybrid
         # manager on, one entry per chunk and group; a group kvnode cannot restore
         # (Mamba state...) turns it off for the model.
@@ -173,6 +190,7 @@ class KVNodeConnector(KVConnectorBase_V1, SupportsHMA):
             blocks_per_chunk=self.cfg.chunk_tokens // self.block_size,
             arena=self._arena,
             keys_per_call_max=self.cfg.keys_per_call_max,
+            keep_stored=self._events_on,
         )
         cache = self._worker.register(kv_caches)
         self._handshake = KVNodeHandshake(cache.layout, cache.block_shape, cache.dtype)
@@ -199,6 +217,7 @@ class KVNodeConnector(KVConnectorBase_V1, SupportsHMA):
                 blocks_per_chunk=blocks_per_chunk,
                 arena=arena,
                 keys_per_call_max=self.cfg.keys_per_call_max,
+                keep_stored=self._events_on,
             )
 
         bpc = self.cfg.chunk_tokens // self.block_size
@@ -241,9 +260,20 @@ class KVNodeConnector(KVConnectorBase_V1, SupportsHMA):
         meta = self._connector_metadata
         if self._worker is None or not isinstance(meta, KVNodeConnectorMetadata):
             return
+        # Every rank sees the same metadata: all of them report events for this step.
+        self._saved_step = bool(meta.saves)
         if meta.agent_down:
             return
         self._worker.save(meta.saves)
+
+    def get_kv_connector_kv_cache_events(self) -> KVNodeEvents | None:
+        """The chunks this worker committed in the step, as vLLM ``BlockStored`` events.
+        Every worker answers in the same steps (those whose metadata had saves), even
+        with nothing committed, so vLLM's merge counts every rank."""
+        if not (self._events_on and self._saved_step) or self._worker is None:
+            return None
+        self._saved_step = False
+        return KVNodeEvents([stored_event(op) for op in self._worker.take_stored()])
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_load_errors() if self._worker is not None else set()
@@ -353,6 +383,23 @@ class KVNodeConnector(KVConnectorBase_V1, SupportsHMA):
         """Every group vLLM transfers: a hit is offered only when all of them can be
         restored (connector/groups.py)."""
         return self._plan.group_ids
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        got = connector_output.kv_cache_events
+        if not isinstance(got, KVNodeEvents):
+            return
+        # A chunk is stored when every rank committed its part.
+        for ev in got.common_events():
+            if len(self._events) >= EVENTS_QUEUED_MAX:
+                self.events_dropped += 1
+                continue
+            self._events.append(ev)
+
+    def take_events(self) -> Iterable[KVCacheEvent]:
+        """vLLM publishes these with its own KV events (``kv_events_config``)."""
+        out = list(self._events)
+        self._events.clear()
+        return out
 
     # ================================================================ both
     def get_kv_connector_stats(self) -> KVNodeStats | None:

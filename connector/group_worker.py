@@ -60,6 +60,10 @@ class GroupWorkers:
             if part:
                 worker.save(part)
 
+    def take_stored(self) -> list[ChunkOp]:
+        """Every group's chunks committed since the last call (``op.group`` says whose)."""
+        return [op for w in self.workers.values() for op in w.take_stored()]
+
     def take_load_errors(self) -> set[int]:
         return set()  # reported per request (take_results)
 

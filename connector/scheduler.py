@@ -59,6 +59,11 @@ class ChunkOp:
     block_ids: tuple[int, ...]
     block_offset: int = 0
     group: int = 0  # vLLM's KV cache group id: whose block table block_ids index
+    # Saves only (loads leave them empty, keeping the step's metadata small): the
+    # previous chunk's key on every rank (b"" for a prompt's first chunk) and the
+    # chunk's token ids, for the KV events the agent and vLLM publish.
+    parents: tuple[bytes, ...] = ()
+    tokens: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)
@@ -517,17 +522,27 @@ class SchedulerSide:
         if end <= st.saved_chunks:
             return []
         ops: list[ChunkOp] = []
+        tokens = self._chunk_tokens(st, st.saved_chunks, end)
         for pos, group in enumerate(self.groups):
             keys = self._keys(st, end, pos)
             table, stored = tables[group.index], group.stored_blocks(bpc, self.block_size)
+            first = tuple(b"" for _ in keys[0]) if keys else ()
             for c in range(st.saved_chunks, end):
                 blocks = tuple(table[(c + 1) * bpc - stored : (c + 1) * bpc])
                 # vLLM's null block (id 0) stands for blocks it freed behind a window:
                 # nothing to save there (the window argument says it never happens).
                 if group.kind == FULL or NULL_BLOCK_ID not in blocks:
-                    ops.append(ChunkOp(c, keys[c], blocks, 0, group.index))
+                    parents = keys[c - 1] if c > 0 else first
+                    toks = tokens[c - st.saved_chunks]
+                    ops.append(ChunkOp(c, keys[c], blocks, 0, group.index, parents, toks))
         st.saved_chunks = end
         return ops
+
+    def _chunk_tokens(self, st: _Req, lo: int, hi: int) -> list[tuple[int, ...]]:
+        """Token ids of chunks [lo, hi), one tuple per chunk."""
+        C = self.chunk_tokens
+        ids = list(st.request.all_token_ids[lo * C : hi * C])
+        return [tuple(ids[i * C : (i + 1) * C]) for i in range(hi - lo)]
 
     def request_finished(self, request_id: str) -> None:
         self._reqs.pop(request_id, None)

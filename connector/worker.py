@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,7 @@ from kvnode.kernels.hostmem import ArenaMapping, StaleMapping
 from kvnode.kernels.layout import KVLayout, detect_layout, physical_blocks
 
 log = logging.getLogger("kvnode.connector")
+STORED_KEPT_MAX = 4096  # committed chunks kept for the connector's event hook
 
 
 @dataclass(slots=True)
@@ -97,8 +99,10 @@ class WorkerSide:
         *,
         arena: ArenaMapping,
         keys_per_call_max: int = 4096,
+        keep_stored: bool = False,
     ) -> None:
         self.link = link
+        self.keep_stored = keep_stored  # remember committed chunks for take_stored()
         self.arena = arena
         self.rank = rank_index
         self.num_blocks = num_blocks
@@ -114,6 +118,9 @@ class WorkerSide:
         self.on_cpu = True
         self.shared_layout: KVLayout | None = None
         self._direct = False  # CPU cache whose block runs are contiguous: no staging
+        # Chunks committed since the connector last took them (vLLM's KV events, when
+        # ``keep_stored``); a connector that never takes them keeps only the latest.
+        self._stored: deque[ChunkOp] = deque(maxlen=STORED_KEPT_MAX)
 
     # ------------------------------------------------------------------ setup
     def register(
@@ -338,7 +345,7 @@ class WorkerSide:
         held = [k for k, (s, _) in zip(keys, answers, strict=True) if s == Status.OK]
         try:
             with self.arena.use(epoch) as arena:
-                done, sums = self._copy_out(arena, ops, keys, answers)
+                done, sums = self._copy_out(arena, ops, answers)
         except StaleMapping:
             # The reservations died with the old agent; nothing to abort or commit.
             self.stats.save_stale += len(held)
@@ -346,31 +353,51 @@ class WorkerSide:
         except BaseException:
             client.abort(held)
             raise
-        leftover = [k for k in held if k not in set(done)]
+        written = {op.keys[self.rank] for op in done}
+        leftover = [k for k in held if k not in written]
         if leftover:
             client.abort(leftover)
         if done and self.arena.epoch != epoch:
             self.stats.save_stale += len(done)
         elif done:
-            statuses = client.commit(done, sums)
-            ok = sum(1 for s in statuses if s == Status.OK)
-            self.stats.save_chunks += ok
-            self.stats.save_bytes += ok * self.chunk_nbytes
-            self.stats.save_errors += len(done) - ok
+            self._commit(client, done, sums)
+
+    def _commit(self, client: Any, done: list[ChunkOp], sums: list[int]) -> None:
+        """Commit the written chunks with their parents and tokens (the agent's KV
+        events); the committed ones are kept for vLLM's own event stream."""
+        r = self.rank
+        statuses = client.commit(
+            [op.keys[r] for op in done],
+            sums,
+            parents=[op.parents[r] if op.parents else b"" for op in done],
+            tokens=[op.tokens for op in done],
+        )
+        ok = [op for op, s in zip(done, statuses, strict=True) if s == Status.OK]
+        self.stats.save_chunks += len(ok)
+        self.stats.save_bytes += len(ok) * self.chunk_nbytes
+        self.stats.save_errors += len(done) - len(ok)
+        if self.keep_stored:
+            self._stored.extend(ok)
+
+    def take_stored(self) -> list[ChunkOp]:
+        """Chunks committed since the last call (at most ``STORED_KEPT_MAX``)."""
+        out = list(self._stored)
+        self._stored.clear()
+        return out
 
     def _copy_out(
-        self, arena: memoryview, ops: list[ChunkOp], keys: list[bytes], answers: list[Any]
-    ) -> tuple[list[bytes], list[int]]:
-        done: list[bytes] = []
+        self, arena: memoryview, ops: list[ChunkOp], answers: list[Any]
+    ) -> tuple[list[ChunkOp], list[int]]:
+        done: list[ChunkOp] = []
         sums: list[int] = []
-        for op, key, (status, slot) in zip(ops, keys, answers, strict=True):
+        for op, (status, slot) in zip(ops, answers, strict=True):
             if status == Status.EXISTS:
                 self.stats.save_exists += 1
             elif status != Status.OK or slot is None:
                 self.stats.save_no_space += 1
             else:
                 sums.append(self._save_one(self._views(arena, slot), op))
-                done.append(key)
+                done.append(op)
         return done, sums
 
     def _save_one(self, views: list[memoryview], op: ChunkOp) -> int:

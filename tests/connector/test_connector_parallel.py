@@ -39,7 +39,8 @@ def _connector(tmp_path: Path, role: KVConnectorRole, **parallel: int) -> KVNode
         model_config=SimpleNamespace(model="m", revision=None, dtype=torch.float32),
     )
     kv_cache_config: Any = SimpleNamespace(
-        num_blocks=8, kv_cache_groups=[SimpleNamespace(kv_cache_spec=spec)]
+        num_blocks=8,
+        kv_cache_groups=[SimpleNamespace(kv_cache_spec=spec, layer_names=list(_caches()))],
     )
     return KVNodeConnector(vllm_config, role, kv_cache_config)
 

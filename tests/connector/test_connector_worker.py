@@ -33,6 +33,7 @@ class ArenaClient:
         self.split = split
         self.pinned: list[bytes] = []
         self.dropped: list[bytes] = []
+        self.commits: list[tuple[list[bytes], Any, Any]] = []  # (keys, parents, tokens)
 
     def _alloc(self, n: int) -> list[tuple[int, int]]:
         if not self.split:
@@ -57,7 +58,14 @@ class ArenaClient:
         mv = memoryview(self.buffer)
         return [mv[o : o + n] for o, n in slot.extents]
 
-    def commit(self, keys: list[bytes], checksums: list[int]) -> list[int]:
+    def commit(
+        self,
+        keys: list[bytes],
+        checksums: list[int],
+        parents: list[bytes] | None = None,
+        tokens: list[Any] | None = None,
+    ) -> list[int]:
+        self.commits.append((list(keys), parents, tokens))
         for k, c in zip(keys, checksums, strict=True):
             self.entries[k][1] = True
             self.entries[k][0].checksum = c
