@@ -1,4 +1,4 @@
-"""The ``kvnode`` command: ``agent``, ``stats``, ``config show``, ``keygen``."""
+"""The ``kvnode`` command: ``agent``, ``stats``, ``events``, ``config show``, ``keygen``."""
 
 from __future__ import annotations
 
@@ -52,6 +52,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     st.add_argument("--timeout", type=float, default=2.0, metavar="SECONDS")
 
+    ev = sub.add_parser("events", help="tail the agent's KV event stream")
+    _add_config_args(ev)
+    ev.add_argument("--json", action="store_true", help="one JSON object a line")
+    ev.add_argument(
+        "--endpoint", metavar="URL", help="the stream (default: the config's events.endpoint)"
+    )
+    ev.add_argument("--replay-endpoint", metavar="URL", help="default: events.replay_endpoint")
+    ev.add_argument(
+        "--replay-from", type=int, metavar="SEQ", help="first show the batches from SEQ on"
+    )
+    ev.add_argument("--topic", metavar="TOPIC", help="default: events.topic")
+    ev.add_argument("--count", type=int, default=0, metavar="N", help="exit after N events")
+    ev.add_argument(
+        "--idle-exit", type=float, metavar="SECONDS", help="exit after SECONDS with no event"
+    )
+
     cf = sub.add_parser("config", help="configuration tools")
     cfs = cf.add_subparsers(dest="config_command", required=True)
     show = cfs.add_parser("show", help="print the effective configuration and each value's source")
@@ -99,6 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             cfg = _load(args)
             return run_stats(cfg.runtime_dir, args)
+        if args.command == "events":
+            from kvnode.events_tool import run_events
+
+            return run_events(_load(args), args)
         if args.command == "config":
             return _cmd_config_show(args)
         if args.command == "keygen":
