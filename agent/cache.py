@@ -13,6 +13,7 @@ import logging
 from typing import TYPE_CHECKING, Protocol
 
 from kvnode.agent.index import Entry, Index, Outcome
+from kvnode.agent.tiers.format import ChunkMeta
 
 if TYPE_CHECKING:
     from kvnode.agent.tiers.manager import TierManager
@@ -75,6 +76,8 @@ class Cache:
         st = self.index.commit(key, owner, checksum)
         if st is not Outcome.OK:
             return st
+        if parent or tokens:
+            self.index.entries[key].meta = ChunkMeta.of(parent, tokens)
         if self.tiers is not None:
             try:
                 self.tiers.on_commit(key)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from kvnode.agent.events import MEDIUM_CPU, EventPublisher
 from kvnode.agent.index import Index
 from kvnode.agent.peers import PeerManager, PeerServer, build_peers
+from kvnode.agent.tiers.format import ChunkMeta
 
 if TYPE_CHECKING:
     from kvnode.agent.config import Config
@@ -87,6 +88,9 @@ class Fleet:
     def poll(self) -> None:
         if self.peers is not None:
             for f in self.peers.poll():
+                e = self.peers.index.entries.get(f.key)
+                if e is not None and e.meta is None:
+                    e.meta = ChunkMeta.of(f.parent, list(f.tokens))
                 if self.tiers is not None:
                     self.tiers.on_commit(f.key)
                 if self.events is not None:

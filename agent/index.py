@@ -21,9 +21,13 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
 from kvnode.agent.allocator import AllocatorInvariantError, Extent, PageAllocator
 from kvnode.agent.policy import EvictionPolicy, make_policy
+
+if TYPE_CHECKING:
+    from kvnode.agent.tiers.format import ChunkMeta
 
 AGENT_OWNER = 0  # client id used for reservations the agent makes itself (promotions)
 
@@ -62,6 +66,7 @@ class Entry:
     hits: int = 0
     holds: int = 0  # agent-side readers (lower-tier copies in flight)
     group: bytes | None = None  # entries of one group are evicted and dropped together
+    meta: ChunkMeta | None = None  # parent key and tokens, for KV events and tier headers
 
     def page_count(self) -> int:
         return sum(c for _, c in self.pages)

@@ -177,6 +177,8 @@ class Agent:
         assert self.segment is not None
         fleet = Fleet.build(cfg, self.index, self.segment, self.wake, self.cache.tiers)
         self.fleet = fleet
+        if self.cache.tiers is not None and fleet.events is not None:
+            self.cache.tiers.events = fleet.events  # disk and S3 as medium STORAGE
         self.handlers.fleet = fleet
         if fleet.listener is not None:
             self.cache.listeners.append(fleet.listener)
@@ -320,7 +322,7 @@ class Agent:
         assert sock is not None
         for _ in range(_RECV_BATCH_MAX):
             # EVENTS is cheaper than a recv that raises Again once the queue is empty.
-            if not sock.getsockopt(_EVENTS) & _POLLIN:
+            if not int(sock.getsockopt(_EVENTS)) & _POLLIN:
                 return
             try:
                 frames = self._recv(sock)

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
-from kvnode.agent.tiers.format import NO_FINGERPRINT
+from kvnode.agent.tiers.format import NO_FINGERPRINT, ChunkMeta
 
 log = logging.getLogger("kvnode.tiers")
 
@@ -162,7 +162,12 @@ class TierStore(Protocol):
         ...
 
     def put(
-        self, key: bytes, slot: SlotBuffers, checksum: int, fingerprint: bytes = NO_FINGERPRINT
+        self,
+        key: bytes,
+        slot: SlotBuffers,
+        checksum: int,
+        fingerprint: bytes = NO_FINGERPRINT,
+        meta: ChunkMeta | None = None,
     ) -> bool:
         """Store the slot's bytes. False: not stored by choice (present, too large).
         ``checksum`` is the committed one (0: unknown); a mismatch is not stored."""
@@ -180,6 +185,11 @@ class TierStore(Protocol):
 
     def gauges(self) -> dict[str, int]:
         """entries, bytes, bytes_max."""
+        ...
+
+    def take_changes(self) -> tuple[list[tuple[bytes, ChunkMeta | None]], list[bytes]]:
+        """Chunks found at start (with their metadata) and chunks the tier dropped on
+        its own (eviction) since the last call: for KV events."""
         ...
 
     def startup_scan(self) -> Callable[[], None] | None:

@@ -26,7 +26,7 @@ import mmap
 import os
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,10 +36,11 @@ from kvnode.agent.tiers.base import SlotBuffers, TierStats
 from kvnode.agent.tiers.format import (
     CODEC_NONE,
     HEADER_BYTES,
-    HEADER_STRUCT_BYTES,
     NO_FINGERPRINT,
+    ChunkMeta,
     decode_header,
-    encode_header,
+    decode_meta,
+    header_block,
     make_header,
 )
 from kvnode.agent.tiers.format import (
@@ -54,6 +55,7 @@ TMP_SUFFIX = ".tmp"
 DIRECT_ALIGN = 4096
 IOV_MAX = 1024  # buffers per preadv/pwritev call (Linux UIO_MAXIOV)
 RECOVERY_THREADS = 32  # header reads in flight during the start-up scan
+CHANGES_MAX = 65536  # recovered/evicted chunks remembered for KV events between polls
 # While the limit is below disk.bytes, free space is measured again this often (one
 # statvfs): space freed by others is used again within this time, well inside the 30 s
 # the docs promise.
@@ -158,6 +160,9 @@ class DiskStore:
         self.recovery_s = 0.0
         self.stale_tmp_removed = 0
         self.scanning = True  # until recover() returns: the index may be incomplete
+        # For KV events; bounded (a huge scan announces its newest CHANGES_MAX chunks).
+        self._changes_found: deque[tuple[bytes, ChunkMeta | None]] = deque(maxlen=CHANGES_MAX)
+        self._changes_gone: deque[bytes] = deque(maxlen=CHANGES_MAX)
         self._gone: set[bytes] = set()  # dropped while the scan ran: not to be re-added
         for i in range(256):
             self.fs.makedirs(str(self.root / f"{i:02x}"))
@@ -245,7 +250,7 @@ class DiskStore:
             key = bytes.fromhex(name[: -len(SUFFIX)])
             fd = self.fs.open(path, os.O_RDONLY)
             try:
-                raw = self.fs.pread(fd, HEADER_STRUCT_BYTES, 0)
+                raw = self.fs.pread(fd, HEADER_BYTES, 0)  # one page: the header and meta
             finally:
                 self.fs.close(fd)
             h = decode_header(raw, key)
@@ -256,6 +261,8 @@ class DiskStore:
             self._unlink(path)
             return
         found.append((st.st_mtime_ns, key, DiskEntry(h.raw_bytes, h.total_bytes)))
+        with self._lock:
+            self._changes_found.append((key, decode_meta(raw)))
 
     # -- capacity ----------------------------------------------------------------
     def _refresh_limit(self, force: bool = False) -> None:
@@ -300,6 +307,7 @@ class DiskStore:
             key, e = self.entries.popitem(last=False)
             self._bytes -= e.file_bytes
             victims.append(self.path_of(key))
+            self._changes_gone.append(key)
         self.stats.inc("evictions", len(victims))
         return victims
 
@@ -314,6 +322,15 @@ class DiskStore:
     def _unlink_all(self, paths: list[str]) -> None:
         for p in paths:
             self._unlink(p)
+
+    def take_changes(self) -> tuple[list[tuple[bytes, ChunkMeta | None]], list[bytes]]:
+        """Chunks the start-up scan found (with their metadata) and chunks evicted to
+        make room, since the last call. Bounded: the oldest are forgotten first."""
+        with self._lock:
+            found, gone = list(self._changes_found), list(self._changes_gone)
+            self._changes_found.clear()
+            self._changes_gone.clear()
+        return found, gone
 
     # -- the store interface --------------------------------------------------------
     def size_of(self, key: bytes) -> int | None:
@@ -365,7 +382,12 @@ class DiskStore:
             }
 
     def put(
-        self, key: bytes, slot: SlotBuffers, checksum: int, fingerprint: bytes = NO_FINGERPRINT
+        self,
+        key: bytes,
+        slot: SlotBuffers,
+        checksum: int,
+        fingerprint: bytes = NO_FINGERPRINT,
+        meta: ChunkMeta | None = None,
     ) -> bool:
         t0 = time.perf_counter()
         total = HEADER_BYTES + slot.size
@@ -378,7 +400,7 @@ class DiskStore:
             self._writing.add(key)
         try:
             self._unlink_all(victims)
-            self._write_file(key, slot, checksum, fingerprint)
+            self._write_file(key, slot, checksum, fingerprint, meta)
         except BaseException:
             with self._lock:
                 self._pending -= total
@@ -392,15 +414,22 @@ class DiskStore:
         self.stats.write_done(t0, slot.size)
         return True
 
-    def _write_file(self, key: bytes, slot: SlotBuffers, checksum: int, fingerprint: bytes) -> None:
+    def _write_file(
+        self,
+        key: bytes,
+        slot: SlotBuffers,
+        checksum: int,
+        fingerprint: bytes,
+        meta: ChunkMeta | None = None,
+    ) -> None:
         got = payload_checksum(slot.views)
         if checksum and got != checksum:
             self.stats.error("arena bytes do not match their committed checksum", key.hex())
             raise CorruptEntry("arena bytes do not match their committed checksum")
         hdr = self._header_buf()
-        raw = encode_header(make_header(key, slot.size, slot.size, got, fingerprint=fingerprint))
-        hdr[: len(raw)] = raw
-        hdr[len(raw) :] = bytes(HEADER_BYTES - len(raw))
+        hdr[:] = header_block(
+            make_header(key, slot.size, slot.size, got, fingerprint=fingerprint), meta
+        )
         bufs = slot.padded(DIRECT_ALIGN) if self.o_direct else None
         tmp, final = self._tmp_path(key), self.path_of(key)
         fd = -1

@@ -40,6 +40,57 @@ _SUM = struct.Struct("<Q")
 HEADER_STRUCT_BYTES = _BODY.size + _SUM.size
 
 
+# Optional chunk metadata in the header's padding (files without it read as before):
+# magic, parent length, token count, parent (16 bytes), tokens (uint32 LE); then xxh3-64.
+META_OFFSET = 512
+_META = struct.Struct("<4sHH16s")
+META_MAGIC = b"KVTM"
+TOKENS_MAX = (HEADER_BYTES - META_OFFSET - _META.size - _SUM.size) // 4
+
+
+@dataclass(slots=True, frozen=True)
+class ChunkMeta:
+    """What a chunk's KV events need: the previous chunk's key (b"" for a prompt's
+    first chunk) and the chunk's token ids (uint32 little-endian)."""
+
+    parent: bytes = b""
+    tokens: bytes = b""
+
+    @classmethod
+    def of(cls, parent: bytes | None, token_ids: list[int]) -> ChunkMeta | None:
+        if not parent and not token_ids:
+            return None
+        if len(token_ids) > TOKENS_MAX or len(parent or b"") > FINGERPRINT_BYTES:
+            return None  # too much to keep: events go without it
+        return cls(parent or b"", struct.pack(f"<{len(token_ids)}I", *token_ids))
+
+    def token_ids(self) -> list[int]:
+        return list(struct.unpack(f"<{len(self.tokens) // 4}I", self.tokens))
+
+
+def encode_meta(meta: ChunkMeta) -> bytes:
+    n = len(meta.tokens) // 4
+    body = _META.pack(META_MAGIC, len(meta.parent), n, meta.parent.ljust(16, b"\0")) + meta.tokens
+    return body + _SUM.pack(xxhash.xxh3_64_intdigest(body))
+
+
+def decode_meta(block: bytes | bytearray | memoryview) -> ChunkMeta | None:
+    """The metadata in a whole header block, or None when absent or damaged (metadata
+    is advisory: a damaged block never makes the chunk unreadable)."""
+    if len(block) < META_OFFSET + _META.size + _SUM.size:
+        return None
+    magic, plen, n, parent = _META.unpack_from(block, META_OFFSET)
+    if magic != META_MAGIC or plen > 16 or n > TOKENS_MAX:
+        return None
+    end = META_OFFSET + _META.size + 4 * n
+    body = bytes(block[META_OFFSET:end])
+    if len(block) < end + _SUM.size or _SUM.unpack_from(block, end)[0] != xxhash.xxh3_64_intdigest(
+        body
+    ):
+        return None
+    return ChunkMeta(parent[:plen], body[_META.size :])
+
+
 @dataclass(slots=True, frozen=True)
 class Header:
     key: bytes
@@ -98,9 +149,14 @@ def encode_header(h: Header) -> bytes:
     return raw
 
 
-def header_block(h: Header) -> bytes:
-    """The header padded to HEADER_BYTES, as written in front of the payload."""
-    return encode_header(h).ljust(HEADER_BYTES, b"\0")
+def header_block(h: Header, meta: ChunkMeta | None = None) -> bytes:
+    """The header padded to HEADER_BYTES, as written in front of the payload, with the
+    chunk's metadata in the padding when given."""
+    raw = encode_header(h)
+    if meta is None:
+        return raw.ljust(HEADER_BYTES, b"\0")
+    block = raw.ljust(META_OFFSET, b"\0") + encode_meta(meta)
+    return block.ljust(HEADER_BYTES, b"\0")
 
 
 def decode_header(buf: bytes | bytearray | memoryview, key: bytes | None = None) -> Header:
@@ -129,6 +185,8 @@ def decode_header(buf: bytes | bytearray | memoryview, key: bytes | None = None)
 
 
 __all__ = [
+    "ChunkMeta",
+    "decode_meta",
     "CODECS",
     "CODEC_LZ4",
     "CODEC_NONE",

@@ -29,16 +29,27 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 from kvnode.agent.config import Config
 from kvnode.agent.index import AGENT_OWNER, Entry, Index, Outcome, State
 from kvnode.agent.tiers.base import SlotBuffers, TierStore
+from kvnode.agent.tiers.format import ChunkMeta
 from kvnode.agent.tiers.pool import IOPool, Job
 from kvnode.errors import KVNodeError, TierError
 from kvnode.ipc.segment import Segment
 
 log = logging.getLogger("kvnode.tiers")
+
+MEDIUM_STORAGE = "STORAGE"  # vLLM's medium for disk and S3
+
+
+class TierEvents(Protocol):
+    def stored(
+        self, key: bytes, parent: bytes | None, tokens: list[int], medium: str, tier: str | None
+    ) -> None: ...
+    def removed(self, key: bytes, medium: str, tier: str | None) -> None: ...
+
 
 CLOSE_JOIN_S = 5.0  # how long close() waits for running I/O (it may be writing into slots)
 
@@ -109,6 +120,7 @@ class TierManager:
         self._writes: dict[bytes, int] = {}  # key -> write jobs in flight (all tiers)
         self._queued: set[tuple[str, bytes]] = set()  # (tier, key) writes in flight
         self._cancelled: set[bytes] = set()  # dropped while a write was in flight
+        self.events: TierEvents | None = None  # KV events for what the tiers hold
         self._closing = False
         for t in self.tiers:
             scan_fn = t.store.startup_scan()
@@ -249,8 +261,9 @@ class TierManager:
         if t.depth >= t.queue_max or not t.usable():
             t.store.stats.inc("dropped")
             return
-        slot, csum = self._slot(e), e.checksum
-        job = Job("write", t.name, key, self._guarded(t, lambda: t.store.put(key, slot, csum)))
+        slot, csum, meta = self._slot(e), e.checksum, e.meta
+        put = partial(t.store.put, key, slot, csum, meta=meta)
+        job = Job("write", t.name, key, self._guarded(t, put))
         if self.index.hold(key) is None:
             return
         if not t.pool.submit(job, high=False):
@@ -264,6 +277,9 @@ class TierManager:
         key = job.key
         t.depth -= 1
         self._queued.discard((t.name, key))
+        if job.error is None and job.result and self.events is not None:
+            e = self.index.entries[key]  # held until the unhold below
+            self._announce(t, key, e.meta)
         self.index.unhold(key)
         left = self._writes[key] - 1
         if left:
@@ -314,7 +330,27 @@ class TierManager:
                     log.error("tier %s: start-up scan failed: %s", t.name, job.error)
             else:
                 t.depth -= 1
+                if job.kind == "delete" and job.error is None and self.events is not None:
+                    self.events.removed(job.key, MEDIUM_STORAGE, t.name)
+        self._tier_changes()
         return n
+
+    def _announce(self, t: Tier, key: bytes, meta: ChunkMeta | None) -> None:
+        assert self.events is not None
+        parent = meta.parent if meta is not None else None
+        tokens = meta.token_ids() if meta is not None else []
+        self.events.stored(key, parent or None, tokens, MEDIUM_STORAGE, t.name)
+
+    def _tier_changes(self) -> None:
+        """What the tiers found at start and evicted on their own, as KV events."""
+        if self.events is None:
+            return
+        for t in self.tiers:
+            found, gone = t.store.take_changes()
+            for key, meta in found:
+                self._announce(t, key, meta)
+            for key in gone:
+                self.events.removed(key, MEDIUM_STORAGE, t.name)
 
     def apply_limits(self, cfg: Config) -> list[str]:
         """SIGHUP: apply the tier limits that can change at runtime. Returns what changed."""

@@ -13,6 +13,7 @@ from kvnode.agent.tiers.base import SlotBuffers, TierStats
 from kvnode.agent.tiers.format import (
     HEADER_BYTES,
     NO_FINGERPRINT,
+    ChunkMeta,
     decode_header,
     header_block,
     make_header,
@@ -44,7 +45,12 @@ class MemoryStore:
         return self.size_of(key)
 
     def put(
-        self, key: bytes, slot: SlotBuffers, checksum: int, fingerprint: bytes = NO_FINGERPRINT
+        self,
+        key: bytes,
+        slot: SlotBuffers,
+        checksum: int,
+        fingerprint: bytes = NO_FINGERPRINT,
+        meta: ChunkMeta | None = None,
     ) -> bool:
         t0 = time.perf_counter()
         total = HEADER_BYTES + slot.size
@@ -54,7 +60,9 @@ class MemoryStore:
         if checksum and got != checksum:
             self.stats.error("arena bytes do not match their committed checksum", key.hex())
             raise CorruptEntry("arena bytes do not match their committed checksum")
-        head = header_block(make_header(key, slot.size, slot.size, got, fingerprint=fingerprint))
+        head = header_block(
+            make_header(key, slot.size, slot.size, got, fingerprint=fingerprint), meta
+        )
         blob = bytearray(head)
         for v in slot.views:
             blob += v
@@ -101,6 +109,9 @@ class MemoryStore:
 
     def healthy(self) -> bool:
         return True
+
+    def take_changes(self) -> tuple[list[tuple[bytes, ChunkMeta | None]], list[bytes]]:
+        return [], []  # nothing found at start; nothing dropped but on request
 
     def startup_scan(self) -> Callable[[], None] | None:
         return None  # nothing to recover: what the tier holds is found by probing

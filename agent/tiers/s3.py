@@ -39,6 +39,7 @@ from kvnode.agent.tiers.format import (
     HEADER_BYTES,
     HEADER_STRUCT_BYTES,
     NO_FINGERPRINT,
+    ChunkMeta,
     decode_header,
     header_block,
     make_header,
@@ -281,6 +282,9 @@ class S3Store:
             del self._negative[key]
             return True
 
+    def take_changes(self) -> tuple[list[tuple[bytes, ChunkMeta | None]], list[bytes]]:
+        return [], []  # nothing found at start; nothing dropped but on request
+
     def startup_scan(self) -> Callable[[], None] | None:
         return None  # nothing to recover: what the tier holds is found by probing
 
@@ -315,7 +319,12 @@ class S3Store:
         return h.raw_bytes
 
     def put(
-        self, key: bytes, slot: SlotBuffers, checksum: int, fingerprint: bytes = NO_FINGERPRINT
+        self,
+        key: bytes,
+        slot: SlotBuffers,
+        checksum: int,
+        fingerprint: bytes = NO_FINGERPRINT,
+        meta: ChunkMeta | None = None,
     ) -> bool:
         t0 = time.perf_counter()
         if self.size_of(key) is not None:
@@ -331,7 +340,9 @@ class S3Store:
         else:
             stored = list(slot.views)
         stored_bytes = sum(len(s) for s in stored)
-        head = header_block(make_header(key, slot.size, stored_bytes, got, self.codec, fingerprint))
+        head = header_block(
+            make_header(key, slot.size, stored_bytes, got, self.codec, fingerprint), meta
+        )
         body = b"".join([head, *stored])
         okey = self.object_key(key)
         try:

@@ -106,3 +106,90 @@ def test_a_miss_is_fetched_from_a_peer_and_events_are_published(tmp_path: Path) 
         cb.close()
         a.stop()
         b.stop()
+
+
+def _events(sub: zmq.Socket, want: int, timeout_s: float = 5.0) -> list[object]:
+    decoder = msgspec.msgpack.Decoder(kv_events.KVEventBatch)
+    out: list[object] = []
+    deadline = time.monotonic() + timeout_s
+    while len(out) < want and time.monotonic() < deadline:
+        if sub.poll(100):
+            _, _, payload = sub.recv_multipart()
+            out.extend(decoder.decode(payload).events)
+    return out
+
+
+def _replay(port: int) -> list[object]:
+    decoder = msgspec.msgpack.Decoder(kv_events.KVEventBatch)
+    d = zmq.Context.instance().socket(zmq.DEALER)
+    d.setsockopt(zmq.LINGER, 0)
+    d.setsockopt(zmq.RCVTIMEO, 2000)
+    d.connect(f"tcp://127.0.0.1:{port}")
+    try:
+        d.send_multipart([b"", (0).to_bytes(8, "big")])
+        out: list[object] = []
+        while True:
+            _, _, seq, payload = d.recv_multipart()
+            if not payload:  # the end marker
+                return out
+            out.extend(decoder.decode(payload).events)
+    finally:
+        d.close()
+
+
+def test_disk_tier_events_carry_tokens_across_a_restart(tmp_path: Path) -> None:
+    """Write-through to disk is announced as medium STORAGE with the chunk's tokens;
+    the tokens live in the file header, so a restarted agent announces what its disk
+    holds, tokens and parent included."""
+    from kvnode.ipc.checksum import checksum
+
+    pev, prep = _port(), _port()
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.bind(f"tcp://127.0.0.1:{pev}")
+    args = [
+        "--set", f"events.endpoint=tcp://127.0.0.1:{pev}",
+        "--set", f"events.replay_endpoint=tcp://127.0.0.1:{prep}",
+        "--set", f"disk.path={tmp_path / 'disk'}",
+        "--set", "disk.write_policy=write_through",
+    ]  # fmt: skip
+    a = AgentProcess(tmp_path / "a", args=args).start()
+    sub.poll(500)
+    keys = [os.urandom(16) for _ in range(2)]
+    try:
+        with AgentClient(a.runtime_dir, name="w", timeout_s=2.0) as c:
+            for i, k in enumerate(keys):
+                d = os.urandom(100_000)
+                ((st, slot),) = c.reserve([k], [len(d)])
+                assert slot is not None
+                c.write(slot, d)
+                parent = keys[0] if i else b""
+                assert c.commit([k], [checksum(d)], [parent], [[7, i, 2**32 - 1]]) == [Status.OK]
+        evs = _events(sub, 5)  # cleared, 2 x CPU, 2 x STORAGE
+        storage = {
+            e.block_hashes[0]: e
+            for e in evs
+            if isinstance(e, kv_events.BlockStored) and e.medium == "STORAGE"
+        }  # the disk's I/O threads finish in any order
+        assert set(storage) == set(keys), evs
+        assert storage[keys[1]].token_ids == [7, 1, 2**32 - 1]
+        assert storage[keys[1]].parent_block_hash == keys[0]
+        assert storage[keys[1]].ownership == "disk"
+        a.stop()
+        a = AgentProcess(tmp_path / "a", args=args).start()
+        sub.poll(500)
+        # What a restarted agent announced before this subscriber (re)connected is
+        # asked for again on the replay socket, from sequence 0, as a router does.
+        found: dict[bytes, object] = {}
+        deadline = time.monotonic() + 8
+        while set(found) != set(keys) and time.monotonic() < deadline:
+            evs = _replay(prep)
+            assert isinstance(evs[0], kv_events.AllBlocksCleared), evs
+            found = {e.block_hashes[0]: e for e in evs if isinstance(e, kv_events.BlockStored)}
+            time.sleep(0.1)
+        assert set(found) == set(keys)
+        assert found[keys[1]].token_ids == [7, 1, 2**32 - 1]
+        assert found[keys[1]].parent_block_hash == keys[0] and found[keys[1]].medium == "STORAGE"
+    finally:
+        sub.close()
+        a.stop()

@@ -302,3 +302,23 @@ def test_free_space_recheck_is_rate_limited_and_independent_of_put(tmp_path):
     assert fs.calls == 1
     clock.now += FREE_RECHECK_S
     assert d.healthy() and d.bytes_limit == 10 * MiB and fs.calls == 2
+
+
+def test_chunk_meta_lives_in_the_header_and_evictions_are_reported(tmp_path) -> None:
+    """Tokens and parent written with a chunk come back from a fresh scan (a restart);
+    chunks the tier evicts to make room are reported once, for KV events."""
+    from kvnode.agent.tiers.format import ChunkMeta
+
+    meta = ChunkMeta.of(b"p" * 16, [1, 2, 3])
+    d = DiskStore(tmp_path, 10 * (HEADER_BYTES + 100_000), scan=False)
+    d.put(key(1), slot(os.urandom(100_000)), 0, meta=meta)
+    d.put(key(2), slot(os.urandom(100_000)), 0)
+    d.close()
+    again = DiskStore(tmp_path, 10 * (HEADER_BYTES + 100_000), scan=False)
+    again.recover()
+    found, gone = again.take_changes()
+    assert dict(found) == {key(1): meta, key(2): None} and gone == []
+    assert again.take_changes() == ([], [])
+    again.set_capacity(HEADER_BYTES + 100_000)  # room for one: one goes
+    (gone_key,) = again.take_changes()[1]
+    assert gone_key in (key(1), key(2)) and again.size_of(gone_key) is None
