@@ -181,3 +181,30 @@ def test_vllm_kv_transfer_config(doc: dict[str, Any]) -> None:
     value = json.loads(args[args.index("--kv-transfer-config") + 1])
     assert value == KV_TRANSFER
     assert value["kv_connector_extra_config"]["kvnode.runtime_dir"] == "/run/kvnode"
+
+
+def test_daemonset_peers_and_events_are_reachable(tmp_path: Path) -> None:
+    """The peers' DNS seed names the headless Service; the Service exposes the agent's
+    peer and event ports; the CURVE paths in the config are where the Secret lands."""
+    ds = next(d for d in by_kind("DaemonSet"))
+    cfg = agent_config(ds, tmp_path)
+    svc = next(s for s in by_kind("Service") if s["spec"].get("clusterIP") == "None")
+    name, ns = svc["metadata"]["name"], svc["metadata"]["namespace"]
+    (seed,) = cfg.peers.seeds
+    host, port = seed.removeprefix("dns:").rsplit(":", 1)
+    assert host.split(".")[:2] == [name, ns]
+    assert svc["spec"]["selector"] == ds["spec"]["selector"]["matchLabels"]
+    agent = agent_container(pod_spec(ds))
+    ports = {p["name"]: p["containerPort"] for p in agent["ports"]}
+    svc_ports = {p["targetPort"]: p["port"] for p in svc["spec"]["ports"]}
+    assert int(port) == ports["peers"] == svc_ports["peers"]
+    assert cfg.peers.listen.endswith(f":{ports['peers']}")
+    assert cfg.events.endpoint.endswith(f":{ports['events']}")
+    assert cfg.events.replay_endpoint.endswith(f":{ports['events-replay']}")
+    vols = {v["name"]: v for v in pod_spec(ds)["volumes"]}
+    mount = next(m for m in agent["volumeMounts"] if m["name"] == "curve")
+    items = {i["path"] for i in vols["curve"]["secret"]["items"]}
+    assert cfg.peers.curve_secret_key == f"{mount['mountPath']}/fleet.key_secret"
+    assert "fleet.key_secret" in items and "authorized/fleet.key" in items
+    assert cfg.peers.curve_authorized_dir == f"{mount['mountPath']}/authorized"
+    assert not cfg.peers.insecure
