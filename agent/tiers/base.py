@@ -203,3 +203,17 @@ class TierStore(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class StatelessStore:
+    """The parts of ``TierStore`` for a tier with no local state to recover or size:
+    nothing found at start, nothing dropped but on request (S3, the in-memory store)."""
+
+    def take_changes(self) -> tuple[list[tuple[bytes, ChunkMeta | None]], list[bytes]]:
+        return [], []
+
+    def startup_scan(self) -> Callable[[], None] | None:
+        return None
+
+    def set_capacity(self, bytes_max: int) -> int | None:
+        return None

@@ -7,9 +7,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 
-from kvnode.agent.tiers.base import SlotBuffers, TierStats
+from kvnode.agent.tiers.base import SlotBuffers, StatelessStore, TierStats
 from kvnode.agent.tiers.format import (
     HEADER_BYTES,
     NO_FINGERPRINT,
@@ -24,7 +23,7 @@ from kvnode.agent.tiers.format import (
 from kvnode.errors import CorruptEntry
 
 
-class MemoryStore:
+class MemoryStore(StatelessStore):
     def __init__(self, bytes_max: int, name: str = "memory") -> None:
         self.name = name
         self.bytes_max = bytes_max
@@ -109,15 +108,6 @@ class MemoryStore:
 
     def healthy(self) -> bool:
         return True
-
-    def take_changes(self) -> tuple[list[tuple[bytes, ChunkMeta | None]], list[bytes]]:
-        return [], []  # nothing found at start; nothing dropped but on request
-
-    def startup_scan(self) -> Callable[[], None] | None:
-        return None  # nothing to recover: what the tier holds is found by probing
-
-    def set_capacity(self, bytes_max: int) -> int | None:
-        return None
 
     def gauges(self) -> dict[str, int]:
         with self._lock:

@@ -31,7 +31,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from kvnode.agent.tiers.base import SlotBuffers, TierStats
+from kvnode.agent.tiers.base import SlotBuffers, StatelessStore, TierStats
 from kvnode.agent.tiers.format import (
     CODEC_LZ4,
     CODEC_NONE,
@@ -109,7 +109,7 @@ def _classify(exc: Exception) -> tuple[bool, bool]:
     return False, isinstance(exc, (BotoCoreError, OSError))
 
 
-class S3Store:
+class S3Store(StatelessStore):
     def __init__(
         self,
         bucket: str,
@@ -281,15 +281,6 @@ class S3Store:
                 return False
             del self._negative[key]
             return True
-
-    def take_changes(self) -> tuple[list[tuple[bytes, ChunkMeta | None]], list[bytes]]:
-        return [], []  # nothing found at start; nothing dropped but on request
-
-    def startup_scan(self) -> Callable[[], None] | None:
-        return None  # nothing to recover: what the tier holds is found by probing
-
-    def set_capacity(self, bytes_max: int) -> int | None:
-        return None
 
     def gauges(self) -> dict[str, int]:
         # entries/bytes: what this node knows to be in the bucket; no limit of ours.
