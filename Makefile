@@ -30,6 +30,7 @@ test: $(STAMP) lint
 bench: $(STAMP)
 	$(BIN)/python benchmarks/ipc_bench.py
 	@if [ -f benchmarks/tier_bench.py ]; then $(BIN)/python benchmarks/tier_bench.py; fi
+	$(BIN)/python benchmarks/peer_bench.py
 	@if [ -f benchmarks/vllm_ttft.py ]; then $(BIN)/python benchmarks/vllm_ttft.py; fi
 
 demo: $(STAMP)
