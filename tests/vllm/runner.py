@@ -38,6 +38,10 @@ def main() -> int:
     from vllm.config import KVTransferConfig
 
     kwargs: dict = {}
+    if isinstance(llm_kwargs.get("kv_events_config"), dict):
+        from vllm.config import KVEventsConfig
+
+        llm_kwargs["kv_events_config"] = KVEventsConfig(**llm_kwargs["kv_events_config"])
     if extra != "none":
         kwargs["kv_transfer_config"] = KVTransferConfig(
             kv_connector="KVNodeConnector",

@@ -1,0 +1,73 @@
+"""vLLM's own KV event stream, with the connector: a real vLLM process publishes the
+chunks the connector stored (``take_events``) next to its own block events, read back
+through vLLM's replay socket and decoded with vLLM's classes."""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import zmq
+from test_vllm_connector import _namespace  # type: ignore[import-not-found]
+
+from kvnode.connector.keys import chunk_keys
+
+pytestmark = pytest.mark.vllm
+
+C = 256
+
+
+def _replay(endpoint: str) -> list[Any]:
+    from vllm.distributed.kv_events import KVEventBatch
+
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 5000)
+    sock.connect(endpoint)
+    decoder = msgspec.msgpack.Decoder(KVEventBatch)
+    events: list[Any] = []
+    try:
+        sock.send_multipart([b"", (0).to_bytes(8, "big")])
+        while True:
+            _, _topic, seq, payload = sock.recv_multipart()
+            if int.from_bytes(seq, "big", signed=True) == -1:
+                return events
+            events.extend(decoder.decode(payload).events)
+    finally:
+        sock.close()
+
+
+def test_vllm_publishes_the_chunks_the_connector_stored(
+    make_agent: Any, spawn_runner: Any, tiny_model: str, tmp_path: Path
+) -> None:
+    from vllm.distributed.kv_events import BlockStored
+
+    rng = random.Random(31)
+    prompt = [rng.randrange(2, 1000) for _ in range(800)]  # 3 chunks
+    agent = make_agent()
+    replay = f"ipc://{tmp_path}/replay"
+    events_cfg = {
+        "enable_kv_cache_events": True,
+        "publisher": "zmq",
+        "endpoint": f"ipc://{tmp_path}/events",
+        "replay_endpoint": replay,
+    }
+    runner = spawn_runner({"kvnode.runtime_dir": str(agent.runtime_dir)}, "events",
+                          llm_kwargs={"kv_events_config": events_cfg})  # fmt: skip
+    runner.generate([prompt], 4)
+    keys = chunk_keys(_namespace(tiny_model), prompt, C)
+    deadline = time.monotonic() + 10
+    while True:
+        stored = [e for e in _replay(replay) if isinstance(e, BlockStored) and e.medium == "CPU"]
+        if len(stored) >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    runner.close()
+    assert [e.block_hashes for e in stored] == [[k] for k in keys]
+    assert [e.parent_block_hash for e in stored] == [None, keys[0], keys[1]]
+    assert stored[1].token_ids == prompt[C : 2 * C]
+    assert all(e.block_size == C for e in stored)
