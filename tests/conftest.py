@@ -88,10 +88,28 @@ class AgentProcess:
         self._log.close()
         rc = self.proc.returncode
         self.proc = None
+        unlink_agent_segments(self.runtime_dir, self.env)
         return rc
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
+
+
+def unlink_agent_segments(runtime_dir: Path, env: dict[str, str] | None = None) -> None:
+    """Remove what an agent killed without a chance to clean up left in /dev/shm (its
+    arena and lookup index). A clean stop has unlinked them already; a restarted agent
+    on the same directory would too, but a test's directory is never used again."""
+    import posix_ipc
+
+    from kvnode.agent.config import load_config
+
+    overrides = {"agent.runtime_dir": str(runtime_dir)}
+    name = load_config(env=dict(env or {}), overrides=overrides).segment_name
+    for n in (name, name + "-idx"):
+        try:
+            posix_ipc.unlink_shared_memory(n)
+        except posix_ipc.ExistentialError:
+            pass
 
 
 @pytest.fixture

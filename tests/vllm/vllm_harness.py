@@ -85,6 +85,9 @@ class Agent:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
+        from tests.conftest import unlink_agent_segments
+
+        unlink_agent_segments(self.runtime_dir, self.env)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -95,6 +98,9 @@ class Agent:
                 self.kill()
         if hasattr(self, "log"):
             self.log.close()
+        from tests.conftest import unlink_agent_segments
+
+        unlink_agent_segments(self.runtime_dir, self.env)
 
 
 class Runner:
