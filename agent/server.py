@@ -21,7 +21,7 @@ import zmq
 import zmq.utils.monitor
 
 from kvnode.agent.cache import Cache
-from kvnode.agent.clients import Client, own_pid_namespace
+from kvnode.agent.clients import Client
 from kvnode.agent.config import Config
 from kvnode.agent.handlers import ClientError, Handlers
 from kvnode.agent.index import AGENT_OWNER, Index, State
@@ -36,6 +36,7 @@ from kvnode.agent.snapshot import snapshot
 from kvnode.agent.stats import Stats
 from kvnode.errors import ArenaError, ProtocolError
 from kvnode.ipc import protocol as P
+from kvnode.ipc.process import pid_namespace
 from kvnode.ipc.segment import Segment
 
 log = logging.getLogger("kvnode.agent")
@@ -65,7 +66,7 @@ class Agent:
             reserve_ttl_s=cfg.arena.reserve_ttl_s,
         )
         self.cache = Cache(self.index)
-        self.registry = ClientRegistry(self.generation, own_pid_namespace())
+        self.registry = ClientRegistry(self.generation, pid_namespace())
         self.handlers = Handlers(cfg, self.cache, self.stats)
         self.runtime = RuntimeDir(cfg)
         self._running = False
@@ -83,7 +84,6 @@ class Agent:
         self.hooks_ready: list[Callable[[], Any]] = []  # called once serving
         self.hooks_stopping: list[Callable[[], Any]] = []
         self.hooks_reload: list[Callable[[Config], list[str]]] = []
-        self.hooks_housekeeping: list[Callable[[], Any]] = []  # each loop tick
         self._reload_requested = False
         self.published: PublishedIndex | None = None
         self.fleet: Fleet | None = None
@@ -373,8 +373,6 @@ class Agent:
         if now >= self._next_lease_check:
             self._next_lease_check = now + _LEASE_CHECK_S
             self._expire_leases()
-        for hook in self.hooks_housekeeping:
-            _safe(hook)
         self.cache.publish()
         if self.published is not None:
             self.published.touch()

@@ -37,6 +37,7 @@ from kvnode.errors import (
 )
 from kvnode.ipc import protocol as P
 from kvnode.ipc.checksum import checksum
+from kvnode.ipc.process import pid_namespace
 from kvnode.ipc.protocol import Lookup, Slot, Status
 from kvnode.ipc.segment import Segment
 
@@ -56,13 +57,6 @@ def default_runtime_dir() -> Path:
     from kvnode.agent.config import _default_runtime_dir
 
     return Path(_default_runtime_dir())
-
-
-def _pid_ns() -> int:
-    try:
-        return os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        return 0
 
 
 class AgentClient:
@@ -166,7 +160,7 @@ class AgentClient:
         self._reset_socket()
         self._sock = self._new_socket()
         rid = next(self._rid)
-        hello = P.Hello(rid, self.name, os.getpid(), _pid_ns())
+        hello = P.Hello(rid, self.name, os.getpid(), pid_namespace())
         rep = self._roundtrip(hello, rid)
         if isinstance(rep, P.Error):
             raise AgentError(rep.code, rep.message)

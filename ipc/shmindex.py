@@ -45,6 +45,7 @@ import numpy as np
 import posix_ipc
 
 from kvnode.errors import ArenaError
+from kvnode.ipc.process import pid_namespace
 from kvnode.ipc.segment import group_id
 
 MAGIC = int.from_bytes(b"KVNIDX01", "little")
@@ -137,7 +138,7 @@ class ShmIndexWriter:
         w = self._w
         w[_VERSION], w[_CAPACITY], w[_GENERATION] = VERSION, self.capacity, self.generation
         w[_HEARTBEAT] = time.monotonic_ns()
-        w[_PID], w[_PID_NS] = os.getpid(), _pid_ns()
+        w[_PID], w[_PID_NS] = os.getpid(), pid_namespace()
         w[_MAGIC] = MAGIC  # last: a reader that sees the magic sees a whole header
 
     # ------------------------------------------------------------------ state
@@ -308,7 +309,7 @@ class ShmIndexReader:
     def __init__(self, name: str, stale_s: float = STALE_S) -> None:
         self.name = name
         self.stale_ns = int(stale_s * 1e9)
-        self._pid_ns = _pid_ns()
+        self._pid_ns = pid_namespace()
         self.reopens = 0
         self.retries = 0
         self._next_reopen_s = 0.0
@@ -449,13 +450,6 @@ class ShmIndexReader:
 
 
 # ---------------------------------------------------------------- segment handling
-def _pid_ns() -> int:
-    try:
-        return os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        return 0
-
-
 def _alive(pid: int) -> bool:
     if pid <= 0:
         return True  # unknown: the heartbeat decides
