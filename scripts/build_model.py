@@ -7,6 +7,7 @@ the same model. The result is reused when the directory already holds a complete
     python scripts/build_model.py                 # .cache/models/tiny-llama (2 layers)
     python scripts/build_model.py --size bench    # .cache/models/bench-llama (8 layers, hidden 768)
     python scripts/build_model.py --out DIR --size tiny
+    python scripts/build_model.py --size tiny-gemma3  # sliding-window + full layers
 
 Prints the model directory on stdout.
 """
@@ -29,6 +30,14 @@ SIZES: dict[str, dict[str, int]] = {
         hidden_size=128,
         intermediate_size=256,
         num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+    ),
+    "tiny-gemma3": dict(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=32,
@@ -78,9 +87,13 @@ def _build_tokenizer(out: Path) -> None:
 
 def _build_weights(out: Path, size: str) -> None:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
+    if size == "tiny-gemma3":
+        _build_gemma3(out)
+        return
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     cfg = LlamaConfig(
         vocab_size=VOCAB_SIZE,
         max_position_embeddings=MAX_POSITIONS,
@@ -91,6 +104,26 @@ def _build_weights(out: Path, size: str) -> None:
     )
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(str(out), safe_serialization=True)
+
+
+def _build_gemma3(out: Path) -> None:
+    """A Gemma-3-shaped text model: 3 sliding-window layers (window 128) and 1 full
+    one. Prompts that differ only before the window still give different greedy
+    tokens, so a test that compares tokens really tests the full layer's loaded KV."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(
+        vocab_size=VOCAB_SIZE,
+        max_position_embeddings=MAX_POSITIONS,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        torch_dtype="float32",
+        **SIZES["tiny-gemma3"],
+        sliding_window=128,
+        layer_types=["sliding_attention"] * 3 + ["full_attention"],
+    )
+    Gemma3ForCausalLM(cfg).save_pretrained(str(out), safe_serialization=True)
 
 
 def build(out: Path, size: str) -> Path:
@@ -121,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    out = a.out or ROOT / ".cache" / "models" / f"{a.size}-llama"
+    out = a.out or ROOT / ".cache" / "models" / (
+        a.size if a.size.endswith("gemma3") else f"{a.size}-llama"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     print(build(out.resolve(), a.size))
     return 0

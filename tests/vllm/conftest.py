@@ -43,6 +43,16 @@ def tiny_model() -> str:
     return str(build_model.build(ROOT / ".cache" / "models" / "tiny-llama", "tiny"))
 
 
+@pytest.fixture(scope="session")
+def tiny_gemma3_model() -> str:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import build_model
+    finally:
+        sys.path.pop(0)
+    return str(build_model.build(ROOT / ".cache" / "models" / "tiny-gemma3", "tiny-gemma3"))
+
+
 @pytest.fixture(scope="module")
 def spawn_runner(tmp_path_factory: pytest.TempPathFactory, tiny_model: str) -> Iterator[Any]:
     runners: list[Runner] = []
