@@ -164,6 +164,7 @@ class S3Section:
     retries_max: int = 3
     multipart_bytes: int = _size("64MiB")
     negative_ttl_s: float = 5.0  # remember S3 misses this long (no repeated probes)
+    stuck_after_s: float = 4.0  # a request unanswered this long, nothing else answered: stuck
 
 
 @dataclass(slots=True)
@@ -266,6 +267,8 @@ class Config:
                 raise ConfigError(f"{section}.write_policy", "must be write_through or write_back")
         if self.s3.codec not in ("none", "lz4"):
             raise ConfigError("s3.codec", "must be none or lz4")
+        if self.s3.stuck_after_s <= 0:
+            raise ConfigError("s3.stuck_after_s", "must be > 0")
         if self.disk.path and self.disk.bytes <= 0:
             raise ConfigError("disk.bytes", "must be > 0 when disk.path is set")
         if not 0 <= self.metrics.port <= 65535:

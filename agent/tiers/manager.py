@@ -90,6 +90,7 @@ def build_stores(cfg: Config) -> dict[str, TierStore]:
             multipart_bytes=s.multipart_bytes,
             retries_max=s.retries_max,
             negative_ttl_s=s.negative_ttl_s,
+            stuck_after_s=s.stuck_after_s,
         )
     return stores
 

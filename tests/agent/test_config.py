@@ -74,3 +74,16 @@ def test_cli_config_show_names_sources(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert "cpu_bytes = 1073741824  # flag" in r.stdout
     assert "bytes = 2147483648  # env:KVNODE_DISK_BYTES" in r.stdout
+
+
+def test_s3_stuck_after_reaches_the_store() -> None:
+    from kvnode.agent.tiers.manager import build_stores
+    from kvnode.errors import ConfigError
+
+    cfg = load_config(env={}, overrides={"s3.bucket": "b", "s3.stuck_after_s": "9.5",
+                                         "s3.endpoint_url": "http://127.0.0.1:9"})  # fmt: skip
+    store = build_stores(cfg)["s3"]
+    assert store.stuck_after_s == 9.5  # type: ignore[attr-defined]
+    store.close()
+    with pytest.raises(ConfigError, match="s3.stuck_after_s"):
+        load_config(env={}, overrides={"s3.stuck_after_s": "0"})
