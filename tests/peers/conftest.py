@@ -5,6 +5,9 @@ plays the agent loop (``Node.step``), so time and ordering stay in the test's ha
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -139,3 +142,20 @@ def nodes() -> Iterator[list[Node]]:
     yield made
     for n in reversed(made):
         n.close()
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def fleet_keys(d: Path) -> tuple[str, str]:
+    """``kvnode keygen fleet`` in ``d``: (secret key path, authorized dir with its key)."""
+    keys, auth = d / "keys", d / "authorized"
+    subprocess.run([sys.executable, "-m", "kvnode", "keygen", "fleet", "--dir", str(keys)],
+                   check=True)  # fmt: skip
+    auth.mkdir()
+    (auth / "fleet.key").write_bytes((keys / "fleet.key").read_bytes())
+    return str(keys / "fleet.key_secret"), str(auth)

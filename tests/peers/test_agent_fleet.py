@@ -4,9 +4,6 @@ subscriber of the KV events decoded with vLLM's own types."""
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,28 +13,14 @@ import zmq
 
 from kvnode.ipc.client import AgentClient, Lookup, Status
 from tests.conftest import AgentProcess
+from tests.peers.conftest import fleet_keys, free_port
 
 kv_events = pytest.importorskip("vllm.distributed.kv_events", reason="vLLM not installed")
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _keygen(d: Path) -> tuple[str, str]:
-    keys, auth = d / "keys", d / "authorized"
-    subprocess.run([sys.executable, "-m", "kvnode", "keygen", "fleet", "--dir", str(keys)],
-                   check=True)  # fmt: skip
-    auth.mkdir()
-    (auth / "fleet.key").write_bytes((keys / "fleet.key").read_bytes())
-    return str(keys / "fleet.key_secret"), str(auth)
-
-
 def test_a_miss_is_fetched_from_a_peer_and_events_are_published(tmp_path: Path) -> None:
-    secret, auth = _keygen(tmp_path)
-    pa, pb, pev = _port(), _port(), _port()
+    secret, auth = fleet_keys(tmp_path)
+    pa, pb, pev = free_port(), free_port(), free_port()
     common = [
         "--set", f"peers.curve_secret_key={secret}",
         "--set", f"peers.curve_authorized_dir={auth}",
@@ -143,7 +126,7 @@ def test_disk_tier_events_carry_tokens_across_a_restart(tmp_path: Path) -> None:
     holds, tokens and parent included."""
     from kvnode.ipc.checksum import checksum
 
-    pev, prep = _port(), _port()
+    pev, prep = free_port(), free_port()
     sub = zmq.Context.instance().socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
     sub.bind(f"tcp://127.0.0.1:{pev}")

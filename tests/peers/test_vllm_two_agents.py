@@ -16,8 +16,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -29,6 +27,7 @@ import pytest
 from kvnode.ipc.checksum import checksum
 from kvnode.ipc.client import AgentClient, Lookup, Status
 from tests.conftest import AgentProcess
+from tests.peers.conftest import fleet_keys, free_port
 
 pytestmark = pytest.mark.vllm
 pytest.importorskip("vllm")
@@ -52,21 +51,6 @@ Q = _tokens(900, 22)  # asked on agent 2 after agent 1 is gone
 PROMPTS = {"P": P, "Q": Q}
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _keygen(d: Path) -> tuple[str, str]:
-    keys, auth = d / "keys", d / "authorized"
-    subprocess.run([sys.executable, "-m", "kvnode", "keygen", "fleet", "--dir", str(keys)],
-                   check=True)  # fmt: skip
-    auth.mkdir()
-    (auth / "fleet.key").write_bytes((keys / "fleet.key").read_bytes())
-    return str(keys / "fleet.key_secret"), str(auth)
-
-
 @pytest.fixture(scope="module")
 def tiny_model() -> str:
     sys.path.insert(0, str(ROOT / "scripts"))
@@ -80,8 +64,8 @@ def tiny_model() -> str:
 @pytest.fixture(scope="module")
 def two_agents(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Any]]:
     d = tmp_path_factory.mktemp("two-agents")
-    secret, auth = _keygen(d)
-    pa, pb = _port(), _port()
+    secret, auth = fleet_keys(d)
+    pa, pb = free_port(), free_port()
     common = [
         "--set", f"peers.curve_secret_key={secret}",
         "--set", f"peers.curve_authorized_dir={auth}",
