@@ -112,6 +112,17 @@ def unlink_agent_segments(runtime_dir: Path, env: dict[str, str] | None = None) 
             pass
 
 
+@pytest.fixture(scope="session")
+def tiny_model() -> str:
+    """The tiny random-weight Llama of scripts/build_model.py, built offline once."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import build_model
+    finally:
+        sys.path.pop(0)
+    return str(build_model.build(REPO / ".cache" / "models" / "tiny-llama", "tiny"))
+
+
 @pytest.fixture
 def runtime_dir(tmp_path: Path) -> Path:
     d = tmp_path / "run"

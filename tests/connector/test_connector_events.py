@@ -18,7 +18,6 @@ import torch
 
 pytest.importorskip("vllm")
 
-import zmq  # noqa: E402
 from vllm.config import KVEventsConfig, KVTransferConfig, VllmConfig  # noqa: E402
 from vllm.distributed.kv_events import BlockStored, KVEventBatch  # noqa: E402
 from vllm.distributed.kv_transfer.kv_connector.utils import KVOutputAggregator  # noqa: E402
@@ -39,6 +38,7 @@ from tests.conftest import AgentProcess  # noqa: E402
 from tests.connector.test_connector_scheduler import HIT, C, Req, side, tokens  # noqa: E402
 from tests.connector.test_connector_worker import ArenaClient, Link, caches  # noqa: E402
 from tests.connector.test_connector_worker import worker as make_worker  # noqa: E402
+from tests.kv_events import replay_events
 
 # ---------------------------------------------------------------- scheduler plans
 
@@ -197,26 +197,6 @@ def _connected(*connectors: KVNodeConnector) -> None:
             time.sleep(0.05)
 
 
-def _replay(endpoint: str) -> list[Any]:
-    """Every event the agent still holds, through its replay socket, decoded with
-    vLLM's classes."""
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVTIMEO, 3000)
-    sock.connect(endpoint)
-    decoder = msgspec.msgpack.Decoder(KVEventBatch)
-    events: list[Any] = []
-    try:
-        sock.send_multipart([b"", (0).to_bytes(8, "big")])
-        while True:
-            _, _topic, seq, payload = sock.recv_multipart()
-            if int.from_bytes(seq, "big", signed=True) == -1:
-                return events
-            events.extend(decoder.decode(payload).events)
-    finally:
-        sock.close()
-
-
 def _save_through(vcfg: VllmConfig, prompt: list[int]) -> tuple[KVNodeConnector, Any]:
     """A scheduler and a worker connector save the prompt's chunks in one step; returns
     the scheduler and the worker's KV cache events of that step."""
@@ -264,7 +244,7 @@ def test_take_events_and_agent_events_carry_parents_and_tokens(tmp_path: Path) -
         # The agent got the same parents and tokens with the commits.
         deadline = time.monotonic() + 5
         while True:
-            agent_stored = [e for e in _replay(replay) if isinstance(e, BlockStored)]
+            agent_stored = [e for e in replay_events(replay) if isinstance(e, BlockStored)]
             if len(agent_stored) >= 3 or time.monotonic() > deadline:
                 break
             time.sleep(0.05)

@@ -13,6 +13,7 @@ import zmq
 
 from kvnode.ipc.client import AgentClient, Lookup, Status
 from tests.conftest import AgentProcess
+from tests.kv_events import replay_events
 from tests.peers.conftest import fleet_keys, free_port
 
 kv_events = pytest.importorskip("vllm.distributed.kv_events", reason="vLLM not installed")
@@ -102,24 +103,6 @@ def _events(sub: zmq.Socket, want: int, timeout_s: float = 5.0) -> list[object]:
     return out
 
 
-def _replay(port: int) -> list[object]:
-    decoder = msgspec.msgpack.Decoder(kv_events.KVEventBatch)
-    d = zmq.Context.instance().socket(zmq.DEALER)
-    d.setsockopt(zmq.LINGER, 0)
-    d.setsockopt(zmq.RCVTIMEO, 2000)
-    d.connect(f"tcp://127.0.0.1:{port}")
-    try:
-        d.send_multipart([b"", (0).to_bytes(8, "big")])
-        out: list[object] = []
-        while True:
-            _, _, seq, payload = d.recv_multipart()
-            if not payload:  # the end marker
-                return out
-            out.extend(decoder.decode(payload).events)
-    finally:
-        d.close()
-
-
 def test_disk_tier_events_carry_tokens_across_a_restart(tmp_path: Path) -> None:
     """Write-through to disk is announced as medium STORAGE with the chunk's tokens;
     the tokens live in the file header, so a restarted agent announces what its disk
@@ -166,7 +149,7 @@ def test_disk_tier_events_carry_tokens_across_a_restart(tmp_path: Path) -> None:
         found: dict[bytes, object] = {}
         deadline = time.monotonic() + 8
         while set(found) != set(keys) and time.monotonic() < deadline:
-            evs = _replay(prep)
+            evs = replay_events(f"tcp://127.0.0.1:{prep}")
             assert isinstance(evs[0], kv_events.AllBlocksCleared), evs
             found = {e.block_hashes[0]: e for e in evs if isinstance(e, kv_events.BlockStored)}
             time.sleep(0.1)

@@ -52,16 +52,6 @@ PROMPTS = {"P": P, "Q": Q}
 
 
 @pytest.fixture(scope="module")
-def tiny_model() -> str:
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import build_model
-    finally:
-        sys.path.pop(0)
-    return str(build_model.build(ROOT / ".cache" / "models" / "tiny-llama", "tiny"))
-
-
-@pytest.fixture(scope="module")
 def two_agents(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Any]]:
     d = tmp_path_factory.mktemp("two-agents")
     secret, auth = fleet_keys(d)

@@ -34,16 +34,6 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
 
 
 @pytest.fixture(scope="session")
-def tiny_model() -> str:
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import build_model
-    finally:
-        sys.path.pop(0)
-    return str(build_model.build(ROOT / ".cache" / "models" / "tiny-llama", "tiny"))
-
-
-@pytest.fixture(scope="session")
 def tiny_gemma3_model() -> str:
     sys.path.insert(0, str(ROOT / "scripts"))
     try:

@@ -9,36 +9,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import pytest
-import zmq
 from test_vllm_connector import _namespace  # type: ignore[import-not-found]
 
 from kvnode.connector.keys import chunk_keys
+from tests.kv_events import replay_events
 
 pytestmark = pytest.mark.vllm
 
 C = 256
-
-
-def _replay(endpoint: str) -> list[Any]:
-    from vllm.distributed.kv_events import KVEventBatch
-
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVTIMEO, 5000)
-    sock.connect(endpoint)
-    decoder = msgspec.msgpack.Decoder(KVEventBatch)
-    events: list[Any] = []
-    try:
-        sock.send_multipart([b"", (0).to_bytes(8, "big")])
-        while True:
-            _, _topic, seq, payload = sock.recv_multipart()
-            if int.from_bytes(seq, "big", signed=True) == -1:
-                return events
-            events.extend(decoder.decode(payload).events)
-    finally:
-        sock.close()
 
 
 def test_vllm_publishes_the_chunks_the_connector_stored(
@@ -62,7 +41,9 @@ def test_vllm_publishes_the_chunks_the_connector_stored(
     keys = chunk_keys(_namespace(tiny_model), prompt, C)
     deadline = time.monotonic() + 10
     while True:
-        stored = [e for e in _replay(replay) if isinstance(e, BlockStored) and e.medium == "CPU"]
+        stored = [
+            e for e in replay_events(replay) if isinstance(e, BlockStored) and e.medium == "CPU"
+        ]
         if len(stored) >= 3 or time.monotonic() > deadline:
             break
         time.sleep(0.2)
