@@ -49,6 +49,7 @@ from msgspec import Meta
 
 from kvnode.agent.index import AGENT_OWNER, Entry, Index, State
 from kvnode.errors import ConfigError, PeerError, ProtocolError
+from kvnode.ipc.segment import Segment
 
 log = logging.getLogger("kvnode.peers")
 
@@ -256,7 +257,7 @@ class PeerServer:
         serve_bytes_max: int = 512 << 20,
     ) -> None:
         self.index = index
-        self._arena = memoryview(getattr(arena, "buffer", arena)).cast("B")
+        self._arena = _arena_view(arena)
         self.node_id = node_id
         self.lower_has = lower_has
         self.tokens_of = tokens_of
@@ -1050,7 +1051,7 @@ class PeerManager:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.index = index
-        self._arena = memoryview(getattr(arena, "buffer", arena)).cast("B")
+        self._arena = _arena_view(arena)
         self.wake = wake
         self.fetch_inflight_max = fetch_inflight_max
         self.fetch_bytes_max = fetch_bytes_max
@@ -1288,6 +1289,11 @@ class PeerManager:
         self._abort(list(self._reserved))
         self._pending.clear()
         self.bytes_inflight = 0
+
+
+def _arena_view(arena: Any) -> memoryview:
+    """Bytes of the arena: a ``Segment`` (its mapping) or any buffer (tests)."""
+    return memoryview(arena.buffer if isinstance(arena, Segment) else arena).cast("B")
 
 
 def build_peers(

@@ -112,15 +112,21 @@ def unlink_agent_segments(runtime_dir: Path, env: dict[str, str] | None = None) 
             pass
 
 
-@pytest.fixture(scope="session")
-def tiny_model() -> str:
-    """The tiny random-weight Llama of scripts/build_model.py, built offline once."""
+def build_test_model(name: str, size: str) -> str:
+    """A random-weight model of scripts/build_model.py, built offline once into
+    .cache/models/NAME."""
     sys.path.insert(0, str(REPO / "scripts"))
     try:
         import build_model
     finally:
         sys.path.pop(0)
-    return str(build_model.build(REPO / ".cache" / "models" / "tiny-llama", "tiny"))
+    return str(build_model.build(REPO / ".cache" / "models" / name, size))
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> str:
+    """The tiny Llama every real-vLLM test uses."""
+    return build_test_model("tiny-llama", "tiny")
 
 
 @pytest.fixture

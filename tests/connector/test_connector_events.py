@@ -35,6 +35,7 @@ from kvnode.connector.keys import chunk_keys  # noqa: E402
 from kvnode.connector.metadata import KVNodeEvents, stored_event  # noqa: E402
 from kvnode.connector.scheduler import ChunkOp  # noqa: E402
 from tests.conftest import AgentProcess  # noqa: E402
+from tests.connector.test_connector_hma import connected  # noqa: E402
 from tests.connector.test_connector_scheduler import HIT, C, Req, side, tokens  # noqa: E402
 from tests.connector.test_connector_worker import ArenaClient, Link, caches  # noqa: E402
 from tests.connector.test_connector_worker import worker as make_worker  # noqa: E402
@@ -188,15 +189,6 @@ def _step(rid: str, n: int, blocks: list[int]) -> Any:
     )
 
 
-def _connected(*connectors: KVNodeConnector) -> None:
-    deadline = time.monotonic() + 15
-    for c in connectors:
-        while not c._link.up:
-            assert time.monotonic() < deadline, "the connector did not reach the agent"
-            c._link.try_connect()
-            time.sleep(0.05)
-
-
 def _save_through(vcfg: VllmConfig, prompt: list[int]) -> tuple[KVNodeConnector, Any]:
     """A scheduler and a worker connector save the prompt's chunks in one step; returns
     the scheduler and the worker's KV cache events of that step."""
@@ -207,7 +199,7 @@ def _save_through(vcfg: VllmConfig, prompt: list[int]) -> tuple[KVNodeConnector,
     sched = KVNodeConnector(vcfg, KVConnectorRole.SCHEDULER, kcfg)
     sched.set_xfer_handshake_metadata({0: w.get_handshake_metadata()})
     req = Req("a", prompt)
-    _connected(sched, w)
+    connected(sched, w)
     assert sched.get_num_new_matched_tokens(req, 0) == (0, False)  # type: ignore[arg-type]
     sched.update_state_after_alloc(req, KVCacheBlocks(([],)), 0)  # type: ignore[arg-type]
     blocks = list(range(1, 1 + len(prompt) // BS + 1))

@@ -35,12 +35,9 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_gemma3_model() -> str:
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import build_model
-    finally:
-        sys.path.pop(0)
-    return str(build_model.build(ROOT / ".cache" / "models" / "tiny-gemma3", "tiny-gemma3"))
+    from tests.conftest import build_test_model
+
+    return build_test_model("tiny-gemma3", "tiny-gemma3")
 
 
 @pytest.fixture(scope="module")
