@@ -82,24 +82,29 @@ class Handlers:
         cache = self.cache
         # The common answers (committed or absent) in one pass without calls; the rest
         # (recency of hits, lower tiers) only for the keys that need it.
-        states = cache.index.states(m.keys)
-        hits = pending = 0
-        for i, s in enumerate(states):
-            if s == HIT:
-                cache.lookup(m.keys[i])  # recency
-                hits += 1
-            elif m.promote and cache.tiers is not None and cache.promote(m.keys[i]):
-                states[i] = PENDING
-                pending += 1
+        keys = m.keys
+        states = cache.index.states(keys)
+        hits = states.count(HIT)
+        pending = 0
+        if hits:
+            for k, s in zip(keys, states):
+                if s == HIT:
+                    cache.lookup(k)  # recency
+        if m.promote and cache.tiers is not None and hits < len(keys):
+            for i, s in enumerate(states):
+                if s != HIT and cache.promote(keys[i]):
+                    states[i] = PENDING
+                    pending += 1
         if self.fleet is not None and m.promote:
-            pending += self._ask_peers(m.keys, states)
-        st = self.stats
-        st.inc("lookups")
-        st.inc("lookup_keys", len(m.keys))
-        st.inc("hits", hits)
-        st.inc("pending", pending)
-        st.inc("misses", len(m.keys) - hits - pending)
-        st.observe("lookup", time.perf_counter() - t0)
+            pending += self._ask_peers(keys, states)
+        n = len(keys)
+        ctr = self.stats.counters
+        ctr["lookups"] += 1
+        ctr["lookup_keys"] += n
+        ctr["hits"] += hits
+        ctr["pending"] += pending
+        ctr["misses"] += n - hits - pending
+        self.stats.observe("lookup", time.perf_counter() - t0)
         return P.LookupRep(m.rid, states)
 
     def _ask_peers(self, keys: list[bytes], states: list[int]) -> int:

@@ -141,7 +141,10 @@ class Index:
 
     def states(self, keys: list[bytes]) -> list[int]:
         """1 for each committed key, 0 otherwise; no side effects."""
-        get, committed = self.entries.get, State.COMMITTED
+        entries = self.entries
+        if entries.keys().isdisjoint(keys):
+            return [0] * len(keys)  # the no-hit case (unique prompts) in one C-level pass
+        get, committed = entries.get, State.COMMITTED
         return [int(e is not None and e.state is committed) for e in map(get, keys)]
 
     def contains(self, key: bytes) -> bool:

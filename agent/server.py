@@ -320,9 +320,10 @@ class Agent:
     def _drain_socket(self) -> None:
         sock = self.sock
         assert sock is not None
-        for _ in range(_RECV_BATCH_MAX):
-            # EVENTS is cheaper than a recv that raises Again once the queue is empty.
-            if not int(sock.getsockopt(_EVENTS)) & _POLLIN:
+        for i in range(_RECV_BATCH_MAX):
+            # The poll said readable, so the first message is there; after it EVENTS is
+            # cheaper than a recv that raises Again once the queue is empty.
+            if i and not int(sock.getsockopt(_EVENTS)) & _POLLIN:
                 return
             try:
                 frames = self._recv(sock)

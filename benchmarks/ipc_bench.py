@@ -167,6 +167,28 @@ def timed(fn: Callable[[], Any], n: int, warm: int = 200) -> list[float]:
     return lat
 
 
+def timed_pair(
+    fa: Callable[[], Any], fb: Callable[[], Any], n: int, warm: int = 200
+) -> tuple[list[float], list[float]]:
+    """Seconds per call of ``fa`` and ``fb``, called in turns: on a shared machine the
+    scheduler moves threads between CPUs from one moment to the next (a wake-up across
+    CPUs costs about twice one on the same CPU here), so a ratio is only fair between
+    calls made under the same conditions."""
+    for _ in range(warm):
+        fa()
+        fb()
+    la, lb = [], []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fa()
+        t1 = time.perf_counter()
+        fb()
+        t2 = time.perf_counter()
+        la.append(t1 - t0)
+        lb.append(t2 - t1)
+    return la, lb
+
+
 def lookup_keys() -> list[bytes]:
     return [os.urandom(16) for _ in range(64)]
 
@@ -330,8 +352,9 @@ def control_repeats(c: AgentClient, tmp: Path, repeats: int, n: int) -> dict[str
     echo_us, lookup_us, ratio, shm_us = [], [], [], []
     try:
         for _ in range(repeats):
-            e = statistics.median(timed(echo.call, n)) * 1e6
-            lk = statistics.median(timed(lambda: c.lookup(keys), n)) * 1e6
+            e_lat, lk_lat = timed_pair(echo.call, lambda: c.lookup(keys), n)
+            e = statistics.median(e_lat) * 1e6
+            lk = statistics.median(lk_lat) * 1e6
             echo_us.append(e)
             lookup_us.append(lk)
             ratio.append(lk / e)

@@ -25,6 +25,8 @@ from typing import Annotated, Any, Union
 import msgspec
 from msgspec import Meta
 
+from kvnode.errors import ProtocolError
+
 PROTOCOL_VERSION = 2
 _VERSION_BYTE = bytes([PROTOCOL_VERSION])
 
@@ -247,8 +249,7 @@ def encode(msg: _Msg) -> bytes:
 
 
 def _split(frame: bytes | memoryview) -> memoryview:
-    from kvnode.errors import ProtocolError
-
+    # Hot path (every request and reply): no imports or calls beyond the checks.
     if len(frame) < 2:
         raise ProtocolError("truncated frame")
     if frame[0] != PROTOCOL_VERSION:
@@ -259,8 +260,6 @@ def _split(frame: bytes | memoryview) -> memoryview:
 def decode_request(frame: bytes | memoryview) -> Any:
     """Decode one request frame. Any input at all either decodes into a request whose
     every field is within its bounds or raises ``ProtocolError``."""
-    from kvnode.errors import ProtocolError
-
     body = _split(frame)
     try:
         return _req_decoder.decode(body)
@@ -271,8 +270,6 @@ def decode_request(frame: bytes | memoryview) -> Any:
 
 
 def decode_reply(frame: bytes | memoryview) -> Any:
-    from kvnode.errors import ProtocolError
-
     body = _split(frame)
     try:
         return _rep_decoder.decode(body)

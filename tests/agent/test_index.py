@@ -254,3 +254,21 @@ def test_a_group_is_evicted_and_dropped_whole() -> None:
     idx.unpin(g2[:15] + b"\x01")
     assert not any(k[:15] == g2[:15] for k in idx.entries) and not idx.groups
     idx.check()
+
+
+def test_states_answers_committed_only_on_both_paths() -> None:
+    """``states`` has a fast path for keys none of which the index holds; both paths
+    answer 1 only for committed entries, never for reserved or leaving ones."""
+    idx = Index(16 * PAGE, PAGE, "lru")
+    idx.reserve(b"committed", PAGE, 1)
+    idx.commit(b"committed", 1)
+    idx.reserve(b"reserved", PAGE, 1)
+    absent = [bytes([i]) * 16 for i in range(8)]
+    assert idx.states(absent) == [0] * 8  # the all-absent path
+    assert idx.states([]) == []
+    mixed = [absent[0], b"committed", b"reserved", absent[1], b"committed"]
+    assert idx.states(mixed) == [0, 1, 0, 0, 1]
+    assert idx.states([b"reserved"]) == [0]  # present in the index, but not readable
+    idx.drop(b"committed")
+    assert idx.states(mixed) == [0, 0, 0, 0, 0]
+    idx.check()
