@@ -45,6 +45,8 @@ log = logging.getLogger("kvnode.client")
 
 # Error replies after which the client registers again (and remaps) before retrying.
 _REREGISTER = (P.ErrCode.UNKNOWN_CLIENT, P.ErrCode.STALE_GENERATION)
+_POSTED_MAX = 1024  # calls sent without waiting whose reply is still to be read
+_STATUS = tuple(Status)  # wire value -> Status without an enum call per key
 
 __all__ = ["AgentClient", "Lookup", "Slot", "Status", "checksum", "default_runtime_dir"]
 
@@ -90,7 +92,11 @@ class AgentClient:
         self._closed = False
         self._hb_thread: threading.Thread | None = None
         self._hb_stop = threading.Event()
-        self._hb_rids: set[int] = set()  # heartbeats whose reply has not been read
+        # rid -> what was sent, for calls whose reply is read later (heartbeats, and
+        # release/abort/drop with wait=False): any later receive absorbs those replies.
+        self._posted: dict[int, str] = {}
+        self._stale_seen = False  # a posted call was answered "register again"
+        self.posted_errors = 0  # posted calls the agent answered with an error
         self._on_map = on_map
         self._on_unmap = on_unmap
         self.remaps = 0  # arena mappings after the first (agent restarts seen)
@@ -142,6 +148,8 @@ class AgentClient:
 
     def _reset_socket(self) -> None:
         self._rcvtimeo = -2  # unknown: set before the next receive
+        self._posted.clear()  # their replies went with the socket
+        self._stale_seen = False
         if self._sock is not None:
             self._sock.close(0)
             self._sock = None
@@ -274,9 +282,8 @@ class AgentClient:
             rep = P.decode_reply(frame)
             if rep.rid == rid:
                 return rep
-            if rep.rid in self._hb_rids:
-                self._hb_rids.discard(rep.rid)
-            # a late reply to a call that already timed out: drop it, wait out the rest
+            # a posted call's reply, or a late one to a call that already timed out
+            self._absorb(rep)
             left_ms = int((deadline - time.monotonic()) * 1000)
 
     def _call(self, make: Any, timeout_s: float | None = None, retry: bool = True) -> Any:
@@ -302,6 +309,57 @@ class AgentClient:
                     raise AgentError(rep.code, rep.message)
                 return rep
         raise AssertionError("unreachable")
+
+    def _absorb(self, rep: Any) -> None:
+        """Take the reply to a call sent without waiting; others are late replies to
+        timed-out calls, dropped."""
+        kind = self._posted.pop(rep.rid, None)
+        if kind is None or not isinstance(rep, P.Error):
+            return
+        if rep.code in _REREGISTER:
+            self._stale_seen = True  # the next call or heartbeat registers again
+        elif kind != "heartbeat":
+            self.posted_errors += 1
+            log.warning("%s refused by the agent: %s", kind, rep.message)
+
+    def _post(self, kind: str, make: Any) -> None:
+        """Send ``make(rid, client_id, generation)`` and return without waiting: its
+        reply is read (errors counted in ``posted_errors`` and logged) by the next call
+        or heartbeat. For calls whose answer changes nothing for the caller: release,
+        abort, drop. Never resent: like their waiting forms, they belong to the
+        registration they were sent in."""
+        with self._lock:
+            self._ensure()
+            sock = self._sock
+            assert sock is not None
+            rid = next(self._rid)
+            data = P.encode(make(rid, self._client_id, self._generation))
+            try:
+                try:
+                    sock.send(data, zmq.NOBLOCK)
+                except zmq.Again:
+                    # queue full or connection not up yet: wait for room, bounded
+                    if not sock.poll(max(1, int(self.timeout_s * 1000)), zmq.POLLOUT):
+                        raise
+                    sock.send(data, zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                self._lost()
+                raise AgentUnavailable(f"cannot reach agent at {self.endpoint}: {exc}") from exc
+            posted = self._posted
+            posted[rid] = kind
+            if len(posted) > _POSTED_MAX:
+                del posted[next(iter(posted))]  # a reply that never came: bound the books
+            if len(posted) > 64:
+                self._drain_posted()  # a caller that only posts still reads its replies
+
+    def _drain_posted(self) -> None:
+        """Read the replies already here (no wait), under the lock."""
+        sock = self._sock
+        while sock is not None and self._posted and sock.poll(0):
+            try:
+                self._absorb(P.decode_reply(sock.recv(zmq.NOBLOCK)))
+            except (zmq.ZMQError, ProtocolError):
+                return
 
     def _reregister_quietly(self) -> None:
         try:
@@ -335,13 +393,10 @@ class AgentClient:
         if self._closed:
             return
         sock = self._sock
-        stale = False
         if sock is not None:
             while sock.poll(0):
-                rep = P.decode_reply(sock.recv())
-                self._hb_rids.discard(rep.rid)
-                if isinstance(rep, P.Error) and rep.code in _REREGISTER:
-                    stale = True
+                self._absorb(P.decode_reply(sock.recv()))
+        stale, self._stale_seen = self._stale_seen, False
         if stale or (not self._client_id and self._segment is not None):
             # The agent restarted (or forgot us): register and remap now, not at the
             # next call, so an idle client never sits on a dead arena.
@@ -354,9 +409,9 @@ class AgentClient:
         if not self._client_id or self._sock is None:
             return
         rid = next(self._rid)
-        if len(self._hb_rids) > 64:
-            self._hb_rids.clear()  # replies that never came: bound the set
-        self._hb_rids.add(rid)
+        if len(self._posted) > _POSTED_MAX:
+            self._posted.clear()  # replies that never came: bound the books
+        self._posted[rid] = "heartbeat"
         try:
             self._sock.send(
                 P.encode(P.Heartbeat(rid, self._client_id, self._generation)), zmq.NOBLOCK
@@ -383,7 +438,7 @@ class AgentClient:
         keys, sizes = list(keys), list(sizes)
         grp = list(groups) if groups is not None else []
         rep = self._call(lambda r, c, g: P.ReserveReq(r, c, g, keys, sizes, grp))
-        return [(Status(s), slot) for s, slot in zip(rep.status, rep.slots)]
+        return [(_STATUS[s], slot) for s, slot in zip(rep.status, rep.slots)]
 
     def commit(
         self,
@@ -399,24 +454,39 @@ class AgentClient:
         par = list(parents) if parents is not None else []
         toks = [list(t) for t in tokens] if tokens is not None else []
         rep = self._call(lambda r, c, g: P.CommitReq(r, c, g, keys, sums, par, toks), retry=False)
-        return [Status(s) for s in rep.status]
+        return [_STATUS[s] for s in rep.status]
 
-    def abort(self, keys: Sequence[bytes]) -> None:
+    def abort(self, keys: Sequence[bytes], wait: bool = True) -> None:
+        """Give up reservations. ``wait=False``: do not wait for the reply (see ``_post``)."""
         keys = list(keys)
-        self._call(lambda r, c, g: P.AbortReq(r, c, g, keys), retry=False)
+        make = lambda r, c, g: P.AbortReq(r, c, g, keys)  # noqa: E731
+        if wait:
+            self._call(make, retry=False)
+        else:
+            self._post("abort", make)
 
     def pin(self, keys: Sequence[bytes]) -> list[tuple[Status, Slot | None]]:
         keys = list(keys)
         rep = self._call(lambda r, c, g: P.PinReq(r, c, g, keys))
-        return [(Status(s), slot) for s, slot in zip(rep.status, rep.slots)]
+        return [(_STATUS[s], slot) for s, slot in zip(rep.status, rep.slots)]
 
-    def release(self, keys: Sequence[bytes]) -> None:
+    def release(self, keys: Sequence[bytes], wait: bool = True) -> None:
+        """Unpin. ``wait=False``: do not wait for the reply (a load's last call: nothing
+        in it changes what the caller does next)."""
         keys = list(keys)
-        self._call(lambda r, c, g: P.ReleaseReq(r, c, g, keys), retry=False)
+        make = lambda r, c, g: P.ReleaseReq(r, c, g, keys)  # noqa: E731
+        if wait:
+            self._call(make, retry=False)
+        else:
+            self._post("release", make)
 
-    def drop(self, keys: Sequence[bytes]) -> None:
+    def drop(self, keys: Sequence[bytes], wait: bool = True) -> None:
         keys = list(keys)
-        self._call(lambda r, c, g: P.DropReq(r, c, g, keys), retry=False)
+        make = lambda r, c, g: P.DropReq(r, c, g, keys)  # noqa: E731
+        if wait:
+            self._call(make, retry=False)
+        else:
+            self._post("drop", make)
 
     def stats(self, timeout_s: float | None = None) -> dict[str, Any]:
         """Agent statistics. Needs no registration (tools use it for health checks)."""

@@ -68,6 +68,11 @@ class Status(IntEnum):
     BAD_STATE = 5  # commit of an entry this client does not hold
 
 
+# Per-key answers in replies: bounded, so a client indexes its tables without a check.
+LookupState = Annotated[int, Meta(ge=0, le=int(max(Lookup)))]
+StatusCode = Annotated[int, Meta(ge=0, le=int(max(Status)))]
+
+
 class ErrCode(IntEnum):
     BAD_FRAME = 1
     BAD_VERSION = 2
@@ -197,20 +202,20 @@ class Ok(_Msg, tag=65):
 
 class LookupRep(_Msg, tag=66):
     rid: int
-    states: list[int]
+    states: list[LookupState]
 
 
 class SlotsRep(_Msg, tag=67):
     """Reply to reserve and pin: per key a Status and, when OK, its slot."""
 
     rid: int
-    status: list[int]
+    status: list[StatusCode]
     slots: list[Union[Slot, None]]
 
 
 class StatusRep(_Msg, tag=68):
     rid: int
-    status: list[int]
+    status: list[StatusCode]
 
 
 class StatsRep(_Msg, tag=69):

@@ -86,11 +86,11 @@ class ArenaClient:
                 out.append((Status.NOT_FOUND, None))
         return out
 
-    def release(self, keys: list[bytes]) -> None:
+    def release(self, keys: list[bytes], wait: bool = True) -> None:
         for k in keys:
             self.pinned.remove(k)
 
-    def drop(self, keys: list[bytes]) -> None:
+    def drop(self, keys: list[bytes], wait: bool = True) -> None:
         self.dropped.extend(keys)
         for k in keys:
             self.entries.pop(k, None)
