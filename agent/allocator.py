@@ -75,6 +75,24 @@ class PageAllocator:
         out.sort()
         return out
 
+    def alloc_run(self, pages: int, n: int) -> list[Extent] | None:
+        """``n`` allocations of ``pages`` pages each, carved side by side from one free
+        run (best fit for all of them): one update of the books instead of ``n``. None
+        when no single run holds them all (allocate one by one then)."""
+        if pages <= 0 or n <= 0:
+            raise ValueError("pages and n must be > 0")
+        total = pages * n
+        if total > self.pages_free:
+            return None
+        i = self._by_size.bisect_left((total, -1))
+        if i >= len(self._by_size):
+            return None
+        count, start = self._by_size[i]
+        self._remove(start)
+        if count > total:
+            self._insert(start + total, count - total)
+        return [(start + j * pages, pages) for j in range(n)]
+
     def free(self, extents: list[Extent]) -> None:
         for start, count in extents:
             if count <= 0 or start < 0 or start + count > self.pages_total:

@@ -70,6 +70,12 @@ class Cache:
         self._hand_over(leaving)
         return out
 
+    def reserve_many(
+        self, keys: list[bytes], size: int, owner: int, groups: list[bytes] | None = None
+    ) -> list[tuple[Outcome, Entry | None]] | None:
+        """Same-size keys side by side without eviction, or None (see Index)."""
+        return self.index.reserve_many(keys, size, owner, groups)
+
     def commit(
         self, key: bytes, owner: int, checksum: int, parent: bytes | None, tokens: list[int]
     ) -> Outcome:
@@ -123,9 +129,10 @@ class Cache:
     def expire_leases(self) -> list[Entry]:
         return self.index.expire_leases()
 
-    def publish(self) -> None:
-        """Tell listeners what entered and left the arena since the last call."""
-        changes = self.index.take_changes()
+    def publish(self, limit: int | None = None) -> None:
+        """Tell listeners what entered and left the arena since the last call (at
+        most ``limit`` changes, the oldest; the rest at the next call)."""
+        changes = self.index.take_changes(limit)
         if changes:
             for li in self.listeners:
                 _call(li.arena_changed, changes)

@@ -131,19 +131,32 @@ class Handlers:
             raise ClientError(P.ErrCode.BAD_FRAME, "keys, sizes and groups differ in length")
         status: list[int] = []
         slots: list[P.Slot | None] = []
-        for i, (key, size) in enumerate(zip(m.keys, m.sizes)):
-            group = m.groups[i] if m.groups else None
-            out, e = self.cache.reserve(key, size, c.client_id, group)
+        answers = None
+        sizes = m.sizes
+        if len(sizes) > 1 and sizes.count(sizes[0]) == len(sizes):
+            # A step's chunks are one size: carve them from one free run at once.
+            answers = self.cache.reserve_many(m.keys, sizes[0], c.client_id, m.groups or None)
+        if answers is None:
+            answers = [
+                self.cache.reserve(key, size, c.client_id, m.groups[i] if m.groups else None)
+                for i, (key, size) in enumerate(zip(m.keys, sizes))
+            ]
+        failed = 0
+        pb = self.page_bytes
+        leases = c.leases
+        for out, e in answers:
             status.append(_WIRE_STATUS[out])
             if e is None:
                 slots.append(None)
                 if out is not Outcome.EXISTS:
-                    self.stats.inc("reserve_failed")
+                    failed += 1
             else:
-                c.leases.add(key)
-                slots.append(P.Slot(e.size, e.extents(self.page_bytes)))
-        self.stats.inc("reserves")
-        self.stats.inc("reserve_keys", len(m.keys))
+                leases.add(e.key)
+                slots.append(P.Slot(e.size, e.extents(pb)))
+        ctr = self.stats.counters
+        ctr["reserve_failed"] += failed
+        ctr["reserves"] += 1
+        ctr["reserve_keys"] += len(m.keys)
         self.stats.observe("reserve", time.perf_counter() - t0)
         return P.SlotsRep(m.rid, status, slots)
 
@@ -156,21 +169,26 @@ class Handlers:
         if (m.parents and len(m.parents) != n) or (m.tokens and len(m.tokens) != n):
             raise ClientError(P.ErrCode.BAD_FRAME, "parents/tokens must match keys in length")
         out: list[int] = []
+        cache, leases, owner = self.cache, c.leases, c.client_id
+        entries = cache.index.entries
+        parents, tokens = m.parents, m.tokens
+        refused = commits = nbytes = 0
         for i, (key, csum) in enumerate(zip(m.keys, m.checksums)):
-            if key not in c.leases:  # not this client's reservation: never commit it
-                out.append(
-                    P.Status.BAD_STATE if key in self.cache.index.entries else P.Status.NOT_FOUND
-                )
-                self.stats.inc("refused_commits")
+            if key not in leases:  # not this client's reservation: never commit it
+                out.append(P.Status.BAD_STATE if key in entries else P.Status.NOT_FOUND)
+                refused += 1
                 continue
-            parent = (m.parents[i] or None) if m.parents else None
-            tokens = m.tokens[i] if m.tokens else []
-            st = self.cache.commit(key, c.client_id, csum, parent, tokens)
+            parent = (parents[i] or None) if parents else None
+            st = cache.commit(key, owner, csum, parent, tokens[i] if tokens else [])
             out.append(_WIRE_STATUS[st])
             if st is Outcome.OK:
-                c.leases.discard(key)
-                self.stats.inc("commits")
-                self.stats.inc("bytes_in", self.cache.index.entries[key].size)
+                leases.discard(key)
+                commits += 1
+                nbytes += entries[key].size
+        ctr = self.stats.counters
+        ctr["refused_commits"] += refused
+        ctr["commits"] += commits
+        ctr["bytes_in"] += nbytes
         self.stats.observe("commit", time.perf_counter() - t0)
         return P.StatusRep(m.rid, out)
 
@@ -187,18 +205,24 @@ class Handlers:
         self._limit(len(m.keys))
         status: list[int] = []
         slots: list[P.Slot | None] = []
+        pin, pins, pb = self.cache.pin, c.pins, self.page_bytes
+        ok, not_found = P.Status.OK, P.Status.NOT_FOUND
+        misses = nbytes = 0
         for key in m.keys:
-            e = self.cache.pin(key)
+            e = pin(key)
             if e is None:
-                status.append(P.Status.NOT_FOUND)
+                status.append(not_found)
                 slots.append(None)
-                self.stats.inc("pin_misses")
+                misses += 1
                 continue
-            c.pins[key] += 1
-            status.append(P.Status.OK)
-            slots.append(self.slot(e))
-            self.stats.inc("bytes_out", e.size)
-        self.stats.inc("pins")
+            pins[key] += 1
+            status.append(ok)
+            slots.append(P.Slot(e.size, e.extents(pb), e.checksum))
+            nbytes += e.size
+        ctr = self.stats.counters
+        ctr["pin_misses"] += misses
+        ctr["bytes_out"] += nbytes
+        ctr["pins"] += 1
         self.stats.observe("pin", time.perf_counter() - t0)
         return P.SlotsRep(m.rid, status, slots)
 

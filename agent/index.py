@@ -67,19 +67,24 @@ class Entry:
     holds: int = 0  # agent-side readers (lower-tier copies in flight)
     group: bytes | None = None  # entries of one group are evicted and dropped together
     meta: ChunkMeta | None = None  # parent key and tokens, for KV events and tier headers
+    _extents: list[tuple[int, int]] | None = None  # byte extents, computed once
 
     def page_count(self) -> int:
         return sum(c for _, c in self.pages)
 
     def extents(self, page_bytes: int) -> list[tuple[int, int]]:
-        """Byte extents (offset, length) covering exactly ``size`` bytes."""
-        out = []
-        left = self.size
-        for start, count in self.pages:
-            n = min(left, count * page_bytes)
-            out.append((start * page_bytes, n))
-            left -= n
-        return out
+        """Byte extents (offset, length) covering exactly ``size`` bytes. An entry's
+        pages never change, so they are computed once (a fresh list each call)."""
+        ext = self._extents
+        if ext is None:
+            ext = []
+            left = self.size
+            for start, count in self.pages:
+                n = min(left, count * page_bytes)
+                ext.append((start * page_bytes, n))
+                left -= n
+            self._extents = ext
+        return list(ext)
 
 
 @dataclass(slots=True)
@@ -197,10 +202,16 @@ class Index:
         self.changes.append((False, e.key))
         self._free_if_left(e)
 
-    def take_changes(self) -> list[tuple[bool, bytes]]:
+    def take_changes(self, limit: int | None = None) -> list[tuple[bool, bytes]]:
         """Keys that became readable (True) or left (False) since the last call, in
-        order (for the shared lookup index and KV events)."""
-        out, self.changes = self.changes, []
+        order (for the shared lookup index and KV events); at most ``limit``, the
+        oldest first, the rest kept for the next call."""
+        changes = self.changes
+        if limit is None or len(changes) <= limit:
+            self.changes = []
+            return changes
+        out = changes[:limit]
+        del changes[:limit]
         return out
 
     # -- writes ----------------------------------------------------------------
@@ -231,14 +242,47 @@ class Index:
         if got is None:
             self.counters.reserve_no_space += 1
             return Outcome.NO_SPACE, None
+        return Outcome.OK, self._new_entry(key, size, got, owner, group, self.clock())
+
+    def _new_entry(
+        self, key: bytes, size: int, got: list[Extent], owner: int, group: bytes | None, now: float
+    ) -> Entry:
         e = Entry(key, size, got, State.RESERVED, owner, group=group)
         if group is not None:
             self.groups.setdefault(group, set()).add(key)
-        e.lease_deadline = self.clock() + self.reserve_ttl_s
+        e.lease_deadline = now + self.reserve_ttl_s
         self.entries[key] = e
         self.bytes_used += size
         self.reserved += 1
-        return Status.OK, e
+        return e
+
+    def reserve_many(
+        self,
+        keys: list[bytes],
+        size: int,
+        owner: int,
+        groups: list[bytes] | None = None,
+    ) -> list[tuple[Outcome, Entry | None]] | None:
+        """Reserve ``keys`` of one ``size`` side by side in one free run, without
+        eviction: the common store (a step's chunks). None when that cannot be done as
+        one piece (duplicate keys, no run large enough): reserve them one by one then.
+        Keys already present answer EXISTS, as ``reserve`` does."""
+        if size <= 0 or len(set(keys)) != len(keys):
+            return None
+        entries = self.entries
+        fresh = [i for i, k in enumerate(keys) if k not in entries]
+        if not fresh:
+            return [(Outcome.EXISTS, None)] * len(keys)
+        pages = -(-size // self.page_bytes)
+        runs = self.alloc.alloc_run(pages, len(fresh))
+        if runs is None:
+            return None
+        out: list[tuple[Outcome, Entry | None]] = [(Outcome.EXISTS, None)] * len(keys)
+        now = self.clock()
+        for i, run in zip(fresh, runs):
+            group = groups[i] if groups else None
+            out[i] = (Outcome.OK, self._new_entry(keys[i], size, [run], owner, group, now))
+        return out
 
     def commit(self, key: bytes, owner: int, checksum: int = 0) -> Outcome:
         e = self.entries.get(key)

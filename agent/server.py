@@ -44,6 +44,7 @@ log = logging.getLogger("kvnode.agent")
 _RECV_BATCH_MAX = 256  # messages handled per wake-up before housekeeping runs
 _POLL_MS_MAX = 100
 _LEASE_CHECK_S = 1.0
+_PUBLISH_STEP = 16  # index changes published between looks at the request queue
 _TICK_S = 0.002  # housekeeping at least this far apart while requests keep coming
 
 
@@ -281,7 +282,7 @@ class Agent:
             if self.sock in events:
                 self._drain_socket()
             if self.index.changes:
-                self.cache.publish()  # readers of the shared index see commits at once
+                self._publish()  # readers of the shared index see commits at once
             # Housekeeping runs on a short timer, or at once when something other than
             # a request woke us: between back-to-back requests it would only add latency.
             other = len(events) - (self.sock in events)
@@ -297,6 +298,17 @@ class Agent:
                 self._reload_requested = False
                 self._reload()
             self._housekeeping()
+
+    def _publish(self) -> None:
+        """Publish the index's changes in steps, answering any request that arrives
+        meanwhile first: a pin that follows a commit does not wait for the commit's
+        keys to reach the shared index."""
+        sock = self.sock
+        assert sock is not None
+        while self.index.changes:
+            self.cache.publish(_PUBLISH_STEP)
+            if self.index.changes and int(sock.getsockopt(_EVENTS)) & _POLLIN:
+                self._drain_socket(first_ready=False)
 
     def _poll_timeout_ms(self) -> int:
         busy = self.cache.busy() or (self.fleet is not None and self.fleet.busy())
@@ -317,13 +329,13 @@ class Agent:
         except (BlockingIOError, OSError):
             pass
 
-    def _drain_socket(self) -> None:
+    def _drain_socket(self, first_ready: bool = True) -> None:
         sock = self.sock
         assert sock is not None
         for i in range(_RECV_BATCH_MAX):
-            # The poll said readable, so the first message is there; after it EVENTS is
-            # cheaper than a recv that raises Again once the queue is empty.
-            if i and not int(sock.getsockopt(_EVENTS)) & _POLLIN:
+            # When the poll said readable, the first message is there; after it EVENTS
+            # is cheaper than a recv that raises Again once the queue is empty.
+            if (i or not first_ready) and not int(sock.getsockopt(_EVENTS)) & _POLLIN:
                 return
             try:
                 frames = self._recv(sock)

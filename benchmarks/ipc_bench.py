@@ -8,7 +8,10 @@ same sizes; a raw pyzmq ipc DEALER/ROUTER echo of the lookup's frame sizes betwe
 processes), interleaved with what it is compared to, over several repeats: figures are
 medians over the repeats, with their min and max. Puts are reserve + copy + commit,
 gets are pin + copy + release, batched as a vLLM step would (``batch_bytes`` per round
-trip pair).
+trip pair). As in the connector, the commit and the release are sent without waiting
+for their answer: the agent still applies them in order, so a put's commit is done
+before the get's pin is answered (its cost lands in the get, not outside the timing).
+The lookup and its echo are called in turns, so both see the same scheduling.
 """
 
 from __future__ import annotations
@@ -135,7 +138,7 @@ def put_get_gbps(c: AgentClient, size: int, batch: int, reps: int, tag: int) -> 
             for off, n in slot.extents:
                 arena[off : off + n] = src[pos : pos + n]
                 pos += n
-        c.commit(keys)
+        c.commit_async(keys)  # as the connector's saves do: the answer is read later
         t1 = time.perf_counter()
         pins = c.pin(keys)
         for (st, slot), o in zip(pins, out):

@@ -406,7 +406,7 @@ class KVNodeConnector(KVConnectorBase_V1, SupportsHMA):
         side = self._sched if self._sched is not None else self._worker
         if side is None:
             return None
-        data = side.stats.take()
+        data = side.take_stats()
         if not any(data.values()):
             return None
         self._account(data)

@@ -24,10 +24,10 @@ class _SummedStats:
     def __init__(self, workers: list[WorkerSide]) -> None:
         self._workers = workers
 
-    def take(self) -> dict[str, float]:
+    def take(self, wait: bool = False) -> dict[str, float]:
         out: dict[str, float] = {}
         for w in self._workers:
-            for k, v in w.stats.take().items():
+            for k, v in w.take_stats(wait).items():
                 out[k] = out.get(k, 0) + v
         return out
 
@@ -41,6 +41,9 @@ class GroupWorkers:
         self.chunk_nbytes = sum(w.chunk_nbytes for w in self.workers.values())
         self._finished: set[str] = set()
         self._failed: set[str] = set()
+
+    def take_stats(self, wait: bool = False) -> dict[str, float]:
+        return self.stats.take(wait)
 
     def load(self, loads: dict[str, list[ChunkOp]]) -> None:
         for gid, worker in self.workers.items():

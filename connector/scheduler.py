@@ -174,6 +174,9 @@ class SchedulerSide:
         self._index: ShmIndexReader | None = None
         self._index_retry_s = 0.0
 
+    def take_stats(self, wait: bool = False) -> dict[str, float]:
+        return self.stats.take()
+
     # ------------------------------------------------------------------ setup
     def set_namespaces(
         self,

@@ -121,6 +121,9 @@ class WorkerSide:
         # Chunks committed since the connector last took them (vLLM's KV events, when
         # ``keep_stored``); a connector that never takes them keeps only the latest.
         self._stored: deque[ChunkOp] = deque(maxlen=STORED_KEPT_MAX)
+        # Commits are sent without waiting; their answers land here (from whichever
+        # thread reads them) and are counted by this thread in _settle().
+        self._answers: deque[tuple[list[ChunkOp], list[Status] | None]] = deque()
 
     # ------------------------------------------------------------------ setup
     def register(
@@ -194,6 +197,7 @@ class WorkerSide:
         if not loads or not self.layers:
             return
         t0 = time.perf_counter()
+        self._settle()
         work = [(rid, op) for rid, ops in loads.items() for op in ops]
         failed_from: dict[str, int] = {}  # req_id -> index of its first failed chunk
         try:
@@ -321,6 +325,7 @@ class WorkerSide:
         if not saves or not self.layers:
             return
         t0 = time.perf_counter()
+        self._settle()
         ops = [op for ops in saves.values() for op in ops]
         try:
             for i in range(0, len(ops), self.keys_per_call_max):
@@ -366,23 +371,47 @@ class WorkerSide:
 
     def _commit(self, client: Any, done: list[ChunkOp], sums: list[int]) -> None:
         """Commit the written chunks with their parents and tokens (the agent's KV
-        events); the committed ones are kept for vLLM's own event stream."""
+        events), without waiting: the answer is counted (and the committed chunks kept
+        for vLLM's own event stream) when it is read; see ``_settle``."""
         r = self.rank
-        statuses = client.commit(
+        client.commit_async(
             [op.keys[r] for op in done],
             sums,
             parents=[op.parents[r] if op.parents else b"" for op in done],
             tokens=[op.tokens for op in done],
+            on_done=lambda statuses: self._answers.append((done, statuses)),
         )
-        ok = [op for op, s in zip(done, statuses, strict=True) if s == Status.OK]
-        self.stats.save_chunks += len(ok)
-        self.stats.save_bytes += len(ok) * self.chunk_nbytes
-        self.stats.save_errors += len(done) - len(ok)
-        if self.keep_stored:
-            self._stored.extend(ok)
+
+    def _settle(self, wait: bool = False) -> None:
+        """Count the commit answers read so far; with ``wait``, first read those still
+        on their way (bounded by the client's timeout)."""
+        if wait:
+            try:
+                self.link.call(lambda c: c.flush())
+            except KVNodeError:
+                pass  # the link went down: its client answered the rest with None
+        while self._answers:
+            done, statuses = self._answers.popleft()
+            if statuses is None:  # refused, or the connection went: unconfirmed
+                self.stats.save_errors += len(done)
+                continue
+            ok = [op for op, s in zip(done, statuses, strict=True) if s == Status.OK]
+            self.stats.save_chunks += len(ok)
+            self.stats.save_bytes += len(ok) * self.chunk_nbytes
+            self.stats.save_errors += len(done) - len(ok)
+            if self.keep_stored:
+                self._stored.extend(ok)
+
+    def take_stats(self, wait: bool = False) -> dict[str, float]:
+        """The figures since the last call. Commits whose answer has not been read yet
+        count at a later call, unless ``wait``."""
+        self._settle(wait)
+        return self.stats.take()
 
     def take_stored(self) -> list[ChunkOp]:
-        """Chunks committed since the last call (at most ``STORED_KEPT_MAX``)."""
+        """Chunks committed since the last call (at most ``STORED_KEPT_MAX``): the
+        step's commit answers are waited for, so its events go out with the step."""
+        self._settle(wait=True)
         out = list(self._stored)
         self._stored.clear()
         return out

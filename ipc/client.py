@@ -94,7 +94,7 @@ class AgentClient:
         self._hb_stop = threading.Event()
         # rid -> what was sent, for calls whose reply is read later (heartbeats, and
         # release/abort/drop with wait=False): any later receive absorbs those replies.
-        self._posted: dict[int, str] = {}
+        self._posted: dict[int, tuple[str, Callable[[Any], None] | None]] = {}
         self._stale_seen = False  # a posted call was answered "register again"
         self.posted_errors = 0  # posted calls the agent answered with an error
         self._on_map = on_map
@@ -148,7 +148,10 @@ class AgentClient:
 
     def _reset_socket(self) -> None:
         self._rcvtimeo = -2  # unknown: set before the next receive
-        self._posted.clear()  # their replies went with the socket
+        posted, self._posted = self._posted, {}  # their replies went with the socket
+        for _kind, on_reply in posted.values():
+            if on_reply is not None:
+                _notify(on_reply, None)  # no answer will come
         self._stale_seen = False
         if self._sock is not None:
             self._sock.close(0)
@@ -227,6 +230,8 @@ class AgentClient:
             if self._closed:
                 return
             self._hb_stop.set()
+            if any(cb is not None for _kind, cb in self._posted.values()):
+                self.flush(min(self.timeout_s, 0.5))  # answers someone waits to hear
             if self._client_id and self._sock is not None:
                 rid = next(self._rid)
                 try:
@@ -313,8 +318,13 @@ class AgentClient:
     def _absorb(self, rep: Any) -> None:
         """Take the reply to a call sent without waiting; others are late replies to
         timed-out calls, dropped."""
-        kind = self._posted.pop(rep.rid, None)
-        if kind is None or not isinstance(rep, P.Error):
+        item = self._posted.pop(rep.rid, None)
+        if item is None:
+            return
+        kind, on_reply = item
+        if on_reply is not None:
+            _notify(on_reply, rep)
+        if not isinstance(rep, P.Error):
             return
         if rep.code in _REREGISTER:
             self._stale_seen = True  # the next call or heartbeat registers again
@@ -322,11 +332,13 @@ class AgentClient:
             self.posted_errors += 1
             log.warning("%s refused by the agent: %s", kind, rep.message)
 
-    def _post(self, kind: str, make: Any) -> None:
+    def _post(self, kind: str, make: Any, on_reply: Callable[[Any], None] | None = None) -> None:
         """Send ``make(rid, client_id, generation)`` and return without waiting: its
-        reply is read (errors counted in ``posted_errors`` and logged) by the next call
-        or heartbeat. For calls whose answer changes nothing for the caller: release,
-        abort, drop. Never resent: like their waiting forms, they belong to the
+        reply is read (errors counted in ``posted_errors`` and logged) by the next call,
+        heartbeat or ``flush``, which hands it to ``on_reply`` (``None`` when the
+        connection went before an answer came). ``on_reply`` runs on the thread that
+        reads the reply, under the client's lock: it must be quick and not call the
+        client. Never resent: like their waiting forms, posted calls belong to the
         registration they were sent in."""
         with self._lock:
             self._ensure()
@@ -345,12 +357,33 @@ class AgentClient:
             except zmq.ZMQError as exc:
                 self._lost()
                 raise AgentUnavailable(f"cannot reach agent at {self.endpoint}: {exc}") from exc
-            posted = self._posted
-            posted[rid] = kind
-            if len(posted) > _POSTED_MAX:
-                del posted[next(iter(posted))]  # a reply that never came: bound the books
-            if len(posted) > 64:
+            self._book(rid, kind, on_reply)
+            if len(self._posted) > 64:
                 self._drain_posted()  # a caller that only posts still reads its replies
+
+    def _book(self, rid: int, kind: str, on_reply: Callable[[Any], None] | None) -> None:
+        posted = self._posted
+        posted[rid] = (kind, on_reply)
+        if len(posted) > _POSTED_MAX:
+            # the oldest reply never came (it went with an earlier agent): bound the books
+            _kind, lost = posted.pop(next(iter(posted)))
+            if lost is not None:
+                _notify(lost, None)
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait (at most ``timeout_s``) until every posted call's reply has been read.
+        True when none is outstanding."""
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        with self._lock:
+            while self._posted and self._sock is not None:
+                left_ms = int((deadline - time.monotonic()) * 1000)
+                if left_ms <= 0 or not self._sock.poll(left_ms):
+                    return False
+                try:
+                    self._absorb(P.decode_reply(self._sock.recv(zmq.NOBLOCK)))
+                except (zmq.ZMQError, ProtocolError):
+                    return False
+            return not self._posted
 
     def _drain_posted(self) -> None:
         """Read the replies already here (no wait), under the lock."""
@@ -409,9 +442,7 @@ class AgentClient:
         if not self._client_id or self._sock is None:
             return
         rid = next(self._rid)
-        if len(self._posted) > _POSTED_MAX:
-            self._posted.clear()  # replies that never came: bound the books
-        self._posted[rid] = "heartbeat"
+        self._book(rid, "heartbeat", None)
         try:
             self._sock.send(
                 P.encode(P.Heartbeat(rid, self._client_id, self._generation)), zmq.NOBLOCK
@@ -449,12 +480,29 @@ class AgentClient:
     ) -> list[Status]:
         """Make reserved entries readable. ``parents``/``tokens`` (optional, per key)
         feed the agent's KV events: the previous chunk's key and the chunk's tokens."""
-        keys = list(keys)
-        sums = list(checksums) if checksums is not None else [0] * len(keys)
-        par = list(parents) if parents is not None else []
-        toks = [list(t) for t in tokens] if tokens is not None else []
-        rep = self._call(lambda r, c, g: P.CommitReq(r, c, g, keys, sums, par, toks), retry=False)
+        rep = self._call(_commit_req(keys, checksums, parents, tokens), retry=False)
         return [_STATUS[s] for s in rep.status]
+
+    def commit_async(
+        self,
+        keys: Sequence[bytes],
+        checksums: Sequence[int] | None = None,
+        parents: Sequence[bytes] | None = None,
+        tokens: Sequence[Sequence[int]] | None = None,
+        on_done: Callable[[list[Status] | None], None] | None = None,
+    ) -> None:
+        """``commit`` without waiting for the answer: a store's last call ends one
+        round trip sooner. ``on_done`` gets the per-key statuses, or None when the agent
+        refused the call or the connection went first, on the thread that reads the
+        reply (the next call, a heartbeat or ``flush``; see ``_post``)."""
+        n = len(keys)
+
+        def answered(rep: Any) -> None:
+            if on_done is not None:
+                ok = isinstance(rep, P.StatusRep) and len(rep.status) == n
+                on_done([_STATUS[s] for s in rep.status] if ok else None)
+
+        self._post("commit", _commit_req(keys, checksums, parents, tokens), answered)
 
     def abort(self, keys: Sequence[bytes], wait: bool = True) -> None:
         """Give up reservations. ``wait=False``: do not wait for the reply (see ``_post``)."""
@@ -566,3 +614,23 @@ class AgentClient:
             if checksum(data) != slot.checksum:
                 raise ChecksumError(f"entry {key.hex()} failed its checksum")
         return data
+
+
+def _commit_req(
+    keys: Sequence[bytes],
+    checksums: Sequence[int] | None,
+    parents: Sequence[bytes] | None,
+    tokens: Sequence[Sequence[int]] | None,
+) -> Callable[[int, int, int], P.CommitReq]:
+    keys = list(keys)
+    sums = list(checksums) if checksums is not None else [0] * len(keys)
+    par = list(parents) if parents is not None else []
+    toks = [list(t) for t in tokens] if tokens is not None else []
+    return lambda r, c, g: P.CommitReq(r, c, g, keys, sums, par, toks)
+
+
+def _notify(on_reply: Callable[[Any], None], rep: Any) -> None:
+    try:
+        on_reply(rep)
+    except Exception:
+        log.exception("reply callback failed")

@@ -272,3 +272,36 @@ def test_states_answers_committed_only_on_both_paths() -> None:
     idx.drop(b"committed")
     assert idx.states(mixed) == [0, 0, 0, 0, 0]
     idx.check()
+
+
+def test_take_changes_in_steps_keeps_order_and_the_rest() -> None:
+    idx = Index(16 * PAGE, PAGE, "lru")
+    keys = [bytes([i]) * 16 for i in range(5)]
+    for k in keys:
+        idx.reserve(k, PAGE, 1)
+        idx.commit(k, 1)
+    idx.drop(keys[0])
+    want = [(True, k) for k in keys] + [(False, keys[0])]
+    got = idx.take_changes(2) + idx.take_changes(3)
+    assert idx.changes == [(False, keys[0])]
+    got += idx.take_changes(10)
+    assert got == want and idx.take_changes() == [] and idx.take_changes(1) == []
+
+
+def test_reserve_many_carves_one_run_and_answers_like_reserve() -> None:
+    idx = Index(16 * PAGE, PAGE, "lru")
+    idx.reserve(b"k1" * 8, PAGE, 1)
+    keys = [b"k0" * 8, b"k1" * 8, b"k2" * 8]
+    out = idx.reserve_many(keys, 2 * PAGE + 1, owner=2, groups=[b"g" * 16] * 3)
+    assert out is not None
+    assert [o for o, _ in out] == [Status.OK, Status.EXISTS, Status.OK]
+    e0, e2 = out[0][1], out[2][1]
+    assert e0 is not None and e2 is not None and out[1][1] is None
+    assert e0.pages[0][0] + 3 == e2.pages[0][0]  # side by side, 3 pages each
+    assert idx.groups[b"g" * 16] == {keys[0], keys[2]}
+    assert idx.reserve_many([b"x" * 16, b"x" * 16], PAGE, 2) is None  # duplicate keys
+    assert idx.reserve_many([b"y" * 16, b"z" * 16], 8 * PAGE, 2) is None  # no run fits
+    idx.check()
+    assert idx.commit(keys[0], 2) == Status.OK and idx.commit(keys[2], 2) == Status.OK
+    idx.drop(keys[0])
+    idx.check()

@@ -134,7 +134,7 @@ def test_hooks_follow_two_agent_restarts(agent_dir: list[AgentProcess]) -> None:
             assert client_of(link).buffer is rec.buffers[-1], "registered != mapped"
             ops = [ChunkOp(i, (key(round_, i),), (2 * i + 1, 2 * i + 2)) for i in range(8)]
             w.save({"r": ops})
-            assert w.stats.take()["save_chunks"] == 8
+            assert w.take_stats(wait=True)["save_chunks"] == 8
             until(lambda: reach(reader), "the reader did not reach the agent")
             for o in ops:
                 assert reader.get(o.keys[0]) == payload(kv, o.block_ids), f"round {round_}"

@@ -101,7 +101,7 @@ def test_worker_keeps_nothing_unless_asked() -> None:
     link = Link(ArenaClient())
     w = make_worker(link, caches(2))
     w.save({"r": [_op(0, (3, 7), b"")]})
-    assert w.stats.save_chunks == 1 and w.take_stored() == []
+    assert w.take_stats(wait=True)["save_chunks"] == 1 and w.take_stored() == []
 
 
 # ---------------------------------------------------------------- vLLM's types

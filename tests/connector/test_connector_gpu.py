@@ -98,7 +98,7 @@ def test_registration_follows_two_agent_restarts(tmp_path: Path) -> None:
             assert _pinned(buf), f"round {round_}: the mapped arena is not registered"
             ops = [ChunkOp(i, (os.urandom(16),), (2 * i + 5, 2 * i + 6)) for i in range(CHUNKS)]
             ws.save({"r": ops})
-            assert ws.stats.take()["save_chunks"] == CHUNKS
+            assert ws.take_stats(wait=True)["save_chunks"] == CHUNKS
             _until(lambda: _reach(reader), "the reader did not reach the agent")
             for o in ops:
                 assert reader.get(o.keys[0]) == _expected(src, o.block_ids), f"round {round_}"

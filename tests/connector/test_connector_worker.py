@@ -34,6 +34,7 @@ class ArenaClient:
         self.pinned: list[bytes] = []
         self.dropped: list[bytes] = []
         self.commits: list[tuple[list[bytes], Any, Any]] = []  # (keys, parents, tokens)
+        self.unanswered: list[tuple[Any, list[int]]] = []  # commit_async answers not read
 
     def _alloc(self, n: int) -> list[tuple[int, int]]:
         if not self.split:
@@ -70,6 +71,24 @@ class ArenaClient:
             self.entries[k][1] = True
             self.entries[k][0].checksum = c
         return [Status.OK] * len(keys)
+
+    def commit_async(
+        self,
+        keys: list[bytes],
+        checksums: list[int],
+        parents: list[bytes] | None = None,
+        tokens: list[Any] | None = None,
+        on_done: Any = None,
+    ) -> None:
+        # Applied at once, as the agent does; the answer is read later (flush).
+        statuses = self.commit(keys, checksums, parents, tokens)
+        self.unanswered.append((on_done, statuses))
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        while self.unanswered:
+            on_done, statuses = self.unanswered.pop(0)
+            on_done(statuses)
+        return True
 
     def abort(self, keys: list[bytes]) -> None:
         for k in keys:
@@ -134,7 +153,7 @@ def _roundtrip(split: bool, device: str = "cpu") -> None:
     src_kv, dst_kv = caches(1, device), caches(2, device)
     src, dst = worker(link, src_kv), worker(link, dst_kv)
     src.save({"r": [op(0, (3, 7)), op(1, (8, 9))]})
-    assert src.stats.save_chunks == 2
+    assert src.take_stats(wait=True)["save_chunks"] == 2
     # Saving again: the agent has them (EXISTS), nothing is written.
     src.save({"r": [op(0, (3, 7))]})
     assert src.stats.save_exists == 1
@@ -276,3 +295,23 @@ def test_cpu_copies_never_use_torch_copy(split: bool, monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(torch.Tensor, "copy_", refuse)
     _roundtrip(split=split)
+
+
+def test_commit_answers_are_counted_when_read() -> None:
+    """Commits go out without waiting: a save counts them once their answer is read
+    (at the next save or load, or when asked to wait), and an answer that never comes
+    (the connection went) counts as an error, not as a stored chunk."""
+    link = Link(ArenaClient())
+    w = worker(link, caches(1))
+    w.save({"r": [op(0, (3, 7)), op(1, (8, 9))]})
+    assert w.stats.save_chunks == 0  # the answer has not been read yet
+    link.client.flush()  # the client reads it (e.g. with the next call)...
+    w.save({"r": [op(2, (10, 11))]})  # ...and the next save counts it
+    assert w.stats.save_chunks == 2
+    stats = w.take_stats(wait=True)
+    assert stats["save_chunks"] == 3 and stats["save_errors"] == 0
+    w.save({"r": [op(3, (12, 13))]})
+    on_done, _ = link.client.unanswered.pop()
+    on_done(None)  # refused, or the socket closed before the answer
+    stats = w.take_stats()
+    assert stats["save_chunks"] == 0 and stats["save_errors"] == 1

@@ -84,3 +84,48 @@ def test_posted_call_after_an_agent_restart_reregisters_at_the_next_call(
     finally:
         c.close()
         agent.stop()
+
+
+def test_commit_async_answers_through_its_callback(client: AgentClient) -> None:
+    answers: list[object] = []
+    res = client.reserve(KEYS[:3], [4096] * 3)
+    assert all(s == Status.OK for s, _ in res)
+    for (_, slot), k in zip(res, KEYS[:3]):
+        assert slot is not None
+        client.write(slot, k * 256)
+    # One of ours, and one nobody reserved: answered per key, not refused whole.
+    client.commit_async([KEYS[0], KEYS[1], KEYS[7]], on_done=answers.append)
+    assert answers == []  # nothing read yet
+    assert client.lookup(KEYS[:2]) == [Lookup.HIT] * 2  # applied before this call
+    assert answers == [[Status.OK, Status.OK, Status.NOT_FOUND]]
+    client.commit_async([KEYS[2]], on_done=answers.append)
+    assert client.flush(2.0) is True
+    assert answers[-1] == [Status.OK]
+
+
+def test_commit_async_without_an_answer_reports_none(runtime_dir: Path) -> None:
+    agent = AgentProcess(runtime_dir).start()
+    c = AgentClient(runtime_dir, name="posted", timeout_s=1.0, retry_interval_s=0.05)
+    answers: list[object] = []
+    try:
+        [(st, slot)] = c.reserve(KEYS[:1], [4096])
+        assert st == Status.OK and slot is not None
+        agent.proc.send_signal(19)  # SIGSTOP: the agent takes it but never answers
+        c.commit_async(KEYS[:1], on_done=answers.append)
+        assert c.flush(0.3) is False and answers == []
+        agent.kill()
+        agent.stop()
+        c.close()  # the connection goes: the answer never will come
+        assert answers == [None]
+    finally:
+        c.close()
+        agent.stop()
+
+
+def test_close_waits_briefly_for_answers_someone_waits_for(client: AgentClient) -> None:
+    answers: list[object] = []
+    [(st, slot)] = client.reserve(KEYS[:1], [4096])
+    assert st == Status.OK and slot is not None
+    client.commit_async(KEYS[:1], on_done=answers.append)
+    client.close()
+    assert answers == [[Status.OK]]
