@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import resource
 import stat
 from pathlib import Path
 
@@ -20,6 +21,27 @@ from kvnode.errors import ArenaError
 from kvnode.ipc.segment import Segment, group_id
 
 log = logging.getLogger("kvnode.agent")
+
+
+FD_LIMIT_WANTED = 1 << 16  # connections, tier files, pidfds: one per client at least
+
+
+def raise_fd_limit(wanted: int = FD_LIMIT_WANTED) -> int:
+    """Raise the soft open-file limit towards ``wanted`` (never above the hard limit):
+    every client connection and its process handle take a descriptor, and the usual
+    soft default (1,024) would refuse connections long before ``clients_max``.
+    Returns the soft limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, exc)
+    if soft != resource.RLIM_INFINITY and soft < 4096:
+        log.warning("open-file limit is %d: clients beyond a few hundred will be refused", soft)
+    return int(soft)
 
 
 class RuntimeDir:

@@ -12,6 +12,7 @@ from kvnode.agent import sdnotify
 from kvnode.agent.config import Config, format_size, load_config
 from kvnode.agent.logs import parse_level, set_level
 from kvnode.agent.metrics import AgentStatsSource, MetricsServer
+from kvnode.agent.runtime import raise_fd_limit
 from kvnode.agent.server import Agent, StopRequested
 from kvnode.errors import ArenaError, ConfigError, KVNodeError
 
@@ -24,6 +25,7 @@ def run_agent(cfg: Config, reload_config: Callable[[], Config] | None = None) ->
     ``reload_config`` re-reads the configuration on SIGHUP (the CLI passes its own
     loader); without it the file and flags recorded in ``cfg.sources`` are read again.
     """
+    log.info("open-file limit %d", raise_fd_limit())
     agent = Agent(cfg)
     # Signals first: a SIGTERM during a multi-GiB pre-fault must still unlink it.
     agent.install_signal_handlers()

@@ -105,3 +105,47 @@ def test_agent_makes_its_own_directory_inside_a_world_writable_parent(tmp_path: 
     finally:
         p.send_signal(signal.SIGTERM)
         p.communicate(timeout=30)
+
+
+def _low_fd_limit() -> None:
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+
+def test_agent_raises_a_low_open_file_limit_and_serves_past_it(tmp_path: Path) -> None:
+    """Started with a soft limit of 256 open files (a container's default can be this
+    low), the agent raises it and registers more clients than 256 descriptors hold."""
+    import resource
+
+    from kvnode.ipc.client import AgentClient
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1024:
+        pytest.skip(f"the hard open-file limit here is {hard}: nothing to raise it to")
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [*KVNODE, "agent", "--runtime-dir", str(run), "--cpu-bytes", "64MiB",
+         "--set", "agent.clients_max=1000"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_low_fd_limit,
+    )  # fmt: skip
+    clients: list[AgentClient] = []
+    try:
+        deadline = time.monotonic() + 20
+        while not (run / "agent.sock").exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        limits = Path(f"/proc/{proc.pid}/limits").read_text()
+        soft = next(ln.split()[3] for ln in limits.splitlines() if ln.startswith("Max open files"))
+        assert soft == "unlimited" or int(soft) >= min(1 << 16, int(hard))
+        for i in range(300):  # each takes a connection and a process handle: > 256 fds
+            c = AgentClient(run, name=f"c{i}", timeout_s=5.0, heartbeat=False)
+            c.connect()
+            clients.append(c)
+        assert clients[0].stats()["clients"] >= 300
+    finally:
+        for c in clients:
+            c.close()
+        proc.terminate()
+        proc.wait(30)
