@@ -165,7 +165,10 @@ class Agent:
             self.cfg.agent.group,
             self.generation,
         )
-        self.published.set_lower_tiers(self.lower_tiers())
+        tiers = self.cache.tiers.tiers if self.cache.tiers is not None else []
+        disk = next((t.store for t in tiers if t.name == "disk"), None)
+        unlisted = bool(self.cfg.peers.seeds) or any(t.name != "disk" for t in tiers)
+        self.published.set_lower(disk, unlisted, self.cfg.disk.bytes // self.cfg.arena.page_bytes)
         self.cache.listeners.append(self.published)
         self.index_segment = self.published.name
 
@@ -183,10 +186,6 @@ class Agent:
         self.handlers.fleet = fleet
         if fleet.listener is not None:
             self.cache.listeners.append(fleet.listener)
-
-    def lower_tiers(self) -> bool:
-        """True when a key the arena lacks may still be found (disk, S3, peers)."""
-        return self.cache.tiers is not None or bool(self.cfg.peers.seeds)
 
     def wake(self) -> None:
         """Wake the loop from another thread or a signal handler."""
@@ -386,6 +385,8 @@ class Agent:
         if now >= self._next_lease_check:
             self._next_lease_check = now + _LEASE_CHECK_S
             self._expire_leases()
+        if self.published is not None:
+            self._guard(self.published.sync_lower)  # before the arena's changes go out
         self.cache.publish()
         if self.published is not None:
             self.published.touch()

@@ -1,7 +1,8 @@
 """Local data path through a real agent: put/get throughput against memcpy, batched
 lookup latency against a raw ZeroMQ request/reply and against the shared index,
-lookup tail latency with 1000 idle clients registered, and ops/s with 4 client
-processes.
+lookup tail latency with 1000 idle clients registered, ops/s with 4 client processes,
+and a no-hit lookup with a disk tier (asked of the agent, and answered from the shared
+index plus the disk listing).
 
 Prints one JSON object. Each reference is measured in the same run (numpy copy of the
 same sizes; a raw pyzmq ipc DEALER/ROUTER echo of the lookup's frame sizes between two
@@ -36,7 +37,13 @@ import zmq
 from kvnode.errors import KVNodeError
 from kvnode.ipc import protocol as P
 from kvnode.ipc.client import AgentClient, Status
-from kvnode.ipc.shmindex import ShmIndexReader, ShmIndexWriter, capacity_for
+from kvnode.ipc.shmindex import (
+    LOWER_LISTED,
+    ShmIndexReader,
+    ShmIndexWriter,
+    capacity_for,
+    listing_name,
+)
 
 MiB = 1 << 20
 ARENA = "1GiB"
@@ -292,6 +299,51 @@ def wait_clients(c: AgentClient, at_most: int, timeout_s: float = 30.0) -> None:
 
 
 # ---------------------------------------------------------------- the shared index
+def disk_miss_repeats(tmp: Path, repeats: int, n: int) -> dict[str, object]:
+    """Unique prompts with a disk tier: a 64-key lookup where nothing is cached, asked
+    of the agent (what a scheduler had to do whenever a lower tier existed) and
+    answered from the arena's index plus the disk listing (what it does now when the
+    disk is the only lower tier), called in turns."""
+    agent = Agent(
+        tmp / "run-disk",
+        {"disk.path": str(tmp / "disk"), "disk.bytes": str(1 << 30), "arena.page_bytes": "65536"},
+    )
+    try:
+        agent.wait()
+        c = AgentClient(agent.runtime_dir, name="bench-disk", timeout_s=10)
+        c.connect()
+        for _ in range(64):  # a disk that holds something
+            assert c.put(os.urandom(16), os.urandom(64 * 1024)) in (Status.OK, Status.EXISTS)
+        idx = ShmIndexReader(c.index_segment)
+        deadline = time.monotonic() + 10
+        while idx.lower_mode != LOWER_LISTED and time.monotonic() < deadline:
+            time.sleep(0.01)
+        listing = ShmIndexReader(listing_name(c.index_segment))
+        keys = lookup_keys()
+
+        def from_shm() -> None:
+            present = idx.contains_many(keys)
+            if idx.lower_mode == LOWER_LISTED and not present.all():
+                listing.contains_many([keys[int(present.argmin())]])
+
+        agent_us, shm_us = [], []
+        for _ in range(repeats):
+            a_lat, s_lat = timed_pair(lambda: c.lookup(keys), from_shm, n)
+            agent_us.append(statistics.median(a_lat) * 1e6)
+            shm_us.append(statistics.median(s_lat) * 1e6)
+        listed = idx.lower_mode == LOWER_LISTED
+        idx.close()
+        listing.close()
+        c.close()
+    finally:
+        agent.stop()
+    return {
+        "disk_lookup64_miss_agent_us_p50": round(statistics.median(agent_us), 1),
+        "disk_lookup64_miss_listed_us_p50": round(statistics.median(shm_us), 1),
+        "disk_listed": listed,
+    }
+
+
 def shm_lookup_us(n: int) -> list[float]:
     """contains_many of 64 keys (half present) on an index sized for the bench's arena
     and filled to its most entries (load factor 0.5), writer and reader in-process."""
@@ -457,6 +509,7 @@ def main() -> None:
             c = AgentClient(agent.runtime_dir, name="bench", timeout_s=10)
             c.connect()
             out = control_repeats(c, tmp, repeats, n)
+            out.update(disk_miss_repeats(tmp, repeats, n))
             out.update(copy_repeats(c, args, repeats))
             keys = lookup_keys()
             p50_after = statistics.median(timed(lambda: c.lookup(keys), n))

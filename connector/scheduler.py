@@ -34,7 +34,7 @@ from kvnode.connector.groups import FULL, CacheGroup, GroupPlan
 from kvnode.connector.keys import Namespace, chunk_keys
 from kvnode.errors import ArenaError, KVNodeError
 from kvnode.ipc.protocol import Lookup
-from kvnode.ipc.shmindex import ShmIndexReader
+from kvnode.ipc.shmindex import LOWER_LISTED, LOWER_NONE, ShmIndexReader, listing_name
 
 log = logging.getLogger("kvnode.connector")
 
@@ -86,6 +86,7 @@ class SchedulerStats:
     lookup_s: float = 0.0
     index_lookups: int = 0  # answered from the shared index
     index_round_trips: int = 0  # of those, the agent asked from the first miss on
+    index_listed_misses: int = 0  # of those, a miss the disk listing made certain
     index_errors: int = 0  # index closed, stale or busy: the agent answered instead
     query_tokens: int = 0
     hit_tokens: int = 0
@@ -173,6 +174,8 @@ class SchedulerSide:
         self._reqs: OrderedDict[str, _Req] = OrderedDict()
         self._index: ShmIndexReader | None = None
         self._index_retry_s = 0.0
+        self._listing: ShmIndexReader | None = None  # the disk tier's keys, when listed
+        self._listing_retry_s = 0.0
 
     def take_stats(self, wait: bool = False) -> dict[str, float]:
         return self.stats.take()
@@ -365,20 +368,74 @@ class SchedulerSide:
         flat = [k for per_rank in zip(*keys, strict=True) for k in per_rank] if keys else []
         try:
             present = reader.contains_many(flat)
-            lower_tiers = reader.lower_tiers
+            lower = reader.lower_mode
         except ArenaError as exc:
             self.stats.index_errors += 1
             log.debug("kvnode: lookup index unusable (%s); asking the agent", exc)
             return None
         self.stats.index_lookups += 1
-        every_rank = present.reshape(len(self.namespaces), n).all(axis=0)
+        by_rank = present.reshape(len(self.namespaces), n)
+        every_rank = by_rank.all(axis=0)
         hits = n if every_rank.all() else int(every_rank.argmin())
         states: list[int] = [Lookup.HIT] * hits
-        if hits == n or not lower_tiers:
+        if hits == n or lower == LOWER_NONE:
+            return states + [Lookup.MISS] * (n - hits)
+        if lower == LOWER_LISTED and not self._listed(reader, keys[hits], by_rank[:, hits]):
+            # The first missing chunk is on neither the arena nor the disk: the prefix
+            # ends there for certain, and nothing the agent could say would extend it.
+            self.stats.index_listed_misses += 1
             return states + [Lookup.MISS] * (n - hits)
         self.stats.index_round_trips += 1
         rest = self._agent_states(keys[hits:])
         return states + (rest if rest is not None else [Lookup.MISS] * (n - hits))
+
+    def _listed(self, reader: ShmIndexReader, chunk: tuple[bytes, ...], in_arena: Any) -> bool:
+        """Whether every rank's entry of ``chunk`` is in the arena or listed on disk
+        (True, "ask the agent", also when the listing cannot be read)."""
+        listing = self._listing_for(reader)
+        if listing is None:
+            return True
+        want = [k for k, here in zip(chunk, in_arena.tolist(), strict=True) if not here]
+        try:
+            listed = bool(listing.contains_many(want).all())
+        except ArenaError as exc:
+            log.debug("kvnode: disk listing unusable (%s); asking the agent", exc)
+            return True
+        # contains_many may have remapped the name to a newer agent's listing
+        return listed or listing.generation != reader.generation
+
+    def _listing_for(self, reader: ShmIndexReader) -> ShmIndexReader | None:
+        """The reader of the disk listing next to ``reader``'s index, of the same
+        agent generation; None when there is none to trust."""
+        listing = self._listing
+        name = listing_name(reader.name)
+        if listing is not None and (
+            listing.name != name or listing.generation != reader.generation
+        ):
+            if (
+                listing.name == name
+                and listing.reopen()
+                and listing.generation == reader.generation
+            ):
+                return listing
+            listing.close()
+            self._listing = listing = None
+        if listing is None:
+            now = self.clock()
+            if now < self._listing_retry_s:
+                return None
+            try:
+                listing = ShmIndexReader(name)
+            except ArenaError as exc:
+                self._listing_retry_s = now + INDEX_RETRY_S
+                log.debug("kvnode: disk listing not readable (%s)", exc)
+                return None
+            if listing.generation != reader.generation:
+                listing.close()
+                self._listing_retry_s = now + INDEX_RETRY_S
+                return None
+            self._listing = listing
+        return listing
 
     def _agent_states(self, keys: list[tuple[bytes, ...]]) -> list[int] | None:
         """One batched lookup round trip for all ranks; None when it fails."""
@@ -554,6 +611,9 @@ class SchedulerSide:
         if self._index is not None:
             self._index.close()
             self._index = None
+        if self._listing is not None:
+            self._listing.close()
+            self._listing = None
 
 
 def _narrow(end: int, pending: bool, run: tuple[int, bool]) -> tuple[int, bool]:

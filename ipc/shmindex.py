@@ -3,8 +3,10 @@
 The agent's loop thread is the one writer; any number of processes read it without a
 lock and without ever making the writer wait. A reader's hit is a hint: the pin that
 follows confirms it, so a stale hit costs one failed pin, never wrong KV. A reader's
-miss is definitive only while ``lower_tiers`` is off (no disk, S3 or peers could have
-the chunk).
+miss is definitive while ``lower_mode`` is ``LOWER_NONE`` (no disk, S3 or peers could
+have the chunk). With ``LOWER_LISTED`` the disk tier is the only lower tier and its
+keys are published the same way in a second segment (``listing_name``): a key in
+neither is a definitive miss too. ``LOWER_ASK``: ask the agent about misses.
 
 Layout of the POSIX shm segment (little-endian uint64 words)::
 
@@ -68,6 +70,17 @@ _M64 = (1 << 64) - 1
 _MAGIC, _VERSION, _CAPACITY, _GENERATION, _HSEQ, _ACTIVE = 0, 1, 2, 3, 4, 5
 _LOWER, _CLOSED, _HEARTBEAT, _PROBE_MAX, _PID, _PID_NS = 6, 7, 8, 9, 10, 11
 _HEADER_WORDS = HEADER_BYTES // 8
+
+# lower_mode (header word _LOWER): what a miss in this index means. Readers that only
+# know "nonzero: ask" stay correct with every value.
+LOWER_NONE = 0  # nothing below the arena: a miss is definitive
+LOWER_ASK = 1  # S3, peers, or a disk listing not (yet) complete: ask the agent
+LOWER_LISTED = 2  # only the disk, whose keys are all in listing_name(): check there
+
+
+def listing_name(index_name: str) -> str:
+    """The segment that lists the disk tier's keys, next to the arena's index."""
+    return index_name + "-disk"
 
 
 def capacity_for(entries_max: int) -> int:
@@ -151,8 +164,18 @@ class ShmIndexWriter:
 
     def set_lower_tiers(self, on: bool) -> None:
         """On while disk, S3 or peers could hold a key the arena lacks."""
+        self.set_lower_mode(LOWER_ASK if on else LOWER_NONE)
+
+    def set_lower_mode(self, mode: int) -> None:
+        """``LOWER_NONE``, ``LOWER_ASK`` or ``LOWER_LISTED`` (see the module text)."""
+        if mode not in (LOWER_NONE, LOWER_ASK, LOWER_LISTED):
+            raise ValueError(f"unknown lower mode {mode}")
         if not self._closed:
-            self._w[_LOWER] = int(bool(on))
+            self._w[_LOWER] = mode
+
+    @property
+    def lower_mode(self) -> int:
+        return int(self._w[_LOWER])
 
     def touch(self) -> None:
         """Stamp the heartbeat; call at least every second from the writer's loop."""
@@ -262,6 +285,23 @@ class ShmIndexWriter:
         self.probe_max = probe_max
         self.rebuilds += 1
 
+    def replace_all(self, keys: Sequence[bytes]) -> bool:
+        """Publish exactly ``keys`` (a full listing, e.g. after a scan), laid out afresh
+        and flipped to at once. False (nothing changed) when they do not fit."""
+        if self._closed:
+            return False
+        if keys:
+            fps, counts = np.unique(fingerprints(keys), return_counts=True)
+        else:
+            fps, counts = np.zeros(0, np.uint64), np.zeros(0, np.int64)
+        if len(fps) > self.capacity * FILL_MAX:
+            self.full_refusals += 1
+            return False
+        self._refs = dict(zip(fps.tolist(), counts.tolist(), strict=True))
+        self._where = dict.fromkeys(self._refs, 0)  # laid out by _rebuild
+        self._rebuild()
+        return True
+
     # ------------------------------------------------------------------ teardown
     def close(self, unlink: bool = True) -> None:
         """Mark the index closed (readers stop trusting it at once), then unlink and
@@ -337,6 +377,12 @@ class ShmIndexReader:
     @property
     def lower_tiers(self) -> bool:
         return bool(self._h[_LOWER])
+
+    @property
+    def lower_mode(self) -> int:
+        """``LOWER_NONE``/``LOWER_ASK``/``LOWER_LISTED``; an unknown value reads as ask."""
+        mode = int(self._h[_LOWER])
+        return mode if mode in (LOWER_NONE, LOWER_LISTED) else LOWER_ASK
 
     def usable(self) -> bool:
         """Not closed, stamped lately, and (when the reader can see it: the same pid

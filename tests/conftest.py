@@ -97,7 +97,7 @@ class AgentProcess:
 
 def unlink_agent_segments(runtime_dir: Path, env: dict[str, str] | None = None) -> None:
     """Remove what an agent killed without a chance to clean up left in /dev/shm (its
-    arena and lookup index). A clean stop has unlinked them already; a restarted agent
+    arena, lookup index and disk listing). A clean stop has unlinked them already; a restarted agent
     on the same directory would too, but a test's directory is never used again."""
     import posix_ipc
 
@@ -105,7 +105,9 @@ def unlink_agent_segments(runtime_dir: Path, env: dict[str, str] | None = None) 
 
     overrides = {"agent.runtime_dir": str(runtime_dir)}
     name = load_config(env=dict(env or {}), overrides=overrides).segment_name
-    for n in (name, name + "-idx"):
+    from kvnode.ipc.shmindex import listing_name
+
+    for n in (name, name + "-idx", listing_name(name + "-idx")):
         try:
             posix_ipc.unlink_shared_memory(n)
         except posix_ipc.ExistentialError:

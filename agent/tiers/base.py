@@ -16,6 +16,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from kvnode.agent.tiers.format import NO_FINGERPRINT, ChunkMeta
@@ -197,6 +198,12 @@ class TierStore(Protocol):
         disk), or None."""
         ...
 
+    def take_listing(self) -> Listing | None:
+        """For the shared lookup listing: None when the tier cannot list its keys (or
+        not yet: a scan runs); else what changed since the last call, or every key
+        when the listing must be rebuilt (at the first call, and after a gap)."""
+        ...
+
     def set_capacity(self, bytes_max: int) -> int | None:
         """Runtime change of the tier's size (SIGHUP). Returns the previous size, or
         None when this tier has no size of its own (S3)."""
@@ -205,9 +212,21 @@ class TierStore(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass(slots=True)
+class Listing:
+    """A tier's keys for the shared lookup listing: ``full`` (every key: rebuild) or
+    ``changes`` ((True, key) added, (False, key) removed, in order) since the last call."""
+
+    full: list[bytes] | None
+    changes: list[tuple[bool, bytes]]
+
+
 class StatelessStore:
     """The parts of ``TierStore`` for a tier with no local state to recover or size:
     nothing found at start, nothing dropped but on request (S3, the in-memory store)."""
+
+    def take_listing(self) -> Listing | None:
+        return None  # nothing this node could list
 
     def take_changes(self) -> tuple[list[tuple[bytes, ChunkMeta | None]], list[bytes]]:
         return [], []

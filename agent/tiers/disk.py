@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvnode.agent.tiers.base import SlotBuffers, TierStats
+from kvnode.agent.tiers.base import Listing, SlotBuffers, TierStats
 from kvnode.agent.tiers.format import (
     CODEC_NONE,
     HEADER_BYTES,
@@ -56,6 +56,7 @@ DIRECT_ALIGN = 4096
 IOV_MAX = 1024  # buffers per preadv/pwritev call (Linux UIO_MAXIOV)
 RECOVERY_THREADS = 32  # header reads in flight during the start-up scan
 CHANGES_MAX = 65536  # recovered/evicted chunks remembered for KV events between polls
+LISTING_LOG_MAX = 1 << 18  # entry changes kept for the lookup listing between polls
 # While the limit is below disk.bytes, free space is measured again this often (one
 # statvfs): space freed by others is used again within this time, well inside the 30 s
 # the docs promise.
@@ -164,6 +165,10 @@ class DiskStore:
         self._changes_found: deque[tuple[bytes, ChunkMeta | None]] = deque(maxlen=CHANGES_MAX)
         self._changes_gone: deque[bytes] = deque(maxlen=CHANGES_MAX)
         self._gone: set[bytes] = set()  # dropped while the scan ran: not to be re-added
+        # Every change of ``entries``, in order, for the shared lookup listing; past
+        # LISTING_LOG_MAX (nobody took them) the listing is rebuilt from ``entries``.
+        self._listed: list[tuple[bool, bytes]] = []
+        self._relist = True
         for i in range(256):
             self.fs.makedirs(str(self.root / f"{i:02x}"))
         if scan:
@@ -213,6 +218,8 @@ class DiskStore:
             victims = self._make_room(0)
             self.scanning = False
             self._gone.clear()
+            self._relist = True  # the listing starts from the whole index
+            self._listed.clear()
         self._unlink_all(victims)
         self._refresh_limit(force=True)
         self.recovery_s = time.perf_counter() - t0
@@ -308,6 +315,7 @@ class DiskStore:
             self._bytes -= e.file_bytes
             victims.append(self.path_of(key))
             self._changes_gone.append(key)
+            self._list(False, key)
         self.stats.inc("evictions", len(victims))
         return victims
 
@@ -322,6 +330,27 @@ class DiskStore:
     def _unlink_all(self, paths: list[str]) -> None:
         for p in paths:
             self._unlink(p)
+
+    def _list(self, added: bool, key: bytes) -> None:
+        """Record a change of ``entries`` for the listing. Caller holds the lock."""
+        if self._relist:
+            return  # the rebuild reads ``entries`` itself
+        if len(self._listed) >= LISTING_LOG_MAX:
+            self._listed.clear()
+            self._relist = True
+            return
+        self._listed.append((added, key))
+
+    def take_listing(self) -> Listing | None:
+        with self._lock:
+            if self.scanning:
+                return None
+            if self._relist:
+                self._relist = False
+                self._listed.clear()
+                return Listing(list(self.entries), [])
+            changes, self._listed = self._listed, []
+        return Listing(None, changes)
 
     def take_changes(self) -> tuple[list[tuple[bytes, ChunkMeta | None]], list[bytes]]:
         """Chunks the start-up scan found (with their metadata) and chunks evicted to
@@ -363,6 +392,7 @@ class DiskStore:
             if key not in self.entries:
                 self.entries[key] = e
                 self._bytes += e.file_bytes
+                self._list(True, key)
         return e.size
 
     def healthy(self) -> bool:
@@ -411,6 +441,7 @@ class DiskStore:
             self._writing.discard(key)
             self.entries[key] = DiskEntry(slot.size, total)
             self._bytes += total
+            self._list(True, key)
         self.stats.write_done(t0, slot.size)
         return True
 
@@ -553,6 +584,7 @@ class DiskStore:
             e = self.entries.pop(key, None)
             if e is not None:
                 self._bytes -= e.file_bytes
+                self._list(False, key)
 
     def delete(self, key: bytes) -> None:
         self._forget(key)

@@ -405,3 +405,38 @@ def test_index_not_consulted_when_the_agent_is_down(
     publish(writer, s, toks, range(3))
     link.down = True
     assert s.get_num_new_matched_tokens(Req("a", toks), 0) == (0, False)
+
+
+def test_listed_disk_makes_a_miss_certain_and_asks_only_for_listed_chunks(
+    indexed: tuple[SchedulerSide, FakeLink, ShmIndexWriter],
+) -> None:
+    """With the disk listed (its keys in a second segment), a chunk in neither the
+    arena nor the listing ends the prefix without a round trip; a listed one is asked
+    about (the agent promotes it). A listing of another agent generation is not
+    trusted."""
+    from kvnode.ipc.shmindex import LOWER_LISTED, listing_name
+
+    s, link, writer = indexed
+    listing = ShmIndexWriter(listing_name(writer.name), 1024, generation=5)
+    try:
+        writer.set_lower_mode(LOWER_LISTED)
+        toks = tokens(1100)
+        publish(writer, s, toks, range(1))
+        assert s.get_num_new_matched_tokens(Req("a", toks), 0) == (C, False)
+        assert link.client.calls == 0 and s.stats.index_listed_misses == 1
+        # Chunk 1 on disk for one rank, in the arena for the other: ask the agent.
+        per_rank = [chunk_keys(ns, toks, C) for ns in s.namespaces]
+        writer.insert(per_rank[0][1])
+        listing.insert(per_rank[1][1])
+        for ns in s.namespaces:
+            cache(link, ns, toks, range(1, 2), PENDING)
+        assert s.get_num_new_matched_tokens(Req("b", toks), 0) == (None, False)
+        assert link.client.calls == 1 and s.stats.index_round_trips == 1
+        # A listing left by an earlier agent (another generation) is not believed.
+        listing.close()
+        listing = ShmIndexWriter(listing_name(writer.name), 1024, generation=6)
+        s._listing_retry_s = 0.0
+        assert s.get_num_new_matched_tokens(Req("c", tokens(1100, seed=3)), 0) == (0, False)
+        assert link.client.calls == 2  # asked: the listing could not be trusted
+    finally:
+        listing.close()

@@ -339,3 +339,43 @@ def test_a_killed_writers_index_stops_answering_at_once() -> None:
             posix_ipc.unlink_shared_memory(name)
         except posix_ipc.ExistentialError:
             pass
+
+
+def test_replace_all_lists_exactly_the_keys_given(name: str) -> None:
+    w = ShmIndexWriter(name, 256)
+    r = ShmIndexReader(name)
+    try:
+        old = [os.urandom(16) for _ in range(50)]
+        for k in old:
+            assert w.insert(k)
+        new = [os.urandom(16) for _ in range(60)] + old[:5]
+        assert w.replace_all(new)
+        assert r.contains_many(new).all() and not r.contains_many(old[5:]).any()
+        assert w.count == 65 and w.rebuilds == 1
+        w.remove(new[0])
+        assert not r.contains_many([new[0]]).any() and r.contains_many(new[1:]).all()
+        assert not w.replace_all([os.urandom(16) for _ in range(200)])  # > 3/4 full
+        assert r.contains_many(new[1:]).all() and w.full_refusals == 1  # left as it was
+        assert w.replace_all([]) and w.count == 0 and not r.contains_many(new).any()
+    finally:
+        r.close()
+        w.close()
+
+
+def test_lower_mode_is_read_as_written_and_unknown_values_mean_ask(name: str) -> None:
+    w = ShmIndexWriter(name, 256)
+    r = ShmIndexReader(name)
+    try:
+        assert r.lower_mode == S.LOWER_NONE and not r.lower_tiers
+        w.set_lower_mode(S.LOWER_LISTED)
+        assert r.lower_mode == S.LOWER_LISTED and r.lower_tiers  # older readers: ask
+        w.set_lower_tiers(True)
+        assert r.lower_mode == S.LOWER_ASK
+        w._w[S._LOWER] = 7  # a newer writer's value this reader does not know
+        assert r.lower_mode == S.LOWER_ASK
+        with pytest.raises(ValueError):
+            w.set_lower_mode(3)
+        assert S.listing_name(name) != name
+    finally:
+        r.close()
+        w.close()

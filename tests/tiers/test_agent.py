@@ -244,3 +244,54 @@ def test_s3_outage_mid_run(agents, tmp_path, s3_private):
     wait_for(lambda: a.tiers()["s3"]["queue_depth"] == 0, 20)  # nothing stuck behind it
     t = a.tiers()["s3"]
     assert t["errors"] >= 1 and t["dropped"] + t["errors"] >= len(datas)
+
+
+def test_disk_keys_are_listed_for_lookups_without_a_round_trip(agents, tmp_path):
+    """A real agent whose only lower tier is the disk publishes the disk's keys next
+    to the arena's index: a scheduler reading both knows which misses are certain.
+    Keys found at start, written back and dropped are all followed; adding S3 or peers
+    (tiers it cannot list) turns the index back to "ask the agent"."""
+    import hashlib
+
+    from kvnode.ipc.shmindex import LOWER_ASK, LOWER_LISTED, ShmIndexReader, listing_name
+
+    def hkey(i: int) -> bytes:  # chunk keys are content hashes: the index relies on it
+        return hashlib.blake2b(key(i), digest_size=16).digest()
+
+    disk = tmp_path / "disk"
+    env = {"disk_path": str(disk), "disk_write_policy": "write_through"}
+    a = agents(tmp_path / "run", **env)
+    datas = {hkey(i): chunk(i) for i in range(4)}
+    put_all(a.client, datas)
+    wait_for(lambda: a.tiers()["disk"]["entries"] == 4)
+    a.stop()
+    b = agents(tmp_path / "run", **env)
+    c = b.client
+    idx = ShmIndexReader(c.index_segment)
+    listing = ShmIndexReader(listing_name(c.index_segment))
+    try:
+        wait_for(lambda: idx.lower_mode == LOWER_LISTED)
+        assert listing.generation == idx.generation == c.generation
+        assert listing.contains_many(list(datas)).all()  # found by the start-up scan
+        assert not idx.contains_many(list(datas)).any()  # not in the arena
+        other = hkey(99)
+        assert not listing.contains_many([other]).any()
+        assert c.put(other, chunk(99)) == Status.OK  # written through to disk
+        wait_for(lambda: listing.contains_many([other]).all())
+        c.drop([hkey(0)])
+        wait_for(lambda: not listing.contains_many([hkey(0)]).any())
+        assert listing.contains_many([hkey(1), hkey(2), hkey(3), other]).all()
+        assert c.stats()["lookup_index"]["listing_complete"] == 1
+    finally:
+        listing.close()
+        idx.close()
+    b.stop()
+    with_peers = agents(
+        tmp_path / "run2", **env, peers_seeds="tcp://127.0.0.1:9", peers_insecure="true"
+    )
+    idx = ShmIndexReader(with_peers.client.index_segment)
+    try:
+        time.sleep(0.2)
+        assert idx.lower_mode == LOWER_ASK
+    finally:
+        idx.close()

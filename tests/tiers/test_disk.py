@@ -322,3 +322,32 @@ def test_chunk_meta_lives_in_the_header_and_evictions_are_reported(tmp_path) -> 
     again.set_capacity(HEADER_BYTES + 100_000)  # room for one: one goes
     (gone_key,) = again.take_changes()[1]
     assert gone_key in (key(1), key(2)) and again.size_of(gone_key) is None
+
+
+def test_listing_follows_every_change_of_the_books(tmp_path, monkeypatch) -> None:
+    """What the shared lookup listing is built from: nothing while the scan runs, all
+    keys first, then every add and removal in order (writes, evictions, deletes), and
+    all keys again after more changes piled up than are kept."""
+    from kvnode.agent.tiers import disk as disk_mod
+
+    v = os.urandom(100 * KiB)
+    d0 = DiskStore(str(tmp_path), 10 * MiB)
+    assert d0.put(key(0), slot(v), checksum(v))
+    d = DiskStore(str(tmp_path), 10 * MiB, scan=False)
+    assert d.take_listing() is None  # the start-up scan has not run
+    d.recover()
+    first = d.take_listing()
+    assert first is not None and first.full == [key(0)] and first.changes == []
+    assert d.put(key(1), slot(v), checksum(v))
+    d.delete(key(0))
+    d.set_capacity(50 * KiB)  # no room for key 1: evicted
+    got = d.take_listing()
+    assert got is not None and got.full is None
+    assert got.changes == [(True, key(1)), (False, key(0)), (False, key(1))]
+    assert d.take_listing() == disk_mod.Listing(None, [])
+    d.set_capacity(10 * MiB)
+    monkeypatch.setattr(disk_mod, "LISTING_LOG_MAX", 2)
+    for i in range(2, 6):
+        assert d.put(key(i), slot(v), checksum(v))
+    again = d.take_listing()
+    assert again is not None and sorted(again.full or []) == [key(i) for i in range(2, 6)]
