@@ -24,11 +24,13 @@ MEDIUM_ARENA = "CPU"
 
 
 class CacheListener(Protocol):
-    def stored(self, key: bytes, parent: bytes | None, tokens: list[int], medium: str) -> None:
-        """A client committed ``key`` (with its chunk's tokens, when it sent them)."""
-
     def arena_changed(self, changes: list[tuple[bool, bytes]]) -> None:
         """Keys that became readable (True) or left the arena (False), in order."""
+
+
+class StoreListener(Protocol):
+    def stored(self, key: bytes, parent: bytes | None, tokens: list[int], medium: str) -> None:
+        """A client committed ``key`` (with its chunk's tokens, when it sent them)."""
 
 
 class Cache:
@@ -36,7 +38,8 @@ class Cache:
         self.index = index
         self.tiers = tiers
         self.headroom_pages = headroom_pages
-        self.listeners: list[CacheListener] = []
+        self.listeners: list[CacheListener] = []  # what entered and left, per tick
+        self.store_listeners: list[StoreListener] = []  # each client commit, as it happens
         self.tier_errors = 0
         index.write_back = tiers is not None
 
@@ -58,6 +61,9 @@ class Cache:
     def pin(self, key: bytes) -> Entry | None:
         return self.index.pin(key)
 
+    def pin_many(self, keys: list[bytes]) -> list[Entry | None]:
+        return self.index.pin_many(keys)
+
     def unpin(self, key: bytes, count: int = 1) -> None:
         self.index.unpin(key, count)
 
@@ -76,23 +82,35 @@ class Cache:
         """Same-size keys side by side without eviction, or None (see Index)."""
         return self.index.reserve_many(keys, size, owner, groups)
 
-    def commit(
-        self, key: bytes, owner: int, checksum: int, parent: bytes | None, tokens: list[int]
-    ) -> Outcome:
-        st = self.index.commit(key, owner, checksum)
-        if st is not Outcome.OK:
-            return st
-        if parent or tokens:
-            self.index.entries[key].meta = ChunkMeta.of(parent, tokens)
-        if self.tiers is not None:
-            try:
-                self.tiers.on_commit(key)
-            except Exception:
-                self.tier_errors += 1
-                log.exception("write-through hook failed")
-        for li in self.listeners:
-            _call(li.stored, key, parent, tokens, MEDIUM_ARENA)
-        return st
+    def commit_many(
+        self,
+        keys: list[bytes],
+        owner: int,
+        checksums: list[int],
+        parents: list[bytes],
+        tokens: list[list[int]],
+    ) -> list[Outcome]:
+        """Commit ``owner``'s reservations; ``parents``/``tokens`` per key or empty (a
+        parent b"" is none). Committed chunks keep them (KV events, tier headers), go
+        to a write-through tier, and are told to the store listeners."""
+        outs = self.index.commit_many(keys, owner, checksums)
+        entries, tiers, listeners = self.index.entries, self.tiers, self.store_listeners
+        for i, (key, st) in enumerate(zip(keys, outs)):
+            if st is not Outcome.OK:
+                continue
+            parent = (parents[i] or None) if parents else None
+            toks = tokens[i] if tokens else []
+            if parent or toks:
+                entries[key].meta = ChunkMeta.of(parent, toks)
+            if tiers is not None:
+                try:
+                    tiers.on_commit(key)
+                except Exception:
+                    self.tier_errors += 1
+                    log.exception("write-through hook failed")
+            for li in listeners:
+                _call(li.stored, key, parent, toks, MEDIUM_ARENA)
+        return outs
 
     def abort(self, key: bytes, owner: int) -> bool:
         return self.index.abort(key, owner)

@@ -168,19 +168,24 @@ class Handlers:
             raise ClientError(P.ErrCode.BAD_FRAME, "keys and checksums differ in length")
         if (m.parents and len(m.parents) != n) or (m.tokens and len(m.tokens) != n):
             raise ClientError(P.ErrCode.BAD_FRAME, "parents/tokens must match keys in length")
-        out: list[int] = []
-        cache, leases, owner = self.cache, c.leases, c.client_id
-        entries = cache.index.entries
-        parents, tokens = m.parents, m.tokens
-        refused = commits = nbytes = 0
-        for i, (key, csum) in enumerate(zip(m.keys, m.checksums)):
-            if key not in leases:  # not this client's reservation: never commit it
-                out.append(P.Status.BAD_STATE if key in entries else P.Status.NOT_FOUND)
-                refused += 1
-                continue
-            parent = (parents[i] or None) if parents else None
-            st = cache.commit(key, owner, csum, parent, tokens[i] if tokens else [])
-            out.append(_WIRE_STATUS[st])
+        keys, leases = m.keys, c.leases
+        entries = self.cache.index.entries
+        out: list[int] = [P.Status.OK] * n
+        mine = [i for i, key in enumerate(keys) if key in leases]
+        refused = n - len(mine)
+        if refused:
+            for i in set(range(n)).difference(mine):  # not this client's: never commit
+                out[i] = P.Status.BAD_STATE if keys[i] in entries else P.Status.NOT_FOUND
+            pick = lambda xs: [xs[i] for i in mine] if xs else xs  # noqa: E731
+            keys = pick(keys)
+            outs = self.cache.commit_many(
+                keys, c.client_id, pick(m.checksums), pick(m.parents), pick(m.tokens)
+            )
+        else:
+            outs = self.cache.commit_many(keys, c.client_id, m.checksums, m.parents, m.tokens)
+        commits = nbytes = 0
+        for i, key, st in zip(mine, keys, outs, strict=True):
+            out[i] = _WIRE_STATUS[st]
             if st is Outcome.OK:
                 leases.discard(key)
                 commits += 1
@@ -205,11 +210,10 @@ class Handlers:
         self._limit(len(m.keys))
         status: list[int] = []
         slots: list[P.Slot | None] = []
-        pin, pins, pb = self.cache.pin, c.pins, self.page_bytes
+        pins, pb = c.pins, self.page_bytes
         ok, not_found = P.Status.OK, P.Status.NOT_FOUND
         misses = nbytes = 0
-        for key in m.keys:
-            e = pin(key)
+        for key, e in zip(m.keys, self.cache.pin_many(m.keys)):
             if e is None:
                 status.append(not_found)
                 slots.append(None)

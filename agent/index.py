@@ -156,13 +156,24 @@ class Index:
         return key in self.entries
 
     def pin(self, key: bytes) -> Entry | None:
-        e = self.lookup(key)
-        if e is None:
-            return None
-        if e.pins == 0:
-            self.pinned += 1
-        e.pins += 1
-        return e
+        return self.pin_many([key])[0]
+
+    def pin_many(self, keys: list[bytes]) -> list[Entry | None]:
+        """Pin each committed key (recency too); None for the others."""
+        entries, touch, committed = self.entries, self.policy.touch, State.COMMITTED
+        out: list[Entry | None] = []
+        for key in keys:
+            e = entries.get(key)
+            if e is None or e.state is not committed:
+                out.append(None)
+                continue
+            touch(key)
+            e.hits += 1
+            if e.pins == 0:
+                self.pinned += 1
+            e.pins += 1
+            out.append(e)
+        return out
 
     def unpin(self, key: bytes, count: int = 1) -> None:
         e = self.entries.get(key)
@@ -285,17 +296,28 @@ class Index:
         return out
 
     def commit(self, key: bytes, owner: int, checksum: int = 0) -> Outcome:
-        e = self.entries.get(key)
-        if e is None:
-            return Outcome.NOT_FOUND
-        if e.state is not State.RESERVED or e.owner != owner:
-            return Outcome.BAD_STATE
-        e.state = State.COMMITTED
-        e.checksum = checksum
-        self.reserved -= 1
-        self.policy.insert(key)
-        self.changes.append((True, key))
-        return Outcome.OK
+        return self.commit_many([key], owner, [checksum])[0]
+
+    def commit_many(self, keys: list[bytes], owner: int, checksums: list[int]) -> list[Outcome]:
+        """Make ``owner``'s reservations readable, per key: OK, NOT_FOUND, or
+        BAD_STATE (not reserved, or by someone else)."""
+        entries, insert, changes = self.entries, self.policy.insert, self.changes
+        reserved, committed = State.RESERVED, State.COMMITTED
+        out: list[Outcome] = []
+        for key, checksum in zip(keys, checksums, strict=True):
+            e = entries.get(key)
+            if e is None:
+                out.append(Outcome.NOT_FOUND)
+            elif e.state is not reserved or e.owner != owner:
+                out.append(Outcome.BAD_STATE)
+            else:
+                e.state = committed
+                e.checksum = checksum
+                self.reserved -= 1
+                insert(key)
+                changes.append((True, key))
+                out.append(Outcome.OK)
+        return out
 
     def abort(self, key: bytes, owner: int) -> bool:
         e = self.entries.get(key)

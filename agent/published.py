@@ -37,9 +37,6 @@ class PublishedIndex:
         self.listing_complete = False
         self._lower: TierStore | None = None
 
-    def stored(self, key: bytes, parent: bytes | None, tokens: list[int], medium: str) -> None:
-        pass  # arena_changed covers it, promotions included
-
     def arena_changed(self, changes: list[tuple[bool, bytes]]) -> None:
         w = self.writer
         for added, key in changes:

@@ -186,6 +186,7 @@ class Agent:
         self.handlers.fleet = fleet
         if fleet.listener is not None:
             self.cache.listeners.append(fleet.listener)
+            self.cache.store_listeners.append(fleet.listener)
 
     def wake(self) -> None:
         """Wake the loop from another thread or a signal handler."""
