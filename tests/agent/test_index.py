@@ -305,3 +305,25 @@ def test_reserve_many_carves_one_run_and_answers_like_reserve() -> None:
     assert idx.commit(keys[0], 2) == Status.OK and idx.commit(keys[2], 2) == Status.OK
     idx.drop(keys[0])
     idx.check()
+
+
+def test_commit_many_and_pin_many_answer_per_key() -> None:
+    idx = Index(16 * PAGE, PAGE, "lru")
+    for k, owner in ((b"a" * 16, 1), (b"b" * 16, 2), (b"c" * 16, 1)):
+        idx.reserve(k, PAGE, owner)
+    keys = [b"a" * 16, b"b" * 16, b"z" * 16, b"c" * 16]
+    assert idx.commit_many(keys, 1, [5, 6, 7, 8]) == [
+        Status.OK, Status.BAD_STATE, Status.NOT_FOUND, Status.OK,
+    ]  # fmt: skip
+    assert idx.commit_many([b"a" * 16], 1, [9]) == [Status.BAD_STATE]  # committed already
+    assert idx.changes == [(True, b"a" * 16), (True, b"c" * 16)] and idx.reserved == 1
+    pinned = idx.pin_many(keys + [b"a" * 16])
+    assert [e.key if e else None for e in pinned] == [
+        b"a" * 16, None, None, b"c" * 16, b"a" * 16,
+    ]  # fmt: skip
+    assert idx.entries[b"a" * 16].pins == 2 and idx.entries[b"a" * 16].checksum == 5
+    assert idx.pinned == 2
+    idx.unpin(b"a" * 16, 2)
+    idx.unpin(b"c" * 16)
+    assert idx.pinned == 0
+    idx.check()
