@@ -218,6 +218,32 @@ def _render_tiers(f: _Families, tiers: Mapping[str, Any]) -> None:
                 f.add("tier_" + key, "gauge", f"Tier figure {key}.", value, labels)
 
 
+# The shared lookup index (and the disk listing beside it): stats key -> family, help.
+_INDEX_GAUGES = {
+    "entries": ("lookup_index_entries", "Keys in the shared lookup index."),
+    "capacity": ("lookup_index_capacity", "Slots of the shared lookup index."),
+    "lower_mode": (
+        "lookup_index_lower_mode",
+        "What a miss in the index means: 0 certain, 1 ask the agent, 2 check the disk listing.",
+    ),
+    "listing_entries": ("lookup_listing_entries", "Disk keys in the lookup listing."),
+    "listing_capacity": ("lookup_listing_capacity", "Slots of the disk lookup listing."),
+    "listing_complete": (
+        "lookup_listing_complete",
+        "1 while the disk listing holds every disk key (schedulers trust its misses).",
+    ),
+}
+
+
+def _render_lookup_index(f: _Families, index: Mapping[str, Any]) -> None:
+    for key, (family, help_text) in _INDEX_GAUGES.items():
+        if key in index:
+            f.add(family, "gauge", help_text, index[key])
+    if "insert_refused" in index:
+        help_text = "Keys the shared lookup index had no room for (readers miss them)."
+        f.add("lookup_index_insert_refused_total", "counter", help_text, index["insert_refused"])
+
+
 def render(stats: Mapping[str, Any]) -> str:
     """The stats dict as Prometheus text format (version 0.0.4)."""
     f = _Families()
@@ -225,6 +251,7 @@ def render(stats: Mapping[str, Any]) -> str:
     _render_counters(f, stats.get("counters") or {})
     _render_latency(f, stats.get("latency_us") or {})
     _render_tiers(f, stats.get("tiers") or {})
+    _render_lookup_index(f, stats.get("lookup_index") or {})
     return f.text()
 
 

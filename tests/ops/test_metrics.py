@@ -271,3 +271,20 @@ def test_ipv6_loopback() -> None:
         assert srv.url == f"http://[::1]:{port}/metrics"
     finally:
         srv.stop()
+
+
+def test_lookup_index_and_disk_listing_figures() -> None:
+    stats = sample_stats()
+    stats["lookup_index"] = {
+        "entries": 10, "capacity": 1024, "tombstones": 1, "rebuilds": 0, "insert_refused": 3,
+        "lower_mode": 2, "listing_entries": 40, "listing_capacity": 4096, "listing_complete": 1,
+    }  # fmt: skip
+    fams = families(render(stats))
+    assert value(fams, "kvnode_lookup_index_entries") == 10
+    assert value(fams, "kvnode_lookup_index_lower_mode") == 2
+    assert value(fams, "kvnode_lookup_listing_entries") == 40
+    assert value(fams, "kvnode_lookup_listing_complete") == 1
+    assert fams["kvnode_lookup_index_insert_refused"].type == "counter"
+    assert value(fams, "kvnode_lookup_index_insert_refused_total") == 3
+    assert "kvnode_lookup_listing_entries" not in families(render(sample_stats()))
+
