@@ -287,4 +287,3 @@ def test_lookup_index_and_disk_listing_figures() -> None:
     assert fams["kvnode_lookup_index_insert_refused"].type == "counter"
     assert value(fams, "kvnode_lookup_index_insert_refused_total") == 3
     assert "kvnode_lookup_listing_entries" not in families(render(sample_stats()))
-
