@@ -305,9 +305,11 @@ class Agent:
         keys to reach the shared index."""
         sock = self.sock
         assert sock is not None
-        while self.index.changes:
+        drained = False  # once per call: a steady stream of requests must not starve
+        while self.index.changes:  # the rest of the loop (housekeeping, reclaim)
             self.cache.publish(_PUBLISH_STEP)
-            if self.index.changes and int(sock.getsockopt(_EVENTS)) & _POLLIN:
+            if not drained and self.index.changes and int(sock.getsockopt(_EVENTS)) & _POLLIN:
+                drained = True
                 self._drain_socket(first_ready=False)
 
     def _poll_timeout_ms(self) -> int:
