@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from kvnode.connector.config import ConnectorConfig
 from kvnode.connector.groups import FULL, CacheGroup, GroupPlan
 from kvnode.connector.keys import Namespace, chunk_keys
@@ -94,6 +96,7 @@ class SchedulerStats:
     pending_timeouts: int = 0
     skipped_requests: int = 0
     save_chunks_planned: int = 0
+    save_chunks_present: int = 0  # not planned: the shared index shows them stored
     load_chunks_planned: int = 0
 
     def take(self) -> dict[str, float]:
@@ -583,11 +586,15 @@ class SchedulerSide:
             return []
         ops: list[ChunkOp] = []
         tokens = self._chunk_tokens(st, st.saved_chunks, end)
+        group_keys = [self._keys(st, end, pos) for pos in range(len(self.groups))]
+        present = self._stored_already(group_keys, st.saved_chunks, end)
         for pos, group in enumerate(self.groups):
-            keys = self._keys(st, end, pos)
+            keys = group_keys[pos]
             table, stored = tables[group.index], group.stored_blocks(bpc, self.block_size)
             first = tuple(b"" for _ in keys[0]) if keys else ()
             for c in range(st.saved_chunks, end):
+                if c in present:
+                    continue
                 blocks = tuple(table[(c + 1) * bpc - stored : (c + 1) * bpc])
                 # vLLM's null block (id 0) stands for blocks it freed behind a window:
                 # nothing to save there (the window argument says it never happens).
@@ -597,6 +604,31 @@ class SchedulerSide:
                     ops.append(ChunkOp(c, keys[c], blocks, 0, group.index, parents, toks))
         st.saved_chunks = end
         return ops
+
+    def _stored_already(
+        self, group_keys: list[list[tuple[bytes, ...]]], lo: int, hi: int
+    ) -> set[int]:
+        """Chunks of [lo, hi) the shared index shows stored for every group and rank:
+        a request served by vLLM's own prefix cache would otherwise store them again
+        (a reserve answered EXISTS: one round trip on the worker per step). A stale
+        answer costs one missed save, which a later request makes up for."""
+        if hi <= lo:
+            return set()
+        try:
+            reader = self.link.call(self._index_for)
+        except KVNodeError:
+            return set()
+        if reader is None:
+            return set()
+        flat = [k for keys in group_keys for c in range(lo, hi) for k in keys[c]]
+        try:
+            here = reader.contains_many(flat)
+        except ArenaError:
+            return set()
+        per_chunk = here.reshape(len(group_keys), hi - lo, -1).all(axis=(0, 2))
+        skip = {lo + i for i in np.flatnonzero(per_chunk).tolist()}
+        self.stats.save_chunks_present += len(skip)
+        return skip
 
     def _chunk_tokens(self, st: _Req, lo: int, hi: int) -> list[tuple[int, ...]]:
         """Token ids of chunks [lo, hi), one tuple per chunk."""

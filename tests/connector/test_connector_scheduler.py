@@ -440,3 +440,22 @@ def test_listed_disk_makes_a_miss_certain_and_asks_only_for_listed_chunks(
         assert link.client.calls == 2  # asked: the listing could not be trusted
     finally:
         listing.close()
+
+
+def test_chunks_the_index_shows_stored_are_not_saved_again(
+    indexed: tuple[SchedulerSide, FakeLink, ShmIndexWriter],
+) -> None:
+    """A request served by vLLM's own prefix cache (a shared system prompt) computes
+    nothing kvnode lacks: its chunks that the index holds for every rank are not
+    planned, so the worker makes no reserve that the agent would answer EXISTS."""
+    s, link, writer = indexed
+    toks = tokens(1100)
+    publish(writer, s, toks, range(2))  # chunks 0 and 1 stored, on both ranks
+    writer.insert(chunk_keys(s.namespaces[0], toks, C)[3])  # chunk 3 on one rank only
+    req = Req("a", toks)
+    # vLLM's prefix cache covered 1024 tokens: kvnode is asked about the rest only.
+    assert s.get_num_new_matched_tokens(req, 1024) == (0, False)
+    s.update_state_after_alloc(req, 0)
+    _, saves = s.build_step([("a", 1024, 1100 - 1024)], lambda rid: list(range(40)))
+    assert sorted({op.index for op in saves["a"]}) == [2, 3]
+    assert s.stats.save_chunks_present == 2
