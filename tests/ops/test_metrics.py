@@ -46,6 +46,17 @@ def sample_stats(scale: int = 1) -> dict[str, Any]:
             op: {"p50": 12.0, "p90": 40.5, "p99": 250.0, "count": 10 * scale} for op in LATENCY_OPS
         },
         "tiers": {"arena": dict(tier), "disk": dict(tier), "s3": dict(tier)},
+        "lookup_index": {
+            "entries": 10,
+            "capacity": 1024,
+            "tombstones": 1,
+            "rebuilds": 0,
+            "insert_refused": 3,
+            "lower_mode": 2,
+            "listing_entries": 40,
+            "listing_capacity": 4096,
+            "listing_complete": 1,
+        },  # fmt: skip
     }
 
 
@@ -274,16 +285,13 @@ def test_ipv6_loopback() -> None:
 
 
 def test_lookup_index_and_disk_listing_figures() -> None:
-    stats = sample_stats()
-    stats["lookup_index"] = {
-        "entries": 10, "capacity": 1024, "tombstones": 1, "rebuilds": 0, "insert_refused": 3,
-        "lower_mode": 2, "listing_entries": 40, "listing_capacity": 4096, "listing_complete": 1,
-    }  # fmt: skip
-    fams = families(render(stats))
+    fams = families(render(sample_stats()))
     assert value(fams, "kvnode_lookup_index_entries") == 10
     assert value(fams, "kvnode_lookup_index_lower_mode") == 2
     assert value(fams, "kvnode_lookup_listing_entries") == 40
     assert value(fams, "kvnode_lookup_listing_complete") == 1
     assert fams["kvnode_lookup_index_insert_refused"].type == "counter"
     assert value(fams, "kvnode_lookup_index_insert_refused_total") == 3
-    assert "kvnode_lookup_listing_entries" not in families(render(sample_stats()))
+    no_listing = sample_stats()
+    del no_listing["lookup_index"]["listing_entries"]
+    assert "kvnode_lookup_listing_entries" not in families(render(no_listing))
