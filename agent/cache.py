@@ -58,9 +58,6 @@ class Cache:
             log.exception("lower-tier lookup failed")
             return False
 
-    def pin(self, key: bytes) -> Entry | None:
-        return self.index.pin(key)
-
     def pin_many(self, keys: list[bytes]) -> list[Entry | None]:
         return self.index.pin_many(keys)
 

@@ -171,11 +171,14 @@ class Handlers:
         keys, leases = m.keys, c.leases
         entries = self.cache.index.entries
         out: list[int] = [P.Status.OK] * n
-        mine = [i for i, key in enumerate(keys) if key in leases]
+        mine: list[int] = []
+        for i, key in enumerate(keys):
+            if key in leases:
+                mine.append(i)
+            else:  # not this client's reservation: never commit it
+                out[i] = P.Status.BAD_STATE if key in entries else P.Status.NOT_FOUND
         refused = n - len(mine)
         if refused:
-            for i in set(range(n)).difference(mine):  # not this client's: never commit
-                out[i] = P.Status.BAD_STATE if keys[i] in entries else P.Status.NOT_FOUND
             pick = lambda xs: [xs[i] for i in mine] if xs else xs  # noqa: E731
             keys = pick(keys)
             outs = self.cache.commit_many(
@@ -210,7 +213,7 @@ class Handlers:
         self._limit(len(m.keys))
         status: list[int] = []
         slots: list[P.Slot | None] = []
-        pins, pb = c.pins, self.page_bytes
+        pins = c.pins
         ok, not_found = P.Status.OK, P.Status.NOT_FOUND
         misses = nbytes = 0
         for key, e in zip(m.keys, self.cache.pin_many(m.keys)):
@@ -221,7 +224,7 @@ class Handlers:
                 continue
             pins[key] += 1
             status.append(ok)
-            slots.append(P.Slot(e.size, e.extents(pb), e.checksum))
+            slots.append(self.slot(e))
             nbytes += e.size
         ctr = self.stats.counters
         ctr["pin_misses"] += misses

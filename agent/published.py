@@ -95,9 +95,6 @@ class PublishedIndex:
         self.listing_complete = complete
         self.writer.set_lower_mode(LOWER_LISTED if complete else LOWER_ASK)
 
-    def set_lower_tiers(self, on: bool) -> None:
-        self.writer.set_lower_tiers(on)
-
     # ------------------------------------------------------------------ upkeep
     def touch(self) -> None:
         self.writer.touch()

@@ -144,6 +144,45 @@ def wants_skip(request: Any) -> bool:
     return getattr(request, "prompt_embeds", None) is not None
 
 
+class _SharedReader:
+    """One shared-memory table (the lookup index, the disk listing) kept open across
+    calls: replaced when its name changes, remapped when the agent's generation does,
+    and tried again at most every ``INDEX_RETRY_S`` when it cannot be opened."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.reader: ShmIndexReader | None = None
+        self._retry_s = 0.0
+
+    def get(self, name: str, generation: int, now: float) -> ShmIndexReader | None:
+        """The reader of ``name`` written in ``generation`` (0: any); None when there
+        is none to trust."""
+        reader = self.reader
+        if reader is not None and reader.name != name:
+            self.close()
+            reader = None
+        if not name:
+            return None
+        if reader is None:
+            if now < self._retry_s:
+                return None
+            try:
+                reader = self.reader = ShmIndexReader(name)
+            except ArenaError as exc:
+                self._retry_s = now + INDEX_RETRY_S
+                log.debug("kvnode: %s not readable (%s)", self.what, exc)
+                return None
+        stale = bool(generation) and reader.generation != generation
+        if stale and not (reader.reopen() and reader.generation == generation):
+            return None  # the client has not seen that agent yet, or vice versa
+        return reader
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+
+
 class SchedulerSide:
     """Lookups and step planning. ``link.call(fn)`` runs ``fn(client)`` or raises."""
 
@@ -175,10 +214,8 @@ class SchedulerSide:
         self.group_ns: list[list[Namespace]] = []  # by position in self.groups, then rank
         self.stats = SchedulerStats()
         self._reqs: OrderedDict[str, _Req] = OrderedDict()
-        self._index: ShmIndexReader | None = None
-        self._index_retry_s = 0.0
-        self._listing: ShmIndexReader | None = None  # the disk tier's keys, when listed
-        self._listing_retry_s = 0.0
+        self._index = _SharedReader("lookup index")
+        self._listing = _SharedReader("disk listing")  # the disk tier's keys, when listed
 
     def take_stats(self, wait: bool = False) -> dict[str, float]:
         return self.stats.take()
@@ -340,27 +377,7 @@ class SchedulerSide:
         """The reader of the index the client's agent publishes, (re)opened for the
         agent's current generation; None when there is none to trust."""
         name = getattr(client, "index_segment", "") or ""
-        reader = self._index
-        if reader is not None and reader.name != name:
-            reader.close()
-            self._index = reader = None
-        if not name:
-            return None
-        if reader is None:
-            now = self.clock()
-            if now < self._index_retry_s:
-                return None
-            try:
-                reader = self._index = ShmIndexReader(name)
-            except ArenaError as exc:
-                self._index_retry_s = now + INDEX_RETRY_S
-                log.debug("kvnode: lookup index not readable (%s)", exc)
-                return None
-        generation = getattr(client, "generation", 0)
-        stale = bool(generation) and reader.generation != generation
-        if stale and not (reader.reopen() and reader.generation == generation):
-            return None  # the client has not seen that agent yet, or vice versa
-        return reader
+        return self._index.get(name, getattr(client, "generation", 0), self.clock())
 
     def _index_states(
         self, reader: ShmIndexReader, keys: list[tuple[bytes, ...]]
@@ -410,35 +427,7 @@ class SchedulerSide:
     def _listing_for(self, reader: ShmIndexReader) -> ShmIndexReader | None:
         """The reader of the disk listing next to ``reader``'s index, of the same
         agent generation; None when there is none to trust."""
-        listing = self._listing
-        name = listing_name(reader.name)
-        if listing is not None and (
-            listing.name != name or listing.generation != reader.generation
-        ):
-            if (
-                listing.name == name
-                and listing.reopen()
-                and listing.generation == reader.generation
-            ):
-                return listing
-            listing.close()
-            self._listing = listing = None
-        if listing is None:
-            now = self.clock()
-            if now < self._listing_retry_s:
-                return None
-            try:
-                listing = ShmIndexReader(name)
-            except ArenaError as exc:
-                self._listing_retry_s = now + INDEX_RETRY_S
-                log.debug("kvnode: disk listing not readable (%s)", exc)
-                return None
-            if listing.generation != reader.generation:
-                listing.close()
-                self._listing_retry_s = now + INDEX_RETRY_S
-                return None
-            self._listing = listing
-        return listing
+        return self._listing.get(listing_name(reader.name), reader.generation, self.clock())
 
     def _agent_states(self, keys: list[tuple[bytes, ...]]) -> list[int] | None:
         """One batched lookup round trip for all ranks; None when it fails."""
@@ -640,12 +629,8 @@ class SchedulerSide:
         self._reqs.pop(request_id, None)
 
     def close(self) -> None:
-        if self._index is not None:
-            self._index.close()
-            self._index = None
-        if self._listing is not None:
-            self._listing.close()
-            self._listing = None
+        self._index.close()
+        self._listing.close()
 
 
 def _narrow(end: int, pending: bool, run: tuple[int, bool]) -> tuple[int, bool]:

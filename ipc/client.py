@@ -359,7 +359,7 @@ class AgentClient:
                 raise AgentUnavailable(f"cannot reach agent at {self.endpoint}: {exc}") from exc
             self._book(rid, kind, on_reply)
             if len(self._posted) > 64:
-                self._drain_posted()  # a caller that only posts still reads its replies
+                self._read_replies(0.0)  # a caller that only posts still reads its replies
 
     def _book(self, rid: int, kind: str, on_reply: Callable[[Any], None] | None) -> None:
         posted = self._posted
@@ -373,26 +373,23 @@ class AgentClient:
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait (at most ``timeout_s``) until every posted call's reply has been read.
         True when none is outstanding."""
-        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         with self._lock:
-            while self._posted and self._sock is not None:
-                left_ms = int((deadline - time.monotonic()) * 1000)
-                if left_ms <= 0 or not self._sock.poll(left_ms):
-                    return False
-                try:
-                    self._absorb(P.decode_reply(self._sock.recv(zmq.NOBLOCK)))
-                except (zmq.ZMQError, ProtocolError):
-                    return False
-            return not self._posted
+            return self._read_replies(self.timeout_s if timeout_s is None else timeout_s)
 
-    def _drain_posted(self) -> None:
-        """Read the replies already here (no wait), under the lock."""
+    def _read_replies(self, timeout_s: float) -> bool:
+        """Read posted calls' replies until none is outstanding or ``timeout_s`` has
+        passed (0: only those already here). Under the lock. True when none is left."""
+        deadline = time.monotonic() + timeout_s
         sock = self._sock
-        while sock is not None and self._posted and sock.poll(0):
+        while self._posted and sock is not None:
+            left_ms = max(0, int((deadline - time.monotonic()) * 1000))
+            if not sock.poll(left_ms):
+                return False
             try:
                 self._absorb(P.decode_reply(sock.recv(zmq.NOBLOCK)))
             except (zmq.ZMQError, ProtocolError):
-                return
+                return False
+        return not self._posted
 
     def _reregister_quietly(self) -> None:
         try:
@@ -507,11 +504,7 @@ class AgentClient:
     def abort(self, keys: Sequence[bytes], wait: bool = True) -> None:
         """Give up reservations. ``wait=False``: do not wait for the reply (see ``_post``)."""
         keys = list(keys)
-        make = lambda r, c, g: P.AbortReq(r, c, g, keys)  # noqa: E731
-        if wait:
-            self._call(make, retry=False)
-        else:
-            self._post("abort", make)
+        self._call_or_post("abort", lambda r, c, g: P.AbortReq(r, c, g, keys), wait)
 
     def pin(self, keys: Sequence[bytes]) -> list[tuple[Status, Slot | None]]:
         keys = list(keys)
@@ -522,19 +515,18 @@ class AgentClient:
         """Unpin. ``wait=False``: do not wait for the reply (a load's last call: nothing
         in it changes what the caller does next)."""
         keys = list(keys)
-        make = lambda r, c, g: P.ReleaseReq(r, c, g, keys)  # noqa: E731
-        if wait:
-            self._call(make, retry=False)
-        else:
-            self._post("release", make)
+        self._call_or_post("release", lambda r, c, g: P.ReleaseReq(r, c, g, keys), wait)
 
     def drop(self, keys: Sequence[bytes], wait: bool = True) -> None:
         keys = list(keys)
-        make = lambda r, c, g: P.DropReq(r, c, g, keys)  # noqa: E731
+        self._call_or_post("drop", lambda r, c, g: P.DropReq(r, c, g, keys), wait)
+
+    def _call_or_post(self, kind: str, make: Any, wait: bool) -> None:
+        """A call about this registration's state: never resent into a newer one."""
         if wait:
             self._call(make, retry=False)
         else:
-            self._post("drop", make)
+            self._post(kind, make)
 
     def stats(self, timeout_s: float | None = None) -> dict[str, Any]:
         """Agent statistics. Needs no registration (tools use it for health checks)."""

@@ -435,7 +435,6 @@ def test_listed_disk_makes_a_miss_certain_and_asks_only_for_listed_chunks(
         # A listing left by an earlier agent (another generation) is not believed.
         listing.close()
         listing = ShmIndexWriter(listing_name(writer.name), 1024, generation=6)
-        s._listing_retry_s = 0.0
         assert s.get_num_new_matched_tokens(Req("c", tokens(1100, seed=3)), 0) == (0, False)
         assert link.client.calls == 2  # asked: the listing could not be trusted
     finally:
