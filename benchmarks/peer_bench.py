@@ -37,7 +37,8 @@ import zmq
 import zmq.auth
 
 from kvnode.agent.index import Index
-from kvnode.agent.peers import Curve, PeerManager, PeerServer, new_node_id, payload_checksum
+from kvnode.agent.peers import Curve, PeerManager, PeerServer, new_node_id
+from kvnode.ipc.checksum import checksum
 from kvnode.ipc.segment import Segment
 
 MiB = 1 << 20
@@ -87,7 +88,7 @@ class Node:
         for off, n in e.extents(PAGE_BYTES):
             view[off : off + n] = data[at : at + n]
             at += n
-        self.index.commit(key, CLIENT, payload_checksum([data]))
+        self.index.commit(key, CLIENT, checksum([data]))
 
     def until(self, done: Callable[[list[bytes]], bool], deadline_s: float = WAIT_S_MAX) -> None:
         """Drive the manager as the agent loop does until ``done(keys landed so far)``."""

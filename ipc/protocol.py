@@ -25,10 +25,9 @@ from typing import Annotated, Any, Union
 import msgspec
 from msgspec import Meta
 
-from kvnode.errors import ProtocolError
+from kvnode.ipc.codec import Codec
 
 PROTOCOL_VERSION = 2
-_VERSION_BYTE = bytes([PROTOCOL_VERSION])
 
 KEY_BYTES = 16  # a chunk key: 128-bit chained content hash (kvnode.connector.keys)
 KEYS_MAX = 65536  # keys in one request (the agent's batch_keys_max is usually lower)
@@ -244,42 +243,22 @@ Request = Union[
 ]
 Reply = Union[Welcome, Ok, LookupRep, SlotsRep, StatusRep, StatsRep, Error]
 
-_encoder = msgspec.msgpack.Encoder()
-_req_decoder = msgspec.msgpack.Decoder(Request)
-_rep_decoder = msgspec.msgpack.Decoder(Reply)
+_requests = Codec(PROTOCOL_VERSION, Request, "request")
+_replies = Codec(PROTOCOL_VERSION, Reply, "reply")
 
 
 def encode(msg: _Msg) -> bytes:
-    return _VERSION_BYTE + _encoder.encode(msg)
-
-
-def _split(frame: bytes | memoryview) -> memoryview:
-    # Hot path (every request and reply): no imports or calls beyond the checks.
-    if len(frame) < 2:
-        raise ProtocolError("truncated frame")
-    if frame[0] != PROTOCOL_VERSION:
-        raise ProtocolError(f"protocol version {frame[0]} not supported (want {PROTOCOL_VERSION})")
-    return memoryview(frame)[1:]
+    return _requests.encode(msg)
 
 
 def decode_request(frame: bytes | memoryview) -> Any:
     """Decode one request frame. Any input at all either decodes into a request whose
     every field is within its bounds or raises ``ProtocolError``."""
-    body = _split(frame)
-    try:
-        return _req_decoder.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise ProtocolError(f"bad request: {exc}") from exc
-    except (UnicodeDecodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:
-        raise ProtocolError(f"bad request: {type(exc).__name__}") from exc
+    return _requests.decode(frame)
 
 
 def decode_reply(frame: bytes | memoryview) -> Any:
-    body = _split(frame)
-    try:
-        return _rep_decoder.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise ProtocolError(f"bad reply: {exc}") from exc
+    return _replies.decode(frame)
 
 
 class _RidOnly(msgspec.Struct, array_like=True):

@@ -25,8 +25,8 @@ from kvnode.agent.peers import (
     PeerManager,
     PeerServer,
     new_node_id,
-    payload_checksum,
 )
+from kvnode.ipc.checksum import checksum as payload_checksum
 from kvnode.ipc.segment import Segment
 
 PAGE = 64 * 1024

@@ -14,8 +14,10 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from kvnode.agent import peers as P
-from kvnode.agent.peers import Curve, payload_checksum, resolve_seeds
+from kvnode.agent.peers import Curve, resolve_seeds
+from kvnode.agent.peers import wire as W
 from kvnode.errors import ProtocolError
+from kvnode.ipc.checksum import checksum
 from tests.peers.conftest import Node, pump
 
 KiB = 1024
@@ -43,16 +45,16 @@ class RawPeer:
         self.ctx = zmq.Context()
         self.auth = ThreadAuthenticator(self.ctx)
         self.auth.start()
-        self.auth.configure_curve_callback(P.ZAP_DOMAIN, curve.ring)
+        self.auth.configure_curve_callback(W.ZAP_DOMAIN, curve.ring)
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.curve_secretkey, self.sock.curve_publickey = curve.secret, curve.public
         self.sock.curve_server = True
-        self.sock.zap_domain = P.ZAP_DOMAIN.encode()
+        self.sock.zap_domain = W.ZAP_DOMAIN.encode()
         self.sock.linger = 0
         self.sock.bind("tcp://127.0.0.1:*")
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.mode, self.size = mode, size
-        self.node = P.new_node_id()
+        self.node = W.new_node_id()
         self.requests = 0
         self._stop = False
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -65,16 +67,16 @@ class RawPeer:
                 continue
             ident, body = self.sock.recv_multipart()
             self.requests += 1
-            m = P.decode_request(body)
+            m = W.decode_request(body)
             n = len(m.keys)
-            if isinstance(m, P.HaveReq):
-                rep: Any = P.HaveRep(m.rid, self.node, [P.Have.ARENA] * n, [self.size] * n)
-                self.sock.send_multipart([ident, P.encode(rep)])
+            if isinstance(m, W.HaveReq):
+                rep: Any = W.HaveRep(m.rid, self.node, [W.Have.ARENA] * n, [self.size] * n)
+                self.sock.send_multipart([ident, W.encode(rep)])
             elif self.mode == "wrong_size":
                 short = b"x" * (self.size // 2)
-                rep = P.FetchRep(m.rid, self.node, [self.size] * n,
-                                 [payload_checksum([short])] * n, [1] * n)  # fmt: skip
-                self.sock.send_multipart([ident, P.encode(rep), *([short] * n)])
+                rep = W.FetchRep(m.rid, self.node, [self.size] * n,
+                                 [checksum([short])] * n, [1] * n)  # fmt: skip
+                self.sock.send_multipart([ident, W.encode(rep), *([short] * n)])
 
     def close(self) -> None:
         self._stop = True
@@ -133,7 +135,7 @@ def test_committed_on_a_is_fetched_by_b_byte_exact(
     assert [f.parent for f in b.landed] == [_key(0), keys[0], keys[1]]
     for k, d in zip(keys, data):
         assert b.read(k) == d
-        assert b.index.entries[k].checksum == payload_checksum([d])
+        assert b.index.entries[k].checksum == checksum([d])
     assert b.read(missing) is None and not b.manager.pending(missing)
     assert b.manager.on_lookup_miss([missing]) == set()  # nobody had it: not asked again
     peer = b.manager.stats()["peers"][a.endpoint]
@@ -169,7 +171,7 @@ def test_unknown_key_is_refused_and_counted(fleet: dict[str, Any], nodes: list[N
     s.curve_publickey, s.curve_secretkey = pub, sec
     s.curve_serverkey = _curve(fleet).public
     s.connect(a.endpoint)
-    s.send(P.encode(P.HaveReq(1, [_key(1)])))
+    s.send(W.encode(W.HaveReq(1, [_key(1)])))
     before = a.server.stats()["refused"]
     assert pump([a], lambda: a.server.stats()["refused"] > before)  # type: ignore[union-attr]
     assert s.poll(200) == 0 and a.server.stats()["have_requests"] == 0
@@ -298,23 +300,23 @@ def test_bad_frames_get_an_error_and_the_server_goes_on(nodes: list[Node]) -> No
     a = Node(None)
     nodes.append(a)
     with pytest.raises(ProtocolError):
-        P.decode_request(b"\x01\xc1garbage")
+        W.decode_request(b"\x01\xc1garbage")
     with pytest.raises(ProtocolError):
-        P.decode_request(P.encode(P.HaveReq(1, [b"short"])))
+        W.decode_request(W.encode(W.HaveReq(1, [b"short"])))
     ctx = zmq.Context()
     s = ctx.socket(zmq.DEALER)
     s.linger = 0
     s.connect(a.endpoint)
     s.send(b"\x01\xff\xff")
     s.send_multipart([b"two", b"frames"])
-    s.send(P.encode(P.HaveReq(7, [_key(1)])))
+    s.send(W.encode(W.HaveReq(7, [_key(1)])))
     got: list[Any] = []
     assert pump(
         [a], lambda: bool(s.poll(0)) and got.append(s.recv_multipart()) is None and len(got) >= 2
     )
-    assert isinstance(P.decode_reply(got[0][0]), P.ErrorRep)
-    rep = P.decode_reply(got[1][0])
-    assert isinstance(rep, P.HaveRep) and rep.rid == 7 and rep.states == [P.Have.ABSENT]
+    assert isinstance(W.decode_reply(got[0][0]), W.ErrorRep)
+    rep = W.decode_reply(got[1][0])
+    assert isinstance(rep, W.HaveRep) and rep.rid == 7 and rep.states == [W.Have.ABSENT]
     assert a.server is not None and a.server.stats()["bad_frames"] == 2
     s.close(0)
     ctx.term()

@@ -1,0 +1,288 @@
+"""The serving half of peers: answers other agents from this agent's index and arena.
+
+``PeerServer`` runs on the agent's loop thread: a ROUTER socket on ``peers.listen``. It
+answers ``HaveReq`` (which of these keys do you hold: committed arena entries, and keys
+a lower tier starts promoting) and ``FetchReq`` (send me these keys). Sends go straight
+out of the arena, zero-copy: the entries stay pinned (``Index.pin``) until ZeroMQ lets
+go of the bytes, which ``poll()`` notices. Checksums travel with them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from kvnode.agent.index import Entry, Index, State
+from kvnode.agent.peers.arena import arena_view
+from kvnode.agent.peers.keys import Curve
+from kvnode.agent.peers.wire import (
+    REQUEST_BYTES_MAX,
+    ZAP_DOMAIN,
+    ErrorRep,
+    FetchRep,
+    FetchReq,
+    Have,
+    HaveRep,
+    HaveReq,
+    decode_request,
+    encode,
+)
+from kvnode.errors import PeerError, ProtocolError
+from kvnode.ipc.checksum import checksum
+
+log = logging.getLogger("kvnode.peers")
+
+SERVE_BATCH_MAX = 64  # requests handled per handle() call before the loop goes on
+SENDS_INFLIGHT_MAX = 1024  # replies whose arena bytes ZeroMQ still holds (pins kept)
+SERVER_SNDHWM = 64  # replies queued per peer connection; beyond it ROUTER drops them
+HEARTBEAT_IVL_MS = 1000  # ZMTP heartbeats: a silent connection is dropped, and with
+HEARTBEAT_TIMEOUT_MS = 3000  # it every reply still holding pinned bytes
+
+
+@dataclass(slots=True, eq=False)
+class Send:
+    tracker: zmq.MessageTracker
+    keys: list[bytes]
+    nbytes: int
+
+
+LowerHas = Callable[[bytes], bool]  # True: a lower tier holds the key and is promoting it
+TokensOf = Callable[[bytes], "Sequence[int] | None"]
+
+
+class PeerServer:
+    """Answers peers from the index and the arena. Loop thread only: register
+    ``socket`` for POLLIN, call ``handle()`` when it is readable and ``poll()`` in
+    housekeeping (it unpins entries whose bytes have left)."""
+
+    def __init__(
+        self,
+        index: Index,
+        arena: Any,
+        listen: str,
+        curve: Curve | None,
+        node_id: bytes,
+        lower_has: LowerHas | None = None,
+        tokens_of: TokensOf | None = None,
+        serve_bytes_max: int = 512 << 20,
+    ) -> None:
+        self.index = index
+        self._arena = arena_view(arena)
+        self.node_id = node_id
+        self.lower_has = lower_has
+        self.tokens_of = tokens_of
+        self.serve_bytes_max = serve_bytes_max
+        self.curve = curve
+        self._sends: deque[Send] = deque()
+        self.bytes_inflight = 0
+        self.counters = dict.fromkeys(
+            ("have_requests", "have_keys", "fetch_requests", "served_keys", "served_bytes",
+             "busy", "bad_frames", "errors"), 0,
+        )  # fmt: skip
+        self.ctx = zmq.Context()
+        self.auth: Any = None
+        try:
+            self.socket = self._bind(listen)
+        except BaseException:
+            self._teardown()
+            raise
+        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def _bind(self, listen: str) -> zmq.Socket:
+        if self.curve is not None:
+            # The authenticator must run before bind: without a ZAP handler libzmq
+            # admits any client that knows the server key.
+            from zmq.auth.thread import ThreadAuthenticator
+
+            self.auth = ThreadAuthenticator(self.ctx, log=logging.getLogger("kvnode.peers.zap"))
+            self.auth.start()
+            self.auth.configure_curve_callback(ZAP_DOMAIN, self.curve.ring)
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # an unroutable reply is dropped, not raised
+        sock.setsockopt(zmq.MAXMSGSIZE, REQUEST_BYTES_MAX)
+        sock.setsockopt(zmq.SNDHWM, SERVER_SNDHWM)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        if self.curve is not None:
+            sock.curve_secretkey = self.curve.secret
+            sock.curve_publickey = self.curve.public
+            sock.curve_server = True
+            sock.zap_domain = ZAP_DOMAIN.encode()
+        try:
+            sock.bind(listen)
+        except zmq.ZMQError as exc:
+            sock.close(0)
+            raise PeerError(f"cannot listen on {listen}: {exc}") from exc
+        return sock
+
+    # -- requests ----------------------------------------------------------------------
+    def handle(self) -> int:
+        """Answer waiting requests (at most ``SERVE_BATCH_MAX``). Never blocks."""
+        n = 0
+        for n in range(SERVE_BATCH_MAX):  # noqa: B007 (n counts the handled requests)
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return n
+            self._handle(frames)
+        return n + 1
+
+    def _handle(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            self.counters["bad_frames"] += 1
+            return
+        ident, body = frames
+        try:
+            msg = decode_request(body)
+        except ProtocolError as exc:
+            self.counters["bad_frames"] += 1
+            self.socket.send_multipart([ident, encode(ErrorRep(0, str(exc)[:256]))], zmq.NOBLOCK)
+            return
+        try:
+            if isinstance(msg, HaveReq):
+                self._on_have(ident, msg)
+            else:
+                self._on_fetch(ident, msg)
+        except zmq.ZMQError as exc:  # an operating error on one reply: counted, loop goes on
+            self.counters["errors"] += 1
+            log.debug("peer reply not sent: %s", exc)
+
+    def _committed(self, key: bytes) -> Entry | None:
+        # No Index.lookup here: a peer's question must not move recency or hit counts.
+        e = self.index.entries.get(key)
+        return e if e is not None and e.state is State.COMMITTED else None
+
+    def _on_have(self, ident: bytes, m: HaveReq) -> None:
+        self.counters["have_requests"] += 1
+        self.counters["have_keys"] += len(m.keys)
+        states, sizes = [], []
+        for key in m.keys:
+            e = self._committed(key)
+            if e is not None:
+                states.append(Have.ARENA)
+                sizes.append(e.size)
+            elif self.lower_has is not None and self._lower_has(key):
+                states.append(Have.PENDING)
+                sizes.append(0)
+            else:
+                states.append(Have.ABSENT)
+                sizes.append(0)
+        rep = HaveRep(m.rid, self.node_id, states, sizes)
+        self.socket.send_multipart([ident, encode(rep)], zmq.NOBLOCK)
+
+    def _lower_has(self, key: bytes) -> bool:
+        try:
+            return bool(self.lower_has(key))  # type: ignore[misc]
+        except Exception:
+            self.counters["errors"] += 1
+            log.exception("peer server: lower-tier probe failed")
+            return False
+
+    def _on_fetch(self, ident: bytes, m: FetchReq) -> None:
+        self.counters["fetch_requests"] += 1
+        rep = FetchRep(m.rid, self.node_id, [], [], [], [])
+        payload: list[memoryview] = []
+        pinned: list[bytes] = []
+        for key in m.keys:
+            views = self._pin_for_send(key, pinned)
+            if views is None:
+                rep.sizes.append(0)
+                rep.checksums.append(0)
+                rep.frames.append(0)
+                continue
+            e = self.index.entries[key]
+            rep.sizes.append(e.size)
+            rep.checksums.append(e.checksum or checksum(views))
+            rep.frames.append(len(views))
+            payload.extend(views)
+        if self.tokens_of is not None:
+            rep.tokens = [
+                list(self.tokens_of(k) or ()) if s else [] for k, s in zip(m.keys, rep.sizes)
+            ]
+        self._send_pinned(ident, rep, payload, pinned)
+
+    def _pin_for_send(self, key: bytes, pinned: list[bytes]) -> list[memoryview] | None:
+        e = self._committed(key)
+        if e is None:
+            return None
+        if (
+            self.bytes_inflight + e.size > self.serve_bytes_max
+            or len(self._sends) >= SENDS_INFLIGHT_MAX
+        ):
+            self.counters["busy"] += 1
+            return None
+        if self.index.pin(key) is None:
+            return None
+        pinned.append(key)
+        self.bytes_inflight += e.size
+        return [self._arena[off : off + n] for off, n in e.extents(self.index.page_bytes)]
+
+    def _send_pinned(
+        self, ident: bytes, rep: FetchRep, payload: list[memoryview], pinned: list[bytes]
+    ) -> None:
+        """Zero-copy out of the arena. Every payload frame is tracked (not only the
+        last, which is all ``send_multipart`` reports): the pins go when libzmq has let
+        go of every frame, whether it sent or dropped them."""
+        frames = [zmq.Frame(v, copy=False, track=True) for v in payload]
+        nbytes = sum(len(v) for v in payload)
+        if pinned:
+            tracker = zmq.MessageTracker(*frames)
+            self._sends.append(Send(tracker, pinned, nbytes))
+        self.socket.send_multipart([ident, encode(rep), *frames], zmq.NOBLOCK, copy=False)
+        self.counters["served_keys"] += len(pinned)
+        self.counters["served_bytes"] += nbytes
+
+    def _unpin(self, keys: list[bytes], nbytes: int) -> None:
+        for key in keys:
+            self.index.unpin(key)
+        self.bytes_inflight -= nbytes
+
+    # -- housekeeping -----------------------------------------------------------------
+    def poll(self) -> int:
+        """Unpin entries whose bytes ZeroMQ has released. Returns replies finished."""
+        keep: deque[Send] = deque()
+        done = 0
+        for s in self._sends:  # one pass: a tracker read once is acted on once
+            if s.tracker.done:
+                self._unpin(s.keys, s.nbytes)
+                done += 1
+            else:
+                keep.append(s)
+        self._sends = keep
+        return done
+
+    def busy(self) -> bool:
+        return bool(self._sends)
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.counters)
+        out["refused"] = self.curve.ring.refused if self.curve is not None else 0
+        out["admitted"] = self.curve.ring.allowed if self.curve is not None else 0
+        out["sends_inflight"] = len(self._sends)
+        out["bytes_inflight"] = self.bytes_inflight
+        return out
+
+    def close(self) -> None:
+        """Close the socket (ZeroMQ drops what it still holds), then give back pins."""
+        self._teardown()
+        for s in self._sends:
+            self._unpin(s.keys, s.nbytes)
+        self._sends.clear()
+
+    def _teardown(self) -> None:
+        sock = getattr(self, "socket", None)
+        if sock is not None:
+            sock.close(0)
+        if self.auth is not None:
+            self.auth.stop()
+            self.auth = None
+        self.ctx.term()
+
+
+__all__ = ["HEARTBEAT_IVL_MS", "HEARTBEAT_TIMEOUT_MS", "LowerHas", "PeerServer", "TokensOf"]
