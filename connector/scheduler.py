@@ -168,7 +168,7 @@ class _SharedReader:
                 return None
             try:
                 reader = self.reader = ShmIndexReader(name)
-            except ArenaError as exc:
+            except (ArenaError, ValueError, OSError) as exc:
                 self._retry_s = now + INDEX_RETRY_S
                 log.debug("kvnode: %s not readable (%s)", self.what, exc)
                 return None
@@ -216,6 +216,7 @@ class SchedulerSide:
         self._reqs: OrderedDict[str, _Req] = OrderedDict()
         self._index = _SharedReader("lookup index")
         self._listing = _SharedReader("disk listing")  # the disk tier's keys, when listed
+        self._index_warned_s = 0.0
 
     def take_stats(self, wait: bool = False) -> dict[str, float]:
         return self.stats.take()
@@ -366,12 +367,29 @@ class SchedulerSide:
                 log.debug("kvnode lookup failed: %s", exc)
                 return None
             if reader is not None:
-                states = self._index_states(reader, keys)
+                try:
+                    states = self._index_states(reader, keys)
+                except Exception:
+                    # Shared memory any process of the agent's user may write: whatever
+                    # goes wrong reading it is a miss, never an error inside vLLM.
+                    self._index_failed()
+                    return [Lookup.MISS] * len(keys)
                 if states is not None:
                     return states
             return self._agent_states(keys)
         finally:
             self.stats.lookup_s += time.perf_counter() - t0
+
+    def _index_failed(self) -> None:
+        """A reader raised what the index's own checks did not turn into ArenaError:
+        count it, log it (at most every INDEX_RETRY_S), and map the segment afresh."""
+        self.stats.index_errors += 1
+        now = self.clock()
+        if now >= self._index_warned_s:
+            self._index_warned_s = now + INDEX_RETRY_S
+            log.warning("kvnode: shared lookup index unreadable; a miss", exc_info=True)
+        self._index.close()
+        self._listing.close()
 
     def _index_for(self, client: Any) -> ShmIndexReader | None:
         """The reader of the index the client's agent publishes, (re)opened for the
@@ -613,6 +631,9 @@ class SchedulerSide:
         try:
             here = reader.contains_many(flat)
         except ArenaError:
+            return set()
+        except Exception:
+            self._index_failed()  # see _lookup: the chunks are saved as if not stored
             return set()
         per_chunk = here.reshape(len(group_keys), hi - lo, -1).all(axis=(0, 2))
         skip = {lo + i for i in np.flatnonzero(per_chunk).tolist()}

@@ -30,15 +30,21 @@ Layout of the POSIX shm segment (little-endian uint64 words)::
   died), as it does a ``closed`` one. A new writer marks the segment it replaces closed
   before unlinking it, so readers of a crashed agent's index notice the new one.
 
-Store and load order is what the seqlocks rely on: the writer's three stores and the
-reader's three gathers are separate operations issued in program order, which x86-64
-(total store order) keeps. The bytes of a hit are never trusted from here.
+Memory order: the seqlocks need the writer's three stores and the reader's three
+gathers seen in program order. x86-64 keeps that (total store order) but Arm and POWER
+do not, so both sides put an explicit full fence between them (``fence()``); see there.
+
+Every word read from the segment is bounded before use: any process of the agent's
+user (or group) can write it. A header out of range (capacity, probe length, pid) makes
+the reader raise ``ArenaError`` ("ask the agent"), never size an allocation. The bytes
+of a hit are never trusted from here either: the pin that follows confirms it.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -61,6 +67,14 @@ STALE_S = 2.0  # a writer that has not stamped the header for this long is gone
 WINDOW_SLOTS = 32  # slots gathered per key at once: at load 0.5 nearly every probe chain
 READ_RETRIES_MAX = 16  # torn or flipped reads retried before giving up
 REOPEN_INTERVAL_S = 0.5
+# Longest probe chain the writer lays out and a reader follows. Keys are chosen by
+# clients, so a client could make chains long on purpose: a key that would sit farther
+# from its home is not published (readers miss it, a lost hit). At load <= 0.75 random
+# keys never come near it.
+PROBE_LIMIT = 1024
+CAPACITY_MAX = 1 << 32  # slots a reader accepts (64 GiB of tables)
+PID_MAX = 1 << 22  # Linux's PID_MAX_LIMIT
+GATHER_SLOTS_MAX = 1 << 20  # slots one far-probe gather reads at once (8 MiB per array)
 
 EMPTY, TOMB = 0, 1
 GOLDEN = 0x9E3779B97F4A7C15  # Fibonacci hashing: spreads sequential fingerprints
@@ -111,6 +125,26 @@ def fingerprints(keys: Sequence[bytes]) -> np.ndarray:
     return fp
 
 
+_fence_locks = threading.local()
+
+
+def fence() -> None:
+    """A full memory fence between the loads and stores before and after the call.
+
+    Python has no fence of its own; a lock's release followed by its acquire is one on
+    every CPU CPython runs on: the release is a store-release (every earlier load and
+    store is visible first), the acquire that follows it a load-acquire (no later access
+    moves above it), and a load-acquire after a store-release in program order is
+    ordered (RCsc: Arm's STLR/LDAR, POWER's lwsync pairs, x86's locked instructions).
+    One lock per thread, held between calls, so threads never release each other's."""
+    lock = getattr(_fence_locks, "lock", None)
+    if lock is None:
+        lock = _fence_locks.lock = threading.Lock()
+        lock.acquire()
+    lock.release()
+    lock.acquire()
+
+
 def _home_shift(capacity: int) -> int:
     return 64 - (capacity.bit_length() - 1)
 
@@ -144,6 +178,7 @@ class ShmIndexWriter:
         self.probe_max = 0
         self.rebuilds = 0
         self.full_refusals = 0
+        self.probe_refusals = 0  # keys not published: their chain would pass PROBE_LIMIT
         self._closed = False
         self._init_header()
 
@@ -152,6 +187,7 @@ class ShmIndexWriter:
         w[_VERSION], w[_CAPACITY], w[_GENERATION] = VERSION, self.capacity, self.generation
         w[_HEARTBEAT] = time.monotonic_ns()
         w[_PID], w[_PID_NS] = os.getpid(), pid_namespace()
+        fence()
         w[_MAGIC] = MAGIC  # last: a reader that sees the magic sees a whole header
 
     # ------------------------------------------------------------------ state
@@ -198,9 +234,13 @@ class ShmIndexWriter:
         if self.count + self.tombstones + 1 > self.capacity * FILL_MAX:
             self._rebuild()
         slot, dist = self._free_slot(fp)
+        if dist > PROBE_LIMIT:
+            self.probe_refusals += 1  # readers miss it: a lost hit, never a wrong one
+            return False
         if dist > self.probe_max:
             self.probe_max = dist
             self._w[_PROBE_MAX] = dist  # before the slot: a reader must probe that far
+            fence()
         if self._fp_at(slot) == TOMB:
             self.tombstones -= 1
         self._store(slot, fp)
@@ -230,20 +270,25 @@ class ShmIndexWriter:
         return True
 
     def _empty_tombstones_before(self, slot: int) -> None:
-        """Tombstones right before an empty slot end no chain: make them empty too."""
+        """Tombstones right before an empty slot end no chain: make them empty too.
+        (Bounded: the table is shared memory another process could have filled.)"""
         prev = (slot - 1) & self._mask
-        while self._fp_at(prev) == TOMB:
+        for _ in range(self.capacity):
+            if self._fp_at(prev) != TOMB:
+                return
             self._store(prev, EMPTY)
             self.tombstones -= 1
             prev = (prev - 1) & self._mask
 
     def _free_slot(self, fp: int) -> tuple[int, int]:
+        """The first free slot of ``fp``'s chain and its distance from home; a distance
+        past ``PROBE_LIMIT`` means none within reach."""
         slot = _home(fp, self._shift)
-        dist = 0
-        while self._fp_at(slot) > TOMB:
+        for dist in range(PROBE_LIMIT + 1):
+            if self._fp_at(slot) <= TOMB:
+                return slot, dist
             slot = (slot + 1) & self._mask
-            dist += 1
-        return slot, dist
+        return slot, PROBE_LIMIT + 1
 
     def _base(self) -> int:
         """Word index of the active table's first seq; its fps follow ``capacity`` on."""
@@ -258,7 +303,9 @@ class ShmIndexWriter:
         w = self._w
         seq = w[i]
         w[i] = seq + 1
+        fence()
         w[i + self.capacity] = fp
+        fence()
         w[i] = seq + 2
 
     # ------------------------------------------------------------------ rebuild
@@ -269,15 +316,27 @@ class ShmIndexWriter:
         table = self._tables[target]
         fps = np.fromiter(self._where.keys(), dtype=np.uint64, count=len(self._where))
         slots, probe_max = _layout(fps, self.capacity, self._shift)
+        while probe_max > PROBE_LIMIT:
+            # Keys chosen to share a home: leave out those past the limit (the rest
+            # only move closer to home when they go).
+            far = ((slots - _homes(fps, self._shift)) % self.capacity) > PROBE_LIMIT
+            for fp in fps[far].tolist():
+                del self._refs[fp]
+            self.probe_refusals += int(far.sum())
+            fps = fps[~far]
+            slots, probe_max = _layout(fps, self.capacity, self._shift)
         new_fp = np.zeros(self.capacity, np.uint64)
         new_fp[slots] = fps
         table[0] += np.uint64(2)  # seqs only grow: a slot never repeats a version
         table[1] = new_fp
         w = self._w
         hseq = w[_HSEQ]
+        fence()  # the new table before the flip
         w[_HSEQ] = hseq + 1
+        fence()
         w[_ACTIVE] = target
         w[_PROBE_MAX] = probe_max
+        fence()
         w[_HSEQ] = hseq + 2
         self._active = target
         self._where = dict(zip(fps.tolist(), slots.tolist(), strict=True))
@@ -317,6 +376,10 @@ class ShmIndexWriter:
         self._buf.close()
 
 
+def _homes(fps: np.ndarray, shift: int) -> np.ndarray:
+    return ((fps * np.uint64(GOLDEN)) >> np.uint64(shift)).astype(np.int64)
+
+
 def _layout(fps: np.ndarray, capacity: int, shift: int) -> tuple[np.ndarray, int]:
     """Linear-probing slots for distinct fingerprints, vectorised: sorted by home, a
     key lands at max(home, previous slot + 1). Runs past the end wrap to the first
@@ -324,7 +387,7 @@ def _layout(fps: np.ndarray, capacity: int, shift: int) -> tuple[np.ndarray, int
     n = fps.size
     if n == 0:
         return np.zeros(0, np.int64), 0
-    home = ((fps * np.uint64(GOLDEN)) >> np.uint64(shift)).astype(np.int64)
+    home = _homes(fps, shift)
     order = np.argsort(home, kind="stable")
     h = home[order]
     ramp = np.arange(n, dtype=np.int64)
@@ -359,7 +422,13 @@ class ShmIndexReader:
         buf = _open(self.name)
         h = memoryview(buf).cast("Q")
         cap = int(h[_CAPACITY])
-        if h[_MAGIC] != MAGIC or h[_VERSION] != VERSION or len(buf) < segment_bytes(cap):
+        fits = CAPACITY_MIN <= cap <= CAPACITY_MAX and not cap & (cap - 1)
+        if (
+            h[_MAGIC] != MAGIC
+            or h[_VERSION] != VERSION
+            or not fits
+            or len(buf) < segment_bytes(cap)
+        ):
             h.release()
             buf.close()
             raise ArenaError(f"index segment {self.name} has an unknown layout")
@@ -391,7 +460,10 @@ class ShmIndexReader:
         h = self._h
         if h[_CLOSED] or time.monotonic_ns() - h[_HEARTBEAT] >= self.stale_ns:
             return False
-        return self._pid_ns != h[_PID_NS] or _alive(int(h[_PID]))
+        pid = int(h[_PID])
+        if pid > PID_MAX:
+            return False  # not a pid: the header was written by someone else
+        return self._pid_ns != h[_PID_NS] or _alive(pid)
 
     def reopen(self) -> bool:
         """Map the segment now under this name (the agent may have restarted). False
@@ -423,12 +495,18 @@ class ShmIndexReader:
             return np.zeros(0, bool)
         fp = fingerprints(keys)
         home = ((fp * np.uint64(GOLDEN)) >> self._shift).view(np.int64)  # < 2**63
+        h = self._h
         for _ in range(READ_RETRIES_MAX):
-            hseq = self._h[_HSEQ]
+            hseq = h[_HSEQ]
+            fence()
             if not hseq & 1:
-                seqs, fps = self._cols[self._h[_ACTIVE] & 1]
-                hit = self._probe(fp, home, seqs, fps, int(self._h[_PROBE_MAX]))
-                if hit is not None and self._h[_HSEQ] == hseq:
+                seqs, fps = self._cols[h[_ACTIVE] & 1]
+                probe_max = int(h[_PROBE_MAX])
+                if probe_max > min(PROBE_LIMIT, self.capacity - 1):
+                    raise ArenaError(f"index {self.name}: probe length {probe_max} out of range")
+                hit = self._probe(fp, home, seqs, fps, probe_max)
+                fence()
+                if hit is not None and h[_HSEQ] == hseq:
                     return hit
             self.retries += 1
         raise ArenaError(f"index {self.name} changed under {READ_RETRIES_MAX} reads")
@@ -437,8 +515,10 @@ class ShmIndexReader:
         """Diagnostics: (active table, seqs, fingerprints) of ``slots`` as one consistent
         read, or None when a slot was mid-write or the table flipped meanwhile."""
         hseq = self._h[_HSEQ]
+        fence()
         active = int(self._h[_ACTIVE] & 1)
         got = self._read(*self._cols[active], np.asarray(slots, np.int64))
+        fence()
         if got is None or hseq & 1 or self._h[_HSEQ] != hseq:
             return None
         return active, got[0], got[1]
@@ -451,7 +531,9 @@ class ShmIndexReader:
         that order; None if any slot changed meanwhile or was being written. Indices
         past the end wrap (probe chains do)."""
         s1 = seqs.take(idx, mode="wrap")
+        fence()
         f = fps.take(idx, mode="wrap")
+        fence()
         s2 = seqs.take(idx, mode="wrap")
         if not (s1 == s2).all() or np.bitwise_or.reduce(s1, axis=None) & 1:
             return None
@@ -482,17 +564,21 @@ class ShmIndexReader:
         self, fp: np.ndarray, home: np.ndarray, seqs: np.ndarray, fps: np.ndarray, probe_max: int
     ) -> np.ndarray | None:
         """The rare keys whose chain runs past the first window: the rest of it, up
-        to ``probe_max``, in one gather."""
+        to ``probe_max``, in gathers of at most ``GATHER_SLOTS_MAX`` slots."""
         offsets = np.arange(WINDOW_SLOTS, probe_max + 1, dtype=np.int64)
-        got = self._read(seqs, fps, home[:, None] + offsets)
-        if got is None:
-            return None
-        match = got[1] == fp[:, None]
-        # Only a match before the chain's first empty slot counts.
-        empty = got[1] == EMPTY
-        first_empty = np.where(empty.any(1), empty.argmax(1), offsets.size)
-        first_match = np.where(match.any(1), match.argmax(1), offsets.size)
-        return np.asarray(first_match < first_empty)
+        rows = max(1, GATHER_SLOTS_MAX // max(1, offsets.size))
+        out = np.zeros(fp.size, bool)
+        for lo in range(0, fp.size, rows):
+            got = self._read(seqs, fps, home[lo : lo + rows, None] + offsets)
+            if got is None:
+                return None
+            match = got[1] == fp[lo : lo + rows, None]
+            # Only a match before the chain's first empty slot counts.
+            empty = got[1] == EMPTY
+            first_empty = np.where(empty.any(1), empty.argmax(1), offsets.size)
+            first_match = np.where(match.any(1), match.argmax(1), offsets.size)
+            out[lo : lo + rows] = first_match < first_empty
+        return out
 
 
 # ---------------------------------------------------------------- segment handling
@@ -552,7 +638,9 @@ def _retire(name: str) -> None:
 def _mark_closed(words: Any) -> None:
     hseq = words[_HSEQ]
     words[_HSEQ] = hseq + 1
+    fence()
     words[_CLOSED] = 1
+    fence()
     words[_HSEQ] = hseq + 2
 
 

@@ -458,3 +458,40 @@ def test_chunks_the_index_shows_stored_are_not_saved_again(
     _, saves = s.build_step([("a", 1024, 1100 - 1024)], lambda rid: list(range(40)))
     assert sorted({op.index for op in saves["a"]}) == [2, 3]
     assert s.stats.save_chunks_present == 2
+
+
+def test_corrupt_index_is_a_miss_never_an_error_in_vllm(
+    indexed: tuple[SchedulerSide, FakeLink, ShmIndexWriter],
+) -> None:
+    """A same-user process writes the index's header (a probe length of 2**40, which
+    read as given makes a reader allocate terabytes) or its pid word: the scheduler
+    answers a miss or asks the agent, and plans saves as usual."""
+    import mmap
+
+    import posix_ipc
+
+    from kvnode.ipc import shmindex as S
+
+    s, link, writer = indexed
+    toks = tokens(1100)
+    publish(writer, s, toks, range(3))
+    assert s.get_num_new_matched_tokens(Req("a", toks), 0) == (3 * C, False)
+    shm = posix_ipc.SharedMemory(writer.name, 0)
+    buf = mmap.mmap(shm.fd, S.HEADER_BYTES, mmap.MAP_SHARED)
+    shm.close_fd()
+    words = memoryview(buf).cast("Q")
+    try:
+        for word, value in ((S._PROBE_MAX, 1 << 40), (S._PID, (1 << 64) - 1)):
+            saved = words[word]
+            words[word] = value
+            req = Req(f"r{word}", toks)
+            assert s.get_num_new_matched_tokens(req, 0) == (0, False)
+            s.update_state_after_alloc(req, 0)
+            _, saves = s.build_step([(req.request_id, 0, 1100)], lambda rid: list(range(40)))
+            assert sorted({op.index for op in saves[req.request_id]}) == [0, 1, 2, 3]
+            words[word] = saved
+        assert s.stats.index_errors >= 2 and link.client.calls >= 2  # asked the agent
+        assert s.get_num_new_matched_tokens(Req("b", toks), 0) == (3 * C, False)
+    finally:
+        words.release()
+        buf.close()
