@@ -1,23 +1,32 @@
 # kvnode: `make run` starts the agent on embedded defaults, `make test` runs the tests.
-# Both create .venv and install what they need on a fresh machine.
+# Both create .venv and install what they need on a fresh machine: `run` only the agent
+# (kvnode and boto3), `test` also the test tools and vLLM's CPU build.
 SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+RUN_STAMP := $(VENV)/.kvnode-run
 STAMP := $(VENV)/.kvnode-installed
 PYTEST_ARGS ?=
 
-.PHONY: run test lint bench demo gpu-check gpu-wheels system-deps clean
+.PHONY: run doctor test lint bench demo gpu-check gpu-wheels system-deps clean
+
+$(RUN_STAMP): pyproject.toml Makefile scripts/install.sh
+	bash scripts/install.sh "$(PY)" "$(VENV)" run
+	touch $(RUN_STAMP)
 
 $(STAMP): pyproject.toml Makefile scripts/install.sh
-	bash scripts/install.sh "$(PY)" "$(VENV)"
-	touch $(STAMP)
+	bash scripts/install.sh "$(PY)" "$(VENV)" test
+	touch $(STAMP) $(RUN_STAMP)
 
 system-deps:
 	bash scripts/system-deps.sh
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(BIN)/kvnode agent $(ARGS)
+
+doctor: $(RUN_STAMP)
+	$(BIN)/kvnode doctor $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check .

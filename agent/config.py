@@ -8,6 +8,7 @@ Raw settings are read here, in one place; derived limits are computed in
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import sys
@@ -65,6 +66,15 @@ def format_size(n: float) -> str:
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
         n /= 1024
+    return f"{n}B"
+
+
+def exact_size(n: int) -> str:
+    """The largest binary unit that states ``n`` exactly: 1073741824 -> '1GiB',
+    1500 -> '1500B'. It reads back through ``parse_size`` to the same number."""
+    for unit, mult in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n and n % mult == 0:
+            return f"{n // mult}{unit}"
     return f"{n}B"
 
 
@@ -315,6 +325,14 @@ class Config:
             if getattr(ev, key) < 1:
                 raise ConfigError(f"events.{key}", "must be >= 1")
 
+    def is_size(self, key: str) -> bool:
+        section, name = key.split(".", 1)
+        return any(f.name == name and f.metadata.get("kind") == "size" for f in _fields(section))
+
+    def resolved(self) -> dict[str, Any]:
+        """Values chosen at start when a key is left empty: what the agent will use."""
+        return {"agent.runtime_dir": str(self.runtime_dir), "arena.segment_name": self.segment_name}
+
     def as_dict(self) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
         for sec in SECTIONS:
@@ -346,22 +364,44 @@ def _coerce(key: str, f: dataclasses.Field[Any], value: Any) -> Any:
                 return True
             if low in ("0", "false", "no", "off"):
                 return False
-            raise ValueError(f"not a boolean: {value!r}")
+            raise ValueError(f"expected true or false, got {value!r}")
         if ftype == "int":
-            if isinstance(value, bool):
-                raise ValueError("not an integer")
-            return int(value)
+            return _integer(value)
         if ftype == "float":
-            if isinstance(value, bool):
-                raise ValueError("not a number")
-            return float(value)
+            return _number(value)
         if ftype == "str":
             if not isinstance(value, (str, int, float)):
-                raise ValueError(f"not a string: {value!r}")
+                raise ValueError(f"expected a string, got {value!r}")
             return str(value)
     except (TypeError, ValueError) as exc:
         raise ConfigError(key, str(exc)) from exc
     raise ConfigError(key, f"unsupported type {ftype}")  # programmer error
+
+
+def _integer(value: Any) -> int:
+    """A whole number from TOML, the environment or a flag; the error says so in words
+    (``int('abc')`` would say "invalid literal for int() with base 10")."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    text = str(value).strip() if isinstance(value, (str, float)) else ""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if re.fullmatch(r"[+-]?\d+", text.replace("_", "")):
+        return int(text.replace("_", ""))
+    raise ValueError(f"expected a whole number (e.g. 8), got {value!r}")
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            out = float(value.strip())
+        except ValueError:
+            out = math.nan
+        if math.isfinite(out):
+            return out
+    raise ValueError(f"expected a number (e.g. 2.5), got {value!r}")
 
 
 def _apply(cfg: Config, key: str, value: Any, source: str) -> None:
@@ -372,9 +412,48 @@ def _apply(cfg: Config, key: str, value: Any, source: str) -> None:
         raise ConfigError(key, f"unknown section {section!r}")
     fields = {f.name: f for f in _fields(section)}
     if name not in fields:
-        raise ConfigError(key, "unknown key")
+        hint = _closest(name, {n: n for n in fields})
+        raise ConfigError(
+            key, "unknown key" + (f" (did you mean {section}.{hint}?)" if hint else "")
+        )
     setattr(getattr(cfg, section), name, _coerce(key, fields[name], value))
     cfg.sources[key] = source
+
+
+# KVNODE_* variables that are not agent keys: the config file's path and the vLLM
+# connector's own settings (read in the vLLM processes, often from the same environment).
+ENV_NOT_KEYS = ("KVNODE_CONFIG",)
+ENV_OTHER_PREFIXES = ("KVNODE_CONNECTOR_",)
+
+
+def env_keys(env: Mapping[str, str]) -> dict[str, str]:
+    """``KVNODE_SECTION_NAME`` variables -> ``section.name``. A variable that names no
+    key is refused like an unknown ``--set`` key, so a typo cannot go unnoticed."""
+    known = {
+        f"{ENV_PREFIX}{sec.upper()}_{f.name.upper()}": f"{sec}.{f.name}"
+        for sec in SECTIONS
+        for f in _fields(sec)
+    }
+    out: dict[str, str] = {}
+    for var in sorted(env):
+        if not var.startswith(ENV_PREFIX) or var in ENV_NOT_KEYS:
+            continue
+        if var.startswith(ENV_OTHER_PREFIXES):
+            continue
+        if var not in known:
+            hint = _closest(var, known)
+            raise ConfigError(
+                var, "unknown environment variable" + (f" (did you mean {hint}?)" if hint else "")
+            )
+        out[var] = known[var]
+    return out
+
+
+def _closest(word: str, choices: Mapping[str, str]) -> str:
+    import difflib
+
+    got = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.75)
+    return got[0] if got else ""
 
 
 def load_config(
@@ -393,18 +472,17 @@ def load_config(
             data = tomllib.loads(Path(file_path).read_text())
         except FileNotFoundError as exc:
             raise ConfigError("--config", f"{file_path}: no such file") from exc
-        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError("--config", f"{file_path}: {exc}") from exc
+        except OSError as exc:
+            raise ConfigError("--config", f"{file_path}: cannot read it ({exc.strerror})") from exc
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError("--config", f"{file_path}: not valid TOML ({exc})") from exc
         for section, values in data.items():
             if not isinstance(values, dict):
                 raise ConfigError(section, "expected a [section] table")
             for name, value in values.items():
                 _apply(cfg, f"{section}.{name}", value, f"file:{file_path}")
-    for sec in SECTIONS:
-        for f in _fields(sec):
-            var = f"{ENV_PREFIX}{sec.upper()}_{f.name.upper()}"
-            if var in env:
-                _apply(cfg, f"{sec}.{f.name}", env[var], f"env:{var}")
+    for var, key in env_keys(env).items():
+        _apply(cfg, key, env[var], f"env:{var}")
     for key, value in (overrides or {}).items():
         if value is not None:
             _apply(cfg, key, value, "flag")

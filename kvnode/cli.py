@@ -1,4 +1,5 @@
-"""The ``kvnode`` command: ``agent``, ``stats``, ``events``, ``config show``, ``keygen``."""
+"""The ``kvnode`` command: ``agent``, ``stats``, ``events``, ``cache``, ``doctor``,
+``config show``, ``keygen``."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kvnode", description="Node-level KV cache for vLLM.")
     ap.add_argument("--version", action="version", version=f"kvnode {__version__}")
-    sub = ap.add_subparsers(dest="command", required=True)
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
     ag = sub.add_parser("agent", help="run the node agent")
     _add_config_args(ag)
@@ -39,24 +40,40 @@ def _parser() -> argparse.ArgumentParser:
         help="any config key, e.g. disk.path=/nvme/kv",
     )
     ag.add_argument(
-        "--check-config", action="store_true", help="validate the configuration and exit"
+        "--check-config",
+        action="store_true",
+        help="check the configuration and what it needs (ports, paths, keys, /dev/shm) and exit",
     )
-
     st = sub.add_parser("stats", help="show the agent's live statistics")
     _add_config_args(st)
     mode = st.add_mutually_exclusive_group()
     mode.add_argument("--json", action="store_true", help="print one JSON object")
-    mode.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS")
+    mode.add_argument(
+        "--watch",
+        type=_seconds,
+        nargs="?",
+        const=2.0,
+        metavar="SECONDS",
+        help="refresh every SECONDS (default 2); piped, one line per refresh",
+    )
     mode.add_argument(
         "--check", action="store_true", help="exit 0 if the agent answers, 1 otherwise"
     )
-    st.add_argument("--timeout", type=float, default=2.0, metavar="SECONDS")
+    st.add_argument("--timeout", type=_seconds, default=2.0, metavar="SECONDS")
 
-    ev = sub.add_parser("events", help="tail the agent's KV event stream")
+    ev = sub.add_parser("events", help="tail an agent's KV event stream (this node or another)")
     _add_config_args(ev)
     ev.add_argument("--json", action="store_true", help="one JSON object a line")
     ev.add_argument(
-        "--endpoint", metavar="URL", help="the stream (default: the config's events.endpoint)"
+        "--endpoint",
+        metavar="URL",
+        help="the agent's stream to connect to, e.g. tcp://node7:7471 "
+        "(default: this node's events.endpoint)",
+    )
+    ev.add_argument(
+        "--bind",
+        action="store_true",
+        help="bind --endpoint and wait for agents to connect (be their collector)",
     )
     ev.add_argument("--replay-endpoint", metavar="URL", help="default: events.replay_endpoint")
     ev.add_argument(
@@ -65,11 +82,11 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--topic", metavar="TOPIC", help="default: events.topic")
     ev.add_argument("--count", type=int, default=0, metavar="N", help="exit after N events")
     ev.add_argument(
-        "--idle-exit", type=float, metavar="SECONDS", help="exit after SECONDS with no event"
+        "--idle-exit", type=_seconds, metavar="SECONDS", help="exit after SECONDS with no event"
     )
 
     cf = sub.add_parser("config", help="configuration tools")
-    cfs = cf.add_subparsers(dest="config_command", required=True)
+    cfs = cf.add_subparsers(dest="config_command", metavar="COMMAND")
     show = cfs.add_parser("show", help="print the effective configuration and each value's source")
     _add_config_args(show)
     show.add_argument("--cpu-bytes", metavar="SIZE")
@@ -81,6 +98,16 @@ def _parser() -> argparse.ArgumentParser:
     kg.add_argument("--dir", required=True, metavar="DIR", help="directory to write into")
     kg.add_argument("--force", action="store_true", help="replace existing files")
     return ap
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 86400:
+        raise argparse.ArgumentTypeError(f"expected seconds (e.g. 2 or 0.5), got {text!r}")
+    return value
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -105,24 +132,13 @@ def _load(args: argparse.Namespace) -> Any:
     return load_config(path=args.config, overrides=_overrides(args))
 
 
+COMMANDS = "agent, stats, events, config, keygen"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "agent":
-            return _cmd_agent(args)
-        if args.command == "stats":
-            from kvnode.stats_tool import run_stats
-
-            cfg = _load(args)
-            return run_stats(cfg.runtime_dir, args)
-        if args.command == "events":
-            from kvnode.events_tool import run_events
-
-            return run_events(_load(args), args)
-        if args.command == "config":
-            return _cmd_config_show(args)
-        if args.command == "keygen":
-            return _cmd_keygen(args)
+        return _run(args)
     except ConfigError as exc:
         print(f"kvnode: {exc}", file=sys.stderr)
         return 2
@@ -131,7 +147,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    cmd = args.command
+    if cmd is None:
+        print(f"kvnode: which command? one of {COMMANDS} (kvnode --help)", file=sys.stderr)
+        return 2
+    if cmd == "agent":
+        return _cmd_agent(args)
+    if cmd == "stats":
+        from kvnode.stats_tool import run_stats
+
+        return run_stats(_load(args).runtime_dir, args)
+    if cmd == "events":
+        from kvnode.events_tool import run_events
+
+        return run_events(_load(args), args)
+    if cmd == "config":
+        if args.config_command is None:
+            print("kvnode config: which one? show (kvnode config show)", file=sys.stderr)
+            return 2
+        return _cmd_config_show(args)
+    return _cmd_keygen(args)
 
 
 def _setup_logging(level: str) -> None:
@@ -192,20 +230,33 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def _cmd_config_show(args: argparse.Namespace) -> int:
+    """Every key, its value and where it came from. Sizes read as sizes (``"4GiB"``,
+    which parses back to the same number); keys left empty show what the agent will
+    use. ``--json`` keeps plain numbers for scripts, with the resolved value beside."""
+    from kvnode.agent.config import exact_size
+
     cfg = _load(args)
     data = cfg.as_dict()
+    resolved = cfg.resolved()
     if args.json:
-        out = {
-            f"{sec}.{k}": {"value": v, "source": cfg.sources.get(f"{sec}.{k}", "default")}
-            for sec, vals in data.items()
-            for k, v in vals.items()
-        }
+        out: dict[str, Any] = {}
+        for sec, vals in data.items():
+            for k, v in vals.items():
+                key = f"{sec}.{k}"
+                out[key] = {"value": v, "source": cfg.sources.get(key, "default")}
+                if key in resolved and resolved[key] != v:
+                    out[key]["resolved"] = resolved[key]
         print(json.dumps(out, indent=2, default=str))
         return 0
     for sec, vals in data.items():
         print(f"[{sec}]")
         for k, v in vals.items():
-            src = cfg.sources.get(f"{sec}.{k}", "default")
+            key = f"{sec}.{k}"
+            src = cfg.sources.get(key, "default")
+            if key in resolved and not v:
+                v, src = resolved[key], f"{src}, resolved"
+            elif cfg.is_size(key) and isinstance(v, int):
+                v = exact_size(v)
             print(f"{k} = {json.dumps(v)}  # {src}")
         print()
     return 0

@@ -1,12 +1,13 @@
 """``kvnode events``: tails an agent's KV event stream (vLLM's wire format) in a
 terminal, or as one JSON object a line.
 
-Where to listen comes from the agent's configuration (``events.endpoint``) unless
-``--endpoint`` says otherwise. A wildcard endpoint (``tcp://*:5557``) is one the agent
-binds: the tool connects to it on this host. Any other tcp endpoint is a collector the
-agent connects to: the tool binds it and is that collector. ``--replay-from N`` first
-asks the replay socket (``events.replay_endpoint``) for every batch from sequence ``N``,
-then goes on with the live stream, skipping batches the replay already showed.
+The tool connects: ``--endpoint tcp://node7:7471`` tails node7's agent, and without
+``--endpoint`` it tails this node's agent at its ``events.endpoint`` (a wildcard such
+as ``tcp://*:7471`` is reached on 127.0.0.1). It binds only when asked (``--bind``):
+then it is the collector an agent connects to (an agent whose ``events.endpoint`` names
+a host rather than a wildcard). ``--replay-from N`` first asks the replay socket
+(``events.replay_endpoint``) for every batch from sequence ``N``, then goes on with the
+live stream, skipping batches the replay already showed.
 """
 
 from __future__ import annotations
@@ -50,16 +51,21 @@ def local_endpoint(endpoint: str) -> str:
     return endpoint
 
 
-def open_stream(ctx: zmq.Context, endpoint: str, topic: str) -> zmq.Socket:
-    """A SUB socket on the agent's stream: connected to a PUB the agent binds, bound
-    where the agent connects to a collector."""
+def open_stream(ctx: zmq.Context, endpoint: str, topic: str, bind: bool = False) -> zmq.Socket:
+    """A SUB socket on an agent's stream: connected to the PUB an agent binds, or
+    bound (``bind``) as the collector agents connect to."""
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
     sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
-    if is_bind_endpoint(endpoint):
-        sub.connect(local_endpoint(endpoint))
-    else:
-        sub.bind(endpoint)
+    try:
+        if bind:
+            sub.bind(endpoint)
+        else:
+            sub.connect(local_endpoint(endpoint))
+    except zmq.ZMQError as exc:
+        sub.close(0)
+        how = "bind" if bind else "connect to"
+        raise ConfigError("--endpoint", f"cannot {how} {endpoint}: {exc}") from None
     return sub
 
 
@@ -175,6 +181,14 @@ def _settings(cfg: Any, args: argparse.Namespace) -> tuple[str, str, str]:
     if not endpoint:
         raise ConfigError("events.endpoint", "events are off in the agent's configuration "
                           "(set events.endpoint there, or pass --endpoint)")  # fmt: skip
+    if args.bind and not args.endpoint:
+        raise ConfigError("--bind", "needs --endpoint (the address to collect on)")
+    if not args.endpoint and not args.bind and not is_bind_endpoint(endpoint):
+        raise ConfigError(
+            "events.endpoint",
+            f"this agent sends its events to a collector at {endpoint}; tail them there "
+            f"(kvnode events --bind --endpoint {endpoint})",
+        )
     replay_ep = args.replay_endpoint or ev.replay_endpoint
     if args.replay_from is not None and not replay_ep:
         raise ConfigError("events.replay_endpoint", "--replay-from needs a replay endpoint")
@@ -190,12 +204,20 @@ def run_events(cfg: Any, args: argparse.Namespace) -> int:
 
     printer = Printer(args.json, args.count, write)
     ctx = zmq.Context()
-    sub = open_stream(ctx, endpoint, topic)
+    try:
+        sub = open_stream(ctx, endpoint, topic, bind=args.bind)
+    except ConfigError:
+        ctx.term()
+        raise
     try:
         # Polling first hands the subscription to ZeroMQ, so it reaches the agent's
         # PUB before the replay ends: nothing published in between is missed.
         sub.poll(POLL_MS)
-        print(f"kvnode events: listening on {endpoint}", file=sys.stderr, flush=True)
+        if args.bind:
+            note = f"listening on {endpoint} for agents to connect"
+        else:
+            note = f"connected to {local_endpoint(endpoint)} (events arrive once it publishes)"
+        print(f"kvnode events: {note}", file=sys.stderr, flush=True)
         if args.replay_from is not None:
             for b in replay(ctx, replay_ep, args.replay_from):
                 printer.replayed(b)

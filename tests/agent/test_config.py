@@ -72,8 +72,53 @@ def test_cli_config_show_names_sources(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60, env={"KVNODE_DISK_BYTES": "2GiB", "PATH": "/usr/bin:/bin"},
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
-    assert "cpu_bytes = 1073741824  # flag" in r.stdout
-    assert "bytes = 2147483648  # env:KVNODE_DISK_BYTES" in r.stdout
+    assert 'cpu_bytes = "1GiB"  # flag' in r.stdout
+    assert 'bytes = "2GiB"  # env:KVNODE_DISK_BYTES' in r.stdout
+    # A key left empty shows what the agent will use.
+    assert f'runtime_dir = "{tmp_path}"  # flag' in r.stdout
+    assert 'segment_name = "/kvnode-' in r.stdout and "# default, resolved" in r.stdout
+    assert 'runtime_dir = ""' not in r.stdout
+
+
+def test_shown_sizes_read_back_to_the_same_bytes() -> None:
+    from kvnode.agent.config import exact_size
+
+    for n in (1, 1500, 4096, 65536, 3 * 2**30, 2**40 + 2**20, 2**41):
+        assert parse_size(exact_size(n)) == n
+
+
+@pytest.mark.parametrize(
+    "env,key,words",
+    [
+        ({"KVNODE_AGENT_CLIENTS_MAX": "abc"}, "agent.clients_max", "expected a whole number"),
+        ({"KVNODE_AGENT_HEARTBEAT_INTERVAL_S": "abc"}, "agent.heartbeat_interval_s",
+         "expected a number"),
+        ({"KVNODE_ARENA_PREFAULT": "maybe"}, "arena.prefault", "expected true or false"),
+        ({"KVNODE_ARENA_POLCY": "lru"}, "KVNODE_ARENA_POLCY",
+         "did you mean KVNODE_ARENA_POLICY?"),
+        ({"KVNODE_NOPE": "1"}, "KVNODE_NOPE", "unknown environment variable"),
+    ],
+)  # fmt: skip
+def test_errors_in_words(env: dict[str, str], key: str, words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, env=env)
+    assert info.value.key == key and words in str(info.value)
+    assert "invalid literal" not in str(info.value) and "could not convert" not in str(info.value)
+
+
+def test_connector_variables_are_not_agent_keys() -> None:
+    cfg = load_config(None, env={"KVNODE_CONNECTOR_CHUNK_TOKENS": "128", "KVNODE_CONFIG": ""})
+    assert "KVNODE_CONNECTOR_CHUNK_TOKENS" not in str(cfg.sources)
+
+
+def test_misspelt_set_key_suggests() -> None:
+    with pytest.raises(ConfigError, match="did you mean arena.policy"):
+        load_config(None, env={}, overrides={"arena.polcy": "lru"})
+
+
+def test_integers_accept_whole_forms() -> None:
+    cfg = load_config(None, env={"KVNODE_AGENT_CLIENTS_MAX": " 2_048 "})
+    assert cfg.agent.clients_max == 2048
 
 
 def test_s3_stuck_after_reaches_the_store() -> None:

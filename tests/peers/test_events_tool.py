@@ -59,7 +59,7 @@ def _tool(*args: str) -> subprocess.Popen[str]:
     )
     assert proc.stderr is not None
     line = proc.stderr.readline()  # the tool says when its socket is set up
-    assert "listening on" in line, line + proc.stderr.read()
+    assert "connected to" in line or "listening on" in line, line + proc.stderr.read()
     return proc
 
 
@@ -121,7 +121,7 @@ def test_collector_endpoint_is_bound_by_the_tool(tmp_path: Path) -> None:
     try:
         chain = Chain(client)
         proc = _tool("--runtime-dir", str(agent.runtime_dir), "--endpoint", endpoint,
-                     "--json", "--count", "2")  # fmt: skip
+                     "--bind", "--json", "--count", "2")  # fmt: skip
         lines = [json.loads(x) for x in _feed_until_done(proc, chain).splitlines()]
         assert len(lines) == 2
         for ev in lines:
@@ -137,3 +137,33 @@ def test_events_off_is_a_clear_error(tmp_path: Path) -> None:
     done = subprocess.run([*TOOL, "--config", str(cfg)], capture_output=True, text=True,
                           timeout=30)  # fmt: skip
     assert done.returncode == 2 and "events.endpoint" in done.stderr
+
+
+def test_another_nodes_agent_is_tailed_by_its_address(tmp_path: Path) -> None:
+    """The agent binds a wildcard; the tool, given the node's address (as for another
+    node), connects to it instead of binding it (which failed: address in use)."""
+    port = _port()
+    agent = AgentProcess(
+        tmp_path / "run", args=["--set", f"events.endpoint=tcp://*:{port}"]
+    ).start()
+    client = AgentClient(agent.runtime_dir, name="events-tool-test", timeout_s=2.0)
+    try:
+        chain = Chain(client)
+        proc = _tool("--runtime-dir", str(tmp_path / "elsewhere"),
+                     "--endpoint", f"tcp://127.0.0.1:{port}", "--json", "--count", "2")  # fmt: skip
+        lines = [json.loads(x) for x in _feed_until_done(proc, chain).splitlines()]
+        assert len(lines) == 2
+        for ev in lines:
+            chain.check(ev)
+    finally:
+        client.close()
+        agent.stop()
+
+
+def test_collector_config_without_bind_says_how(tmp_path: Path) -> None:
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'[events]\nendpoint = "tcp://127.0.0.1:{_port()}"\n')
+    done = subprocess.run([*TOOL, "--config", str(cfg)], capture_output=True, text=True,
+                          timeout=30)  # fmt: skip
+    assert done.returncode == 2 and "--bind" in done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
