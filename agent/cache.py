@@ -10,6 +10,7 @@ shared lookup index, KV events) after the change is complete, never during it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from kvnode.agent.index import Entry, Index, Outcome
@@ -34,12 +35,19 @@ class StoreListener(Protocol):
 
 
 class Cache:
-    def __init__(self, index: Index, tiers: TierManager | None = None, headroom_pages: int = 0):
+    def __init__(
+        self,
+        index: Index,
+        tiers: TierManager | None = None,
+        headroom_pages: int = 0,
+        listeners: Sequence[CacheListener] = (),
+        store_listeners: Sequence[StoreListener] = (),
+    ) -> None:
         self.index = index
         self.tiers = tiers
         self.headroom_pages = headroom_pages
-        self.listeners: list[CacheListener] = []  # what entered and left, per tick
-        self.store_listeners: list[StoreListener] = []  # each client commit, as it happens
+        self.listeners = tuple(listeners)  # what entered and left, per tick
+        self.store_listeners = tuple(store_listeners)  # each client commit, as it happens
         self.tier_errors = 0
         index.write_back = tiers is not None
 

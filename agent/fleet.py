@@ -8,14 +8,11 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from kvnode.agent.events import MEDIUM_CPU, EventPublisher
-from kvnode.agent.index import Index
-from kvnode.agent.peers import PeerManager, PeerServer, build_peers
+from kvnode.agent.peers import PeerManager, PeerServer
 from kvnode.agent.tiers.format import ChunkMeta
 
 if TYPE_CHECKING:
-    from kvnode.agent.config import Config
     from kvnode.agent.tiers.manager import TierManager
-    from kvnode.ipc.segment import Segment
 
 log = logging.getLogger("kvnode.agent")
 
@@ -48,24 +45,6 @@ class Fleet:
         self.events = events
         self.tiers = tiers
         self.listener = EventsListener(events) if events is not None else None
-
-    @classmethod
-    def build(
-        cls, cfg: Config, index: Index, arena: Segment, wake: Any, tiers: TierManager | None
-    ) -> Fleet:
-        server, peers = build_peers(
-            cfg, index, arena, wake,
-            lower_has=tiers.on_lookup_miss if tiers is not None else None,
-            on_evicted=tiers.on_evicted if tiers is not None else None,
-        )  # fmt: skip
-        events = None
-        e = cfg.events
-        if e.endpoint:
-            events = EventPublisher(
-                e.endpoint, e.topic, e.replay_endpoint, e.hwm, e.queue_max, e.replay_batches_max
-            )
-            events.cleared()  # a fresh arena: routers forget what this node had
-        return cls(server, peers, events, tiers)
 
     def sockets(self) -> list[Any]:
         out: list[Any] = []
@@ -124,13 +103,16 @@ class Fleet:
             out["events"] = self.events.stats()
         return out
 
-    def close(self) -> None:
+    def close_peers(self) -> None:
         for part in (self.peers, self.server):
             if part is not None:
                 try:
                     part.close()
                 except Exception:
                     log.exception("closing %s failed", type(part).__name__)
+
+    def close(self) -> None:
+        self.close_peers()
         if self.events is not None:
             try:
                 self.events.flush()

@@ -48,12 +48,12 @@ Handler = Callable[[Client, Any], Any]
 
 
 class Handlers:
-    def __init__(self, cfg: Config, cache: Cache, stats: Stats) -> None:
+    def __init__(self, cfg: Config, cache: Cache, stats: Stats, fleet: Fleet | None = None) -> None:
         self.cfg = cfg
         self.cache = cache
         self.stats = stats
         self.page_bytes = cfg.arena.page_bytes
-        self.fleet: Fleet | None = None  # peers, when configured
+        self.fleet = fleet  # peers, when configured
         self.table: dict[type, Handler] = {
             P.Heartbeat: self.heartbeat,
             P.LookupReq: self.lookup,

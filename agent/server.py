@@ -30,6 +30,7 @@ from kvnode.agent.published import PublishedIndex
 if TYPE_CHECKING:
     from kvnode.agent.fleet import Fleet
     from kvnode.agent.tiers.manager import TierManager
+from kvnode.agent.assembly import Parts, assemble
 from kvnode.agent.registry import ClientRegistry, Refused
 from kvnode.agent.runtime import RuntimeDir, chgrp, create_arena
 from kvnode.agent.snapshot import snapshot
@@ -59,16 +60,7 @@ class Agent:
         self.runtime_dir = cfg.runtime_dir
         self.generation = int.from_bytes(os.urandom(6), "little") or 1
         self.stats = Stats()
-        self.index = Index(
-            cfg.arena.cpu_bytes,
-            cfg.arena.page_bytes,
-            cfg.arena.policy,
-            clock=clock,
-            reserve_ttl_s=cfg.arena.reserve_ttl_s,
-        )
-        self.cache = Cache(self.index)
         self.registry = ClientRegistry(self.generation, pid_namespace())
-        self.handlers = Handlers(cfg, self.cache, self.stats)
         self.runtime = RuntimeDir(cfg)
         self._running = False
         self._stop_requested = False
@@ -86,17 +78,40 @@ class Agent:
         self.hooks_stopping: list[Callable[[], Any]] = []
         self.hooks_reload: list[Callable[[Config], list[str]]] = []
         self._reload_requested = False
-        self.published: PublishedIndex | None = None
-        self.fleet: Fleet | None = None
+        self.parts: Parts | None = None  # built once by start(), after the arena
         self.index_segment = ""  # the shared lookup index's name, when published
 
     @property
     def clients(self) -> dict[int, Client]:
         return self.registry.by_id
 
+    # The parts exist from start() on; the loop and the handlers run only after it.
+    @property
+    def index(self) -> Index:
+        assert self.parts is not None
+        return self.parts.index
+
+    @property
+    def cache(self) -> Cache:
+        assert self.parts is not None
+        return self.parts.cache
+
+    @property
+    def handlers(self) -> Handlers:
+        assert self.parts is not None
+        return self.parts.handlers
+
+    @property
+    def fleet(self) -> Fleet | None:
+        return self.parts.fleet if self.parts is not None else None
+
+    @property
+    def published(self) -> PublishedIndex | None:
+        return self.parts.published if self.parts is not None else None
+
     @property
     def tiers(self) -> TierManager | None:
-        return self.cache.tiers
+        return self.parts.tiers if self.parts is not None else None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -106,21 +121,27 @@ class Agent:
         cfg = self.cfg
         self.runtime.take()
         t0 = time.perf_counter()
-        self.segment = create_arena(cfg, self.index.alloc.pages_total)
+        index = Index(
+            cfg.arena.cpu_bytes,
+            cfg.arena.page_bytes,
+            cfg.arena.policy,
+            clock=self.clock,
+            reserve_ttl_s=cfg.arena.reserve_ttl_s,
+        )
+        self.segment = create_arena(cfg, index.alloc.pages_total)
         if self.cfg.arena.prefault:
             self.segment.prefault(lambda: self._stop_requested)
         if self._stop_requested:
             raise StopRequested("stop requested while the arena was being mapped")
         log.info(
             "arena %s mapped: %d bytes in %d pages of %d (%.2fs)",
-            self.segment.name, self.segment.size, self.index.alloc.pages_total,
+            self.segment.name, self.segment.size, index.alloc.pages_total,
             cfg.arena.page_bytes, time.perf_counter() - t0,
         )  # fmt: skip
-        if cfg.disk.path or cfg.s3.bucket:
-            self._start_tiers()
-        self._publish_index()
+        self.parts = assemble(cfg, index, self.segment, self.wake, self.generation, self.stats)
+        if self.parts.published is not None:
+            self.index_segment = self.parts.published.name
         self._bind()
-        self._start_fleet()
         self._running = not self._stop_requested
         log.info("serving on %s (generation %x)", cfg.endpoint, self.generation)
 
@@ -145,48 +166,6 @@ class Agent:
         if cfg.agent.group:
             chgrp(cfg.socket_path, cfg.agent.group)
         self.sock = sock
-
-    def _start_tiers(self) -> None:
-        from kvnode.agent.tiers.manager import TierManager
-
-        assert self.segment is not None
-        tiers = TierManager(self.cfg, arena=self.segment, index=self.index, wake=self.wake)
-        headroom = int(self.index.alloc.pages_total * self.cfg.arena.headroom_share)
-        self.cache = Cache(self.index, tiers, headroom)
-        self.handlers.cache = self.cache
-
-    def _publish_index(self) -> None:
-        if not self.cfg.arena.publish_index:
-            return
-        assert self.segment is not None
-        self.published = PublishedIndex(
-            self.segment.name + "-idx",
-            self.index.alloc.pages_total,  # every entry holds at least one page
-            self.cfg.agent.group,
-            self.generation,
-        )
-        tiers = self.cache.tiers.tiers if self.cache.tiers is not None else []
-        disk = next((t.store for t in tiers if t.name == "disk"), None)
-        unlisted = bool(self.cfg.peers.seeds) or any(t.name != "disk" for t in tiers)
-        self.published.set_lower(disk, unlisted, self.cfg.disk.bytes // self.cfg.arena.page_bytes)
-        self.cache.listeners.append(self.published)
-        self.index_segment = self.published.name
-
-    def _start_fleet(self) -> None:
-        cfg = self.cfg
-        if not (cfg.peers.listen or cfg.peers.seeds or cfg.events.endpoint):
-            return
-        from kvnode.agent.fleet import Fleet
-
-        assert self.segment is not None
-        fleet = Fleet.build(cfg, self.index, self.segment, self.wake, self.cache.tiers)
-        self.fleet = fleet
-        if self.cache.tiers is not None and fleet.events is not None:
-            self.cache.tiers.events = fleet.events  # disk and S3 as medium STORAGE
-        self.handlers.fleet = fleet
-        if fleet.listener is not None:
-            self.cache.listeners.append(fleet.listener)
-            self.cache.store_listeners.append(fleet.listener)
 
     def wake(self) -> None:
         """Wake the loop from another thread or a signal handler."""
@@ -215,23 +194,13 @@ class Agent:
         """Stop: flush bounded write-back queues within the deadline, then unlink."""
         self._running = False
         self._draining = True
-        if self.published is not None:
-            # First: readers must stop answering hits from an agent that no longer
-            # serves (the flush below may take agent.shutdown_flush_s).
-            published, self.published = self.published, None
-            _safe(lambda: published.close(unlink=self.runtime.held))
+        parts = self.parts
+        if parts is not None:
+            parts.stop_publishing(unlink=self.runtime.held)
         for hook in self.hooks_stopping:
             _safe(hook)
-        if self.fleet is not None:
-            _safe(self.fleet.close)  # before the tiers flush and the arena goes
-            self.fleet = None
-        tiers = self.cache.tiers
-        if tiers is not None:
-            try:
-                tiers.flush(self.cfg.agent.shutdown_flush_s)
-            except Exception:
-                log.exception("flushing lower tiers failed")
-            _safe(tiers.close)
+        if parts is not None:
+            parts.close(self.cfg.agent.shutdown_flush_s)  # before the arena goes
         if self.sock is not None:
             self.sock.disable_monitor()
             self.sock.close(0)

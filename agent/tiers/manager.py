@@ -103,6 +103,7 @@ class TierManager:
         index: Index,
         wake: Callable[[], None],
         stores: dict[str, TierStore] | None = None,
+        events: TierEvents | None = None,
     ) -> None:
         self.index = index
         self.wake = wake
@@ -121,7 +122,7 @@ class TierManager:
         self._writes: dict[bytes, int] = {}  # key -> write jobs in flight (all tiers)
         self._queued: set[tuple[str, bytes]] = set()  # (tier, key) writes in flight
         self._cancelled: set[bytes] = set()  # dropped while a write was in flight
-        self.events: TierEvents | None = None  # KV events for what the tiers hold
+        self.events = events  # KV events for what the tiers hold
         self._closing = False
         for t in self.tiers:
             scan_fn = t.store.startup_scan()

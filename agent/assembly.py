@@ -1,0 +1,192 @@
+"""The composition root: the agent's parts, built once after the arena exists, in
+dependency order, each given everything it uses at construction. Nothing is rewired
+afterwards: no part is replaced, no attribute of another part is set.
+
+    stores (disk, S3) -> events -> shared lookup index -> cache (index + tiers) ->
+    peers (server, manager) -> fleet -> handlers
+
+``Parts.close`` takes them down in the reverse order.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from kvnode.agent.cache import Cache
+from kvnode.agent.config import Config
+from kvnode.agent.handlers import Handlers
+from kvnode.agent.index import Index
+from kvnode.agent.published import PublishedIndex
+from kvnode.agent.stats import Stats
+from kvnode.ipc.segment import Segment
+
+if TYPE_CHECKING:
+    from kvnode.agent.events import EventPublisher
+    from kvnode.agent.fleet import Fleet
+    from kvnode.agent.tiers.base import TierStore
+    from kvnode.agent.tiers.manager import TierManager
+
+log = logging.getLogger("kvnode.agent")
+
+
+@dataclass(slots=True, eq=False)
+class Parts:
+    index: Index
+    cache: Cache
+    handlers: Handlers
+    published: PublishedIndex | None = None
+    fleet: Fleet | None = None
+
+    @property
+    def tiers(self) -> TierManager | None:
+        return self.cache.tiers
+
+    def stop_publishing(self, unlink: bool) -> None:
+        """First at shutdown: readers must stop answering hits from an agent that no
+        longer serves (the flush that follows may take agent.shutdown_flush_s)."""
+        published, self.published = self.published, None
+        if published is not None:
+            _safe("lookup index", lambda: published.close(unlink=unlink))
+
+    def close(self, flush_s: float) -> None:
+        """Peers and events first (no fetch may land in a closing arena), then the
+        tiers: queued write-backs get ``flush_s``, running I/O finishes."""
+        fleet, self.fleet = self.fleet, None
+        if fleet is not None:
+            _safe("fleet", fleet.close)
+        tiers = self.cache.tiers
+        if tiers is not None:
+            _safe("tier flush", lambda: tiers.flush(flush_s))
+            _safe("tiers", tiers.close)
+
+
+def assemble(
+    cfg: Config,
+    index: Index,
+    arena: Segment,
+    wake: Callable[[], None],
+    generation: int,
+    stats: Stats,
+) -> Parts:
+    """Build every part. On failure, what was built is closed again and the error
+    raised: the caller is left with the arena alone."""
+    closers: list[tuple[str, Callable[[], Any]]] = []
+    try:
+        return _build(cfg, index, arena, wake, generation, stats, closers)
+    except BaseException:
+        _close_all(closers)
+        raise
+
+
+def _build(
+    cfg: Config,
+    index: Index,
+    arena: Segment,
+    wake: Callable[[], None],
+    generation: int,
+    stats: Stats,
+    closers: list[tuple[str, Callable[[], Any]]],
+) -> Parts:
+    stores = _stores(cfg)
+    events = _events(cfg)
+    if events is not None:
+        closers.append(("events", events.close))
+    published = _published(cfg, index, arena, generation, stores)
+    if published is not None:
+        closers.append(("lookup index", lambda: published.close(unlink=True)))
+    tiers = None
+    if stores:
+        from kvnode.agent.tiers.manager import TierManager
+
+        tiers = TierManager(cfg, arena, index, wake, stores=stores, events=events)
+        closers.append(("tiers", tiers.close))
+    headroom = int(index.alloc.pages_total * cfg.arena.headroom_share) if tiers else 0
+    fleet = _fleet(cfg, index, arena, wake, tiers, events, closers)
+    listeners: list[Any] = [published] if published is not None else []
+    store_listeners: list[Any] = []
+    if fleet is not None and fleet.listener is not None:
+        listeners.append(fleet.listener)
+        store_listeners.append(fleet.listener)
+    cache = Cache(index, tiers, headroom, listeners, store_listeners)
+    handlers = Handlers(cfg, cache, stats, fleet)
+    return Parts(index, cache, handlers, published, fleet)
+
+
+def _stores(cfg: Config) -> dict[str, TierStore]:
+    if not (cfg.disk.path or cfg.s3.bucket):
+        return {}
+    from kvnode.agent.tiers.manager import build_stores
+
+    return build_stores(cfg)
+
+
+def _events(cfg: Config) -> EventPublisher | None:
+    e = cfg.events
+    if not e.endpoint:
+        return None
+    from kvnode.agent.events import EventPublisher
+
+    events = EventPublisher(
+        e.endpoint, e.topic, e.replay_endpoint, e.hwm, e.queue_max, e.replay_batches_max
+    )
+    events.cleared()  # a fresh arena: routers forget what this node had
+    return events
+
+
+def _published(
+    cfg: Config, index: Index, arena: Segment, generation: int, stores: dict[str, TierStore]
+) -> PublishedIndex | None:
+    if not cfg.arena.publish_index:
+        return None
+    published = PublishedIndex(
+        arena.name + "-idx",
+        index.alloc.pages_total,  # every entry holds at least one page
+        cfg.agent.group,
+        generation,
+    )
+    disk = stores.get("disk")
+    unlisted = bool(cfg.peers.seeds) or any(name != "disk" for name in stores)
+    published.set_lower(disk, unlisted, cfg.disk.bytes // cfg.arena.page_bytes)
+    return published
+
+
+def _fleet(
+    cfg: Config,
+    index: Index,
+    arena: Segment,
+    wake: Callable[[], None],
+    tiers: TierManager | None,
+    events: EventPublisher | None,
+    closers: list[tuple[str, Callable[[], Any]]],
+) -> Fleet | None:
+    if not (cfg.peers.listen or cfg.peers.seeds or events is not None):
+        return None
+    from kvnode.agent.fleet import Fleet
+    from kvnode.agent.peers import build_peers
+
+    server, peers = build_peers(
+        cfg, index, arena, wake,
+        lower_has=tiers.on_lookup_miss if tiers is not None else None,
+        on_evicted=tiers.on_evicted if tiers is not None else None,
+    )  # fmt: skip
+    fleet = Fleet(server, peers, events, tiers)
+    closers.append(("fleet", fleet.close_peers))
+    return fleet
+
+
+def _close_all(closers: list[tuple[str, Callable[[], Any]]]) -> None:
+    for name, close in reversed(closers):
+        _safe(name, close)
+
+
+def _safe(name: str, fn: Callable[[], Any]) -> None:
+    try:
+        fn()
+    except Exception:
+        log.exception("closing %s failed", name)
+
+
+__all__ = ["Parts", "assemble"]
