@@ -15,24 +15,32 @@ buffer's bytes are final, so the caller may commit, reuse or release it.
 buffer is the per-layer buffers concatenated in the order of the layers. With a GPU
 cache and a host buffer, all layers are packed into one device staging buffer and cross
 the bus in ONE copy: per call overhead, not bandwidth, limits per-layer calls (H100,
-32 layers of 2 MiB: 0.29 of a raw copy synchronous, 0.49 queued). Layers that are
-evenly spaced views of one allocation (cross-layer caches) move with one indexed kernel
-over a stacked view; separate per-layer tensors need one small kernel each.
+32 layers of 2 MiB: 0.29 of a raw copy synchronous, 0.49 queued). The packing is one
+Triton launch over every layer (``kvnode.kernels.onelaunch``) where triton imports and
+the layout is one the kernel covers (``kvnode.kernels.plan.coverable``); otherwise layers
+that are evenly spaced views of one allocation (cross-layer caches) move with one
+indexed kernel over a stacked view, and separate per-layer tensors need one kernel each.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
+from types import ModuleType
 
 import torch
 
 from kvnode.kernels import hostcopy
 from kvnode.kernels.hostmem import register_host_memory, unregister_host_memory
 from kvnode.kernels.layout import KVLayout, physical_blocks
+from kvnode.kernels.plan import NotCoverable, chunk_rows
 from kvnode.kernels.staging import staging_buffer
 
+log = logging.getLogger(__name__)
+
 __all__ = [
+    "kernel_stats",
     "gather",
     "gather_layers",
     "register_host_memory",
@@ -129,7 +137,8 @@ def gather_layers(
             gather(kv, layout, ids, out, sync=sync)
         return
     staged = staging_buffer(device, dst.numel())
-    _pack(kvs, layout, ids, staged)
+    if not _one_launch(kvs, layout, ids, staged, gather=True):
+        _pack(kvs, layout, ids, staged)
     dst.copy_(staged, non_blocking=True)
     if sync:
         wait(device)
@@ -156,9 +165,73 @@ def scatter_layers(
         return
     staged = staging_buffer(device, src.numel())
     staged.copy_(src, non_blocking=True)
-    _unpack(staged, kvs, layout, ids)
+    if not _one_launch(kvs, layout, ids, staged, gather=False):
+        _unpack(staged, kvs, layout, ids)
     if sync:  # the caller may release ``src`` on return: the device must have read it
         wait(device)
+
+
+def _one_launch(
+    kvs: Sequence[torch.Tensor], layout: KVLayout, ids: list[int], chunk: torch.Tensor, gather: bool
+) -> bool:
+    """Every layer between the caches and ``chunk`` (same device) in one Triton launch;
+    False when the per-layer path must do it (no triton, a layout the kernel does not
+    cover, a launch that failed: each counted)."""
+    kernel = _kernel_module()
+    if kernel is None:
+        return False
+    try:
+        rows = chunk_rows(kvs, [layout] * len(kvs), [0] * len(kvs), [ids], chunk.data_ptr())
+        plan = kernel.plan(rows, [ids])
+    except NotCoverable:
+        _count("not_coverable")
+        return False
+    try:
+        kernel.launch(plan, chunk.device, gather=gather)
+    except Exception as exc:  # a compiler or driver refusal: the per-layer path still works
+        _disable_kernel(exc)
+        return False
+    _count("launches")
+    return True
+
+
+_kernel_state: dict[str, object] = {"module": None, "tried": False, "disabled": False}
+_kernel_counts = {"launches": 0, "not_coverable": 0, "unavailable": 0, "failed": 0}
+
+
+def kernel_stats() -> dict[str, int | bool]:
+    """Counters of the one-launch path: launches, and the calls that fell back to the
+    per-layer path (not_coverable, unavailable, failed)."""
+    loaded = _kernel_state["module"] is not None and not _kernel_state["disabled"]
+    return {**_kernel_counts, "loaded": loaded}
+
+
+def _count(name: str) -> None:
+    _kernel_counts[name] += 1  # a lost increment under a race only skews a counter
+
+
+def _kernel_module() -> ModuleType | None:
+    """``kvnode.kernels.onelaunch``, imported on first use (triton is not a dependency
+    of the CPU install, and importing it costs a second); None where it cannot run."""
+    if not _kernel_state["tried"]:
+        _kernel_state["tried"] = True
+        try:
+            from kvnode.kernels import onelaunch
+
+            _kernel_state["module"] = onelaunch
+        except ImportError as exc:
+            log.info("kvnode: one-launch chunk copies off (%s); copying layer by layer", exc)
+    if _kernel_state["disabled"] or _kernel_state["module"] is None:
+        _count("unavailable")
+        return None
+    return _kernel_state["module"]  # type: ignore[return-value]
+
+
+def _disable_kernel(exc: BaseException) -> None:
+    _count("failed")
+    if not _kernel_state["disabled"]:
+        _kernel_state["disabled"] = True
+        log.warning("kvnode: one-launch chunk copy failed (%s); copying layer by layer", exc)
 
 
 def _pack(kvs: Sequence[torch.Tensor], layout: KVLayout, ids: list[int], out: torch.Tensor) -> None:
