@@ -98,7 +98,7 @@ class Cache:
         """Commit ``owner``'s reservations; ``parents``/``tokens`` per key or empty (a
         parent b"" is none). Committed chunks keep them (KV events, tier headers), go
         to a write-through tier, and are told to the store listeners."""
-        outs = self.index.commit_many(keys, owner, checksums)
+        outs = self.index.commit_many(keys, owner, checksums, parents)
         entries, tiers, listeners = self.index.entries, self.tiers, self.store_listeners
         for i, (key, st) in enumerate(zip(keys, outs)):
             if st is not Outcome.OK:

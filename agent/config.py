@@ -22,6 +22,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from kvnode.agent.policy import POLICIES
 from kvnode.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = "/etc/kvnode/agent.toml"
@@ -137,7 +138,7 @@ class AgentSection:
 class ArenaSection:
     cpu_bytes: int = field(default_factory=_default_cpu_bytes, metadata={"kind": "size"})
     page_bytes: int = _size("64KiB")
-    policy: str = "s3fifo"  # "lru" or "s3fifo"
+    policy: str = "prefix"  # "prefix", "s3fifo" or "lru"
     prefault: bool = True
     hugepages: bool = True
     publish_index: bool = True  # the arena's keys in shared memory for lookups
@@ -269,8 +270,8 @@ class Config:
             raise ConfigError("arena.cpu_bytes", "must hold at least 16 pages")
         if not 0.0 <= ar.headroom_share <= 0.5:
             raise ConfigError("arena.headroom_share", "must be between 0 and 0.5")
-        if ar.policy not in ("lru", "s3fifo"):
-            raise ConfigError("arena.policy", "must be lru or s3fifo")
+        if ar.policy not in POLICIES:
+            raise ConfigError("arena.policy", "must be one of " + ", ".join(POLICIES))
         for section in ("disk", "s3"):
             pol = getattr(self, section).write_policy
             if pol not in ("write_through", "write_back"):

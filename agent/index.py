@@ -102,6 +102,8 @@ class IndexCounters:
     evictions: int = 0
     evict_deferred: int = 0
     evict_unsaved: int = 0  # evicted without write-back: the lower tier still held pages
+    orphan_evictions: int = 0  # evicted after their parent chunk had left
+    orphan_bytes: int = 0  # ... and their bytes
     expired_leases: int = 0
     reserve_no_space: int = 0
     drops_deferred: int = 0  # drops that waited for pins or copies to end
@@ -112,7 +114,7 @@ class Index:
         self,
         arena_bytes: int,
         page_bytes: int,
-        policy: str | EvictionPolicy = "s3fifo",
+        policy: str | EvictionPolicy = "prefix",
         clock: Callable[[], float] = time.monotonic,
         reserve_ttl_s: float = 60.0,
     ) -> None:
@@ -298,13 +300,22 @@ class Index:
     def commit(self, key: bytes, owner: int, checksum: int = 0) -> Outcome:
         return self.commit_many([key], owner, [checksum])[0]
 
-    def commit_many(self, keys: list[bytes], owner: int, checksums: list[int]) -> list[Outcome]:
+    def commit_many(
+        self,
+        keys: list[bytes],
+        owner: int,
+        checksums: list[int],
+        parents: list[bytes] | None = None,
+    ) -> list[Outcome]:
         """Make ``owner``'s reservations readable, per key: OK, NOT_FOUND, or
-        BAD_STATE (not reserved, or by someone else)."""
-        entries, insert, changes = self.entries, self.policy.insert, self.changes
+        BAD_STATE (not reserved, or by someone else). ``parents`` (per key, b"" for
+        none) tell the policy the prefix structure."""
+        entries, changes = self.entries, self.changes
         reserved, committed = State.RESERVED, State.COMMITTED
         out: list[Outcome] = []
-        for key, checksum in zip(keys, checksums, strict=True):
+        done: list[bytes] = []
+        done_parents: list[bytes | None] = []
+        for i, (key, checksum) in enumerate(zip(keys, checksums, strict=True)):
             e = entries.get(key)
             if e is None:
                 out.append(Outcome.NOT_FOUND)
@@ -314,9 +325,12 @@ class Index:
                 e.state = committed
                 e.checksum = checksum
                 self.reserved -= 1
-                insert(key)
+                done.append(key)
+                done_parents.append(parents[i] or None if parents else None)
                 changes.append((True, key))
                 out.append(Outcome.OK)
+        if done:
+            self.policy.insert_many(done, done_parents)
         return out
 
     def abort(self, key: bytes, owner: int) -> bool:
@@ -371,6 +385,9 @@ class Index:
                 if e.state is not State.COMMITTED:
                     continue
                 self.counters.evictions += 1
+                if self._orphaned(e):
+                    self.counters.orphan_evictions += 1
+                    self.counters.orphan_bytes += e.size
                 out.removed.append(e.key)
                 if defer:
                     e.holds += 1
@@ -380,6 +397,14 @@ class Index:
                     self.counters.evict_unsaved += 1
                 self._leave(e)
         return out
+
+    def _orphaned(self, e: Entry) -> bool:
+        """``e``'s parent chunk has left the arena: no lookup can reach ``e`` here."""
+        parent = e.meta.parent if e.meta is not None else b""
+        if not parent:
+            return False
+        p = self.entries.get(parent)
+        return p is None or p.state is not State.COMMITTED
 
     def _victims(self) -> Iterable[bytes]:
         """Evictable keys in policy order, each offered once. The policy's iterator is

@@ -61,6 +61,8 @@ _COUNTER_HELP = {
     "refused_stale": "Requests refused: sent to an earlier agent generation.",
     "refused_commits": "Commit keys refused: not reserved by the committing client.",
     "drops_deferred": "Drops that waited for readers or copies before freeing pages.",
+    "orphan_evictions": "Entries evicted after their parent chunk had left the arena.",
+    "orphan_bytes": "Bytes of entries evicted after their parent chunk had left the arena.",
 }
 _ARENA_GAUGES = {
     "bytes_total": ("arena_capacity_bytes", "Size of the shared-memory arena."),

@@ -1,6 +1,7 @@
 """Eviction policies. Mechanism (the index) asks a policy for candidates; the policy
 knows nothing about pins or reservations: the index skips entries it may not evict.
 
+- ``PrefixPolicy`` (default): ARC told each chunk's parent; orphans leave first.
 - ``LRUPolicy``: least recently used first.
 - ``S3FIFOPolicy``: scan-resistant (small probationary FIFO, main FIFO with a
   reinsertion bit, ghost FIFO of recently evicted keys). One-hit wonders, such as a
@@ -13,11 +14,19 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Protocol
 
+GHOST_FACTOR = 4  # ghost keys remembered per cached entry (ARC keeps 2; more helps)
+GHOST_MAX = 1 << 18  # ... and at most this many (about 30 MiB)
+
 
 class EvictionPolicy(Protocol):
     name: str
 
-    def insert(self, key: bytes) -> None: ...
+    def insert(self, key: bytes, parent: bytes | None = None) -> None: ...
+    def insert_many(self, keys: list[bytes], parents: list[bytes | None]) -> None:
+        """One commit batch, in the client's order; ``parents[i]`` is the chunk before
+        ``keys[i]`` in its prompt (None for a prompt's first chunk or when unknown)."""
+        ...
+
     def touch(self, key: bytes) -> None: ...
     def remove(self, key: bytes) -> None: ...
     def candidates(self) -> Iterator[bytes]:
@@ -33,9 +42,13 @@ class LRUPolicy:
     def __init__(self) -> None:
         self._order: OrderedDict[bytes, None] = OrderedDict()
 
-    def insert(self, key: bytes) -> None:
+    def insert(self, key: bytes, parent: bytes | None = None) -> None:
         self._order[key] = None
         self._order.move_to_end(key)
+
+    def insert_many(self, keys: list[bytes], parents: list[bytes | None]) -> None:
+        for key in keys:
+            self.insert(key)
 
     def touch(self, key: bytes) -> None:
         if key in self._order:
@@ -66,7 +79,11 @@ class S3FIFOPolicy:
         self._small_share = small_share
         self._ghost_max = ghost_max
 
-    def insert(self, key: bytes) -> None:
+    def insert_many(self, keys: list[bytes], parents: list[bytes | None]) -> None:
+        for key in keys:
+            self.insert(key)
+
+    def insert(self, key: bytes, parent: bytes | None = None) -> None:
         self._freq[key] = 0
         if key in self._ghost:
             del self._ghost[key]
@@ -122,7 +139,132 @@ class S3FIFOPolicy:
         return len(self._freq)
 
 
+class PrefixPolicy:
+    """ARC over chunks, told each chunk's parent (the default).
+
+    - Recency and frequency as ARC: ``t1`` holds chunks not hit since they were
+      committed, ``t2`` chunks hit at least once; ghosts of both (keys only) move the
+      target size of ``t1`` towards whichever list would have kept the chunk that just
+      came back. A one-time scan stays in ``t1`` and leaves through it; the hot set in
+      ``t2`` keeps its share.
+    - Structure: a chunk is reachable only through its ancestors (lookups walk the
+      chain from its start), so when a chunk leaves, every cached descendant is an
+      orphan and goes first. A commit batch enters ``t1`` deepest chunk first, so a
+      chain that ages out loses its tail before its head and never strands a suffix.
+    """
+
+    name = "prefix"
+
+    def __init__(self, ghost_max: int = GHOST_MAX) -> None:
+        self._t1: OrderedDict[bytes, None] = OrderedDict()
+        self._t2: OrderedDict[bytes, None] = OrderedDict()
+        self._b1: OrderedDict[bytes, None] = OrderedDict()
+        self._b2: OrderedDict[bytes, None] = OrderedDict()
+        self._orphans: OrderedDict[bytes, None] = OrderedDict()
+        self._parent: dict[bytes, bytes] = {}  # cached chunk -> its cached parent
+        self._kids: dict[bytes, list[bytes]] = {}  # cached parent -> children linked to it
+        self._p = 0.0  # ARC's target size of t1
+        self._c = 0  # entries cached at most so far: ARC's capacity, learned
+        self._ghost_max = ghost_max
+
+    # -- the index's calls -------------------------------------------------------------
+    def insert(self, key: bytes, parent: bytes | None = None) -> None:
+        self.insert_many([key], [parent])
+
+    def insert_many(self, keys: list[bytes], parents: list[bytes | None]) -> None:
+        for key in reversed(keys):  # deepest first: the cold end gets the tail
+            self._admit(key)
+        kids, cached = self._kids, self._in
+        for key, parent in zip(keys, parents):
+            if parent and cached(parent):
+                self._parent[key] = parent
+                kids.setdefault(parent, []).append(key)
+        n = len(self._t1) + len(self._t2)
+        if n > self._c:
+            self._c = n
+
+    def touch(self, key: bytes) -> None:
+        if key in self._t1:
+            del self._t1[key]
+            self._t2[key] = None
+        elif key in self._t2:
+            self._t2.move_to_end(key)
+
+    def remove(self, key: bytes) -> None:
+        if key in self._t1:
+            del self._t1[key]
+            self._ghost(self._b1, key)
+        elif key in self._t2:
+            del self._t2[key]
+            self._ghost(self._b2, key)
+        else:
+            return
+        self._orphans.pop(key, None)
+        parent = self._parent.pop(key, None)
+        if parent is not None:
+            sib = self._kids.get(parent)
+            if sib is not None:
+                try:
+                    sib.remove(key)
+                except ValueError:
+                    pass
+        self._orphan_kids(key)
+
+    def candidates(self) -> Iterator[bytes]:
+        yield from self._orphans
+        t1, t2 = self._t1, self._t2
+        first, second = (t1, t2) if t1 and (len(t1) > self._p or not t2) else (t2, t1)
+        yield from first
+        yield from second
+
+    def __len__(self) -> int:
+        return len(self._t1) + len(self._t2)
+
+    # -- internals ---------------------------------------------------------------------
+    def _in(self, key: bytes) -> bool:
+        return key in self._t1 or key in self._t2
+
+    def _admit(self, key: bytes) -> None:
+        if self._in(key):
+            return
+        c = max(self._c, 1)
+        if key in self._b1:  # t1 was too small to keep it: grow t1's target
+            self._p = min(c, self._p + max(len(self._b2) / max(len(self._b1), 1), 1.0))
+            del self._b1[key]
+            self._t2[key] = None
+        elif key in self._b2:  # t2 was too small: shrink t1's target
+            self._p = max(0.0, self._p - max(len(self._b1) / max(len(self._b2), 1), 1.0))
+            del self._b2[key]
+            self._t2[key] = None
+        else:
+            self._t1[key] = None
+
+    def _ghost(self, ghosts: OrderedDict[bytes, None], key: bytes) -> None:
+        ghosts[key] = None
+        limit = min(max(self._c, 1) * GHOST_FACTOR, self._ghost_max)
+        while len(ghosts) > limit:
+            ghosts.popitem(last=False)
+
+    def _orphan_kids(self, key: bytes) -> None:
+        """``key`` left: its cached descendants can no longer be reached."""
+        stack = self._kids.pop(key, None) or []
+        orphans = self._orphans
+        while stack:
+            kid = stack.pop()
+            self._parent.pop(kid, None)
+            if self._in(kid) and kid not in orphans:
+                orphans[kid] = None
+            more = self._kids.pop(kid, None)
+            if more:
+                stack.extend(more)
+
+
+POLICIES = ("prefix", "s3fifo", "lru")
+
+
 def make_policy(name: str) -> EvictionPolicy:
+    if name == "prefix":
+        return PrefixPolicy()
     if name == "lru":
         return LRUPolicy()
     if name == "s3fifo":

@@ -23,6 +23,8 @@ def snapshot(
     c = stats.counters
     c["evictions"] = idx.counters.evictions
     c["evict_unsaved"] = idx.counters.evict_unsaved
+    c["orphan_evictions"] = idx.counters.orphan_evictions
+    c["orphan_bytes"] = idx.counters.orphan_bytes
     c["drops_deferred"] = idx.counters.drops_deferred
     c["refused_identity"] = registry.counters.refused_identity
     c["refused_stale"] = registry.counters.refused_stale

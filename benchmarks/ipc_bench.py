@@ -54,14 +54,16 @@ IDLE_CLIENTS = 1000
 class Agent:
     """A ``kvnode agent`` subprocess on a private runtime directory."""
 
-    def __init__(self, runtime_dir: Path, settings: dict[str, str]) -> None:
+    def __init__(
+        self, runtime_dir: Path, settings: dict[str, str], cpu_bytes: object = ARENA
+    ) -> None:
         self.runtime_dir = runtime_dir
         sets = [a for k, v in settings.items() for a in ("--set", f"{k}={v}")]
         cmd = [sys.executable, "-m", "kvnode", "agent", "--runtime-dir", str(runtime_dir)]
         self.log_path = runtime_dir.parent / "agent.log"
         self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(
-            [*cmd, "--cpu-bytes", ARENA, "--log-level", "warning", *sets],
+            [*cmd, "--cpu-bytes", str(cpu_bytes), "--log-level", "warning", *sets],
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )

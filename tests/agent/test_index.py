@@ -119,7 +119,7 @@ def test_drop_waits_for_pins_and_copies() -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(
-    policy=st.sampled_from(["lru", "s3fifo"]),
+    policy=st.sampled_from(["lru", "s3fifo", "prefix"]),
     sizes=st.lists(st.integers(1, 3), min_size=1, max_size=16),
     pinned=st.sets(st.integers(0, 15), max_size=6),
     touches=st.lists(st.integers(0, 15), max_size=20),

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from kvnode.agent.policy import LRUPolicy, S3FIFOPolicy
+from kvnode.agent.policy import LRUPolicy, PrefixPolicy, S3FIFOPolicy
 
 
 def _first(policy) -> bytes:
@@ -46,3 +46,55 @@ def test_s3fifo_ghost_hit_goes_to_main() -> None:
     p.insert(b"x")  # seen again: straight to main
     p.insert(b"y")
     assert _first(p) == b"y"  # probation entries go first
+
+
+def _evict(p, n: int) -> list[bytes]:
+    out = []
+    for _ in range(n):
+        victim = _first(p)
+        p.remove(victim)
+        out.append(victim)
+    return out
+
+
+def test_prefix_orphans_leave_first() -> None:
+    """When a chunk leaves, its cached descendants are unreachable: they go next,
+    before older chunks that can still be hit."""
+    p = PrefixPolicy()
+    p.insert_many([b"old"], [None])
+    p.insert_many([b"a", b"b", b"c"], [None, b"a", b"b"])
+    p.touch(b"a")  # a, and only a, was hit: b and c stay in the recency list
+    p.remove(b"a")  # dropped (e.g. a bad checksum)
+    assert sorted(_evict(p, 2)) == [b"b", b"c"]  # before "old"
+
+
+def test_prefix_evicts_a_chain_from_its_tail() -> None:
+    p = PrefixPolicy()
+    p.insert_many([b"a", b"b", b"c"], [None, b"a", b"b"])
+    assert _evict(p, 3) == [b"c", b"b", b"a"]
+
+
+def test_prefix_resists_a_scan() -> None:
+    """A hot set that keeps being hit survives a one-time scan many times the cache."""
+    p = PrefixPolicy()
+    hot = [f"hot{i}".encode() for i in range(20)]
+    p.insert_many(hot, [None] + hot[:-1])
+    capacity = 100
+    evicted: list[bytes] = []
+    for i in range(2000):
+        k = f"scan{i}".encode()
+        while len(p) >= capacity:
+            evicted += _evict(p, 1)
+        p.insert_many([k], [None])
+        for h in hot:
+            p.touch(h)
+    assert not set(hot) & set(evicted)
+
+
+def test_prefix_ghost_hit_returns_to_the_frequent_list() -> None:
+    p = PrefixPolicy()
+    p.insert_many([b"x", b"y"], [None, None])
+    p.remove(b"x")  # left unhit: remembered as a ghost
+    p.insert_many([b"x"], [None])  # back: it was worth keeping, so it joins t2
+    p.insert_many([b"z"], [None])
+    assert _evict(p, 1) == [b"y"]  # the unhit chunk, though x is older

@@ -218,7 +218,7 @@ def test_sighup_changes_log_level(start_agent: Any, workdir: Path) -> None:
     agent.proc.send_signal(signal.SIGHUP)
     agent.wait_log("INFO kvnode.agent: reload: log level warning -> debug", start=mark)
     # What a running agent cannot change is named, not silently ignored.
-    agent.wait_log("arena.policy changed ('s3fifo' -> 'lru'); restart to apply", start=mark)
+    agent.wait_log("arena.policy changed ('prefix' -> 'lru'); restart to apply", start=mark)
     mark = len(agent.lines)
     connect(agent.runtime_dir, name="after-reload").close()
     agent.wait_log("registered: after-reload", start=mark)
