@@ -49,6 +49,8 @@ def _chunk_copy(
     SEG_MAX: tl.constexpr,
     TILE: tl.constexpr,
     WORD: tl.constexpr,
+    ALIGN: tl.constexpr,
+    AW: tl.constexpr,
     GATHER: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -57,18 +59,21 @@ def _chunk_copy(
     j = pid // SEG_MAX  # block of the chunk
     s = pid % SEG_MAX  # segment of the block
     row = table + layer * COLS
+    # The plan guarantees every address, stride and size is a multiple of ALIGN bytes
+    # (AW words): saying so lets the compiler issue 16-byte accesses.
     n_seg = tl.load(row + COL_NSEG)
-    seg_words = tl.load(row + COL_SEG_WORDS)
+    seg_words = tl.multiple_of(tl.load(row + COL_SEG_WORDS), AW)
     start = tile * TILE
     # Layers with fewer blocks (a sliding-window group), fewer segments or shorter
     # segments than the grid's widest leave the spare programs idle.
     if (j < tl.load(row + COL_NBLOCKS)) & (s < n_seg) & (start < seg_words):
         block = tl.load(table + tl.load(row + COL_IDS) + j)
-        cache = tl.load(row + COL_CACHE).to(tl.pointer_type(WORD))
-        chunk = tl.load(row + COL_CHUNK).to(tl.pointer_type(WORD))
-        src = cache + block * tl.load(row + COL_BLOCK_STRIDE) + s * tl.load(row + COL_SEG_STRIDE)
-        dst = chunk + (j * n_seg + s) * seg_words
-        offs = start + tl.arange(0, TILE)
+        cache = tl.multiple_of(tl.load(row + COL_CACHE).to(tl.pointer_type(WORD)), ALIGN)
+        chunk = tl.multiple_of(tl.load(row + COL_CHUNK).to(tl.pointer_type(WORD)), ALIGN)
+        at = block * tl.load(row + COL_BLOCK_STRIDE) + s * tl.load(row + COL_SEG_STRIDE)
+        src = cache + tl.multiple_of(at, AW)
+        dst = chunk + tl.multiple_of((j * n_seg + s) * seg_words, AW)
+        offs = start + tl.max_contiguous(tl.multiple_of(tl.arange(0, TILE), TILE), TILE)
         mask = offs < seg_words
         if GATHER:
             tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)
@@ -97,5 +102,7 @@ def launch(p: ChunkPlan, device: torch.device, *, gather: bool) -> None:
         SEG_MAX=p.seg_max,
         TILE=p.tile_words,
         WORD=_WORD_TYPES[p.word],
+        ALIGN=p.align,
+        AW=p.align // p.word,
         GATHER=gather,
     )

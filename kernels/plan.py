@@ -32,8 +32,10 @@ COL_NBLOCKS, COL_IDS, COL_CHUNK = 5, 6, 7
 COLS = 8
 
 # Words the kernel moves per load: the widest that divides every address, stride and
-# size of the plan (int64 loads of contiguous tiles vectorize to 16-byte accesses).
+# size of the plan. When all of them are multiples of ALIGN_MAX bytes the kernel says
+# so, and contiguous tiles compile to 16-byte accesses.
 WORD_SIZES = (8, 4, 2, 1)
+ALIGN_MAX = 16
 # Grid axes 1 and 2 of a CUDA launch are limited to this many programs.
 GRID_AXIS_MAX = 65535
 # Layers of one launch: one table row each (a model with several groups has a few
@@ -107,6 +109,7 @@ class ChunkPlan:
     table: torch.Tensor  # host int64
     layers: int  # rows of the table (grid axis 1)
     word: int  # bytes per load
+    align: int  # bytes every address, stride and size is a multiple of (<= ALIGN_MAX)
     seg_max: int
     blocks_max: int
     tiles_max: int  # programs per segment at ``tile_words`` words each
@@ -148,7 +151,8 @@ def build_plan(
     for ids in block_ids:
         ids_at.append(offset)
         offset += len(ids)
-    word = _word(segs, [r.chunk_address for r in rows])
+    align = _align(segs, [r.chunk_address for r in rows])
+    word = min(align, WORD_SIZES[0])
     tile_words = max(1, tile_bytes // word)
     flat: list[int] = []
     for r, seg in zip(rows, segs, strict=True):
@@ -164,6 +168,7 @@ def build_plan(
         table=torch.tensor(flat, dtype=torch.int64),
         layers=len(rows),
         word=word,
+        align=align,
         seg_max=max(s.n_seg for s in segs),
         blocks_max=max((len(ids) for ids in block_ids), default=0),
         tiles_max=tiles_max,
@@ -174,9 +179,9 @@ def build_plan(
     )
 
 
-def _word(segs: Sequence[Segments], chunks: Sequence[int]) -> int:
+def _align(segs: Sequence[Segments], chunks: Sequence[int]) -> int:
     values = list(chunks)
     for s in segs:
         values += [s.base, s.block_stride, s.seg_stride, s.seg_bytes]
     common = math.gcd(*values)
-    return next(w for w in WORD_SIZES if common % w == 0)
+    return next(a for a in (ALIGN_MAX, 8, 4, 2, 1) if common % a == 0)

@@ -46,7 +46,7 @@ def test_table_rows_and_ids() -> None:
     assert table[COL_CHUNK] == 4096 and table[COLS + COL_CHUNK] == 4096 + layout.block_nbytes
     assert table[table[COLS + COL_IDS] :][:3] == [4, 5, 6]
     assert table[table[COL_IDS]] == 9
-    assert (plan.seg_max, plan.blocks_max, plan.word) == (2, 3, 8)
+    assert (plan.seg_max, plan.blocks_max, plan.word, plan.align) == (2, 3, 8, 16)
 
 
 def test_limits_are_refused() -> None:
