@@ -124,14 +124,11 @@ def _stores(cfg: Config) -> dict[str, TierStore]:
 
 
 def _events(cfg: Config) -> EventPublisher | None:
-    e = cfg.events
-    if not e.endpoint:
+    if not cfg.events.endpoint:
         return None
     from kvnode.agent.events import EventPublisher
 
-    events = EventPublisher(
-        e.endpoint, e.topic, e.replay_endpoint, e.hwm, e.queue_max, e.replay_batches_max
-    )
+    events = EventPublisher.from_config(cfg)
     events.cleared()  # a fresh arena: routers forget what this node had
     return events
 

@@ -215,6 +215,13 @@ class EventsSection:
     hwm: int = 100_000  # PUB send high-water mark (messages)
     queue_max: int = 100_000  # events waiting for the next flush; more are dropped
     replay_batches_max: int = 10_000  # batches kept for replay
+    replay_bytes_max: int = _size("256MiB")  # bytes of batches kept for replay
+    insecure: bool = False  # tcp endpoints in plaintext, open to anyone: only when true
+    replay_requesters_max: int = 32  # requesters served (or holding bytes) at once
+    replay_requests_per_s: float = 2.0  # replay requests per requester (burst: twice)
+    replay_requester_bytes_max: int = _size("16MiB")  # queued to one requester, unread
+    replay_requester_bytes_per_s: int = _size("64MiB")  # replayed to one requester
+    replay_stall_s: float = 10.0  # a replay nobody reads from this long is abandoned
 
 
 @dataclass(slots=True)
@@ -322,9 +329,23 @@ class Config:
                 raise ConfigError(f"events.{key}", "must be tcp://, ipc:// or inproc:// (or empty)")
         if ev.replay_endpoint and not ev.endpoint:
             raise ConfigError("events.replay_endpoint", "needs events.endpoint")
-        for key in ("hwm", "queue_max", "replay_batches_max"):
+        for key in ("hwm", "queue_max", "replay_batches_max", "replay_bytes_max",
+                    "replay_requesters_max", "replay_requester_bytes_max",
+                    "replay_requester_bytes_per_s"):  # fmt: skip
             if getattr(ev, key) < 1:
                 raise ConfigError(f"events.{key}", "must be >= 1")
+        for key in ("replay_requests_per_s", "replay_stall_s"):
+            if not getattr(ev, key) > 0:
+                raise ConfigError(f"events.{key}", "must be > 0")
+        tcp = [k for k in ("endpoint", "replay_endpoint") if getattr(ev, k).startswith("tcp://")]
+        p = self.peers
+        insecure = ev.insecure or p.insecure
+        if tcp and not insecure and not (p.curve_secret_key and p.curve_authorized_dir):
+            raise ConfigError(
+                f"events.{tcp[0]}",
+                "tcp needs the fleet certificate (peers.curve_secret_key and "
+                "peers.curve_authorized_dir), or events.insecure = true",
+            )
 
     def is_size(self, key: str) -> bool:
         section, name = key.split(".", 1)

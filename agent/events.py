@@ -9,7 +9,9 @@ unit kvnode can serve on its own, so the blocks inside it are never advertised),
 offloading tier" field). ``BlockRemoved`` and ``AllBlocksCleared`` follow vLLM's
 definitions. An optional ROUTER socket answers replay requests as vLLM's publisher
 does: ``[id, b"", start_seq]`` gets every buffered batch from ``start_seq`` on, then
-``[id, b"", b"", -1, b""]``.
+``[id, b"", b"", -1, b""]``; it is served on its own thread within per-requester
+bounds (``kvnode.agent.replay``). tcp sockets are on the fleet's CURVE certificate
+unless ``events.insecure``; ipc sockets are owner-only files.
 
 The structs below repeat vLLM's field order, tags and encoding options exactly (the
 agent must not need vLLM installed); the tests decode our frames with vLLM's classes.
@@ -24,18 +26,26 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, Union
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
 
 import msgspec
 import zmq
+
+from kvnode.agent.replay import END_SEQ, ReplayLimits, ReplayRing, ReplayServer
+
+if TYPE_CHECKING:
+    from kvnode.agent.config import Config
+    from kvnode.agent.peers import Curve
 
 log = logging.getLogger("kvnode.events")
 
 MEDIUM_CPU = "CPU"  # the arena
 MEDIUM_STORAGE = "STORAGE"  # disk and S3
-END_SEQ = (-1).to_bytes(8, "big", signed=True)  # replay: no more batches
 BATCH_EVENTS_MAX = 4096  # events in one published batch (a tick with more sends several)
-REPLAY_REQUESTS_PER_FLUSH_MAX = 16  # replay requests served per flush (the loop goes on)
+ZAP_DOMAIN = "kvnode-events"
+REQUEST_BYTES_MAX = 1024  # a replay request is 8 bytes (CURVE handshake frames are larger)
 
 
 # -- vLLM's wire structs (same names: msgspec tags events by class name) -------------
@@ -93,7 +103,14 @@ def is_bind_endpoint(endpoint: str) -> bool:
 
 class EventPublisher:
     """Publishes the agent's KV events. Loop thread only (ZeroMQ sockets are not
-    thread-safe): ``stored``/``removed``/``cleared`` queue, ``flush`` sends."""
+    thread-safe): ``stored``/``removed``/``cleared`` queue, ``flush`` sends. Replays are
+    served by a ``ReplayServer`` thread from a ring the loop appends to.
+
+    Who may connect: a tcp socket the agent binds is a CURVE server on the fleet
+    certificate (``curve``), admitting the authorized keys; one it connects to a
+    collector presents that certificate. ``curve=None`` on tcp is plaintext (the caller
+    checked ``events.insecure``). An ipc socket is a file, owner-only (group ``group``
+    too when set)."""
 
     def __init__(
         self,
@@ -106,6 +123,10 @@ class EventPublisher:
         block_size: int = 0,
         ctx: zmq.Context | None = None,
         clock: Callable[[], float] = time.time,
+        replay_bytes_max: int = 256 << 20,
+        replay_limits: ReplayLimits | None = None,
+        curve: Curve | None = None,
+        group: str = "",
     ) -> None:
         self._own_ctx = ctx is None
         self._ctx = zmq.Context() if ctx is None else ctx
@@ -116,33 +137,89 @@ class EventPublisher:
         self._clock = clock
         self._seq = 0
         self._encoder = msgspec.msgpack.Encoder()
-        self._replay_buf: deque[tuple[int, bytes]] = deque(maxlen=replay_batches_max)
-        self.counters = dict.fromkeys(
-            ("batches", "events", "dropped", "send_errors", "replays", "bad_replays"), 0
-        )
+        self.ring = ReplayRing(replay_batches_max, replay_bytes_max)
+        self.counters = dict.fromkeys(("batches", "events", "dropped", "send_errors"), 0)
+        self.curve = curve
+        self._group = group
+        self._auth: Any = None
         self._pub = self._ctx.socket(zmq.PUB)
-        self._replay: zmq.Socket | None = None
+        self._replay: ReplayServer | None = None
         try:
-            self._open(endpoint, replay_endpoint, hwm)
-        except zmq.ZMQError:
+            self._open(endpoint, replay_endpoint, hwm, replay_limits or ReplayLimits())
+        except BaseException:
             self.close()
             raise
 
-    def _open(self, endpoint: str, replay_endpoint: str, hwm: int) -> None:
+    @classmethod
+    def from_config(cls, cfg: Config, curve: Curve | None = None) -> EventPublisher:
+        """The publisher ``cfg.events`` describes; ``curve``: the fleet certificate
+        already loaded for peers (loaded here when tcp needs it and none is given)."""
+        e = cfg.events
+        if curve is None:
+            curve = events_curve(cfg)
+        limits = ReplayLimits(
+            e.replay_requesters_max, e.replay_requests_per_s, e.replay_requester_bytes_max,
+            e.replay_requester_bytes_per_s, e.replay_stall_s,
+        )  # fmt: skip
+        return cls(
+            e.endpoint, e.topic, e.replay_endpoint, e.hwm, e.queue_max, e.replay_batches_max,
+            replay_bytes_max=e.replay_bytes_max, replay_limits=limits,
+            curve=curve if events_need_curve(cfg) else None, group=cfg.agent.group,
+        )  # fmt: skip
+
+    def _open(self, endpoint: str, replay_endpoint: str, hwm: int, limits: ReplayLimits) -> None:
         self._pub.setsockopt(zmq.LINGER, 0)
         self._pub.setsockopt(zmq.SNDHWM, hwm)
-        if is_bind_endpoint(endpoint):
-            self._pub.bind(endpoint)
-        else:
-            self._pub.connect(endpoint)
+        self._attach(self._pub, endpoint, bind=is_bind_endpoint(endpoint))
         self.endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT) or endpoint
         self.replay_endpoint = ""
         if replay_endpoint:
-            self._replay = self._ctx.socket(zmq.ROUTER)
-            self._replay.setsockopt(zmq.LINGER, 0)
-            self._replay.setsockopt(zmq.SNDHWM, hwm)
-            self._replay.bind(replay_endpoint)
-            self.replay_endpoint = self._replay.getsockopt_string(zmq.LAST_ENDPOINT)
+            sock = self._ctx.socket(zmq.ROUTER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.MAXMSGSIZE, REQUEST_BYTES_MAX)
+            try:
+                self._attach(sock, replay_endpoint, bind=True)
+            except BaseException:
+                sock.close(0)
+                raise
+            self.replay_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            self._replay = ReplayServer(sock, self.ring, self._topic, limits)
+            self._replay.start()
+
+    def _attach(self, sock: zmq.Socket, endpoint: str, bind: bool) -> None:
+        tcp = endpoint.startswith("tcp://")
+        if tcp and self.curve is not None:
+            self._secure(sock, server=bind)
+        if not bind:
+            sock.connect(endpoint)
+            return
+        ipc = endpoint.startswith("ipc://")
+        old_umask = os.umask(0o117 if self._group else 0o177) if ipc else None
+        try:
+            sock.bind(endpoint)
+        finally:
+            if old_umask is not None:
+                os.umask(old_umask)
+        if ipc and self._group:
+            from kvnode.agent.runtime import chgrp
+
+            chgrp(Path(endpoint.removeprefix("ipc://")), self._group)
+
+    def _secure(self, sock: zmq.Socket, server: bool) -> None:
+        curve = self.curve
+        assert curve is not None
+        if not server:
+            use_curve(sock, curve, server=False)  # a collector on the fleet certificate
+            return
+        if self._auth is None:
+            # The authenticator must run before bind: without a ZAP handler libzmq
+            # admits any client that knows the server key.
+            from zmq.auth.thread import ThreadAuthenticator
+
+            self._auth = ThreadAuthenticator(self._ctx, log=logging.getLogger("kvnode.events.zap"))
+            self._auth.start()
+            self._auth.configure_curve_callback(ZAP_DOMAIN, curve.ring)
+        use_curve(sock, curve, server=True)
 
     # -- events (queued until flush) -----------------------------------------------
     def stored(
@@ -183,23 +260,21 @@ class EventPublisher:
 
     # -- the loop's side ------------------------------------------------------------
     def flush(self) -> int:
-        """Send the queued events (batches of at most ``BATCH_EVENTS_MAX``) and serve
-        waiting replay requests. Never blocks. Returns the batches sent."""
+        """Send the queued events (batches of at most ``BATCH_EVENTS_MAX``). Never
+        blocks. Returns the batches sent."""
         sent = 0
         while self._queue:
             n = min(len(self._queue), BATCH_EVENTS_MAX)
             events = [self._queue.popleft() for _ in range(n)]
             self._send(KVEventBatch(ts=self._clock(), events=events))
             sent += 1
-        if self._replay is not None:
-            self._serve_replays()
         return sent
 
     def _send(self, batch: KVEventBatch) -> None:
         payload = self._encoder.encode(batch)
         seq = self._seq
         self._seq += 1
-        self._replay_buf.append((seq, payload))
+        self.ring.append(seq, payload)
         try:
             self._pub.send_multipart([self._topic, seq.to_bytes(8, "big"), payload], zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # a PUB socket drops rather than block; count the rest
@@ -209,51 +284,69 @@ class EventPublisher:
         self.counters["batches"] += 1
         self.counters["events"] += len(batch.events)
 
-    def _serve_replays(self) -> None:
-        sock = self._replay
-        assert sock is not None
-        for _ in range(REPLAY_REQUESTS_PER_FLUSH_MAX):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if len(frames) != 3 or len(frames[2]) != 8:
-                self.counters["bad_replays"] += 1
-                continue
-            self._replay_from(frames[0], int.from_bytes(frames[2], "big"))
-
-    def _replay_from(self, client: bytes, start_seq: int) -> None:
-        sock = self._replay
-        assert sock is not None
-        self.counters["replays"] += 1
-        try:
-            for seq, payload in self._replay_buf:
-                if seq >= start_seq:
-                    msg = [client, b"", self._topic, seq.to_bytes(8, "big"), payload]
-                    sock.send_multipart(msg, zmq.NOBLOCK)
-            sock.send_multipart([client, b"", b"", END_SEQ, b""], zmq.NOBLOCK)
-        except zmq.ZMQError as exc:  # the requester went away or is not reading
-            self.counters["send_errors"] += 1
-            log.debug("replay to a subscriber cut short: %s", exc)
-
     def sockets(self) -> list[zmq.Socket]:
-        """Sockets the loop may poll to flush replays sooner (optional)."""
-        return [self._replay] if self._replay is not None else []
+        """Sockets the loop should poll: none (replays have their own thread)."""
+        return []
+
+    def reload_keys(self) -> None:
+        """SIGHUP: the authorized directory again (a key rotation)."""
+        if self.curve is not None:
+            self.curve.ring.reload()
 
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.counters)
+        if self._replay is not None:
+            out.update(self._replay.stats())
         out["queued"] = len(self._queue)
         out["seq"] = self._seq
         out["endpoint"] = self.endpoint
         return out
 
     def close(self) -> None:
-        for sock in (self._pub, self._replay):
-            if sock is not None:
-                sock.close(0)
+        if self._replay is not None:
+            self._replay.stop()  # it closes its socket
+            if self._replay.is_alive():
+                log.error("the replay thread did not stop; its context is left open")
+                self._own_ctx = False
         self._replay = None
+        self._pub.close(0)
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
         if self._own_ctx:
             self._ctx.term()
+            self._own_ctx = False
+
+
+def use_curve(sock: zmq.Socket, curve: Curve, server: bool) -> None:
+    """Put ``sock`` on the fleet certificate: as a server (admission is the ZAP
+    handler's, started on the socket's context before it binds) or as a client of a
+    server presenting it. Call before bind or connect."""
+    sock.curve_secretkey = curve.secret
+    sock.curve_publickey = curve.public
+    if server:
+        sock.curve_server = True
+        sock.zap_domain = ZAP_DOMAIN.encode()
+    else:
+        sock.curve_serverkey = curve.public
+
+
+def events_curve(cfg: Config) -> Curve | None:
+    """The fleet certificate when the events' tcp sockets need it, for tools and
+    subscribers that read this configuration's stream."""
+    if not events_need_curve(cfg):
+        return None
+    from kvnode.agent.peers import Curve
+
+    return Curve.load(cfg.peers.curve_secret_key, cfg.peers.curve_authorized_dir)
+
+
+def events_need_curve(cfg: Config) -> bool:
+    """tcp endpoints are on the fleet certificate unless ``events.insecure`` (or the
+    whole fleet runs without one, ``peers.insecure``)."""
+    e = cfg.events
+    tcp = any(ep.startswith("tcp://") for ep in (e.endpoint, e.replay_endpoint))
+    return tcp and not (e.insecure or cfg.peers.insecure)
 
 
 __all__ = [
@@ -262,6 +355,10 @@ __all__ = [
     "AllBlocksCleared",
     "BlockRemoved",
     "BlockStored",
+    "END_SEQ",
     "EventPublisher",
     "KVEventBatch",
+    "events_curve",
+    "events_need_curve",
+    "use_curve",
 ]

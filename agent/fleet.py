@@ -88,6 +88,8 @@ class Fleet:
         )
 
     def reload(self) -> None:
+        if self.events is not None:
+            self.events.reload_keys()  # its own copy of the fleet's authorized keys
         if self.peers is not None:
             self.peers.reload_keys()
         elif self.server is not None and self.server.curve is not None:

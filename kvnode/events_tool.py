@@ -28,7 +28,9 @@ from kvnode.agent.events import (
     BlockRemoved,
     BlockStored,
     KVEventBatch,
+    events_curve,
     is_bind_endpoint,
+    use_curve,
 )
 from kvnode.errors import ConfigError
 
@@ -51,12 +53,17 @@ def local_endpoint(endpoint: str) -> str:
     return endpoint
 
 
-def open_stream(ctx: zmq.Context, endpoint: str, topic: str, bind: bool = False) -> zmq.Socket:
+def open_stream(
+    ctx: zmq.Context, endpoint: str, topic: str, bind: bool = False, curve: Any = None
+) -> zmq.Socket:
     """A SUB socket on an agent's stream: connected to the PUB an agent binds, or
-    bound (``bind``) as the collector agents connect to."""
+    bound (``bind``) as the collector agents connect to. ``curve``: the fleet
+    certificate, which agents' tcp event sockets present unless ``events.insecure``."""
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
     sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
+    if curve is not None and endpoint.startswith("tcp://"):
+        use_curve(sub, curve, server=bind)
     try:
         if bind:
             sub.bind(endpoint)
@@ -80,10 +87,12 @@ def decode(decoder: msgspec.msgpack.Decoder, frames: list[bytes]) -> Batch | Non
     return Batch(int.from_bytes(frames[1], "big", signed=True), batch.ts, batch.events)
 
 
-def replay(ctx: zmq.Context, endpoint: str, start_seq: int) -> Iterator[Batch]:
+def replay(ctx: zmq.Context, endpoint: str, start_seq: int, curve: Any = None) -> Iterator[Batch]:
     """Every batch the agent still holds from ``start_seq`` on."""
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    if curve is not None and endpoint.startswith("tcp://"):
+        use_curve(sock, curve, server=False)
     sock.setsockopt(zmq.RCVTIMEO, REPLAY_TIMEOUT_MS)
     sock.connect(local_endpoint(endpoint))
     decoder = msgspec.msgpack.Decoder(KVEventBatch)
@@ -203,9 +212,10 @@ def run_events(cfg: Any, args: argparse.Namespace) -> int:
         print(line, flush=True)
 
     printer = Printer(args.json, args.count, write)
+    curve = events_curve(cfg)
     ctx = zmq.Context()
     try:
-        sub = open_stream(ctx, endpoint, topic, bind=args.bind)
+        sub = open_stream(ctx, endpoint, topic, bind=args.bind, curve=curve)
     except ConfigError:
         ctx.term()
         raise
@@ -219,7 +229,7 @@ def run_events(cfg: Any, args: argparse.Namespace) -> int:
             note = f"connected to {local_endpoint(endpoint)} (events arrive once it publishes)"
         print(f"kvnode events: {note}", file=sys.stderr, flush=True)
         if args.replay_from is not None:
-            for b in replay(ctx, replay_ep, args.replay_from):
+            for b in replay(ctx, replay_ep, args.replay_from, curve):
                 printer.replayed(b)
         return _tail(sub, printer, args.idle_exit)
     except KeyboardInterrupt:

@@ -216,7 +216,8 @@ def test_take_events_and_agent_events_carry_parents_and_tokens(tmp_path: Path) -
     agent = AgentProcess(
         tmp_path / "run",
         args=["--set", f"events.endpoint=tcp://*:{_port()}",
-              "--set", f"events.replay_endpoint={replay}"],
+              "--set", f"events.replay_endpoint={replay}",
+              "--set", "events.insecure=true"],
     )  # fmt: skip
     agent.start()
     try:

@@ -10,6 +10,7 @@ from pathlib import Path
 import msgspec
 import pytest
 import zmq
+import zmq.auth
 
 from kvnode.ipc.client import AgentClient, Lookup, Status
 from tests.conftest import AgentProcess
@@ -33,9 +34,12 @@ def test_a_miss_is_fetched_from_a_peer_and_events_are_published(tmp_path: Path) 
                                            "--set", f"peers.seeds=tcp://127.0.0.1:{pa}"])  # fmt: skip
     # A collector that binds; the agent's publisher connects to it (a non-wildcard tcp
     # endpoint), as vLLM's publisher does.
+    # tcp events are on the fleet certificate: the collector presents it too.
     sub = zmq.Context.instance().socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
     sub.setsockopt(zmq.RCVTIMEO, 3000)
+    sub.curve_publickey, sub.curve_secretkey = zmq.auth.load_certificate(secret)
+    sub.curve_server = True
     sub.bind(f"tcp://127.0.0.1:{pev}")
     a.start()
     b.start()
@@ -116,6 +120,7 @@ def test_disk_tier_events_carry_tokens_across_a_restart(tmp_path: Path) -> None:
     args = [
         "--set", f"events.endpoint=tcp://127.0.0.1:{pev}",
         "--set", f"events.replay_endpoint=tcp://127.0.0.1:{prep}",
+        "--set", "events.insecure=true",
         "--set", f"disk.path={tmp_path / 'disk'}",
         "--set", "disk.write_policy=write_through",
     ]  # fmt: skip

@@ -79,7 +79,9 @@ def _feed_until_done(proc: subprocess.Popen[str], chain: Chain, timeout_s: float
 def test_tail_replay_and_terminal_lines(tmp_path: Path) -> None:
     cfg = tmp_path / "agent.toml"
     replay = f"tcp://127.0.0.1:{_port()}"
-    cfg.write_text(f'[events]\nendpoint = "tcp://*:{_port()}"\nreplay_endpoint = "{replay}"\n')
+    cfg.write_text(
+        f'[events]\nendpoint = "tcp://*:{_port()}"\nreplay_endpoint = "{replay}"\ninsecure = true\n'
+    )
     agent = AgentProcess(tmp_path / "run", args=["--config", str(cfg)]).start()
     client = AgentClient(agent.runtime_dir, name="events-tool-test", timeout_s=2.0)
     try:
@@ -116,7 +118,10 @@ def test_tail_replay_and_terminal_lines(tmp_path: Path) -> None:
 def test_collector_endpoint_is_bound_by_the_tool(tmp_path: Path) -> None:
     endpoint = f"tcp://127.0.0.1:{_port()}"
     # A non-wildcard endpoint: the agent connects to a collector, here the tool.
-    agent = AgentProcess(tmp_path / "run", args=["--set", f"events.endpoint={endpoint}"]).start()
+    agent = AgentProcess(
+        tmp_path / "run",
+        args=["--set", f"events.endpoint={endpoint}", "--set", "events.insecure=true"],
+    ).start()
     client = AgentClient(agent.runtime_dir, name="events-tool-test", timeout_s=2.0)
     try:
         chain = Chain(client)
@@ -144,7 +149,8 @@ def test_another_nodes_agent_is_tailed_by_its_address(tmp_path: Path) -> None:
     node), connects to it instead of binding it (which failed: address in use)."""
     port = _port()
     agent = AgentProcess(
-        tmp_path / "run", args=["--set", f"events.endpoint=tcp://*:{port}"]
+        tmp_path / "run",
+        args=["--set", f"events.endpoint=tcp://*:{port}", "--set", "events.insecure=true"],
     ).start()
     client = AgentClient(agent.runtime_dir, name="events-tool-test", timeout_s=2.0)
     try:
@@ -162,7 +168,7 @@ def test_another_nodes_agent_is_tailed_by_its_address(tmp_path: Path) -> None:
 
 def test_collector_config_without_bind_says_how(tmp_path: Path) -> None:
     cfg = tmp_path / "agent.toml"
-    cfg.write_text(f'[events]\nendpoint = "tcp://127.0.0.1:{_port()}"\n')
+    cfg.write_text(f'[events]\nendpoint = "tcp://127.0.0.1:{_port()}"\ninsecure = true\n')
     done = subprocess.run([*TOOL, "--config", str(cfg)], capture_output=True, text=True,
                           timeout=30)  # fmt: skip
     assert done.returncode == 2 and "--bind" in done.stderr
