@@ -23,10 +23,10 @@ high-water mark.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 

@@ -60,7 +60,7 @@ def _read_replay(s: zmq.Socket, timeout_ms: int = 5000) -> list[int] | None:
         if frames[2] == END_SEQ:
             return seqs
         seqs.append(int.from_bytes(frames[2], "big"))
-    return None if not seqs else seqs
+    return seqs or None
 
 
 def _until(cond: Any, what: str, timeout_s: float = 10.0) -> None:
