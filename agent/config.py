@@ -129,6 +129,9 @@ class AgentSection:
     heartbeat_timeout_s: float = 10.0
     client_check_interval_s: float = 0.1  # ignored: liveness is event-driven (registry.py)
     clients_max: int = 1024
+    client_pins_max: int = 65536  # pins one client holds at once (a key pinned twice: 2)
+    client_leases_max: int = 65536  # reservations one client holds at once
+    pin_ttl_s: float = 300.0  # a pin held longer is released by the agent (counted)
     request_bytes_max: int = field(default=parse_size("16MiB"), metadata={"kind": "size"})
     batch_keys_max: int = 65536
     shutdown_flush_s: float = 20.0
@@ -271,6 +274,11 @@ class Config:
             raise ConfigError(
                 "agent.heartbeat_timeout_s", "must be at least twice agent.heartbeat_interval_s"
             )
+        for key in ("clients_max", "client_pins_max", "client_leases_max"):
+            if getattr(a, key) < 1:
+                raise ConfigError(f"agent.{key}", "must be >= 1")
+        if a.pin_ttl_s <= 0:
+            raise ConfigError("agent.pin_ttl_s", "must be > 0")
         if ar.page_bytes < 4096 or ar.page_bytes & (ar.page_bytes - 1):
             raise ConfigError("arena.page_bytes", "must be a power of two >= 4096")
         if ar.cpu_bytes < 16 * ar.page_bytes:

@@ -132,14 +132,19 @@ class Handlers:
         status: list[int] = []
         slots: list[P.Slot | None] = []
         answers = None
-        sizes = m.sizes
+        keys, sizes, groups = m.keys, m.sizes, m.groups
+        over = len(keys) - (self.cfg.agent.client_leases_max - len(c.leases))
+        if over > 0:  # past the client's share: the last keys are refused, counted
+            keep = max(0, len(keys) - over)
+            keys, sizes, groups = keys[:keep], sizes[:keep], groups[:keep]
+            self.stats.counters["refused_leases"] += len(m.keys) - keep
         if len(sizes) > 1 and sizes.count(sizes[0]) == len(sizes):
             # A step's chunks are one size: carve them from one free run at once.
-            answers = self.cache.reserve_many(m.keys, sizes[0], c.client_id, m.groups or None)
+            answers = self.cache.reserve_many(keys, sizes[0], c.client_id, groups or None)
         if answers is None:
             answers = [
-                self.cache.reserve(key, size, c.client_id, m.groups[i] if m.groups else None)
-                for i, (key, size) in enumerate(zip(m.keys, sizes))
+                self.cache.reserve(key, size, c.client_id, groups[i] if groups else None)
+                for i, (key, size) in enumerate(zip(keys, sizes))
             ]
         failed = 0
         pb = self.page_bytes
@@ -153,6 +158,9 @@ class Handlers:
             else:
                 leases.add(e.key)
                 slots.append(P.Slot(e.size, e.extents(pb)))
+        for _ in range(len(m.keys) - len(keys)):
+            status.append(P.Status.NO_SPACE)
+            slots.append(None)
         ctr = self.stats.counters
         ctr["reserve_failed"] += failed
         ctr["reserves"] += 1
@@ -213,20 +221,28 @@ class Handlers:
         self._limit(len(m.keys))
         status: list[int] = []
         slots: list[P.Slot | None] = []
-        pins = c.pins
         ok, not_found = P.Status.OK, P.Status.NOT_FOUND
         misses = nbytes = 0
-        for key, e in zip(m.keys, self.cache.pin_many(m.keys)):
+        keys = m.keys
+        room = self.cfg.agent.client_pins_max - c.pins_held
+        if len(keys) > room:  # past the client's share: the last keys are refused, counted
+            keys = keys[: max(0, room)]
+        now = c.last_seen  # the request's time (set when it was authenticated)
+        for key, e in zip(keys, self.cache.pin_many(keys)):
             if e is None:
                 status.append(not_found)
                 slots.append(None)
                 misses += 1
                 continue
-            pins[key] += 1
+            c.pin(key, now)
             status.append(ok)
             slots.append(self.slot(e))
             nbytes += e.size
         ctr = self.stats.counters
+        if len(keys) < len(m.keys):
+            ctr["refused_pins"] += len(m.keys) - len(keys)
+            status.extend([P.Status.NO_SPACE] * (len(m.keys) - len(keys)))
+            slots.extend([None] * (len(m.keys) - len(keys)))
         ctr["pin_misses"] += misses
         ctr["bytes_out"] += nbytes
         ctr["pins"] += 1
@@ -237,10 +253,7 @@ class Handlers:
         t0 = time.perf_counter()
         self._limit(len(m.keys))
         for key in m.keys:
-            if c.pins.get(key, 0) > 0:  # only pins this client holds
-                c.pins[key] -= 1
-                if not c.pins[key]:
-                    del c.pins[key]
+            if c.unpin(key):  # only pins this client holds
                 self.cache.unpin(key)
         self.stats.inc("releases")
         self.stats.observe("release", time.perf_counter() - t0)

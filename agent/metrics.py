@@ -63,6 +63,9 @@ _COUNTER_HELP = {
     "drops_deferred": "Drops that waited for readers or copies before freeing pages.",
     "orphan_evictions": "Entries evicted after their parent chunk had left the arena.",
     "orphan_bytes": "Bytes of entries evicted after their parent chunk had left the arena.",
+    "refused_pins": "Pins refused: the client held agent.client_pins_max.",
+    "refused_leases": "Reservations refused: the client held agent.client_leases_max.",
+    "expired_pins": "Pins held longer than agent.pin_ttl_s, released by the agent.",
 }
 _ARENA_GAUGES = {
     "bytes_total": ("arena_capacity_bytes", "Size of the shared-memory arena."),

@@ -372,6 +372,19 @@ class Agent:
                 owner.leases.discard(e.key)
             self.stats.inc("expired_leases")
             log.warning("reservation of %s by client %x expired", e.key.hex(), e.owner)
+        self._expire_pins()
+
+    def _expire_pins(self) -> None:
+        """Pins held past ``agent.pin_ttl_s`` go, like reservations past their TTL: a
+        live client that lost track of a pin (a bug, a call it gave up on) must not
+        keep an entry from eviction for as long as it lives. A reader still copying
+        after that long is protected by its checksum of the copy, not by the pin."""
+        before = self.clock() - self.cfg.agent.pin_ttl_s
+        for c in self.registry.values():
+            for key, n in c.expired_pins(before):
+                self.cache.unpin(key, n)
+                self.stats.inc("expired_pins", n)
+                log.warning("pin of %s by client %x expired (%d)", key.hex(), c.client_id, n)
 
     def _reclaim(self, c: Client, why: str) -> None:
         leases, pins = self.cache.release_owner(c.client_id, c.leases, c.pins)

@@ -15,6 +15,7 @@ COUNTERS = (
     "reclaimed_pins", "bad_frames", "errors", "expired_leases", "evict_unsaved",
     "refused_identity", "refused_stale", "refused_commits", "drops_deferred",
     "orphan_evictions", "orphan_bytes",
+    "refused_pins", "refused_leases", "expired_pins",
 )  # fmt: skip
 LATENCY_OPS = ("lookup", "reserve", "commit", "pin", "release")
 

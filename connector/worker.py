@@ -233,15 +233,18 @@ class WorkerSide:
             with self.arena.use(epoch) as arena:
                 bad = self._copy_in(arena, work, answers, failed_from)
         except StaleMapping as exc:
-            # The agent restarted under us: the pins died with it, the entries are not
-            # known to be bad. Recompute; drop nothing, release nothing.
+            # The arena was remapped since the epoch was read: the entries are not known
+            # to be bad. Recompute; drop nothing.
             log.info("kvnode: %s; recomputing %d chunk(s)", exc, len(work))
             self.stats.load_stale += len(work)
             for rid, op in work:
                 failed_from[rid] = min(failed_from.get(rid, op.index), op.index)
             return
         finally:
-            if self.arena.epoch == epoch and pinned:
+            # Released whatever the mapping: the pins may belong to the registration
+            # the client holds now (it registered again between the epoch and the pin),
+            # and a release is never resent, so pins of an earlier one are left alone.
+            if pinned:
                 self._quietly(client.release, pinned)
         if bad and self.arena.epoch == epoch:
             self._quietly(client.drop, bad)
@@ -315,10 +318,14 @@ class WorkerSide:
         """release/drop whose error reply must not undo the chunks already loaded.
         Sent without waiting for the reply: nothing in it changes what the load does
         next, and a load ends one round trip sooner (errors are logged by the client)."""
+        if not keys:
+            return
         try:
             fn(keys, wait=False)
         except AgentError as exc:
             log.warning("kvnode: %s of %d chunk(s) refused: %s", fn.__name__, len(keys), exc)
+        except KVNodeError as exc:  # agent gone: it dropped the connection's pins itself
+            log.info("kvnode: %s of %d chunk(s) not sent: %s", fn.__name__, len(keys), exc)
 
     # ------------------------------------------------------------------ saves
     def save(self, saves: dict[str, list[ChunkOp]]) -> None:
@@ -354,19 +361,22 @@ class WorkerSide:
             with self.arena.use(epoch) as arena:
                 done, sums = self._copy_out(arena, ops, answers)
         except StaleMapping:
-            # The reservations died with the old agent; nothing to abort or commit.
+            # Remapped since the epoch was read: nothing is committed. The reservations
+            # may be the current registration's (see _load_with): abort them.
             self.stats.save_stale += len(held)
+            self._quietly(client.abort, held)
             return
         except BaseException:
-            client.abort(held)
+            self._quietly(client.abort, held)
             raise
+        if done and self.arena.epoch != epoch:
+            self.stats.save_stale += len(done)
+            done = []  # written into a mapping that is gone: never committed
         written = {op.keys[self.rank] for op in done}
         leftover = [k for k in held if k not in written]
         if leftover:
-            client.abort(leftover)
-        if done and self.arena.epoch != epoch:
-            self.stats.save_stale += len(done)
-        elif done:
+            self._quietly(client.abort, leftover)
+        if done:
             self._commit(client, done, sums)
 
     def _commit(self, client: Any, done: list[ChunkOp], sums: list[int]) -> None:

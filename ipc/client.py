@@ -293,9 +293,11 @@ class AgentClient:
 
     def _call(self, make: Any, timeout_s: float | None = None, retry: bool = True) -> Any:
         """Send ``make(rid, client_id, generation)``; register again (and remap) if
-        the agent restarted or forgot us, and resend once when ``retry``. Calls about
-        state of the earlier generation (commit, abort, release, drop: slots and pins
-        it granted) are not resent into the new one: they raise ``ClientUnknown``."""
+        the agent restarted or forgot us, and resend once when ``retry``. Calls that
+        grant or act on state of one registration (reserve and pin, whose slots belong
+        to the mapping the caller read before the call; commit, abort, release, drop)
+        are not resent into a new one: they raise ``ClientUnknown``, so a caller never
+        holds pins or leases of a generation it did not see."""
         with self._lock:
             for attempt in (0, 1):
                 self._ensure()
@@ -465,7 +467,7 @@ class AgentClient:
         of one group live and die together (a chunk's entries of every TP rank)."""
         keys, sizes = list(keys), list(sizes)
         grp = list(groups) if groups is not None else []
-        rep = self._call(lambda r, c, g: P.ReserveReq(r, c, g, keys, sizes, grp))
+        rep = self._call(lambda r, c, g: P.ReserveReq(r, c, g, keys, sizes, grp), retry=False)
         return [(_STATUS[s], slot) for s, slot in zip(rep.status, rep.slots)]
 
     def commit(
@@ -508,7 +510,7 @@ class AgentClient:
 
     def pin(self, keys: Sequence[bytes]) -> list[tuple[Status, Slot | None]]:
         keys = list(keys)
-        rep = self._call(lambda r, c, g: P.PinReq(r, c, g, keys))
+        rep = self._call(lambda r, c, g: P.PinReq(r, c, g, keys), retry=False)
         return [(_STATUS[s], slot) for s, slot in zip(rep.status, rep.slots)]
 
     def release(self, keys: Sequence[bytes], wait: bool = True) -> None:
@@ -575,37 +577,51 @@ class AgentClient:
         return dst
 
     def put(self, key: bytes, data: Any, with_checksum: bool = True) -> Status:
-        """Reserve, copy, commit one entry. Returns OK, EXISTS, NO_SPACE or TOO_LARGE."""
+        """Reserve, copy, commit one entry. Returns OK, EXISTS, NO_SPACE or TOO_LARGE.
+        Under the client's lock from reserve to commit: no remap can come between the
+        slot and the copy. A reserve refused because the agent restarted is made again
+        in the new generation (the whole put happens there)."""
         size = memoryview(data).nbytes
-        ((st, slot),) = self.reserve([key], [size])
-        if st != Status.OK or slot is None:
-            return st
-        try:
-            self.write(slot, data)
-        except BaseException:
-            self.abort([key])
-            raise
-        csum = checksum(data) if with_checksum else 0
-        return self.commit([key], [csum])[0]
+        with self._lock:
+            ((st, slot),) = self._again_if_unknown(lambda: self.reserve([key], [size]))
+            if st != Status.OK or slot is None:
+                return st
+            try:
+                self.write(slot, data)
+            except BaseException:
+                self.abort([key])
+                raise
+            csum = checksum(data) if with_checksum else 0
+            return self.commit([key], [csum])[0]
 
     def get(self, key: bytes, verify: bool = True) -> bytes | None:
         """Pin, copy, release one entry; None when absent. With ``verify`` the copy is
         checked against the committed checksum, and an entry committed without one is
         refused as unverified (``ChecksumError``): bytes are never returned as good
-        unless they were checked. ``verify=False`` returns whatever the entry holds."""
-        ((st, slot),) = self.pin([key])
-        if st != Status.OK or slot is None:
-            return None
-        try:
-            data = bytes(self.read(slot))
-        finally:
-            self.release([key])
+        unless they were checked. ``verify=False`` returns whatever the entry holds.
+        Under the client's lock from pin to release, like ``put``."""
+        with self._lock:
+            ((st, slot),) = self._again_if_unknown(lambda: self.pin([key]))
+            if st != Status.OK or slot is None:
+                return None
+            try:
+                data = bytes(self.read(slot))
+            finally:
+                self.release([key])
         if verify:
             if not slot.checksum:
                 raise ChecksumError(f"entry {key.hex()} has no checksum: bytes unverified")
             if checksum(data) != slot.checksum:
                 raise ChecksumError(f"entry {key.hex()} failed its checksum")
         return data
+
+    def _again_if_unknown(self, fn: Callable[[], Any]) -> Any:
+        """``fn()``, once more if the agent no longer knew this client: the refusal
+        registered it again, and the caller has used nothing of the earlier one yet."""
+        try:
+            return fn()
+        except ClientUnknown:
+            return fn()
 
 
 def _commit_req(

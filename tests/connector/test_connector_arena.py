@@ -218,3 +218,87 @@ def test_a_chunks_rank_entries_live_and_die_together(agent_dir: list[AgentProces
         reader.close()
         for link in links:
             link.close()
+
+
+def _held(rd: Path) -> tuple[int, int]:
+    with AgentClient(rd, name="check", timeout_s=2.0, heartbeat=False) as check:
+        arena = check.stats()["arena"]
+        return int(arena["pinned"]), int(arena["reserved"])
+
+
+def _fill(rd: Path, kv: dict[str, torch.Tensor], ops: list[ChunkOp]) -> None:
+    with AgentClient(rd, name="writer", timeout_s=2.0, heartbeat=False) as w:
+        for o in ops:
+            assert w.put(o.keys[0], payload(kv, o.block_ids)) == 0
+
+
+def test_a_load_after_an_unseen_restart_leaves_no_pins(agent_dir: list[AgentProcess]) -> None:
+    """The agent restarts while the worker is idle and its client has not noticed (no
+    heartbeat yet). The load's pin is answered "stale": it must not be sent again into
+    the new generation, whose slots the worker would then refuse as stale and never
+    release (the new agent showed pinned=n for as long as the worker lived)."""
+    rd = agent_dir[0].runtime_dir
+    src, dst = caches(1), caches(2)
+    ops = [ChunkOp(i, (key(7, i),), (2 * i + 1, 2 * i + 2)) for i in range(6)]
+    arena = ArenaMapping()
+    link = make_link(rd, arena)
+    try:
+        client_of(link)._hb_stop.set()  # nobody tells the client of the restart early
+        w = WorkerSide(link, 0, NUM_BLOCKS, BS, BPC, arena=arena)
+        w.register(dst)
+        restart(agent_dir)
+        _fill(rd, src, ops)
+        w.load({"q": ops})
+        assert w.take_load_errors() == {b for o in ops for b in o.block_ids}  # recomputed
+        assert _held(rd) == (0, 0), "pins were left in the new generation"
+        w.load({"q": ops})  # the next step loads from the new agent
+        assert w.take_load_errors() == set()
+        assert _held(rd) == (0, 0)
+    finally:
+        link.close()
+
+
+def test_slots_granted_by_a_registration_made_after_the_epoch_are_given_back(
+    agent_dir: list[AgentProcess],
+) -> None:
+    """The client registers again (and remaps) between the worker reading the epoch
+    and its pin or reserve: the slots are the new registration's, refused as stale by
+    the worker, and must be released and aborted there, not left held."""
+    rd = agent_dir[0].runtime_dir
+    src, dst = caches(1), caches(2)
+    ops = [ChunkOp(i, (key(8, i),), (2 * i + 1, 2 * i + 2)) for i in range(6)]
+    _fill(rd, src, ops)
+    arena = ArenaMapping()
+    link = make_link(rd, arena)
+    client = client_of(link)
+    client._hb_stop.set()
+    w = WorkerSide(link, 0, NUM_BLOCKS, BS, BPC, arena=arena)
+    w.register(dst)
+    real_pin, real_reserve = client.pin, client.reserve
+
+    def remap_first(real: Any) -> Any:
+        def call(*args: Any, **kw: Any) -> Any:
+            restart(agent_dir)
+            _fill(rd, src, ops)
+            client._lost()
+            client.connect()  # the new generation, mapped: the epoch moves on
+            return real(*args, **kw)
+
+        return call
+
+    try:
+        client.pin = remap_first(real_pin)  # type: ignore[method-assign]
+        w.load({"q": ops})
+        client.pin = real_pin  # type: ignore[method-assign]
+        assert w.take_load_errors() == {b for o in ops for b in o.block_ids}
+        assert client.flush()  # the release was sent without waiting: its answer is in
+        assert _held(rd) == (0, 0), "pins of the new registration were kept"
+        saves = [ChunkOp(i, (key(9, i),), (2 * i + 1, 2 * i + 2)) for i in range(6)]
+        client.reserve = remap_first(real_reserve)  # type: ignore[method-assign]
+        w.save({"s": saves})
+        client.reserve = real_reserve  # type: ignore[method-assign]
+        assert w.take_stats(wait=True)["save_stale"] == len(saves)
+        assert client.flush()
+        assert _held(rd) == (0, 0), "reservations of the new registration were kept"
+    finally:
+        link.close()
