@@ -14,8 +14,9 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Protocol
 
-GHOST_FACTOR = 4  # ghost keys remembered per cached entry (ARC keeps 2; more helps)
-GHOST_MAX = 1 << 18  # ... and at most this many (about 30 MiB)
+GHOST_FACTOR = 16  # ghost keys remembered per cached entry and list (ARC keeps 1)
+GHOST_MAX = 1 << 17  # ... and at most this many per list (both: about 40 MiB)
+T2_SHARE_STEP = 0.01  # see PrefixPolicy._admit
 
 
 class EvictionPolicy(Protocol):
@@ -142,11 +143,14 @@ class S3FIFOPolicy:
 class PrefixPolicy:
     """ARC over chunks, told each chunk's parent (the default).
 
-    - Recency and frequency as ARC: ``t1`` holds chunks not hit since they were
-      committed, ``t2`` chunks hit at least once; ghosts of both (keys only) move the
-      target size of ``t1`` towards whichever list would have kept the chunk that just
-      came back. A one-time scan stays in ``t1`` and leaves through it; the hot set in
-      ``t2`` keeps its share.
+    - Recency and frequency as ARC: ``t1`` holds chunks hit at most once since they
+      were committed, ``t2`` chunks hit twice or more (a conversation's prefix is read
+      once per turn: one hit says little, two say it goes on); ghosts of both (keys
+      only) move the target size of ``t1`` towards whichever list would have kept the
+      chunk that just came back. Ghosts reach back ``GHOST_FACTOR`` times the cache:
+      in conversations a chunk comes back a turn later, far beyond what the cache
+      holds, and only a long memory sees it come back. A one-time scan stays in
+      ``t1`` and leaves through it; the hot set in ``t2`` keeps its share.
     - Structure: a chunk is reachable only through its ancestors (lookups walk the
       chain from its start), so when a chunk leaves, every cached descendant is an
       orphan and goes first. A commit batch enters ``t1`` deepest chunk first, so a
@@ -161,6 +165,7 @@ class PrefixPolicy:
         self._b1: OrderedDict[bytes, None] = OrderedDict()
         self._b2: OrderedDict[bytes, None] = OrderedDict()
         self._orphans: OrderedDict[bytes, None] = OrderedDict()
+        self._once: set[bytes] = set()  # in t1 and hit once
         self._parent: dict[bytes, bytes] = {}  # cached chunk -> its cached parent
         self._kids: dict[bytes, list[bytes]] = {}  # cached parent -> children linked to it
         self._p = 0.0  # ARC's target size of t1
@@ -184,13 +189,20 @@ class PrefixPolicy:
             self._c = n
 
     def touch(self, key: bytes) -> None:
-        if key in self._t1:
-            del self._t1[key]
-            self._t2[key] = None
-        elif key in self._t2:
+        if key in self._t2:
             self._t2.move_to_end(key)
+        elif key in self._t1:
+            once = self._once
+            if key in once:
+                once.discard(key)
+                del self._t1[key]
+                self._t2[key] = None
+            else:
+                once.add(key)
+                self._t1.move_to_end(key)
 
     def remove(self, key: bytes) -> None:
+        self._once.discard(key)
         if key in self._t1:
             del self._t1[key]
             self._ghost(self._b1, key)
@@ -229,7 +241,12 @@ class PrefixPolicy:
             return
         c = max(self._c, 1)
         if key in self._b1:  # t1 was too small to keep it: grow t1's target
-            self._p = min(c, self._p + max(len(self._b2) / max(len(self._b1), 1), 1.0))
+            b1, b2 = len(self._b1), len(self._b2)
+            # ARC's step; while t2 has never had to give anything up (no ghost of
+            # its own), nothing says its coldest entries earn their place, so t1 grows
+            # faster (ARC's +1 takes longer than a trace lasts to move a large cache).
+            step = b2 / b1 if b2 else len(self._t2) * T2_SHARE_STEP
+            self._p = min(c, self._p + max(step, 1.0))
             del self._b1[key]
             self._t2[key] = None
         elif key in self._b2:  # t2 was too small: shrink t1's target

@@ -42,7 +42,13 @@ from ipc_bench import Agent  # noqa: E402  (the benchmark's agent subprocess)
 from kvnode.ipc.client import AgentClient, Status  # noqa: E402
 from kvnode.ipc.protocol import Lookup  # noqa: E402
 
-DEFAULT_TRACE = REPO.parent.parent / "shared" / "data" / "mooncake_conversation_trace.jsonl"
+TRACE_NAME = "mooncake_conversation_trace.jsonl"
+# Where the trace is kept beside a checkout (or a worktree of one); --trace names any other.
+DEFAULT_TRACE = next(
+    (p for p in (REPO.parent / "shared" / "data" / TRACE_NAME,
+                 REPO.parent.parent / "shared" / "data" / TRACE_NAME) if p.exists()),
+    REPO.parent / "shared" / "data" / TRACE_NAME,
+)  # fmt: skip
 POLICIES = ("prefix", "s3fifo", "lru")
 PENDING_WAIT_S = 2.0  # how long a replayed request waits for a promotion from disk
 
