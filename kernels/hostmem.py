@@ -31,6 +31,9 @@ import torch
 log = logging.getLogger(__name__)
 
 _HOST_REGISTER_PORTABLE = 1  # visible to every CUDA context, not only the current one
+# Mapped into the devices' address space: kernels (the one-launch copy's direct route)
+# read and write it at the same address as the host does (unified addressing).
+_HOST_REGISTER_MAPPED = 2
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+; not in Python 3.11's mmap module
 
 
@@ -53,7 +56,9 @@ def register_host_memory(buf: object) -> HostRegistration | None:
     del view  # holding the export would stop the owner from closing the mmap
     if nbytes == 0:
         return None
-    err = torch.cuda.cudart().cudaHostRegister(address, nbytes, _HOST_REGISTER_PORTABLE)
+    err = torch.cuda.cudart().cudaHostRegister(
+        address, nbytes, _HOST_REGISTER_PORTABLE | _HOST_REGISTER_MAPPED
+    )
     if int(err) != 0:
         log.warning(
             "cudaHostRegister of %d bytes failed (error %s); copies will be slower", nbytes, err

@@ -62,8 +62,26 @@ class Segments:
         return self.n_seg * self.seg_bytes
 
 
+# Segments of recently planned layers: a model's layers are planned for every chunk, and
+# working them out costs more than the rest of the plan. Keyed by everything they
+# depend on, so a freed and reused address with another shape gets its own entry.
+SEGMENTS_CACHE_MAX = 4096
+_segments_cache: dict[tuple[object, ...], Segments] = {}
+
+
 def segments(kv: torch.Tensor, layout: KVLayout) -> Segments:
     """The segments of ``kv``'s blocks; ``NotCoverable`` when one level is not enough."""
+    key = (kv.data_ptr(), kv.shape, kv.stride(), kv.dtype, kv.device, layout)
+    seg = _segments_cache.get(key)
+    if seg is None:
+        seg = _segments(kv, layout)
+        if len(_segments_cache) >= SEGMENTS_CACHE_MAX:
+            _segments_cache.clear()  # a new set of caches: start over
+        _segments_cache[key] = seg
+    return seg
+
+
+def _segments(kv: torch.Tensor, layout: KVLayout) -> Segments:
     blocks = physical_blocks(kv, layout)  # [num_blocks, ...] uint8, innermost dense
     outer: list[tuple[int, int]] = []  # (size, stride) of dims outside the dense run
     run = 1  # bytes of the innermost dense run

@@ -4,12 +4,19 @@
 #      prepared on a networked machine) into a throwaway directory,
 #   2. make kvnode importable without installing it (a symlink tree, as the package-dir
 #      mapping in pyproject.toml lays it out),
-#   3. run the kernel tests (GPU tests included) and any other test marked gpu, among
-#      them tests/connector/test_connector_gpu.py (cudaHostRegister of the arena follows
-#      two agent restarts; GPU -> arena -> GPU, every byte checked),
-#   4. run benchmarks/gpu_copy_bench.py (one JSON line).
-# Finishes in well under 5 minutes; prints everything and copies the log and the
-# benchmark JSON to $OUT when that is set. Exit status: 0 only if every step passed.
+#   3. run the kernel tests (GPU tests included: the one-launch chunk kernel compiled on
+#      CUDA tensors against the per-layer path),
+#   4. the agent-mode GPU tests: workers export their caches with CUDA IPC handles, an
+#      agent process opens them and moves a chunk through a shared arena file (two
+#      processes on one GPU byte-exact, per-layer interprocess events, an agent restart
+#      under an exporting worker, an expandable-segments cache, memory outside torch's
+#      default pool refused),
+#   5. any other test marked gpu, among them tests/connector/test_connector_gpu.py
+#      (cudaHostRegister of the arena follows two agent restarts),
+#   6. benchmarks/gpu_copy_bench.py --shape llama8b and llama70b (one JSON line each).
+# Every step's limit is cut to what is left of a 290 s budget, so the whole run stays
+# under 5 minutes; prints everything and copies the log and the benchmark JSON to $OUT
+# when that is set. Exit status: 0 only if every step passed.
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -19,6 +26,7 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/kvnode-gpu-check.XXXXXX")
 LOG=$WORK/gpu-check.log
 BENCH_JSON=$WORK/gpu_copy_bench.json
 FAILED=()
+BUDGET_S=${GPU_CHECK_BUDGET_S:-290}
 
 finish() {
     echo "== summary: ${#FAILED[@]} failed step(s) ${FAILED[*]:-}"
@@ -38,6 +46,13 @@ TEE_PID=$!
 step() {  # step NAME SECONDS CMD...: run with a time limit, record a failure
     local name=$1 limit=$2
     shift 2
+    local left=$((BUDGET_S - SECONDS))
+    if [ "$left" -le 5 ]; then
+        echo "!! $name not run: the ${BUDGET_S}s budget is spent"
+        FAILED+=("$name")
+        return 1
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
     echo "== $name (limit ${limit}s)"
     local start=$SECONDS
     timeout --kill-after=10 "$limit" "$@"
@@ -94,16 +109,21 @@ if torch.cuda.is_available():
 # 3. tests: the kernels (their GPU tests skip without a GPU), then the other files that
 # mark tests gpu (only those files: the rest may need packages this host lacks)
 PYTEST=("$PY" -m pytest -q -ra -p no:cacheprovider -p kvnode --timeout=120)
-step kernel-tests 150 "${PYTEST[@]}" tests/kernels tests/connector/test_keys.py -m 'not vllm'
+AGENT_GPU=tests/kernels/test_kernels_agent_gpu.py
+step kernel-tests 150 "${PYTEST[@]}" tests/kernels tests/connector/test_keys.py -m 'not vllm' \
+    --ignore="$AGENT_GPU"
+step agent-mode-gpu 100 "${PYTEST[@]}" "$AGENT_GPU"
 mapfile -t GPU_FILES < <(grep -rlE 'mark\.gpu|"gpu"' tests --include='test_*.py' | grep -v '^tests/kernels/' | sort)
 if [ "${#GPU_FILES[@]}" -gt 0 ]; then
-    # 150 s: the arena test starts three agents
-    step gpu-marked-tests 150 "${PYTEST[@]}" -m 'gpu and not vllm' "${GPU_FILES[@]}"
+    # the arena test starts three agents
+    step gpu-marked-tests 90 "${PYTEST[@]}" -m 'gpu and not vllm' "${GPU_FILES[@]}"
 else
     echo "== gpu-marked-tests: no other test file marks tests gpu"
 fi
 
-# 4. benchmark
-step bench 90 bash -c "\"$PY\" benchmarks/gpu_copy_bench.py | tee \"$BENCH_JSON\"; exit \${PIPESTATUS[0]}"
+# 4. benchmarks: one JSON line per shape, all of them kept
+for shape in llama8b llama70b; do
+    step "bench-$shape" 60 bash -c "\"$PY\" benchmarks/gpu_copy_bench.py --shape $shape | tee -a \"$BENCH_JSON\"; exit \${PIPESTATUS[0]}"
+done
 
 [ "${#FAILED[@]}" -eq 0 ]
