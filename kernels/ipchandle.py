@@ -202,6 +202,19 @@ def export_tensor(
     )
 
 
+def export_cache(kvs: Sequence[torch.Tensor]) -> list[bytes]:
+    """Encoded handles of every layer of a worker's cache (one allocator snapshot for
+    all of them); ``ExportRefused`` if any layer cannot be shared."""
+    snapshot = torch.cuda.memory_snapshot() if kvs and kvs[0].is_cuda else []
+    return [encode(export_tensor(kv, snapshot)) for kv in kvs]
+
+
+def open_cache(handles: Sequence[bytes], uuids: Mapping[str, int]) -> list[torch.Tensor]:
+    """The layers of an exported cache, opened; ``HandleError`` names the first that
+    could not be."""
+    return [open_tensor(decode(h), uuids) for h in handles]
+
+
 def view_fits(h: IpcHandle) -> bool:
     """The view ``h`` describes lies inside the storage it names."""
     itemsize = torch.empty((), dtype=DTYPES[h.dtype]).element_size()

@@ -92,17 +92,14 @@ def launch(p: ChunkPlan, device: torch.device, *, gather: bool) -> None:
     caching host allocator tracks it)."""
     if p.nbytes == 0:
         return
-    if device.type == "cpu":
-        table = p.table
-    else:
-        table = p.table.pin_memory().to(device, non_blocking=True)
     grid = (p.blocks_max * p.seg_max, p.layers, p.tiles_max)
-    _chunk_copy[grid](
-        table,
-        SEG_MAX=p.seg_max,
-        TILE=p.tile_words,
-        WORD=_WORD_TYPES[p.word],
-        ALIGN=p.align,
-        AW=p.align // p.word,
-        GATHER=gather,
-    )
+    consts = dict(SEG_MAX=p.seg_max, TILE=p.tile_words, WORD=_WORD_TYPES[p.word])
+    consts.update(ALIGN=p.align, AW=p.align // p.word, GATHER=gather)
+    if device.type == "cpu":
+        _chunk_copy[grid](p.table, **consts)
+        return
+    # Triton launches on the current device's current stream: make them ``device``'s
+    # (an agent serves several GPUs from one process).
+    with torch.cuda.device(device):
+        table = p.table.pin_memory().to(device, non_blocking=True)
+        _chunk_copy[grid](table, **consts)

@@ -107,6 +107,10 @@ def test_allocator_check() -> None:
 def test_cpu_tensors_have_no_handle() -> None:
     with pytest.raises(H.ExportRefused, match="cpu"):
         H.export_tensor(torch.zeros(4))
+    with pytest.raises(H.ExportRefused, match="cpu"):
+        H.export_cache([torch.zeros(4)])
+    with pytest.raises(H.HandleError, match="malformed"):
+        H.open_cache([b"junk", H.encode(handle())], {handle().device_uuid: 0})
     assert H.normalize_uuid("GPU-AbC") == "abc"
     if not torch.cuda.is_available():
         assert H.device_uuids() == {}
