@@ -17,13 +17,14 @@ BLOCKS = (3, 17, 4, 30, 9, 10, 11, 0)  # one chunk, fragmented
 
 
 def worker(conn: Connection, fill: bool, alloc_conf: str = "", pool: bool = False) -> None:
-    """Export ``LAYERS`` caches (random bytes when ``fill``, zeros else), one ready
-    event and one event per layer; then answer the test's requests."""
+    """Export ``LAYERS`` caches (random bytes when ``fill``, zeros else) with their
+    events (``GpuExport``); then answer the test's requests."""
     if alloc_conf:
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = alloc_conf
     import torch
 
     from kvnode.kernels import ipchandle as H
+    from kvnode.kernels.gpuexport import GpuExport
 
     torch.manual_seed(1)
     try:
@@ -35,28 +36,22 @@ def worker(conn: Connection, fill: bool, alloc_conf: str = "", pool: bool = Fals
                 ]
         else:
             kvs = [_cache(torch, fill) for _ in range(LAYERS)]
-        segments = torch.cuda.memory_snapshot()
-        handles = [H.encode(H.export_tensor(kv, segments)) for kv in kvs]
+        export = GpuExport(kvs)
     except H.ExportRefused as exc:
         conn.send(("refused", str(exc)))
         return
-    ready = torch.cuda.Event(interprocess=True)
-    events = [torch.cuda.Event(interprocess=True) for _ in range(LAYERS)]
-    for e in [ready, *events]:
-        e.record()
     torch.cuda.synchronize()
-    conn.send(("export", handles, H.encode(H.export_event(ready, 0)),
-               [H.encode(H.export_event(e, 0)) for e in events]))  # fmt: skip
+    conn.send(("export", export.wire_handles()))
     while True:
         msg = conn.recv()
         if msg[0] == "blocks":  # the bytes of BLOCKS, layer by layer
             conn.send(b"".join(_blocks(torch, kv) for kv in kvs))
         elif msg[0] == "layer":  # wait for the agent's layer on our stream, then read it
             i = msg[1]
-            torch.cuda.current_stream().wait_event(events[i])
+            export.wait_layer(i)
             conn.send(_blocks(torch, kvs[i]))
         elif msg[0] == "ready":
-            ready.record()
+            export.record_ready()
             torch.cuda.synchronize()
             conn.send("ok")
         else:
@@ -84,12 +79,13 @@ def _blocks(torch: Any, kv: Any) -> bytes:
 
 def agent(conn: Connection, arena_path: str, route: str, exports: list[Any]) -> None:
     """Open every export; save the first worker's chunk into the arena; load it into
-        the second worker's cache (if any), telling the test of each layer as it is queued
+    the second worker's cache (if any), telling the test of each layer as it is queued
     (the test has the worker wait on that layer's event and read it)."""
     import torch
 
     from kvnode.kernels import detect_layout
     from kvnode.kernels import ipchandle as H
+    from kvnode.kernels.gpuexport import open_events, split_wire_handles
     from kvnode.kernels.gpumove import ChunkCopy, DeviceCopier, OpenedLayer
     from kvnode.kernels.hostmem import register_host_memory, unregister_host_memory
 
@@ -100,13 +96,13 @@ def agent(conn: Connection, arena_path: str, route: str, exports: list[Any]) -> 
     reg = register_host_memory(mm)
     arena = torch.frombuffer(mm, dtype=torch.uint8)
     opened = []
-    for _, handles, ready, events in exports:
-        kvs = [H.open_tensor(H.decode(h), uuids) for h in handles]
+    for _, wire in exports:
+        handles, ready, events = split_wire_handles(wire, LAYERS)
+        kvs = H.open_cache(handles, uuids)
         layout = detect_layout(kvs[0], NUM_BLOCKS, BLOCK_SIZE, "FLASH_ATTN")
         span = len(BLOCKS) * layout.block_nbytes
         layers = [OpenedLayer(kv, layout, 0, i * span) for i, kv in enumerate(kvs)]
-        opened.append((layers, H.open_event(H.decode_event(ready), uuids),
-                       [H.open_event(H.decode_event(e), uuids) for e in events]))  # fmt: skip
+        opened.append((layers, *open_events(ready, events, uuids)))
     device = opened[0][0][0].kv.device
     copier = DeviceCopier(device, arena, route)
     size = LAYERS * len(BLOCKS) * opened[0][0][0].layout.block_nbytes

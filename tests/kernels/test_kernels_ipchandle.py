@@ -114,3 +114,23 @@ def test_cpu_tensors_have_no_handle() -> None:
     assert H.normalize_uuid("GPU-AbC") == "abc"
     if not torch.cuda.is_available():
         assert H.device_uuids() == {}
+
+
+def test_wire_handles_split_by_layer_count() -> None:
+    from kvnode.kernels.gpuexport import GpuExport, split_wire_handles
+
+    layers, ready, events = split_wire_handles([b"a", b"b", b"r", b"e1", b"e2"], 2)
+    assert (layers, ready, events) == ([b"a", b"b"], b"r", [b"e1", b"e2"])
+    with pytest.raises(H.HandleError, match="want 5"):
+        split_wire_handles([b"a", b"b", b"r", b"e1"], 2)
+    with pytest.raises(H.ExportRefused, match="no layers"):
+        GpuExport([])
+    with pytest.raises(H.ExportRefused, match="cpu"):
+        GpuExport([torch.zeros(2)])
+    bad_event = H.encode(H.EventHandle(H.HANDLE_VERSION, "u", b"\0" * 63 + b"x"))
+    with pytest.raises(H.HandleError, match="version"):
+        H.decode_event(H.encode(H.EventHandle(9, "u", b"\0" * 64)))
+    with pytest.raises(H.HandleError, match="not visible"):
+        H.open_event(H.decode_event(bad_event), {})
+    with pytest.raises(H.HandleError, match="malformed"):
+        H.decode_event(b"\x93\x01")
