@@ -124,6 +124,8 @@ def _default_cpu_bytes() -> int:
 class AgentSection:
     runtime_dir: str = ""  # "" -> /run/kvnode when writable, else per-user
     group: str = ""  # grant this group access to arena and socket
+    # Operators besides the agent's own user (and root): may drop keys and clear tiers.
+    admin_group: str = ""
     log_level: str = "info"
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 10.0
@@ -212,8 +214,8 @@ class PeersSection:
 
 @dataclass(slots=True)
 class EventsSection:
-    endpoint: str = ""  # "" -> off; e.g. tcp://*:5557 (bind) or ipc:///run/kvnode/events
-    replay_endpoint: str = ""  # "" -> no replay socket; e.g. tcp://*:5558
+    endpoint: str = ""  # "" -> off; e.g. tcp://*:7471 (bind) or ipc:///run/kvnode/events
+    replay_endpoint: str = ""  # "" -> no replay socket; e.g. tcp://*:7472
     topic: str = ""
     hwm: int = 100_000  # PUB send high-water mark (messages)
     queue_max: int = 100_000  # events waiting for the next flush; more are dropped

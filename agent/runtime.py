@@ -9,15 +9,19 @@ make the agent write elsewhere.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
 import resource
 import stat
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from kvnode.agent.config import Config
-from kvnode.errors import ArenaError
+from kvnode.agent.config import Config, format_size
+from kvnode.errors import ArenaError, ConfigError
 from kvnode.ipc.segment import Segment, group_id
 
 log = logging.getLogger("kvnode.agent")
@@ -135,13 +139,143 @@ def chgrp(path: Path, group: str) -> None:
         raise ArenaError(f"cannot grant group {group!r} access to {path}: {exc}") from exc
 
 
-def create_arena(cfg: Config, pages_total: int) -> Segment:
-    """Create the arena, not yet pre-faulted (the caller does that in steps it can
-    stop)."""
-    return Segment.create(
-        cfg.segment_name,
-        pages_total * cfg.arena.page_bytes,
-        group=cfg.agent.group,
-        prefault=False,
+SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory
+ARENA_STEP_BYTES = 256 * 1024**2  # reserved (and touched) per step: stop and progress between
+PROGRESS_EVERY_S = 1.0
+
+
+def shm_free_bytes(path: str = SHM_DIR) -> int | None:
+    """Bytes a new segment can still take in /dev/shm (None when it cannot be told)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def index_bytes(cfg: Config, pages_total: int) -> int:
+    """Shared memory the lookup index takes beside the arena (0 when not published)."""
+    if not cfg.arena.publish_index:
+        return 0
+    from kvnode.ipc.shmindex import capacity_for, segment_bytes
+
+    return segment_bytes(capacity_for(pages_total))
+
+
+def check_shm_room(cfg: Config, size: int) -> None:
+    """Refuse an arena /dev/shm has no room for, before anything is created: touching
+    a page tmpfs cannot back kills the process with SIGBUS, segment left behind."""
+    free = shm_free_bytes()
+    if free is not None and free < size:
+        raise ConfigError(
+            "arena.cpu_bytes",
+            f"the arena and its index ({format_size(size)}) do not fit in {SHM_DIR} "
+            f"({format_size(free)} free): lower arena.cpu_bytes or enlarge {SHM_DIR}",
+        )
+
+
+def create_arena(
+    cfg: Config,
+    pages_total: int,
+    stop: Callable[[], bool] = lambda: False,
+    progress: Callable[[int, int], None] | None = None,
+) -> Segment:
+    """Create the arena and reserve its memory in tmpfs (``posix_fallocate``: no room
+    is an error here, never a SIGBUS later in the agent or a client), touching each
+    step too when ``arena.prefault`` is on. ``stop()`` is asked between steps (the
+    caller then unlinks the segment); ``progress(done, total)`` is told after each."""
+    size = pages_total * cfg.arena.page_bytes
+    check_shm_room(cfg, size + index_bytes(cfg, pages_total))
+    seg = Segment.create(
+        cfg.segment_name, size, group=cfg.agent.group, prefault=False,
         hugepages=cfg.arena.hugepages,
-    )
+    )  # fmt: skip
+    try:
+        _reserve(seg, size, cfg.arena.prefault, stop, progress)
+    except BaseException:
+        seg.unlink()
+        seg.close()
+        raise
+    return seg
+
+
+def _reserve(
+    seg: Segment,
+    size: int,
+    touch: bool,
+    stop: Callable[[], bool],
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    import posix_ipc
+
+    shm = posix_ipc.SharedMemory(seg.name, 0)
+    zeros = bytes(min(ARENA_STEP_BYTES, size)) if touch else b""
+    try:
+        for off in range(0, size, ARENA_STEP_BYTES):
+            if stop():
+                return
+            n = min(ARENA_STEP_BYTES, size - off)
+            try:
+                os.posix_fallocate(shm.fd, off, n)
+            except OSError as exc:
+                if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                    break  # no fallocate on this filesystem: the room check is all we have
+                raise ConfigError(
+                    "arena.cpu_bytes",
+                    f"{SHM_DIR} has no room left for the arena after {format_size(off)} "
+                    f"of {format_size(size)} ({exc.strerror})",
+                ) from None
+            if touch:
+                seg.view[off : off + n] = zeros[:n]
+            if progress is not None:
+                progress(off + n, size)
+    finally:
+        shm.close_fd()
+
+
+class ArenaProgress:
+    """Says how far the arena's set-up is, at most once a second: a log line (seen on
+    a terminal and in the journal) and systemd's STATUS=."""
+
+    def __init__(self, status: Callable[[str], Any], clock: Callable[[], float] = time.monotonic):
+        self.status = status
+        self.clock = clock
+        self.t0 = clock()
+        self._next = self.t0 + PROGRESS_EVERY_S
+
+    def __call__(self, done: int, total: int) -> None:
+        now = self.clock()
+        if now < self._next or done >= total:
+            return
+        self._next = now + PROGRESS_EVERY_S
+        rate = done / max(now - self.t0, 1e-9)
+        text = (
+            f"arena: {format_size(done)} of {format_size(total)} ready "
+            f"({done / total:.0%}, about {(total - done) / rate:.0f}s left)"
+        )
+        log.info("%s", text)
+        self.status(text)
+
+
+def blame(cfg: Config, exc: BaseException) -> ConfigError | None:
+    """A start-up failure as an error naming the setting that caused it, or None when
+    it is not one the configuration explains (a bug: the caller logs the traceback)."""
+    if isinstance(exc, ConfigError):
+        return exc
+    if isinstance(exc, ArenaError):
+        cause = exc.__cause__
+        if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+            return ConfigError("arena.cpu_bytes", f"{SHM_DIR} is full: {exc}")
+        return ConfigError("agent.runtime_dir", str(exc))
+    if isinstance(exc, ImportError) and (exc.name or "").split(".")[0] in ("boto3", "botocore"):
+        return ConfigError("s3.bucket", "the S3 tier needs boto3: pip install 'kvnode[s3]'")
+    text = str(exc)
+    if type(exc).__name__ == "ZMQError":
+        for key in ("events.endpoint", "events.replay_endpoint", "peers.listen"):
+            section, name = key.split(".")
+            endpoint = getattr(getattr(cfg, section), name)
+            if endpoint and endpoint in text:
+                return ConfigError(key, f"cannot bind {endpoint}: {getattr(exc, 'strerror', text)}")
+    if isinstance(exc, OSError) and cfg.disk.path and cfg.disk.path in str(exc.filename or ""):
+        return ConfigError("disk.path", f"{cfg.disk.path}: {exc.strerror or exc}")
+    return None

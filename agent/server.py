@@ -22,7 +22,7 @@ import zmq.utils.monitor
 
 from kvnode.agent.cache import Cache
 from kvnode.agent.clients import Client
-from kvnode.agent.config import Config
+from kvnode.agent.config import Config, format_size
 from kvnode.agent.handlers import ClientError, Handlers
 from kvnode.agent.index import AGENT_OWNER, Index, State
 from kvnode.agent.published import PublishedIndex
@@ -30,9 +30,10 @@ from kvnode.agent.published import PublishedIndex
 if TYPE_CHECKING:
     from kvnode.agent.fleet import Fleet
     from kvnode.agent.tiers.manager import TierManager
+from kvnode.agent import sdnotify
 from kvnode.agent.assembly import Parts, assemble
 from kvnode.agent.registry import ClientRegistry, Refused
-from kvnode.agent.runtime import RuntimeDir, chgrp, create_arena
+from kvnode.agent.runtime import ArenaProgress, RuntimeDir, chgrp, create_arena
 from kvnode.agent.snapshot import snapshot
 from kvnode.agent.stats import Stats
 from kvnode.errors import ArenaError, ProtocolError
@@ -128,13 +129,19 @@ class Agent:
             clock=self.clock,
             reserve_ttl_s=cfg.arena.reserve_ttl_s,
         )
-        self.segment = create_arena(cfg, index.alloc.pages_total)
-        if self.cfg.arena.prefault:
-            self.segment.prefault(lambda: self._stop_requested)
+        log.info(
+            "arena: creating %s (%s in pages of %s)%s", cfg.segment_name,
+            format_size(cfg.arena.cpu_bytes), format_size(cfg.arena.page_bytes),
+            ", pre-faulting" if cfg.arena.prefault else "",
+        )  # fmt: skip
+        self.segment = create_arena(
+            cfg, index.alloc.pages_total, lambda: self._stop_requested,
+            ArenaProgress(sdnotify.status),
+        )  # fmt: skip
         if self._stop_requested:
             raise StopRequested("stop requested while the arena was being mapped")
         log.info(
-            "arena %s mapped: %d bytes in %d pages of %d (%.2fs)",
+            "arena %s ready: %d bytes in %d pages of %d (%.2fs)",
             self.segment.name, self.segment.size, index.alloc.pages_total,
             cfg.arena.page_bytes, time.perf_counter() - t0,
         )  # fmt: skip
@@ -199,6 +206,8 @@ class Agent:
             parts.stop_publishing(unlink=self.runtime.held)
         for hook in self.hooks_stopping:
             _safe(hook)
+        t0 = time.perf_counter()
+        before = _tier_writes(parts)
         if parts is not None:
             parts.close(self.cfg.agent.shutdown_flush_s)  # before the arena goes
         if self.sock is not None:
@@ -217,13 +226,16 @@ class Agent:
             self.segment.close()
             self.segment = None
         self.runtime.release()
+        clients = len(self.registry)
         self.registry.close()
         for fd in (self._wake_r, self._wake_w):
             try:
                 os.close(fd)
             except OSError:
                 pass
-        log.info("stopped")
+        log.info(
+            "%s", _stop_summary(before, _tier_writes(parts), clients, time.perf_counter() - t0)
+        )
 
     # ------------------------------------------------------------------ loop
     def serve_forever(self) -> None:
@@ -515,6 +527,31 @@ class Agent:
 
 _EVENTS, _POLLIN, _RCVMORE = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.RCVMORE)
 _SNDMORE_NOBLOCK = int(zmq.SNDMORE) | int(zmq.NOBLOCK)
+
+
+def _tier_writes(parts: Parts | None) -> dict[str, tuple[int, int]]:
+    """Entries and bytes written so far, per lower tier (for the shutdown summary)."""
+    tiers = parts.tiers if parts is not None else None
+    if tiers is None:
+        return {}
+    try:
+        return {n: (int(t.get("writes", 0)), int(t.get("write_bytes", 0)))
+                for n, t in tiers.stats().items()}  # fmt: skip
+    except Exception:
+        return {}
+
+
+def _stop_summary(
+    before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]], clients: int,
+    seconds: float,
+) -> str:  # fmt: skip
+    flushed = [
+        f"{after[n][0] - before[n][0]} chunks ({format_size(after[n][1] - before[n][1])}) to {n}"
+        for n in before
+        if n in after
+    ]
+    what = "flushed " + ", ".join(flushed) if flushed else "no lower tier to flush"
+    return f"stopped in {seconds:.2f}s: {what}; {clients} clients were registered"
 
 
 def _printable(name: str) -> str:

@@ -5,22 +5,24 @@ reload. ``kvnode agent`` runs ``run_agent``; the event loop itself is ``server.A
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from kvnode.agent import sdnotify
 from kvnode.agent.config import Config, format_size, load_config
 from kvnode.agent.logs import parse_level, set_level
 from kvnode.agent.metrics import AgentStatsSource, MetricsServer
-from kvnode.agent.runtime import raise_fd_limit
+from kvnode.agent.runtime import blame, raise_fd_limit
 from kvnode.agent.server import Agent, StopRequested
-from kvnode.errors import ArenaError, ConfigError, KVNodeError
+from kvnode.errors import KVNodeError
 
 log = logging.getLogger("kvnode.agent")
 
 
 def run_agent(cfg: Config, reload_config: Callable[[], Config] | None = None) -> int:
-    """Start, serve until SIGTERM/SIGINT, stop. Returns the process exit code.
+    """Start, serve until SIGTERM/SIGINT, stop. Returns the process exit code: 0 after
+    a stop, 2 when the configuration stops it from starting (one line naming the key,
+    nothing left in /dev/shm), 1 for anything else.
 
     ``reload_config`` re-reads the configuration on SIGHUP (the CLI passes its own
     loader); without it the file and flags recorded in ``cfg.sources`` are read again.
@@ -39,11 +41,10 @@ def run_agent(cfg: Config, reload_config: Callable[[], Config] | None = None) ->
         log.info("stopped while starting")
         agent.close()
         return 0
-    except (ArenaError, ConfigError) as exc:
-        log.error("%s", exc)
-        sdnotify.status(f"failed: {exc}")
-        agent.close()
-        return 1
+    except Exception as exc:
+        return _failed_start(cfg, agent, exc)
+    for line in startup_lines(cfg, agent.snapshot(), metrics.url if metrics.enabled else ""):
+        log.info("%s", line)
     agent.hooks_ready.append(
         lambda: sdnotify.ready(f"serving {cfg.endpoint}, {format_size(cfg.arena.cpu_bytes)} arena")
     )
@@ -56,6 +57,53 @@ def run_agent(cfg: Config, reload_config: Callable[[], Config] | None = None) ->
     finally:
         agent.close()
     return 0
+
+
+def _failed_start(cfg: Config, agent: Agent, exc: Exception) -> int:
+    """One line naming the setting (a traceback only for what no setting explains),
+    then everything made so far is removed: arena, index, socket, lock."""
+    err = blame(cfg, exc)
+    if err is not None:
+        log.error("cannot start: %s", err)
+    else:
+        log.error("cannot start: %s: %s", type(exc).__name__, exc, exc_info=True)
+    sdnotify.status(f"failed: {err or exc}")
+    agent.close()
+    return 2 if err is not None else 1
+
+
+def startup_lines(cfg: Config, snap: Mapping[str, Any], metrics_url: str) -> list[str]:
+    """What this agent serves, one line per part: tiers, peers, events, metrics."""
+    out = []
+    for name, t in (snap.get("tiers") or {}).items():
+        if name == "arena":
+            continue
+        state = "healthy" if t.get("healthy", True) else "UNHEALTHY"
+        where = {"disk": cfg.disk.path, "s3": f"s3://{cfg.s3.bucket}/{cfg.s3.prefix}"}.get(name, "")
+        out.append(
+            f"tier {name}: {where} {state}, {t.get('entries', 0)} entries "
+            f"({format_size(t.get('bytes', 0))}), {t.get('write_policy', '')}"
+        )
+    if not (cfg.disk.path or cfg.s3.bucket):
+        out.append("tiers: arena only (disk.path and s3.bucket are empty)")
+    p = cfg.peers
+    if p.listen or p.seeds:
+        mode = "INSECURE plaintext" if p.insecure else f"CURVE, keys from {p.curve_authorized_dir}"
+        peers = (snap.get("peers") or {}).get("peers") or {}
+        states = ", ".join(f"{a} {v.get('state', '?')}" for a, v in sorted(peers.items()))
+        out.append(
+            f"peers: serving {p.listen or 'off'}; {len(p.seeds)} seeds ({states or 'none yet'}); {mode}"
+        )
+    else:
+        out.append("peers: off (peers.listen and peers.seeds are empty)")
+    ev = cfg.events
+    if ev.endpoint:
+        replay = f", replay on {ev.replay_endpoint}" if ev.replay_endpoint else ", no replay"
+        out.append(f"events: publishing on {ev.endpoint}{replay}")
+    else:
+        out.append("events: off (events.endpoint is empty)")
+    out.append(f"metrics: {metrics_url}" if metrics_url else "metrics: off (metrics.port = 0)")
+    return out
 
 
 # Settings a running agent applies on SIGHUP; any other change waits for a restart.

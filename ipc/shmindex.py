@@ -607,6 +607,8 @@ def _create(name: str, size: int, group: str) -> mmap.mmap:
         if group:
             os.fchown(shm.fd, -1, group_id(group))
         os.fchmod(shm.fd, mode)  # the umask may have narrowed it
+        # Backed now: a full /dev/shm is an error here, not a SIGBUS at first touch.
+        os.posix_fallocate(shm.fd, 0, size)
         return mmap.mmap(shm.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     except (KeyError, OSError) as exc:
         _unlink(name)

@@ -44,6 +44,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="check the configuration and what it needs (ports, paths, keys, /dev/shm) and exit",
     )
+    ag.add_argument(
+        "--connect",
+        action="store_true",
+        help="with --check-config: also reach S3 and the peers (see kvnode doctor)",
+    )
+
     st = sub.add_parser("stats", help="show the agent's live statistics")
     _add_config_args(st)
     mode = st.add_mutually_exclusive_group()
@@ -85,6 +91,14 @@ def _parser() -> argparse.ArgumentParser:
         "--idle-exit", type=_seconds, metavar="SECONDS", help="exit after SECONDS with no event"
     )
 
+
+    dr = sub.add_parser("doctor", help="check everything the agent needs, one line each")
+    _add_config_args(dr)
+    dr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    dr.add_argument("--cpu-bytes", metavar="SIZE")
+    dr.add_argument("--offline", action="store_true", help="do not contact S3 or the peers")
+    dr.add_argument("--json", action="store_true", help="one JSON object")
+
     cf = sub.add_parser("config", help="configuration tools")
     cfs = cf.add_subparsers(dest="config_command", metavar="COMMAND")
     show = cfs.add_parser("show", help="print the effective configuration and each value's source")
@@ -110,6 +124,26 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _add_cache_parser(sub: Any) -> None:
+    ca = sub.add_parser("cache", help="inspect and manage what is cached (operator)")
+    cas = ca.add_subparsers(dest="cache_command", metavar="COMMAND")
+    ls = cas.add_parser("list", help="what is cached: totals per tier, then entries")
+    ls.add_argument("--tier", choices=["arena", "disk", "all"], default="all")
+    ls.add_argument("--sort", choices=["hits", "age", "size"], default="hits")
+    ls.add_argument("--limit", type=int, default=20, metavar="N", help="entries to show")
+    sh = cas.add_parser("show", help="one key in every tier")
+    sh.add_argument("key", metavar="KEY", help="32 hex digits")
+    dp = cas.add_parser("drop", help="remove keys from the arena and the disk")
+    dp.add_argument("keys", nargs="+", metavar="KEY")
+    cl = cas.add_parser("clear", help="remove every entry of a tier")
+    cl.add_argument("tier", choices=["arena", "disk"])
+    cl.add_argument("--yes", action="store_true", help="do it (without: say what would go)")
+    for p in (ls, sh, dp, cl):
+        _add_config_args(p)
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+        p.add_argument("--timeout", type=_seconds, default=5.0, metavar="SECONDS")
+
+
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if getattr(args, "runtime_dir", None):
@@ -132,7 +166,7 @@ def _load(args: argparse.Namespace) -> Any:
     return load_config(path=args.config, overrides=_overrides(args))
 
 
-COMMANDS = "agent, stats, events, config, keygen"
+COMMANDS = "agent, stats, events, doctor, config, keygen"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -164,6 +198,10 @@ def _run(args: argparse.Namespace) -> int:
         from kvnode.events_tool import run_events
 
         return run_events(_load(args), args)
+    if cmd == "doctor":
+        from kvnode.doctor import run_doctor
+
+        return run_doctor(_load(args), args)
     if cmd == "config":
         if args.config_command is None:
             print("kvnode config: which one? show (kvnode config show)", file=sys.stderr)
@@ -188,8 +226,9 @@ def _setup_logging(level: str) -> None:
 def _cmd_agent(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if args.check_config:
-        print(f"kvnode: configuration OK (runtime dir {cfg.runtime_dir})")
-        return 0
+        from kvnode.doctor import check_config
+
+        return check_config(cfg, connect=args.connect)
     _setup_logging(cfg.agent.log_level)
     from kvnode.agent.service import run_agent
 
