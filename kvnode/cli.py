@@ -91,7 +91,6 @@ def _parser() -> argparse.ArgumentParser:
         "--idle-exit", type=_seconds, metavar="SECONDS", help="exit after SECONDS with no event"
     )
 
-
     dr = sub.add_parser("doctor", help="check everything the agent needs, one line each")
     _add_config_args(dr)
     dr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
