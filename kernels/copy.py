@@ -34,7 +34,7 @@ import torch
 from kvnode.kernels import hostcopy
 from kvnode.kernels.hostmem import register_host_memory, unregister_host_memory
 from kvnode.kernels.layout import KVLayout, physical_blocks
-from kvnode.kernels.plan import NotCoverable, chunk_rows
+from kvnode.kernels.plan import NotCoverable
 from kvnode.kernels.staging import staging_buffer
 
 log = logging.getLogger(__name__)
@@ -181,8 +181,7 @@ def _one_launch(
     if kernel is None:
         return False
     try:
-        rows = chunk_rows(kvs, [layout] * len(kvs), [0] * len(kvs), [ids], chunk.data_ptr())
-        plan = kernel.plan(rows, [ids])
+        plan = kernel.plan_layers(kvs, layout, ids, chunk.data_ptr())
     except NotCoverable:
         _count("not_coverable")
         return False

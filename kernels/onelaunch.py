@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 
 from kvnode.kernels import plan as _plan
-from kvnode.kernels.plan import ChunkPlan, Row, build_plan
+from kvnode.kernels.layout import KVLayout
+from kvnode.kernels.plan import ChunkPlan, Row, build_plan, layers_plan
 
 # Bytes one program copies: large enough that a program's fixed cost (loading its table
 # row and block id) is small, small enough that a chunk spreads over every SM.
@@ -84,6 +85,13 @@ def _chunk_copy(
 def plan(rows: Sequence[Row], block_ids: Sequence[Sequence[int]]) -> ChunkPlan:
     """``build_plan`` with this kernel's tile size."""
     return build_plan(rows, block_ids, TILE_BYTES)
+
+
+def plan_layers(
+    kvs: Sequence[torch.Tensor], layout: KVLayout, ids: Sequence[int], chunk_address: int
+) -> ChunkPlan:
+    """``layers_plan`` (one group's chunk, from a cached template) with this tile size."""
+    return layers_plan(kvs, layout, ids, chunk_address, TILE_BYTES)
 
 
 def launch(p: ChunkPlan, device: torch.device, *, gather: bool) -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from kv_caches import BLOCK_SIZE, MAKERS, NUM_BLOCKS, stacked_layers
 
 from kvnode.kernels import detect_layout
 from kvnode.kernels.plan import (
+    COL_CACHE,
     COL_CHUNK,
     COL_IDS,
     COL_NBLOCKS,
@@ -17,6 +20,7 @@ from kvnode.kernels.plan import (
     Row,
     build_plan,
     chunk_rows,
+    layers_plan,
     segments,
 )
 
@@ -61,3 +65,24 @@ def test_limits_are_refused() -> None:
         build_plan([Row(big, detect_layout(big, 2, 1), 0, 0)], [[1]], 8)
     with pytest.raises(ValueError, match="differ"):
         chunk_rows([kv], [layout, layout], [0], [[1]], 0)
+
+
+def test_plans_from_a_template_equal_plans_from_scratch() -> None:
+    kvs = stacked_layers("flash_hnd", torch.bfloat16, 3)
+    layout = detect_layout(kvs[0], NUM_BLOCKS, BLOCK_SIZE)
+    for ids, address in [
+        ([4, 5, 6], 1 << 20),
+        ([9, 1, 2], 5 << 20),
+        ([7, 8, 0], 3 << 12),
+        ([1, 2, 3], 8),
+    ]:
+        rows = chunk_rows(kvs, [layout] * 3, [0] * 3, [ids], address)
+        want = build_plan(rows, [ids], 1 << 14)
+        got = layers_plan(kvs, layout, ids, address, 1 << 14)
+        assert torch.equal(got.table, want.table), (ids, address)
+        assert dataclasses.replace(got, table=want.table) == dataclasses.replace(
+            want, table=want.table
+        )
+    other = [MAKERS["flash_hnd"](torch.bfloat16) for _ in range(3)]  # other caches: no reuse
+    got = layers_plan(other, layout, [4, 5, 6], 1 << 20, 1 << 14)
+    assert got.table[COL_CACHE] == segments(other[0], layout).base
