@@ -88,6 +88,8 @@ class AgentClient:
         self._segment: Segment | None = None
         self._heartbeat_interval_s = 1.0
         self._index_segment = ""
+        self._agent_pid = 0
+        self._agent_pid_ns = 0
         self._next_retry = 0.0
         self._closed = False
         self._hb_thread: threading.Thread | None = None
@@ -127,6 +129,12 @@ class AgentClient:
         """The agent's shared lookup index ("" when it publishes none)."""
         self._ensure()
         return self._index_segment
+
+    @property
+    def agent_pid(self) -> tuple[int, int]:
+        """The agent's (pid, pid namespace inode) as it said in its Welcome."""
+        self._ensure()
+        return self._agent_pid, self._agent_pid_ns
 
     @property
     def page_bytes(self) -> int:
@@ -188,6 +196,8 @@ class AgentClient:
         self._page_bytes = rep.page_bytes
         self._heartbeat_interval_s = rep.heartbeat_interval_s
         self._index_segment = rep.index_segment
+        self._agent_pid = rep.agent_pid
+        self._agent_pid_ns = rep.agent_pid_ns
         self._start_heartbeat()
 
     def _map(self, w: P.Welcome) -> None:
@@ -529,6 +539,34 @@ class AgentClient:
             self._call(make, retry=False)
         else:
             self._post(kind, make)
+
+    # ------------------------------------------------------------------ agent mode
+    def export(self, make: Callable[[int, int, int], P.ExportReq]) -> tuple[int, int, str]:
+        """Export a KV cache (``make(rid, client_id, generation)`` builds the request).
+        Returns (export id, the generation it belongs to, why refused): id 0 = refused."""
+        with self._lock:
+            rep = self._call(make, retry=False)
+            if not isinstance(rep, P.ExportRep):
+                raise ProtocolError(f"unexpected reply to export: {type(rep).__name__}")
+            return rep.export_id, self._generation, rep.reason
+
+    def job(
+        self,
+        make: Callable[[int, int, int], P.JobReq],
+        on_reply: Callable[[Any], None] | None = None,
+    ) -> None:
+        """Hand a save or load job to the agent without waiting: its progress comes
+        through the worker's progress page; ``on_reply`` gets the agent's answer (a
+        ``StatusRep``, an ``Error``, or None when the connection went first)."""
+        self._post("job", make, on_reply)
+
+    def poll_replies(self) -> None:
+        """Read the replies that have arrived, without waiting."""
+        if self._lock.acquire(blocking=False):
+            try:
+                self._read_replies(0.0)
+            finally:
+                self._lock.release()
 
     def stats(self, timeout_s: float | None = None) -> dict[str, Any]:
         """Agent statistics. Needs no registration (tools use it for health checks)."""

@@ -175,6 +175,91 @@ class DropReq(_Msg, tag=11):
     keys: Keys
 
 
+# ---------------------------------------------------------------- agent mode
+# A worker exports its KV cache once per agent generation; the agent then moves the
+# bytes itself (kvnode.agent.movers). Limits below bound what one export may describe.
+EXPORT_LAYERS_MAX = 1024
+BLOCK_PARTS_MAX = 8  # contiguous pieces of one block of one layer (K and V halves...)
+JOB_CHUNKS_MAX = 256  # chunks in one save or load job
+JOB_SLOTS_MAX = 1024  # jobs a worker may have in flight (slots of its progress page)
+PROBE_BYTES = 16
+Addr = Annotated[int, Meta(ge=0, le=U63)]  # user-space addresses fit 63 bits
+BlockIds = Annotated[list[Annotated[int, Meta(ge=0, le=(1 << 31) - 1)]], Meta(max_length=4096)]
+
+
+class LayerExport(msgspec.Struct, array_like=True, gc=False):
+    """One layer of a worker's paged KV cache, as the agent must address it.
+
+    Block ``b`` of the layer is the bytes ``base + b * block_stride + off`` for each
+    ``(off, nbytes)`` of ``parts``, in that order: its payload in a chunk entry is
+    those pieces back to back, at ``payload_offset + i * block_nbytes`` for the
+    chunk's ``i``-th block (the same format as the worker's own copies)."""
+
+    name: Name
+    base: Addr
+    num_blocks: Annotated[int, Meta(ge=1, le=(1 << 31) - 1)]
+    block_stride: Annotated[int, Meta(ge=0, le=1 << 40)]
+    block_nbytes: Annotated[int, Meta(ge=1, le=1 << 32)]
+    parts: Annotated[
+        list[tuple[Annotated[int, Meta(ge=0, le=1 << 40)], Annotated[int, Meta(ge=1, le=1 << 32)]]],
+        Meta(min_length=1, max_length=BLOCK_PARTS_MAX),
+    ]
+    payload_offset: Size
+    layout: Name = ""
+    dtype: Name = ""
+    shape: Annotated[list[Annotated[int, Meta(ge=0, le=U63)]], Meta(max_length=8)] = []
+    strides: Annotated[list[Annotated[int, Meta(ge=0, le=U63)]], Meta(max_length=8)] = []
+    group: Annotated[int, Meta(ge=0, le=255)] = 0
+
+
+class ExportReq(_Msg, tag=12):
+    """The worker's KV cache and how to reach it. ``device`` "cpu": cross-memory
+    attach into the process on the other end of this connection (its pid comes from
+    the kernel, never from the message). ``progress`` is the worker's page of job
+    slots the agent writes completions into; ``probe`` a buffer holding ``nonce``,
+    which the agent reads (proving it reaches this process) and overwrites with the
+    nonce reversed (proving it can write)."""
+
+    rid: Rid
+    client_id: ClientId
+    generation: Generation
+    device: Name
+    layers: Annotated[list[LayerExport], Meta(min_length=1, max_length=EXPORT_LAYERS_MAX)]
+    progress: Addr
+    slots: Annotated[int, Meta(ge=1, le=JOB_SLOTS_MAX)]
+    slot_bytes: Annotated[int, Meta(ge=1, le=1 << 16)]
+    chunk_nbytes: Size
+    probe: Addr
+    nonce: Annotated[bytes, Meta(min_length=PROBE_BYTES, max_length=PROBE_BYTES)]
+    handles: Annotated[list[bytes], Meta(max_length=EXPORT_LAYERS_MAX)] = []  # GPU IPC handles
+
+
+class JobReq(_Msg, tag=13):
+    """Save (``load`` false) or load ``keys`` between the arena and the exported
+    cache's ``blocks`` (per key, the chunk's block ids; a load's ``offsets`` give each
+    key's first block inside the stored entry). ``slot``/``seq`` name the worker's
+    progress slot the agent reports into. Saves carry groups, parents and tokens like
+    a commit."""
+
+    rid: Rid
+    client_id: ClientId
+    generation: Generation
+    export_id: Annotated[int, Meta(ge=1, le=U63)]
+    load: bool
+    slot: Annotated[int, Meta(ge=0, lt=JOB_SLOTS_MAX)]
+    seq: Annotated[int, Meta(ge=1, le=255)]
+    keys: Annotated[list[Key], Meta(max_length=JOB_CHUNKS_MAX)]
+    blocks: Annotated[list[BlockIds], Meta(max_length=JOB_CHUNKS_MAX)]
+    offsets: Annotated[
+        list[Annotated[int, Meta(ge=0, le=4096)]], Meta(max_length=JOB_CHUNKS_MAX)
+    ] = []
+    groups: Annotated[list[Key], Meta(max_length=JOB_CHUNKS_MAX)] = []
+    parents: Annotated[
+        list[Annotated[bytes, Meta(max_length=KEY_BYTES)]], Meta(max_length=JOB_CHUNKS_MAX)
+    ] = []
+    tokens: Annotated[list[Tokens], Meta(max_length=JOB_CHUNKS_MAX)] = []
+
+
 # ---------------------------------------------------------------- replies
 class Slot(msgspec.Struct, array_like=True, gc=False):
     """Where an entry's bytes live in the arena: extents of (offset, length)."""
@@ -193,6 +278,8 @@ class Welcome(_Msg, tag=64):
     generation: int  # changes on every agent start: remap on change
     heartbeat_interval_s: float
     index_segment: str = ""  # shared-memory lookup index ("" when not published)
+    agent_pid: int = 0  # for the worker's consent to cross-memory attach (Yama)
+    agent_pid_ns: int = 0
 
 
 class Ok(_Msg, tag=65):
@@ -222,6 +309,15 @@ class StatsRep(_Msg, tag=69):
     stats: dict[str, Any]
 
 
+class ExportRep(_Msg, tag=70):
+    """``export_id`` 0: refused, ``reason`` says why in one line (the worker then
+    copies itself: worker mode)."""
+
+    rid: int
+    export_id: int
+    reason: str = ""
+
+
 class Error(_Msg, tag=127):
     rid: int
     code: int
@@ -240,8 +336,10 @@ Request = Union[
     StatsReq,
     Bye,
     DropReq,
+    ExportReq,
+    JobReq,
 ]
-Reply = Union[Welcome, Ok, LookupRep, SlotsRep, StatusRep, StatsRep, Error]
+Reply = Union[Welcome, Ok, LookupRep, SlotsRep, StatusRep, StatsRep, ExportRep, Error]
 
 _requests = Codec(PROTOCOL_VERSION, Request, "request")
 _replies = Codec(PROTOCOL_VERSION, Reply, "reply")
