@@ -3,7 +3,7 @@ dependency order, each given everything it uses at construction. Nothing is rewi
 afterwards: no part is replaced, no attribute of another part is set.
 
     stores (disk, S3) -> events -> shared lookup index -> cache (index + tiers) ->
-    peers (server, manager) -> fleet -> handlers
+    peers (server, manager) -> fleet -> transfers (agent mode) -> handlers
 
 ``Parts.close`` takes them down in the reverse order.
 """
@@ -19,6 +19,7 @@ from kvnode.agent.cache import Cache
 from kvnode.agent.config import Config
 from kvnode.agent.handlers import Handlers
 from kvnode.agent.index import Index
+from kvnode.agent.movers.service import Transfers
 from kvnode.agent.published import PublishedIndex
 from kvnode.agent.stats import Stats
 from kvnode.ipc.segment import Segment
@@ -39,6 +40,7 @@ class Parts:
     handlers: Handlers
     published: PublishedIndex | None = None
     fleet: Fleet | None = None
+    transfers: Transfers | None = None
 
     @property
     def tiers(self) -> TierManager | None:
@@ -53,7 +55,11 @@ class Parts:
 
     def close(self, flush_s: float) -> None:
         """Peers and events first (no fetch may land in a closing arena), then the
-        tiers: queued write-backs get ``flush_s``, running I/O finishes."""
+        tiers: queued write-backs get ``flush_s``, running I/O finishes. Agent mode's
+        copy threads stop first of all: they read and write the arena."""
+        transfers, self.transfers = self.transfers, None
+        if transfers is not None:
+            _safe("transfers", transfers.close)
         fleet, self.fleet = self.fleet, None
         if fleet is not None:
             _safe("fleet", fleet.close)
@@ -111,8 +117,10 @@ def _build(
         listeners.append(fleet.listener)
         store_listeners.append(fleet.listener)
     cache = Cache(index, tiers, headroom, listeners, store_listeners)
-    handlers = Handlers(cfg, cache, stats, fleet)
-    return Parts(index, cache, handlers, published, fleet)
+    transfers = Transfers(cache, arena.view, wake)
+    closers.append(("transfers", transfers.close))
+    handlers = Handlers(cfg, cache, stats, fleet, transfers.table)
+    return Parts(index, cache, handlers, published, fleet, transfers)
 
 
 def _stores(cfg: Config) -> dict[str, TierStore]:

@@ -48,7 +48,14 @@ Handler = Callable[[Client, Any], Any]
 
 
 class Handlers:
-    def __init__(self, cfg: Config, cache: Cache, stats: Stats, fleet: Fleet | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        cache: Cache,
+        stats: Stats,
+        fleet: Fleet | None = None,
+        more: dict[type, Handler] | None = None,  # other modules' messages (agent mode)
+    ) -> None:
         self.cfg = cfg
         self.cache = cache
         self.stats = stats
@@ -63,6 +70,7 @@ class Handlers:
             P.PinReq: self.pin,
             P.ReleaseReq: self.release,
             P.DropReq: self.drop,
+            **(more or {}),
         }
 
     def _limit(self, nkeys: int) -> None:

@@ -25,6 +25,7 @@ from kvnode.agent.clients import Client
 from kvnode.agent.config import Config, format_size
 from kvnode.agent.handlers import ClientError, Handlers
 from kvnode.agent.index import AGENT_OWNER, Index, State
+from kvnode.agent.movers.service import Transfers
 from kvnode.agent.published import PublishedIndex
 
 if TYPE_CHECKING:
@@ -109,6 +110,10 @@ class Agent:
     @property
     def published(self) -> PublishedIndex | None:
         return self.parts.published if self.parts is not None else None
+
+    @property
+    def transfers(self) -> Transfers | None:
+        return self.parts.transfers if self.parts is not None else None
 
     @property
     def tiers(self) -> TierManager | None:
@@ -295,6 +300,7 @@ class Agent:
 
     def _poll_timeout_ms(self) -> int:
         busy = self.cache.busy() or (self.fleet is not None and self.fleet.busy())
+        busy = busy or (self.transfers is not None and self.transfers.busy())
         return 5 if busy else _POLL_MS_MAX
 
     def _guard(self, fn: Callable[[], Any]) -> None:
@@ -357,6 +363,8 @@ class Agent:
                     self._reclaim(c, "connection closed")
 
     def _housekeeping(self) -> None:
+        if self.transfers is not None:
+            self._guard(self.transfers.poll)
         self.cache.housekeeping()
         if self.fleet is not None:
             self._guard(self.fleet.poll)
@@ -399,6 +407,8 @@ class Agent:
                 log.warning("pin of %s by client %x expired (%d)", key.hex(), c.client_id, n)
 
     def _reclaim(self, c: Client, why: str) -> None:
+        if self.transfers is not None:
+            self.transfers.client_gone(c.client_id)
         leases, pins = self.cache.release_owner(c.client_id, c.leases, c.pins)
         self.registry.remove(c)
         self.stats.inc("reclaimed_clients")
@@ -477,6 +487,7 @@ class Agent:
         return P.Welcome(
             m.rid, c.client_id, self.segment.name, self.segment.size, self.cfg.arena.page_bytes,
             self.generation, self.cfg.agent.heartbeat_interval_s, self.index_segment,
+            os.getpid(), self.registry.pid_ns,
         )  # fmt: skip
 
     def _send(self, identity: bytes, reply: Any) -> None:
@@ -494,6 +505,8 @@ class Agent:
         )
         if self.published is not None:
             out["lookup_index"] = self.published.stats()
+        if self.transfers is not None:
+            out["transfers"] = self.transfers.stats(out["counters"])
         if self.fleet is not None:
             try:
                 out.update(self.fleet.stats())

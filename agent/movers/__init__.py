@@ -1,0 +1,10 @@
+"""Agent mode: the agent moves KV bytes between the arena and workers' exported caches.
+
+    base.py      what an export and a job are, the mover interface, one copy thread
+                 per device
+    cpu.py       the CPU mover: Linux cross-memory attach (process_vm_readv/writev)
+    exports.py   exports per client, dropped when the client goes
+    service.py   the loop's side: export and job requests, completions, statistics
+
+A device's mover plugs in through ``register_mover``; the CPU mover is built in.
+"""

@@ -1,0 +1,181 @@
+"""The device-neutral half of agent mode: exports, jobs, movers and their threads.
+
+A worker exports its KV cache (``Export``: every layer's address, block stride and
+block parts, plus the worker's progress page). A ``Job`` moves whole chunks between
+arena extents and the export's blocks, layer by layer, in the export's layer order
+(vLLM's forward order), reporting each layer into the worker's progress slot.
+
+A ``Mover`` knows one kind of device: it checks it can reach an export (``attach``)
+and moves one job's bytes (``run``). Each mover gets one ``CopyThread``, so the
+agent's ZeroMQ loop never waits on a copy: the loop books the arena side (pins,
+reservations) and hands the job over; the thread copies, checksums and reports; the
+loop settles the job (commit, unpin) when the thread hands it back.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from kvnode.ipc import progress as PG
+
+log = logging.getLogger("kvnode.agent")
+
+JOBS_QUEUED_MAX = 256  # jobs waiting for one device's copy thread
+
+
+class MoverError(Exception):
+    """A copy that could not be done (worker memory gone, no permission, deadline).
+    An operating error: the job fails, is counted, and nothing else stops."""
+
+
+@dataclass(frozen=True, slots=True)
+class Layer:
+    """One exported layer (see ``protocol.LayerExport``)."""
+
+    name: str
+    base: int
+    num_blocks: int
+    block_stride: int
+    block_nbytes: int
+    parts: tuple[tuple[int, int], ...]  # (offset in the block, bytes), in payload order
+    payload_offset: int  # of the layer's region in a full chunk's payload
+
+
+@dataclass(slots=True, eq=False)
+class Export:
+    export_id: int
+    client_id: int
+    device: str
+    pid: int  # the worker process (as the kernel named the connection's peer)
+    layers: tuple[Layer, ...]  # in copy order (the worker's forward order)
+    progress: int  # address of the worker's progress page
+    slots: int
+    slot_bytes: int
+    chunk_nbytes: int
+    blocks_per_chunk: int
+    handles: tuple[bytes, ...] = ()  # device IPC handles (GPU movers)
+    alive: bool = True  # False once the client is gone: jobs stop before their next layer
+    state: object = None  # the mover's own per-export state (opened handles...)
+
+    def slot_address(self, slot: int) -> int:
+        return self.progress + slot * self.slot_bytes
+
+
+@dataclass(slots=True, eq=False)
+class ChunkWork:
+    """One chunk of a job: its arena extents and the export's blocks it covers."""
+
+    key: bytes
+    blocks: tuple[int, ...]
+    extents: list[tuple[int, int]]  # arena (offset, length) of the whole entry
+    block_offset: int = 0  # loads: the entry's block where ``blocks`` start
+    checksum: int = 0  # loads: the writer's; saves: computed by the mover
+    index: int = 0  # position in the job's request (its byte in the progress slot)
+    status: int = PG.CHUNK_PENDING
+
+
+@dataclass(slots=True, eq=False)
+class Job:
+    export: Export
+    load: bool
+    slot: int
+    seq: int
+    chunks: list[ChunkWork]  # the chunks the mover moves (others are answered already)
+    outcomes: bytearray  # per chunk of the request: its CHUNK_* code
+    deadline: float  # monotonic: no byte is written into the worker after it
+    parents: list[bytes] = field(default_factory=list)
+    tokens: list[list[int]] = field(default_factory=list)
+    failed: str = ""  # why the whole job failed ("" when it did not)
+    moved_bytes: int = 0
+    copy_s: float = 0.0
+
+    def fail(self, why: str) -> None:
+        self.failed = self.failed or why
+        for c in self.chunks:
+            if c.status in (PG.CHUNK_PENDING, PG.CHUNK_OK):
+                c.status = PG.CHUNK_FAILED
+
+
+class Mover(ABC):
+    """Moves bytes between the arena and one kind of device's exported caches."""
+
+    device: str = ""
+
+    @abstractmethod
+    def attach(self, export: Export, probe: int, nonce: bytes) -> str:
+        """Check the agent reaches the export: "" when it does, else one line saying
+        why not (the worker then copies itself)."""
+
+    @abstractmethod
+    def run(self, job: Job) -> None:
+        """Move the job's bytes, layer by layer, reporting into its progress slot;
+        set each chunk's status (and a save's checksums). Raises nothing: a failure
+        is recorded on the job (``job.fail``)."""
+
+    @abstractmethod
+    def report(self, job: Job) -> None:
+        """Write the job's final outcome (chunk codes, result, done) into its slot.
+        Best effort: a worker that is gone cannot be told."""
+
+    def detach(self, export: Export) -> None:
+        """The export is gone (client gone or exported again): release its state."""
+        return
+
+    def close(self) -> None:
+        return
+
+
+class CopyThread:
+    """One device's copy thread: runs jobs in order, hands each back through
+    ``on_done`` (called on this thread; it must only queue and wake the loop)."""
+
+    def __init__(self, mover: Mover, on_done: Callable[[Job], None]) -> None:
+        self.mover = mover
+        self._on_done = on_done
+        self._queue: queue.Queue[Job | None] = queue.Queue(JOBS_QUEUED_MAX)
+        self._thread = threading.Thread(
+            target=self._run, name=f"kvnode-mover-{mover.device}", daemon=True
+        )
+        self._thread.start()
+
+    def submit(self, job: Job) -> bool:
+        """Queue a job; False when the queue is full (the caller fails the job)."""
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            return False
+        return True
+
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            t0 = time.perf_counter()
+            try:
+                self.mover.run(job)
+            except Exception as exc:  # a bug in a mover must not kill the thread
+                log.exception("mover %s failed a job", self.mover.device)
+                job.fail(f"internal error: {exc}")
+            job.copy_s = time.perf_counter() - t0
+            try:
+                self.mover.report(job)
+            except Exception:
+                log.exception("reporting a job's outcome failed")
+            self._on_done(job)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        try:
+            self._queue.put(None, timeout=timeout_s)
+        except queue.Full:
+            return
+        self._thread.join(timeout_s)

@@ -1,0 +1,397 @@
+"""The agent loop's side of agent mode: export and job requests, settling jobs.
+
+The loop owns the index, so everything that touches it happens here, on the loop:
+a load's entries are pinned before its job is queued and unpinned when the copy
+thread hands it back (a chunk that failed its checksum is dropped then); a save's
+slots are reserved for the agent itself (``AGENT_OWNER``: a client that dies while
+its save is copied cannot have the slots freed under the copy) and committed, with
+the checksum the mover computed over the arena bytes, when the job comes back. The
+copy threads (one per device, ``base.CopyThread``) never touch the index.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from kvnode.agent.cache import Cache
+from kvnode.agent.clients import Client
+from kvnode.agent.handlers import ClientError
+from kvnode.agent.index import AGENT_OWNER, Outcome
+from kvnode.agent.movers.base import ChunkWork, CopyThread, Export, Job, Layer, Mover, MoverError
+from kvnode.agent.movers.exports import ExportRegistry
+from kvnode.ipc import progress as PG
+from kvnode.ipc import protocol as P
+
+log = logging.getLogger("kvnode.agent")
+
+JOB_DEADLINE_S = 30.0  # no byte of a job is written into a worker after this
+JOBS_INFLIGHT_MAX = 4096  # jobs queued or copying, all devices together
+
+# Movers by device kind ("cpu", "cuda", ...): a factory given the arena's mapping.
+MoverFactory = Callable[[memoryview], Mover]
+_FACTORIES: dict[str, MoverFactory] = {}
+
+
+def register_mover(kind: str, factory: MoverFactory) -> None:
+    """Make exports of ``kind`` devices ("cuda:0" is kind "cuda") movable."""
+    _FACTORIES[kind] = factory
+
+
+def _cpu_factory(arena: memoryview) -> Mover:
+    from kvnode.agent.movers.cpu import CpuMover
+
+    return CpuMover(arena)
+
+
+register_mover("cpu", _cpu_factory)
+
+
+class Refusal(Exception):
+    """An export the agent will not take; the message is one line for the worker."""
+
+
+@dataclass(slots=True)
+class TransferCounters:
+    exports: int = 0
+    exports_refused: int = 0
+    exports_dropped: int = 0
+    jobs: int = 0
+    jobs_failed: int = 0
+    jobs_refused: int = 0  # too many in flight, or a device queue full
+    save_chunks: int = 0
+    save_bytes: int = 0
+    save_exists: int = 0
+    save_no_space: int = 0
+    load_chunks: int = 0
+    load_bytes: int = 0
+    load_misses: int = 0
+    checksum_errors: int = 0
+    save_copy_s: float = 0.0
+    load_copy_s: float = 0.0
+
+
+class Transfers:
+    def __init__(self, cache: Cache, arena: memoryview, wake: Callable[[], None]) -> None:
+        self.cache = cache
+        self.arena = arena
+        self.page_bytes = cache.index.page_bytes
+        self.wake = wake
+        self.exports = ExportRegistry()
+        self.counters = TransferCounters()
+        self.inflight = 0
+        self._threads: dict[str, CopyThread] = {}
+        self._done: deque[Job] = deque()  # appended by copy threads, drained by the loop
+        self._refusals_logged: set[str] = set()
+        self.table: dict[type, Callable[[Client, Any], Any]] = {
+            P.ExportReq: self.export,
+            P.JobReq: self.job,
+        }
+
+    # ------------------------------------------------------------------ exports
+    def export(self, c: Client, m: P.ExportReq) -> Any:
+        try:
+            ex, thread = self._new_export(c, m)
+            why = thread.mover.attach(ex, m.probe, m.nonce)
+            if why:
+                raise Refusal(why)
+        except Refusal as r:
+            self.counters.exports_refused += 1
+            msg = str(r)[:300]
+            if msg not in self._refusals_logged and len(self._refusals_logged) < 64:
+                self._refusals_logged.add(msg)
+                log.warning("export of client %x refused: %s", c.client_id, msg)
+            return P.ExportRep(m.rid, 0, msg)
+        for old in self.exports.add(ex):
+            self._detach(old)
+        self.counters.exports += 1
+        log.info(
+            "client %x (pid %d) exported %d %s layers: agent mode",
+            c.client_id, ex.pid, len(ex.layers), ex.device,
+        )  # fmt: skip
+        return P.ExportRep(m.rid, ex.export_id)
+
+    def _new_export(self, c: Client, m: P.ExportReq) -> tuple[Export, CopyThread]:
+        thread = self._thread(m.device)
+        pid = peer_pid(c.fd)
+        if pid <= 0:
+            raise Refusal("the agent cannot tell which process is on this connection")
+        if c.pid and pid != c.pid and c.pid_ns == _own_pid_ns():
+            raise Refusal(f"connection's process is pid {pid}, not the pid {c.pid} it named")
+        layers = tuple(
+            Layer(
+                x.name, x.base, x.num_blocks, x.block_stride, x.block_nbytes,
+                tuple((int(o), int(n)) for o, n in x.parts), x.payload_offset,
+            )
+            for x in m.layers
+        )  # fmt: skip
+        bpc = _blocks_per_chunk(layers, m.chunk_nbytes)
+        if m.slot_bytes < PG.slot_bytes(len(layers)):
+            raise Refusal(f"progress slots of {m.slot_bytes} bytes are too small")
+        ex = Export(
+            self.exports.new_id(), c.client_id, m.device, pid, layers, m.progress, m.slots,
+            m.slot_bytes, m.chunk_nbytes, bpc, tuple(m.handles),
+        )  # fmt: skip
+        return ex, thread
+
+    def _thread(self, device: str) -> CopyThread:
+        kind = device.split(":", 1)[0]
+        thread = self._threads.get(device)
+        if thread is not None:
+            return thread
+        factory = _FACTORIES.get(kind)
+        if factory is None:
+            raise Refusal(f"this agent has no mover for {device!r} devices")
+        try:
+            mover = factory(self.arena)
+        except (MoverError, OSError, RuntimeError) as exc:
+            raise Refusal(f"the {device} mover cannot start: {exc}") from exc
+        thread = self._threads[device] = CopyThread(mover, self._handed_back)
+        return thread
+
+    def _detach(self, ex: Export) -> None:
+        self.counters.exports_dropped += 1
+        thread = self._threads.get(ex.device)
+        if thread is not None:
+            try:
+                thread.mover.detach(ex)
+            except Exception:
+                log.exception("detaching export %x failed", ex.export_id)
+
+    def client_gone(self, client_id: int) -> None:
+        """The client is gone: its exports die (copies stop before their next layer)."""
+        for ex in self.exports.drop_client(client_id):
+            self._detach(ex)
+
+    # ------------------------------------------------------------------ jobs
+    def job(self, c: Client, m: P.JobReq) -> Any:
+        ex = self.exports.get(c.client_id, m.export_id)
+        if ex is None:
+            return P.Error(m.rid, P.ErrCode.UNKNOWN_CLIENT, "no such export for this client")
+        _check_job(ex, m)
+        if self.inflight >= JOBS_INFLIGHT_MAX:
+            self.counters.jobs_refused += 1
+            return P.Error(m.rid, P.ErrCode.TOO_MANY_KEYS, "too many jobs in flight")
+        n = len(m.keys)
+        job = Job(ex, m.load, m.slot, m.seq, [], bytearray(n), time.monotonic() + JOB_DEADLINE_S)
+        if m.load:
+            self._pin(job, m)
+        else:
+            self._reserve(job, m)
+        self.counters.jobs += 1
+        self.inflight += 1
+        thread = self._threads[ex.device]
+        if not job.chunks:
+            self._finish_here(job, thread)
+        elif not thread.submit(job):
+            self.counters.jobs_refused += 1
+            job.fail("the device's copy queue is full")
+            self._finish_here(job, thread)
+        return P.StatusRep(m.rid, [_wire_status(b) for b in job.outcomes])
+
+    def _pin(self, job: Job, m: P.JobReq) -> None:
+        pb, size = self.page_bytes, job.export.chunk_nbytes
+        offsets = m.offsets or [0] * len(m.keys)
+        for i, (key, e) in enumerate(zip(m.keys, self.cache.pin_many(m.keys))):
+            if e is None:
+                job.outcomes[i] = PG.CHUNK_MISSING
+                self.counters.load_misses += 1
+                continue
+            w = ChunkWork(key, tuple(m.blocks[i]), e.extents(pb), offsets[i], e.checksum, i)
+            job.chunks.append(w)
+            if e.size != size:
+                w.status = PG.CHUNK_BAD  # not this cache's chunk format: never copied
+
+    def _reserve(self, job: Job, m: P.JobReq) -> None:
+        size, pb = job.export.chunk_nbytes, self.page_bytes
+        groups = m.groups or None
+        answers = self.cache.reserve_many(m.keys, size, AGENT_OWNER, groups)
+        if answers is None:
+            answers = [
+                self.cache.reserve(k, size, AGENT_OWNER, groups[i] if groups else None)
+                for i, k in enumerate(m.keys)
+            ]
+        job.parents = list(m.parents)
+        job.tokens = [list(t) for t in m.tokens]
+        for i, (out, e) in enumerate(answers):
+            if out is Outcome.OK and e is not None:
+                job.chunks.append(ChunkWork(m.keys[i], tuple(m.blocks[i]), e.extents(pb), index=i))
+            elif out is Outcome.EXISTS:
+                job.outcomes[i] = PG.CHUNK_EXISTS
+                self.counters.save_exists += 1
+            else:
+                job.outcomes[i] = PG.CHUNK_NO_SPACE
+                self.counters.save_no_space += 1
+
+    def _finish_here(self, job: Job, thread: CopyThread) -> None:
+        """A job that goes to no copy thread: report it now, settle it now."""
+        try:
+            thread.mover.report(job)
+        except Exception:
+            log.exception("reporting a job's outcome failed")
+        self._settle(job)
+
+    def _handed_back(self, job: Job) -> None:
+        """On a copy thread: queue the job for the loop and wake it."""
+        self._done.append(job)
+        self.wake()
+
+    def poll(self) -> None:
+        """On the loop: settle the jobs the copy threads handed back."""
+        while self._done:
+            self._settle(self._done.popleft())
+
+    def busy(self) -> bool:
+        return self.inflight > 0
+
+    def _settle(self, job: Job) -> None:
+        self.inflight -= 1
+        ctr = self.counters
+        if job.failed:
+            ctr.jobs_failed += 1
+            log.debug("job of export %x failed: %s", job.export.export_id, job.failed)
+        if job.load:
+            ctr.load_copy_s += job.copy_s
+            self._settle_load(job)
+        else:
+            ctr.save_copy_s += job.copy_s
+            self._settle_save(job)
+
+    def _settle_load(self, job: Job) -> None:
+        ctr = self.counters
+        for c in job.chunks:
+            self.cache.unpin(c.key)
+            if c.status == PG.CHUNK_BAD:
+                ctr.checksum_errors += 1
+                self.cache.drop(c.key)
+            elif c.status == PG.CHUNK_OK and not job.failed:
+                ctr.load_chunks += 1
+        ctr.load_bytes += job.moved_bytes
+
+    def _settle_save(self, job: Job) -> None:
+        ok = [c for c in job.chunks if c.status == PG.CHUNK_OK and not job.failed]
+        for c in job.chunks:
+            if c not in ok:
+                self.cache.abort(c.key, AGENT_OWNER)
+        if not ok:
+            return
+        outs = self.cache.commit_many(
+            [c.key for c in ok],
+            AGENT_OWNER,
+            [c.checksum for c in ok],
+            [job.parents[c.index] for c in ok] if job.parents else [],
+            [job.tokens[c.index] for c in ok] if job.tokens else [],
+        )
+        n = sum(1 for o in outs if o is Outcome.OK)
+        self.counters.save_chunks += n
+        self.counters.save_bytes += n * job.export.chunk_nbytes
+
+    # ------------------------------------------------------------------ stats
+    def stats(self, counters: dict[str, int]) -> dict[str, Any]:
+        ctr = self.counters
+        agent = {k: getattr(ctr, k) for k in ctr.__slots__}  # type: ignore[attr-defined]
+        agent["save_copy_s"] = round(ctr.save_copy_s, 6)
+        agent["load_copy_s"] = round(ctr.load_copy_s, 6)
+        agent["jobs_inflight"] = self.inflight
+        agent["exporting_workers"] = len(self.exports)
+        agent["workers"] = [
+            {"client": f"{ex.client_id:x}", "pid": ex.pid, "device": ex.device,
+             "layers": len(ex.layers)}
+            for ex in self.exports.values()[:64]
+        ]  # fmt: skip
+        worker = {
+            "save_bytes": counters.get("bytes_in", 0),
+            "load_bytes": counters.get("bytes_out", 0),
+        }
+        return {"agent": agent, "worker": worker}
+
+    def close(self) -> None:
+        """Before the arena is unmapped: stop every copy (exports die first)."""
+        for ex in self.exports.values():
+            ex.alive = False
+        for thread in self._threads.values():
+            thread.close()
+            try:
+                thread.mover.close()
+            except Exception:
+                log.exception("closing the %s mover failed", thread.mover.device)
+        self._threads.clear()
+
+
+def _wire_status(code: int) -> int:
+    if code == PG.CHUNK_EXISTS:
+        return P.Status.EXISTS
+    if code == PG.CHUNK_NO_SPACE:
+        return P.Status.NO_SPACE
+    if code == PG.CHUNK_MISSING:
+        return P.Status.NOT_FOUND
+    return P.Status.OK  # queued (or decided by the copy: read in the progress slot)
+
+
+def _blocks_per_chunk(layers: tuple[Layer, ...], chunk_nbytes: int) -> int:
+    per_block = sum(layer.block_nbytes for layer in layers)
+    if per_block <= 0 or chunk_nbytes % per_block:
+        raise Refusal(f"chunk of {chunk_nbytes} bytes is not whole blocks of {per_block}")
+    bpc = chunk_nbytes // per_block
+    for layer in layers:
+        if sum(n for _, n in layer.parts) != layer.block_nbytes:
+            raise Refusal(f"layer {layer.name}: parts do not add up to its block bytes")
+        if layer.payload_offset + bpc * layer.block_nbytes > chunk_nbytes:
+            raise Refusal(f"layer {layer.name}: payload region outside the chunk")
+        top = layer.base + (layer.num_blocks - 1) * layer.block_stride
+        if top + max(o + n for o, n in layer.parts) >= 1 << 63:
+            raise Refusal(f"layer {layer.name}: addresses out of range")
+    return bpc
+
+
+def _check_job(ex: Export, m: P.JobReq) -> None:
+    n = len(m.keys)
+    lengths = [len(m.blocks)] + [len(x) for x in (m.offsets, m.groups, m.parents, m.tokens) if x]
+    if any(k != n for k in lengths):
+        raise ClientError(P.ErrCode.BAD_FRAME, "job lists differ in length")
+    if m.slot >= ex.slots:
+        raise ClientError(P.ErrCode.BAD_FRAME, f"slot {m.slot} outside {ex.slots} slots")
+    nb = min(layer.num_blocks for layer in ex.layers)
+    bpc = ex.blocks_per_chunk
+    for i, blocks in enumerate(m.blocks):
+        off = m.offsets[i] if m.offsets else 0
+        if any(b >= nb for b in blocks):
+            raise ClientError(P.ErrCode.BAD_FRAME, f"block id beyond the cache's {nb} blocks")
+        if m.load and (not blocks or off + len(blocks) > bpc):
+            raise ClientError(P.ErrCode.BAD_FRAME, "load blocks outside the chunk")
+        if not m.load and (len(blocks) != bpc or off):
+            raise ClientError(P.ErrCode.BAD_FRAME, f"saves are whole chunks of {bpc} blocks")
+
+
+def peer_pid(fd: int) -> int:
+    """The pid of the process on the other end of a Unix socket (SO_PEERCRED), as
+    the kernel names it in the agent's pid namespace; 0 when unknown."""
+    if fd < 0:
+        return 0
+    try:
+        s = socket.fromfd(fd, socket.AF_UNIX, socket.SOCK_STREAM)
+    except OSError:
+        return 0
+    try:
+        raw = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, _uid, _gid = struct.unpack("3i", raw)
+        return int(pid)
+    except OSError:
+        return 0
+    finally:
+        s.close()
+
+
+def _own_pid_ns() -> int:
+    from kvnode.ipc.process import pid_namespace
+
+    return pid_namespace()
+
+
+__all__ = ["JOB_DEADLINE_S", "Refusal", "Transfers", "register_mover"]
