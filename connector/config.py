@@ -19,6 +19,8 @@ PREFIX = "kvnode."
 RUNTIME_DIR_ENV = "KVNODE_AGENT_RUNTIME_DIR"
 ENV_PREFIX = "KVNODE_CONNECTOR_"
 
+TRANSFER_MODES = ("auto", "agent", "worker")
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -38,6 +40,10 @@ class ConnectorConfig:
     model_id: str | None = None  # None: derived from the model path and its files
     keys_per_call_max: int = 4096  # keys in one lookup/pin/reserve message
     chunks_per_step_max: int = 4096  # chunks one step may load or save (bounds the work)
+    # Who moves the bytes: "agent" (the agent, through the worker's exported cache),
+    # "worker" (the worker copies through the mapped arena), "auto" (agent where the
+    # export succeeds on the CPU backend; worker on GPUs until agent mode is verified there).
+    transfer: str = "auto"
 
     def __post_init__(self) -> None:
         positive = (
@@ -52,6 +58,11 @@ class ConnectorConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(PREFIX + name, f"must be > 0, got {getattr(self, name)}")
+        if self.transfer not in TRANSFER_MODES:
+            raise ConfigError(
+                PREFIX + "transfer",
+                f"must be one of {', '.join(TRANSFER_MODES)}, got {self.transfer!r}",
+            )
         if self.prefetch_deadline_ms < 0:
             raise ConfigError(PREFIX + "prefetch_deadline_ms", "must be >= 0")
         if self.reconnect_max_ms < self.reconnect_interval_ms:
@@ -115,4 +126,6 @@ def _coerce(key: str, raw: Any, default: Any) -> Any:
         return None
     if not isinstance(raw, str):
         raise ConfigError(key, f"expected a string, got {raw!r}")
+    if isinstance(default, str):
+        return raw.strip().lower()
     return raw or None

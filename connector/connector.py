@@ -32,6 +32,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
+from kvnode.connector.agent_mode import AgentPath
 from kvnode.connector.config import ConnectorConfig
 from kvnode.connector.group_worker import GroupWorkers, build_group_workers
 from kvnode.connector.groups import plan_groups
@@ -60,7 +61,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvnode.connector")
 LOG_INTERVAL_S = 60.0
-EVENTS_QUEUED_MAX = 100_000  # stored-chunk events waiting for vLLM's take_events
+EVENTS_QUEUED_MAX = 100_000
+AUTO_AGENT_ON_CPU = False  # transfer "auto" on the CPU backend: agent mode where exported  # stored-chunk events waiting for vLLM's take_events
 
 
 def _share_vllm_logging() -> None:
@@ -102,6 +104,8 @@ class KVNodeConnector(KVConnectorBase_V1, SupportsHMA):
         self._worker: WorkerSide | GroupWorkers | None = None
         self._handshake: KVNodeHandshake | None = None
         self._arena: ArenaMapping | None = None
+        self._agent: AgentPath | None = None  # agent mode (the agent moves the bytes)
+        self._delay_frees = False  # scheduler: some worker may save through the agent
         self._totals: dict[str, float] = {}
         self._failures_seen = 0
         self._last_log_s = time.monotonic()
@@ -193,15 +197,34 @@ class KVNodeConnector(KVConnectorBase_V1, SupportsHMA):
             keep_stored=self._events_on,
         )
         cache = self._worker.register(kv_caches)
-        self._handshake = KVNodeHandshake(cache.layout, cache.block_shape, cache.dtype)
+        transfer = self._transfer_mode(self._worker)
+        if transfer == "agent":
+            self._agent = AgentPath(self._link, self._worker)
+        self._handshake = KVNodeHandshake(
+            cache.layout, cache.block_shape, cache.dtype, transfer=transfer
+        )
         log.info(
-            "kvnode worker rank tp=%d pp=%d: %d layers, layout %s, %d bytes per chunk",
+            "kvnode worker rank tp=%d pp=%d: %d layers, layout %s, %d bytes per chunk, transfer %s",
             tp_rank,
             pp_rank,
             len(kv_caches),
             self._handshake.layout,
             self._worker.chunk_nbytes,
+            transfer if transfer == "worker" else "agent (where the export succeeds)",
         )
+
+    def _transfer_mode(self, worker: WorkerSide) -> str:
+        """Who may move this worker's bytes. Agent mode runs on the CPU backend (cross-
+        memory attach); on GPUs the worker copies until a GPU run verified agent mode."""
+        want = self.cfg.transfer
+        if want == "worker":
+            return "worker"
+        if not worker.on_cpu:
+            if want == "agent":
+                log.warning("kvnode: agent mode is available on the CPU backend only; "
+                            "the worker copies itself")  # fmt: skip
+            return "worker"
+        return "agent" if want == "agent" or AUTO_AGENT_ON_CPU else "worker"
 
     def _register_groups(self, kv_caches: dict[str, torch.Tensor], rank_index: int) -> None:
         """Several KV cache groups: a worker per group, each group's layout reported."""
@@ -242,10 +265,16 @@ class KVNodeConnector(KVConnectorBase_V1, SupportsHMA):
         if meta.agent_down:
             self._link.mark_down("the scheduler side lost the agent")
             return
-        self._worker.load(meta.loads)
+        if not meta.loads:
+            return
+        if self._agent is not None and self._agent.ready():
+            self._agent.load(meta.loads)  # layer by layer, waited for in wait_for_layer_load
+        else:
+            self._worker.load(meta.loads)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads complete in start_load_kv
+        if self._agent is not None:
+            self._agent.wait_for_layer(layer_name)
 
     def save_kv_layer(
         self,
@@ -262,9 +291,34 @@ class KVNodeConnector(KVConnectorBase_V1, SupportsHMA):
             return
         # Every rank sees the same metadata: all of them report events for this step.
         self._saved_step = bool(meta.saves)
-        if meta.agent_down:
+        agent = self._agent
+        if agent is not None:
+            agent.finish_loads()  # load errors are collected after this call
+            agent.track(meta.saves)
+        if meta.agent_down or not meta.saves:
             return
-        self._worker.save(meta.saves)
+        if agent is None:
+            self._worker.save(meta.saves)
+            return
+        t0 = time.perf_counter()
+        if agent.ready():
+            agent.save(meta.saves)  # returns once handed over; blocks held until done
+        else:
+            self._worker.save(meta.saves)
+        agent.stats.save_wait_s += time.perf_counter() - t0
+
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        """Preempted requests' blocks go back to vLLM before this step's forward
+        pass: saves still reading blocks must end first."""
+        meta = kv_connector_metadata
+        if self._agent is not None and isinstance(meta, KVNodeConnectorMetadata) and meta.preempted:
+            self._agent.wait_saves()
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """Requests whose saves the agent has finished copying (their blocks may go)."""
+        if self._agent is None:
+            return None, None
+        return self._agent.finished(finished_req_ids) or None, None
 
     def get_kv_connector_kv_cache_events(self) -> KVNodeEvents | None:
         """The chunks this worker committed in the step, as vLLM ``BlockStored`` events.
@@ -276,7 +330,11 @@ class KVNodeConnector(KVConnectorBase_V1, SupportsHMA):
         return KVNodeEvents([stored_event(op) for op in self._worker.take_stored()])
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        return self._worker.take_load_errors() if self._worker is not None else set()
+        errors = self._worker.take_load_errors() if self._worker is not None else set()
+        if self._agent is not None:
+            self._agent.finish_loads()
+            errors |= self._agent.take_load_errors()
+        return errors
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
         """Several KV cache groups: loads are asynchronous, and each one's outcome is
@@ -306,6 +364,11 @@ class KVNodeConnector(KVConnectorBase_V1, SupportsHMA):
             log.warning("kvnode: not every worker reported its KV layout; connector stays off")
             return
         self._sched.set_namespaces(ns, gns)
+        # Saves through the agent outlive the step: vLLM keeps such a request's blocks
+        # until every worker names it finished (request_finished answers True).
+        self._delay_frees = any(
+            getattr(m, "transfer", "worker") == "agent" for m in metadata.values()
+        )
         log.info("kvnode: namespace %s (%d rank(s))", ns[0], len(ns))
 
     def set_xfer_handshake_metadata(
@@ -361,6 +424,7 @@ class KVNodeConnector(KVConnectorBase_V1, SupportsHMA):
         meta.loads, meta.saves = self._sched.build_step(scheduled, block_ids_of)
         # Only a fresh loss is news to the workers; a link that never came up (the
         # agent absent from the start) leaves them to their own reconnects.
+        meta.preempted = bool(getattr(scheduler_output, "preempted_req_ids", None))
         meta.agent_down = self._link.failures > self._failures_seen
         self._failures_seen = self._link.failures
         return meta
@@ -368,9 +432,10 @@ class KVNodeConnector(KVConnectorBase_V1, SupportsHMA):
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
-        if self._sched is not None:
-            self._sched.request_finished(request.request_id)
-        return False, None  # saves are done by the end of each step: nothing to hold
+        had_saves = self._sched is not None and self._sched.request_finished(request.request_id)
+        # Worker mode: saves end within their step, nothing to hold. Agent mode: the
+        # blocks stay until the workers report the agent copied them (get_finished).
+        return self._delay_frees and had_saves, None
 
     def request_finished_all_groups(
         self, request: Request, block_ids: tuple[list[int], ...]
@@ -433,6 +498,8 @@ class KVNodeConnector(KVConnectorBase_V1, SupportsHMA):
 
     def shutdown(self) -> None:
         self._log_totals()
+        if self._agent is not None:
+            self._agent.close()
         self._link.close()
 
 

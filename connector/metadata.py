@@ -28,6 +28,9 @@ class KVNodeConnectorMetadata(KVConnectorMetadata):
     # The scheduler side just failed to reach the agent: workers skip this step's
     # copies instead of each waiting out its own timeout.
     agent_down: bool = False
+    # A request was preempted this step: its blocks go back to vLLM, so saves still
+    # reading blocks (agent mode) must end before the forward pass writes any.
+    preempted: bool = False
 
 
 @dataclass
@@ -41,6 +44,9 @@ class KVNodeHandshake(KVConnectorHandshakeMetadata):
     # Per cached KV cache group, in GroupPlan order: (layout, block_shape, dtype) of its
     # layers. Empty for one plain full-attention group (the fields above describe it).
     groups: tuple[tuple[str, tuple[int, ...], str], ...] = ()
+    # "agent": this worker may hand saves to the agent, so vLLM must keep a saved
+    # request's blocks until the worker names it finished (every rank agrees).
+    transfer: str = "worker"
 
 
 def stored_event(op: ChunkOp) -> BlockStored:

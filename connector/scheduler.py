@@ -79,6 +79,7 @@ class _Req:
     load: tuple[int, int] | None = None  # (start, end) tokens to load in the next step
     saved_chunks: int = 0  # chunks [0, saved_chunks) are stored or known present
     load_blocks: tuple[list[int], ...] | None = None  # an async load's block tables
+    saves_planned: bool = False  # some step's metadata carried saves of this request
 
 
 @dataclass(slots=True)
@@ -520,6 +521,7 @@ class SchedulerSide:
                 ops = self._save_ops(st, tables, computed + scheduled_n, budget)
                 if ops:
                     saves[req_id] = ops
+                    st.saves_planned = True
                     budget -= len({op.index for op in ops})
                     self.stats.save_chunks_planned += len(ops)
         return loads, saves
@@ -646,8 +648,10 @@ class SchedulerSide:
         ids = list(st.request.all_token_ids[lo * C : hi * C])
         return [tuple(ids[i * C : (i + 1) * C]) for i in range(hi - lo)]
 
-    def request_finished(self, request_id: str) -> None:
-        self._reqs.pop(request_id, None)
+    def request_finished(self, request_id: str) -> bool:
+        """Forget the request; True when some step's metadata carried its saves."""
+        st = self._reqs.pop(request_id, None)
+        return st is not None and st.saves_planned
 
     def close(self) -> None:
         self._index.close()

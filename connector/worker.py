@@ -62,6 +62,7 @@ class WorkerStats:
     save_no_space: int = 0
     save_errors: int = 0
     save_stale: int = 0  # chunks not committed: the arena was remapped since their reserve
+    save_wait_s: float = 0.0  # time the forward pass spent in wait_for_save
 
     def take(self) -> dict[str, float]:
         out = {k: getattr(self, k) for k in self.__slots__}  # type: ignore[attr-defined]

@@ -1,0 +1,407 @@
+"""Agent mode on the worker: the agent moves the bytes, the worker hands over jobs.
+
+The worker exports its cache once per agent generation (``connector/export.py``)
+and then only describes work: a load job before the forward pass, a save job after
+it. Each job has a slot in the worker's progress page (``ipc/progress.py``), which
+the agent writes with the same mover that moves the bytes; the worker reads it
+without a system call:
+
+- loads: ``wait_for_layer(i)`` waits for layer i's byte only, so attention on layer i
+  runs while layer i+1 is copied; chunk outcomes (missing, failed checksum) become
+  vLLM load errors, recomputed from the first bad block;
+- saves: ``wait_for_save`` returns once the job is handed over; the request's blocks
+  stay with it (``request_finished`` answered True) until the agent reports the copy
+  done, and ``finished`` names it to vLLM only then.
+
+Never a stuck request, never a block freed while the agent may still touch it: a job
+ends when the agent reports it, when the agent refuses it, when the agent process
+exits (watched through a pidfd: agent mode needs the agent in this pid namespace),
+or past its deadline plus a margin (the agent writes nothing after the deadline).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import select
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from kvnode.connector.export import NotExportable, consent, forward_order, layer_exports
+from kvnode.connector.scheduler import ChunkOp
+from kvnode.errors import KVNodeError
+from kvnode.ipc import progress as PG
+from kvnode.ipc import protocol as P
+from kvnode.ipc.process import pid_namespace
+
+log = logging.getLogger("kvnode.connector")
+
+SLOTS = 256  # jobs in flight per worker (slots of the progress page)
+JOB_DEADLINE_S = 30.0  # the agent's deadline for a job (agent/movers/service.py)
+DEADLINE_MARGIN_S = 5.0  # beyond it the worker gives a job up as failed
+TRACKED_REQUESTS_MAX = 65536
+_SLEEP_MIN_S, _SLEEP_MAX_S = 20e-6, 1e-3
+
+
+@dataclass(slots=True, eq=False)
+class _Job:
+    slot: int
+    seq: int
+    load: bool
+    ops: list[tuple[str, ChunkOp]]
+    give_up_at: float
+    refused: bool = False
+    outcome: int = -1  # -1 pending, else PG.RESULT_OK / RESULT_FAILED
+    codes: bytes = b""
+    t0: float = field(default_factory=time.perf_counter)
+
+
+class AgentPath:
+    """One worker's agent mode. ``worker`` is its ``WorkerSide`` (layers, stats);
+    ``link`` the worker's ``AgentLink``."""
+
+    def __init__(self, link: Any, worker: Any, slots: int = SLOTS) -> None:
+        self.link = link
+        self.worker = worker
+        self.stats = worker.stats
+        order = forward_order([layer.name for layer in worker.layers])
+        self.num_layers = len(order)
+        self.layer_pos = {name: i for i, name in enumerate(order)}
+        self.slot_bytes = PG.slot_bytes(self.num_layers)
+        self.slots = slots
+        self.page = np.zeros((slots, self.slot_bytes), dtype=np.uint8)
+        self.probe = np.zeros(P.PROBE_BYTES, dtype=np.uint8)
+        self.export_id = 0
+        self.generation = 0
+        self._refused: str | None = None  # the last refusal, logged once
+        self._refused_generation = -1
+        self._free = deque(range(slots))
+        self._seq = [0] * slots
+        self._loads: list[_Job] = []  # this step's
+        self._saves: dict[int, _Job] = {}  # by slot
+        self._save_reqs: dict[str, int] = {}  # request -> save jobs not yet ended
+        self._finishing: set[str] = set()  # finished in vLLM, saves still running
+        self._errors: set[int] = set()
+        self._agent_pidfd = -1
+        self._replies: deque[tuple[int, int, bool]] = deque()  # (slot, seq, refused)
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ export
+    def ready(self) -> bool:
+        """Whether this step's work goes to the agent: exported to the agent that
+        serves now (exporting again after a restart)."""
+        if self.export_id and not self._agent_gone():
+            try:
+                gen = self.link.call(lambda c: c.generation)
+            except KVNodeError:
+                return False
+            if gen == self.generation:
+                return True
+        self._lost_agent()
+        try:
+            return bool(self.link.call(self._export))
+        except KVNodeError as exc:
+            log.debug("kvnode: export failed (%s)", exc)
+            return False
+
+    def _export(self, client: Any) -> bool:
+        client.connect()
+        gen = client.generation
+        if gen == self._refused_generation:
+            return False  # refused by this agent already: worker mode until it changes
+        try:
+            agent_pid, agent_ns = client.agent_pid
+            if not agent_pid or agent_ns != pid_namespace():
+                raise NotExportable(
+                    "the agent runs in another pid namespace (agent mode needs one: "
+                    "hostPID or a shared process namespace)"
+                )
+            consent(agent_pid)
+            layers = layer_exports(self.worker.layers)
+        except NotExportable as exc:
+            return self._refuse(gen, str(exc))
+        try:
+            pidfd = os.pidfd_open(agent_pid)
+        except OSError:
+            return False  # that agent has exited: the client registers with the next
+        nonce = os.urandom(P.PROBE_BYTES)
+        self.probe[:] = np.frombuffer(nonce, dtype=np.uint8)
+        req = lambda r, c, g: P.ExportReq(  # noqa: E731
+            r, c, g, "cpu", layers, int(self.page.ctypes.data), self.slots, self.slot_bytes,
+            int(self.worker.chunk_nbytes), int(self.probe.ctypes.data), nonce,
+        )  # fmt: skip
+        try:
+            export_id, gen, why = client.export(req)
+        except BaseException:
+            os.close(pidfd)
+            raise
+        if export_id and bytes(self.probe) != nonce[::-1]:
+            export_id, why = 0, "the agent's probe write did not arrive"
+        if not export_id:
+            os.close(pidfd)
+            return self._refuse(gen, why)
+        self._agent_pidfd = pidfd
+        self.export_id, self.generation = export_id, gen
+        self._refused = None
+        log.info("kvnode: KV cache exported (%d layers): the agent moves the bytes", len(layers))
+        return True
+
+    def _refuse(self, gen: int, why: str) -> bool:
+        self._refused_generation = gen
+        if why != self._refused:
+            self._refused = why
+            log.warning("kvnode: agent mode not available (%s); the worker copies itself", why)
+        return False
+
+    def _agent_gone(self) -> bool:
+        fd = self._agent_pidfd
+        if fd < 0:
+            return True
+        return bool(select.select([fd], [], [], 0)[0])
+
+    def _lost_agent(self) -> None:
+        """The agent this export was made to is gone or replaced: every job of it
+        has ended (it writes nothing any more)."""
+        if self._agent_pidfd >= 0:
+            os.close(self._agent_pidfd)
+            self._agent_pidfd = -1
+        self.export_id = 0
+        for job in self._loads + list(self._saves.values()):
+            if job.outcome < 0:
+                job.outcome = PG.RESULT_FAILED
+
+    # ------------------------------------------------------------------ jobs
+    def _submit(self, load: bool, items: list[tuple[str, ChunkOp]]) -> list[_Job]:
+        """Hand ``items`` over as jobs of at most ``JOB_CHUNKS_MAX`` chunks; a job that
+        cannot be handed over is failed at once."""
+        jobs: list[_Job] = []
+        for i in range(0, len(items), P.JOB_CHUNKS_MAX):
+            part = items[i : i + P.JOB_CHUNKS_MAX]
+            if not self._free:
+                self._reap_saves()
+            slot = self._free.popleft() if self._free else -1
+            seq = 0
+            if slot >= 0:
+                seq = self._seq[slot] = self._seq[slot] % 255 + 1
+                self.page[slot] = 0
+            job = _Job(slot, seq, load, part, time.monotonic() + JOB_DEADLINE_S + DEADLINE_MARGIN_S)
+            jobs.append(job)
+            if slot < 0:
+                job.outcome = PG.RESULT_FAILED
+                continue
+            make = self._request(load, [op for _, op in part], slot, seq)
+            on_reply = functools.partial(self._replied, slot, seq)
+            try:
+                self.link.call(lambda c, m=make, cb=on_reply: c.job(m, cb))
+            except KVNodeError as exc:
+                log.debug("kvnode: job not handed over (%s)", exc)
+                job.outcome = PG.RESULT_FAILED
+        return jobs
+
+    def _request(
+        self, load: bool, ops: list[ChunkOp], slot: int, seq: int
+    ) -> Callable[[int, int, int], P.JobReq]:
+        """The job's request, built for whichever registration sends it."""
+        rank, eid = self.worker.rank, self.export_id
+        keys = [op.keys[rank] for op in ops]
+        blocks = [list(op.block_ids) for op in ops]
+        if load:
+            offsets = [op.block_offset for op in ops]
+            return lambda r, c, g: P.JobReq(r, c, g, eid, True, slot, seq, keys, blocks, offsets)
+        groups = [op.keys[0] for op in ops] if len(ops[0].keys) > 1 else []
+        parents = [op.parents[rank] if op.parents else b"" for op in ops]
+        tokens = [list(op.tokens) for op in ops]
+        return lambda r, c, g: P.JobReq(
+            r, c, g, eid, False, slot, seq, keys, blocks, [], groups, parents, tokens
+        )
+
+    def _replied(self, slot: int, seq: int, rep: Any) -> None:
+        """On whichever thread reads the reply: only an error matters (the job was
+        never queued, nothing will be written for it)."""
+        if rep is None or isinstance(rep, P.Error):
+            self._replies.append((slot, seq, True))
+
+    def _poll(self, job: _Job) -> bool:
+        """Whether the job has ended (reading its slot; no system call)."""
+        if job.outcome >= 0:
+            return True
+        row = self.page[job.slot]
+        if row[PG.DONE] == job.seq:
+            job.outcome = int(row[PG.RESULT])
+            return True
+        while self._replies:
+            slot, seq, refused = self._replies.popleft()
+            for other in self._loads + list(self._saves.values()):
+                if other.slot == slot and other.seq == seq and other.outcome < 0 and refused:
+                    other.refused = True
+                    other.outcome = PG.RESULT_FAILED
+        if job.outcome >= 0:
+            return True
+        if time.monotonic() > job.give_up_at:
+            log.warning("kvnode: a transfer job passed its deadline; treating it as failed")
+            job.outcome = PG.RESULT_FAILED
+            return True
+        return False
+
+    def _wait(self, done: Any) -> None:
+        """Sleep-wait until ``done()``; an agent that exits ends every job."""
+        sleep = _SLEEP_MIN_S
+        polls = 0
+        while not done():
+            polls += 1
+            if polls % 16 == 0:
+                try:
+                    self.link.call(lambda c: c.poll_replies())
+                except KVNodeError:
+                    pass
+                if self._agent_gone():
+                    self._lost_agent()
+                    continue
+            time.sleep(sleep)
+            sleep = min(sleep * 2, _SLEEP_MAX_S)
+
+    def _end(self, job: _Job) -> None:
+        """The job has ended: keep its chunk codes, give its slot back."""
+        n = len(job.ops)
+        if job.outcome == PG.RESULT_OK:
+            start = PG.chunk_byte(self.num_layers, 0)
+            job.codes = bytes(self.page[job.slot, start : start + n])
+        else:
+            job.codes = bytes([PG.CHUNK_FAILED]) * n
+        if job.slot >= 0:
+            self._free.append(job.slot)
+
+    # ------------------------------------------------------------------ loads
+    def load(self, loads: dict[str, list[ChunkOp]]) -> None:
+        items = [(rid, op) for rid, ops in loads.items() for op in ops]
+        if items:
+            self._loads = self._submit(True, items)
+
+    def wait_for_layer(self, name: str) -> None:
+        if not self._loads:
+            return
+        i = self.layer_pos.get(name)
+        if i is None:
+            return
+        at = PG.layer_byte(i)
+
+        def layer_done() -> bool:
+            return all(self._poll_layer(job, at) for job in self._loads)
+
+        self._wait(layer_done)
+
+    def _poll_layer(self, job: _Job, at: int) -> bool:
+        if job.outcome < 0 and self.page[job.slot, at] == job.seq:
+            return True
+        return self._poll(job)
+
+    def finish_loads(self) -> None:
+        """Wait for the step's load jobs to end and turn their outcomes into vLLM
+        load errors (the chunk and the request's later chunks)."""
+        jobs, self._loads = self._loads, []
+        if not jobs:
+            return
+        self._wait(lambda: all(self._poll(j) for j in jobs))
+        failed_from: dict[str, int] = {}
+        nbytes_per_block = self.worker.layer_nbytes
+        for job in jobs:
+            self._end(job)
+            for (rid, op), code in zip(job.ops, job.codes):
+                if code == PG.CHUNK_OK:
+                    self.stats.load_chunks += 1
+                    self.stats.load_bytes += len(op.block_ids) * nbytes_per_block
+                    continue
+                if code == PG.CHUNK_MISSING:
+                    self.stats.load_misses += 1
+                elif code == PG.CHUNK_BAD:
+                    self.stats.checksum_errors += 1
+                failed_from[rid] = min(failed_from.get(rid, op.index), op.index)
+            self.stats.load_s += time.perf_counter() - job.t0
+        for job in jobs:
+            for rid, op in job.ops:
+                if rid in failed_from and op.index >= failed_from[rid]:
+                    self._errors.update(op.block_ids)
+        self.stats.load_errors += len(failed_from)
+
+    def take_load_errors(self) -> set[int]:
+        out, self._errors = self._errors, set()
+        return out
+
+    # ------------------------------------------------------------------ saves
+    def track(self, saves: dict[str, list[ChunkOp]]) -> None:
+        """Requests with saves this step: vLLM holds their blocks until ``finished``
+        names them (every rank names the same ones)."""
+        for rid in saves:
+            self._save_reqs.setdefault(rid, 0)
+        while len(self._save_reqs) > TRACKED_REQUESTS_MAX:
+            self._save_reqs.pop(next(iter(self._save_reqs)))
+
+    def save(self, saves: dict[str, list[ChunkOp]]) -> None:
+        items = [(rid, op) for rid, ops in saves.items() for op in ops]
+        if not items:
+            return
+        for job in self._submit(False, items):
+            for rid in {rid for rid, _ in job.ops}:
+                self._save_reqs[rid] = self._save_reqs.get(rid, 0) + 1
+            if job.slot >= 0:
+                self._saves[job.slot] = job
+            else:
+                self._ended_save(job)
+
+    def _reap_saves(self) -> None:
+        if self._saves and self._agent_gone():
+            self._lost_agent()
+        for slot, job in list(self._saves.items()):
+            if self._poll(job):
+                del self._saves[slot]
+                self._end(job)
+                self._ended_save(job)
+
+    def _ended_save(self, job: _Job) -> None:
+        codes = job.codes or bytes([PG.CHUNK_FAILED]) * len(job.ops)
+        st = self.stats
+        for code in codes:
+            if code == PG.CHUNK_OK:
+                st.save_chunks += 1
+                st.save_bytes += self.worker.chunk_nbytes
+            elif code == PG.CHUNK_EXISTS:
+                st.save_exists += 1
+            elif code == PG.CHUNK_NO_SPACE:
+                st.save_no_space += 1
+            else:
+                st.save_errors += 1
+        st.save_s += time.perf_counter() - job.t0
+        for rid in {rid for rid, _ in job.ops}:
+            if rid in self._save_reqs:
+                self._save_reqs[rid] -= 1
+
+    def wait_saves(self) -> None:
+        """Every save in flight ended (vLLM is about to reuse preempted blocks)."""
+        self._wait(lambda: all(self._poll(j) for j in self._saves.values()))
+        self._reap_saves()
+
+    def finished(self, finished_req_ids: Iterable[str]) -> set[str]:
+        """Requests vLLM finished whose saves have all ended: their blocks may go."""
+        self._reap_saves()
+        for rid in finished_req_ids:
+            if rid in self._save_reqs:
+                self._finishing.add(rid)
+        out = {rid for rid in self._finishing if self._save_reqs.get(rid, 0) <= 0}
+        for rid in out:
+            self._finishing.discard(rid)
+            self._save_reqs.pop(rid, None)
+        return out
+
+    def close(self) -> None:
+        if self._saves:
+            self.wait_saves()
+        if self._agent_pidfd >= 0:
+            os.close(self._agent_pidfd)
+            self._agent_pidfd = -1

@@ -1,0 +1,293 @@
+"""Agent mode below vLLM: the CPU mover's pieces, cross-memory attach between real
+processes, and a real agent process moving chunks between real worker processes."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from kvnode.agent.movers import cpu
+from kvnode.agent.movers.base import MoverError
+from kvnode.connector.export import block_parts, forward_order
+from tests.conftest import AgentProcess
+
+LAYERS, BLOCKS, HEADS, BLOCK_SIZE, HEAD = 6, 64, 2, 16, 64
+BPC = 4  # blocks per chunk
+
+
+# ---------------------------------------------------------------- pieces
+def test_batches_pair_any_pieces_byte_for_byte() -> None:
+    rng = random.Random(7)
+    for _ in range(50):
+        total = rng.randrange(1, 5000)
+        local, remote = _split(rng, total, 0), _split(rng, total, 100_000)
+        out = list(cpu.batches(local, remote, iov_max=8))
+        # Replay on byte arrays: the pairing must send remote byte i to local byte i.
+        src = np.arange(200_000, dtype=np.int64)
+        dst = np.full(total, -1, dtype=np.int64)
+        for loc, rem, n in out:
+            assert len(loc) <= 8 and len(rem) <= 8
+            assert sum(x for _, x in loc) == sum(x for _, x in rem) == n
+            flat = np.concatenate([src[a : a + x] for a, x in rem])
+            pos = 0
+            for a, x in loc:
+                dst[a : a + x] = flat[pos : pos + x]
+                pos += x
+        want = np.concatenate([src[a : a + x] for a, x in remote])
+        assert np.array_equal(dst, want)
+
+
+def _split(rng: random.Random, total: int, base: int) -> list[tuple[int, int]]:
+    pieces, pos, addr = [], 0, base
+    while pos < total:
+        n = min(total - pos, rng.randrange(1, 300))
+        pieces.append((addr if base else pos, n))
+        addr += n + rng.choice((0, 0, 17))
+        pos += n
+    return pieces
+
+
+def test_batches_refuse_unequal_lengths() -> None:
+    with pytest.raises(ValueError):
+        list(cpu.batches([(0, 10)], [(0, 12)]))
+
+
+def test_block_parts_of_vllm_layouts() -> None:
+    cpu_cache = torch.zeros(8, 2, 16, 128).view(torch.uint8)  # CPU backend: one piece
+    assert block_parts(cpu_cache.numpy()) == (2 * 16 * 128 * 4, [(0, 2 * 16 * 128 * 4)])
+    flash = torch.zeros(2, 8, 16, 4, 32)  # [K/V, blocks, ...]: two pieces per block
+    blocks = flash.movedim(1, 0).contiguous().view(torch.uint8)  # as physical_blocks sees it
+    view = flash.view(torch.uint8).movedim(1, 0).numpy()
+    half = 16 * 4 * 32 * 4
+    assert block_parts(view) == (half, [(0, half), (8 * half, half)])
+    assert blocks.shape[0] == 8
+
+
+def test_forward_order_sorts_layer_numbers() -> None:
+    names = [f"model.layers.{i}.self_attn.attn" for i in (10, 2, 1, 0)]
+    assert forward_order(names) == [names[3], names[2], names[1], names[0]]
+
+
+def test_extent_pieces_map_payload_ranges() -> None:
+    out: list[tuple[int, int]] = []
+    cpu.extent_pieces(1000, [(0, 100), (500, 100)], 50, 100, out)
+    assert out == [(1050, 50), (1500, 50)]
+    with pytest.raises(MoverError):
+        cpu.extent_pieces(0, [(0, 100)], 50, 100, [])
+
+
+# ---------------------------------------------------------------- two processes
+def _holder(conn: Any) -> None:
+    arr = np.arange(1 << 20, dtype=np.uint8)
+    conn.send((os.getpid(), int(arr.ctypes.data)))
+    conn.recv()  # the parent read and wrote
+    conn.send(bytes(arr[:64]))
+    conn.recv()
+
+
+def test_cross_memory_attach_reads_and_writes_another_process() -> None:
+    ctx = mp.get_context("spawn")
+    here, there = ctx.Pipe()
+    p = ctx.Process(target=_holder, args=(there,))
+    p.start()
+    try:
+        pid, addr = here.recv()
+        got = bytearray(1 << 20)
+        local = [(cpu._addr(got), len(got))]
+        assert cpu.transfer(pid, local, [(addr, 1 << 20)], write=False) == 1 << 20
+        assert bytes(got) == bytes(np.arange(1 << 20, dtype=np.uint8))
+        mark = bytearray(b"\xaa" * 64)
+        cpu.transfer(pid, [(cpu._addr(mark), 64)], [(addr, 64)], write=True)
+        here.send("go")
+        assert here.recv() == bytes(mark)
+        with pytest.raises(MoverError):  # an unmapped remote range is an error, not a crash
+            cpu.transfer(pid, [(cpu._addr(got), 16)], [(8, 16)], write=False)
+        here.send("done")
+    finally:
+        p.join(10)
+
+
+# ---------------------------------------------------------------- through an agent
+@pytest.fixture
+def big_agent(tmp_path: Path) -> Iterator[AgentProcess]:
+    a = AgentProcess(tmp_path / "run", cpu_bytes="256MiB").start()
+    try:
+        yield a
+    finally:
+        a.stop()
+
+
+def _cache(seed: int, blocks: int = BLOCKS, head: int = HEAD) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        f"model.layers.{i}.self_attn.attn": torch.randn(blocks, HEADS, BLOCK_SIZE, 2 * head, generator=g)
+        for i in range(LAYERS)
+    }
+
+
+def _path(runtime_dir: str, kv: dict[str, torch.Tensor], transfer_agent: bool = True) -> Any:
+    from kvnode.connector.agent_mode import AgentPath
+    from kvnode.connector.link import AgentLink, default_client_factory
+    from kvnode.connector.worker import WorkerSide
+    from kvnode.kernels.hostmem import ArenaMapping
+
+    arena = ArenaMapping()
+    factory = default_client_factory(runtime_dir, "mover-test", 5.0, arena.on_map, arena.on_unmap)
+    link = AgentLink(factory, background=False)
+    assert link.try_connect()
+    blocks = next(iter(kv.values())).shape[0]
+    w = WorkerSide(link, 0, blocks, BLOCK_SIZE, BPC, arena=arena)
+    w.register(kv)
+    return w, AgentPath(link, w)
+
+
+def _ops(n: int, first_block: int, tag: int = 0) -> dict[str, list[Any]]:
+    from kvnode.connector.scheduler import ChunkOp
+
+    return {
+        "r": [
+            ChunkOp(i, (bytes([tag, i]) * 8,), tuple(range(first_block + BPC * i, first_block + BPC * (i + 1))))
+            for i in range(n)
+        ]
+    }
+
+
+def _save(path: Any, ops: dict[str, list[Any]]) -> None:
+    assert path.ready()
+    path.track(ops)
+    path.save(ops)
+    deadline = time.monotonic() + 30
+    while not path.finished(set(ops)):
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+
+
+def _load(path: Any, ops: dict[str, list[Any]]) -> set[int]:
+    assert path.ready()
+    path.load(ops)
+    for name in path.layer_pos:
+        path.wait_for_layer(name)
+    path.finish_loads()
+    return path.take_load_errors()
+
+
+def test_saved_by_one_process_loaded_by_another_every_byte(big_agent: AgentProcess) -> None:
+    rd = str(big_agent.runtime_dir)
+    src = _cache(1)
+    w1, p1 = _path(rd, src)
+    _save(p1, _ops(6, 0))
+    assert w1.stats.save_chunks == 6
+    dst = {k: torch.zeros_like(v) for k, v in src.items()}
+    w2, p2 = _path(rd, dst)
+    assert _load(p2, _ops(6, 32)) == set()  # into other blocks
+    for k in src:
+        assert torch.equal(src[k][: 6 * BPC], dst[k][32 : 32 + 6 * BPC]), k
+    # The chunk format is the one worker mode uses: a worker-mode load reads them too.
+    dst2 = {k: torch.zeros_like(v) for k, v in src.items()}
+    w3, _ = _path(rd, dst2)
+    w3.load(_ops(6, 8))
+    assert w3.take_load_errors() == set()
+    for k in src:
+        assert torch.equal(src[k][: 6 * BPC], dst2[k][8 : 8 + 6 * BPC]), k
+    t = big_agent_stats(big_agent)["transfers"]
+    assert t["agent"]["save_chunks"] == 6 and t["agent"]["load_chunks"] == 6
+    assert t["worker"]["save_bytes"] == 0
+
+
+def test_a_missing_chunk_is_a_load_error_from_that_chunk_on(big_agent: AgentProcess) -> None:
+    rd = str(big_agent.runtime_dir)
+    _, p1 = _path(rd, _cache(2))
+    _save(p1, _ops(3, 0, tag=5))
+    ops = _ops(4, 16, tag=5)  # the 4th was never saved
+    _, p2 = _path(rd, _cache(3))
+    errors = _load(p2, ops)
+    assert errors == set(ops["r"][3].block_ids)
+
+
+def big_agent_stats(agent: AgentProcess) -> dict[str, Any]:
+    from kvnode.ipc.client import AgentClient
+
+    c = AgentClient(agent.runtime_dir, name="stats", timeout_s=2.0, heartbeat=False)
+    try:
+        return c.stats()
+    finally:
+        c.close()
+
+
+def _dying_worker(runtime_dir: str, load: bool, ready: Any) -> None:
+    """Exports a large cache, hands over one big job, and dies without waiting."""
+    kv = _cache(4, blocks=512, head=1024)  # 512 KiB blocks: a job of 2 GiB-ish copies
+    _, path = _path(runtime_dir, kv)
+    assert path.ready()
+    ops = _ops(16, 0, tag=9)
+    if load:
+        path.load(ops)
+    else:
+        path.track(ops)
+        path.save(ops)
+    path.link.call(lambda c: c.flush(0.5))  # the job's request has left
+    ready.set()
+    os._exit(0)
+
+
+@pytest.mark.parametrize("load", [False, True])
+def test_worker_killed_mid_transfer_leaks_nothing(big_agent: AgentProcess, load: bool) -> None:
+    rd = str(big_agent.runtime_dir)
+    if load:  # the chunks the dying worker will load
+        kv = _cache(4, blocks=512, head=1024)
+        _, p = _path(rd, kv)
+        _save(p, _ops(16, 0, tag=9))
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    proc = ctx.Process(target=_dying_worker, args=(rd, load, ready))
+    proc.start()
+    proc.join(60)
+    assert ready.is_set()
+    deadline = time.monotonic() + 20
+    while True:
+        s = big_agent_stats(big_agent)
+        t = s["transfers"]["agent"]
+        idle = t["jobs_inflight"] == 0 and s["arena"]["pinned"] == 0 and s["arena"]["reserved"] == 0
+        if idle and t["exporting_workers"] == (1 if load else 0):
+            break
+        assert time.monotonic() < deadline, s
+        time.sleep(0.05)
+    if not load:  # what was committed was copied whole (checksummed by the agent)
+        assert s["arena"]["entries"] == t["save_chunks"]
+
+
+def test_an_export_with_a_wrong_probe_is_refused(big_agent: AgentProcess) -> None:
+    from kvnode.ipc import protocol as P
+    from kvnode.ipc.client import AgentClient
+
+    kv = _cache(5)
+    w, path = _path(str(big_agent.runtime_dir), kv)
+    from kvnode.connector.export import layer_exports
+
+    c = AgentClient(big_agent.runtime_dir, name="forger", timeout_s=2.0)
+    c.connect()
+    try:
+        layers = layer_exports(w.layers)
+        nonce = os.urandom(P.PROBE_BYTES)  # not what the probe buffer holds
+        req = lambda r, cid, g: P.ExportReq(  # noqa: E731
+            r, cid, g, "cpu", layers, int(path.page.ctypes.data), 4, path.slot_bytes,
+            int(w.chunk_nbytes), int(path.probe.ctypes.data), nonce,
+        )  # fmt: skip
+        eid, _gen, why = c.export(req)
+        assert eid == 0 and "probe" in why
+        # A job naming another client's export is refused, nothing written.
+        assert path.ready()
+        bad = lambda r, cid, g: P.JobReq(r, cid, g, path.export_id, True, 0, 1, [], [])  # noqa: E731
+        with pytest.raises(Exception, match="no such export"):
+            c._call(bad)
+    finally:
+        c.close()
