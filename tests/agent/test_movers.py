@@ -129,7 +129,9 @@ def big_agent(tmp_path: Path) -> Iterator[AgentProcess]:
 def _cache(seed: int, blocks: int = BLOCKS, head: int = HEAD) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {
-        f"model.layers.{i}.self_attn.attn": torch.randn(blocks, HEADS, BLOCK_SIZE, 2 * head, generator=g)
+        f"model.layers.{i}.self_attn.attn": torch.randn(
+            blocks, HEADS, BLOCK_SIZE, 2 * head, generator=g
+        )
         for i in range(LAYERS)
     }
 
@@ -155,7 +157,11 @@ def _ops(n: int, first_block: int, tag: int = 0) -> dict[str, list[Any]]:
 
     return {
         "r": [
-            ChunkOp(i, (bytes([tag, i]) * 8,), tuple(range(first_block + BPC * i, first_block + BPC * (i + 1))))
+            ChunkOp(
+                i,
+                (bytes([tag, i]) * 8,),
+                tuple(range(first_block + BPC * i, first_block + BPC * (i + 1))),
+            )
             for i in range(n)
         ]
     }

@@ -174,6 +174,8 @@ def test_agent_killed_mid_save_and_mid_load_then_restarted(
 
     # Restarted: the worker exports again to the new generation and saves through it.
     third = make_agent(runtime_dir=agent.runtime_dir)
+    # The process's scheduler and worker reconnect in the background (with backoff).
+    _wait_for(lambda: third.stats()["clients"] >= 2)
     [g] = proc.generate([G], MAX_TOKENS)
     assert g["tokens"] == reference["G"]["tokens"]
     _wait_for(lambda: _transfers(third)["agent"]["save_chunks"] >= 3)

@@ -1,0 +1,219 @@
+"""Agent mode's copy rate on the CPU: a worker process exports a paged KV cache shaped
+like vLLM's CPU cache, N chunks are saved through the agent (which reads them with
+cross-memory attach and checksums them) and loaded back into a second worker process's
+cache (verified, then written layer by layer), every byte checked.
+
+Prints one JSON object. The reference is a memcpy of the same bytes (numpy, from the
+same cache layout into a touched buffer and back), measured in the same run between
+the repeats. Figures are medians over the repeats with min and max; ``ratio`` is the
+agent's throughput over memcpy's (save + load bytes over save + load time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+LAYERS, HEADS, BLOCK_SIZE, HEAD = 8, 4, 128, 64  # the bench model: 4 MiB per 256 tokens
+BPC = 2  # blocks per 256-token chunk
+
+
+def _cache(blocks: int, seed: int | None) -> dict[str, torch.Tensor]:
+    shape = (blocks, HEADS, BLOCK_SIZE, 2 * HEAD)
+    out = {}
+    for i in range(LAYERS):
+        t = torch.empty(shape)
+        if seed is None:
+            t.zero_()
+        else:
+            t.copy_(torch.from_numpy(_fill(shape, seed * 100 + i)))
+        out[f"model.layers.{i}.self_attn.attn"] = t
+    return out
+
+
+def _fill(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+
+
+def _path(runtime_dir: str, kv: dict[str, torch.Tensor]) -> Any:
+    from kvnode.connector.agent_mode import AgentPath
+    from kvnode.connector.link import AgentLink, default_client_factory
+    from kvnode.connector.worker import WorkerSide
+    from kvnode.kernels.hostmem import ArenaMapping
+
+    arena = ArenaMapping()
+    factory = default_client_factory(runtime_dir, "copy-bench", 10.0, arena.on_map, arena.on_unmap)
+    link = AgentLink(factory, background=False)
+    if not link.try_connect():
+        raise RuntimeError("no agent")
+    blocks = next(iter(kv.values())).shape[0]
+    w = WorkerSide(link, 0, blocks, BLOCK_SIZE, BPC, arena=arena)
+    w.register(kv)
+    path = AgentPath(link, w)
+    if not path.ready():
+        raise RuntimeError("export refused")
+    return path
+
+
+def _ops(n: int, first: int, rep: int, per_job: int) -> list[dict[str, list[Any]]]:
+    from kvnode.connector.scheduler import ChunkOp
+
+    steps: list[dict[str, list[Any]]] = []
+    for s in range(0, n, per_job):
+        ops = [
+            ChunkOp(c, (rep.to_bytes(4, "little") + c.to_bytes(12, "little"),),
+                    tuple(range(first + BPC * c, first + BPC * (c + 1))))
+            for c in range(s, min(n, s + per_job))
+        ]  # fmt: skip
+        steps.append({f"req-{rep}-{s}": ops})
+    return steps
+
+
+def saver(runtime_dir: str, n: int, reps: int, per_job: int, conn: Any) -> None:
+    kv = _cache(n * BPC, seed=1)
+    path = _path(runtime_dir, kv)
+    for rep in range(reps):
+        conn.recv()
+        t0 = time.perf_counter()
+        steps = _ops(n, 0, rep, per_job)
+        for step in steps:
+            path.track(step)
+            path.save(step)
+        want = {rid for step in steps for rid in step}
+        done: set[str] = set()
+        while done != want:
+            done |= path.finished(want)
+        conn.send(time.perf_counter() - t0)
+    conn.send(dict(path.stats.take()))
+
+
+def loader(runtime_dir: str, n: int, reps: int, per_job: int, conn: Any) -> None:
+    kv = _cache(n * BPC, seed=None)
+    path = _path(runtime_dir, kv)
+    want = _cache(n * BPC, seed=1)
+    for rep in range(reps):
+        conn.recv()
+        for t in kv.values():
+            t.zero_()
+        t0 = time.perf_counter()
+        for step in _ops(n, 0, rep, per_job):
+            path.load(step)
+            for name in path.layer_pos:
+                path.wait_for_layer(name)
+            path.finish_loads()
+        elapsed = time.perf_counter() - t0
+        errors = path.take_load_errors()
+        same = not errors and all(torch.equal(kv[k], want[k]) for k in kv)
+        conn.send((elapsed, same))
+
+
+def memcpy_s(n: int) -> float:
+    """Save + load of the same bytes by memcpy: blocks to a touched buffer and back."""
+    src = [_fill((n * BPC, HEADS, BLOCK_SIZE, 2 * HEAD), i) for i in range(LAYERS)]
+    buf = np.ones(sum(a.nbytes for a in src), dtype=np.uint8)
+    dst = [np.zeros_like(a) for a in src]
+    t0 = time.perf_counter()
+    pos = 0
+    for a in src:
+        np.copyto(buf[pos : pos + a.nbytes], a.reshape(-1).view(np.uint8))
+        pos += a.nbytes
+    pos = 0
+    for a in dst:
+        np.copyto(a.reshape(-1).view(np.uint8), buf[pos : pos + a.nbytes])
+        pos += a.nbytes
+    return time.perf_counter() - t0
+
+
+def _stats(xs: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--chunks", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--chunks-per-job", type=int, default=8, help="chunks one vLLM step moves")
+    args = ap.parse_args()
+    n = args.chunks
+    chunk_bytes = LAYERS * BPC * HEADS * BLOCK_SIZE * 2 * HEAD * 4
+    arena = max(256 << 20, 2 * n * chunk_bytes)
+    with tempfile.TemporaryDirectory(prefix="kvnode-copy-bench-") as tmp:
+        rd = str(Path(tmp) / "run")
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "kvnode", "agent", "--runtime-dir", rd,
+             "--cpu-bytes", str(arena)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            return _run(rd, args, n, chunk_bytes, agent)
+        finally:
+            agent.send_signal(signal.SIGTERM)
+            agent.wait(30)
+
+
+def _run(rd: str, args: Any, n: int, chunk_bytes: int, agent: Any) -> int:
+    deadline = time.monotonic() + 60
+    while not (Path(rd) / "agent.sock").exists():
+        if time.monotonic() > deadline or agent.poll() is not None:
+            raise RuntimeError("agent did not start")
+        time.sleep(0.1)
+    time.sleep(0.5)
+    ctx = mp.get_context("spawn")
+    s_here, s_there = ctx.Pipe()
+    l_here, l_there = ctx.Pipe()
+    ps = ctx.Process(target=saver, args=(rd, n, args.reps, args.chunks_per_job, s_there))
+    pl = ctx.Process(target=loader, args=(rd, n, args.reps, args.chunks_per_job, l_there))
+    ps.start()
+    pl.start()
+    saves, loads, refs, checked = [], [], [], True
+    for _ in range(args.reps):
+        refs.append(memcpy_s(n))
+        s_here.send("go")
+        saves.append(s_here.recv())
+        time.sleep(0.05)  # the agent commits on its loop
+        l_here.send("go")
+        elapsed, same = l_here.recv()
+        loads.append(elapsed)
+        checked = checked and same
+    save_stats = s_here.recv()
+    ps.join(30)
+    pl.join(30)
+    nbytes = n * chunk_bytes
+    agent_gbps = [2 * nbytes / (s + lo) / 1e9 for s, lo in zip(saves, loads)]
+    ref_gbps = [2 * nbytes / r / 1e9 for r in refs]
+    out = {
+        "bench": "agent_copy",
+        "device": "cpu",
+        "chunks": n,
+        "chunk_bytes": chunk_bytes,
+        "chunks_per_job": args.chunks_per_job,
+        "reps": args.reps,
+        "bytes_checked": checked,
+        "save_s": _stats(saves),
+        "load_s": _stats(loads),
+        "agent_GBps": _stats(agent_gbps),
+        "memcpy_GBps": _stats(ref_gbps),
+        "ratio": statistics.median(agent_gbps) / statistics.median(ref_gbps),
+        "target_ratio": 0.75,
+        "save_chunks": save_stats.get("save_chunks"),
+    }
+    print(json.dumps(out))
+    return 0 if checked else 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.exit(main())
