@@ -74,18 +74,23 @@ class Cache:
 
     # -- writes ------------------------------------------------------------------------
     def reserve(
-        self, key: bytes, size: int, owner: int, group: bytes | None = None
+        self, key: bytes, size: int, owner: int, group: bytes | None = None, ns: bytes | None = None
     ) -> tuple[Outcome, Entry | None]:
         leaving: list[Entry] = []
-        out = self.index.reserve(key, size, owner, leaving, group)
+        out = self.index.reserve(key, size, owner, leaving, group, ns)
         self._hand_over(leaving)
         return out
 
     def reserve_many(
-        self, keys: list[bytes], size: int, owner: int, groups: list[bytes] | None = None
+        self,
+        keys: list[bytes],
+        size: int,
+        owner: int,
+        groups: list[bytes] | None = None,
+        ns: bytes | None = None,
     ) -> list[tuple[Outcome, Entry | None]] | None:
         """Same-size keys side by side without eviction, or None (see Index)."""
-        return self.index.reserve_many(keys, size, owner, groups)
+        return self.index.reserve_many(keys, size, owner, groups, ns)
 
     def commit_many(
         self,

@@ -23,6 +23,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from kvnode.agent.policy import POLICIES
+from kvnode.agent.tenants import parse_shares
 from kvnode.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = "/etc/kvnode/agent.toml"
@@ -152,6 +153,10 @@ class ArenaSection:
     # With write-back tiers: share of the arena kept free (victims copied out ahead of
     # stores); a store that still finds no room drops victims unsaved (counted).
     headroom_share: float = 0.05
+    # Tenants: the share of the arena one namespace may hold (1.0: no limit), and
+    # per-namespace overrides as "<32 hex digits of the namespace>=<share>".
+    namespace_share: float = 1.0
+    namespace_shares: list[str] = _list()
 
 
 @dataclass(slots=True)
@@ -287,6 +292,9 @@ class Config:
             raise ConfigError("arena.cpu_bytes", "must hold at least 16 pages")
         if not 0.0 <= ar.headroom_share <= 0.5:
             raise ConfigError("arena.headroom_share", "must be between 0 and 0.5")
+        if not 0.0 < ar.namespace_share <= 1.0:
+            raise ConfigError("arena.namespace_share", "must be in (0, 1]")
+        parse_shares(ar.namespace_shares)
         if ar.policy not in POLICIES:
             raise ConfigError("arena.policy", "must be one of " + ", ".join(POLICIES))
         for section in ("disk", "s3"):

@@ -137,6 +137,9 @@ class Handlers:
         self._limit(len(m.keys))
         if len(m.sizes) != len(m.keys) or (m.groups and len(m.groups) != len(m.keys)):
             raise ClientError(P.ErrCode.BAD_FRAME, "keys, sizes and groups differ in length")
+        if len(m.namespace) not in (0, 16):
+            raise ClientError(P.ErrCode.BAD_FRAME, "a namespace is 16 bytes")
+        ns = m.namespace or None
         status: list[int] = []
         slots: list[P.Slot | None] = []
         answers = None
@@ -148,10 +151,10 @@ class Handlers:
             self.stats.counters["refused_leases"] += len(m.keys) - keep
         if len(sizes) > 1 and sizes.count(sizes[0]) == len(sizes):
             # A step's chunks are one size: carve them from one free run at once.
-            answers = self.cache.reserve_many(keys, sizes[0], c.client_id, groups or None)
+            answers = self.cache.reserve_many(keys, sizes[0], c.client_id, groups or None, ns)
         if answers is None:
             answers = [
-                self.cache.reserve(key, size, c.client_id, groups[i] if groups else None)
+                self.cache.reserve(key, size, c.client_id, groups[i] if groups else None, ns)
                 for i, (key, size) in enumerate(zip(keys, sizes))
             ]
         failed = 0

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from kvnode.agent.allocator import AllocatorInvariantError, Extent, PageAllocator
 from kvnode.agent.policy import EvictionPolicy, make_policy
+from kvnode.agent.tenants import Tenants
 
 if TYPE_CHECKING:
     from kvnode.agent.tiers.format import ChunkMeta
@@ -67,6 +68,7 @@ class Entry:
     holds: int = 0  # agent-side readers (lower-tier copies in flight)
     group: bytes | None = None  # entries of one group are evicted and dropped together
     meta: ChunkMeta | None = None  # parent key and tokens, for KV events and tier headers
+    ns: bytes | None = None  # the namespace (tenant) it was reserved under, if named
     _extents: list[tuple[int, int]] | None = None  # byte extents, computed once
 
     def page_count(self) -> int:
@@ -104,6 +106,7 @@ class IndexCounters:
     evict_unsaved: int = 0  # evicted without write-back: the lower tier still held pages
     orphan_evictions: int = 0  # evicted after their parent chunk had left
     orphan_bytes: int = 0  # ... and their bytes
+    quota_refused: int = 0  # reserves refused: the namespace is at its share
     expired_leases: int = 0
     reserve_no_space: int = 0
     drops_deferred: int = 0  # drops that waited for pins or copies to end
@@ -117,8 +120,10 @@ class Index:
         policy: str | EvictionPolicy = "prefix",
         clock: Callable[[], float] = time.monotonic,
         reserve_ttl_s: float = 60.0,
+        tenants: Tenants | None = None,
     ) -> None:
         self.page_bytes = page_bytes
+        self.tenants = tenants or Tenants(arena_bytes)
         self.alloc = PageAllocator(arena_bytes // page_bytes)
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
         self.entries: dict[bytes, Entry] = {}
@@ -171,6 +176,8 @@ class Index:
                 continue
             touch(key)
             e.hits += 1
+            if e.ns is not None:
+                self.tenants.of(e.ns).hits += 1
             if e.pins == 0:
                 self.pinned += 1
             e.pins += 1
@@ -210,6 +217,8 @@ class Index:
     def _leave(self, e: Entry) -> None:
         """Committed -> EVICTING: invisible now, freed when the last reader is done."""
         self.policy.remove(e.key)
+        if e.ns is not None:  # a namespace's share counts what readers can still see
+            self.tenants.removed(e.ns, e.size)
         e.state = State.EVICTING
         self.evicting_pages += e.page_count()
         self.changes.append((False, e.key))
@@ -235,10 +244,12 @@ class Index:
         owner: int,
         evicted: list[Entry] | None = None,
         group: bytes | None = None,
+        ns: bytes | None = None,
     ) -> tuple[Outcome, Entry | None]:
         """Reserve pages for ``key``, evicting unpinned committed entries if needed.
         Victims that a write-back tier may copy out are appended to ``evicted`` (each
-        holding one ``hold`` the caller releases); without that list, none are kept."""
+        holding one ``hold`` the caller releases); without that list, none are kept.
+        A namespace ``ns`` at its share makes room from its own entries only."""
         if key in self.entries:
             return Outcome.EXISTS, None
         if size <= 0:
@@ -246,6 +257,8 @@ class Index:
         pages = -(-size // self.page_bytes)
         if pages > self.alloc.pages_total:
             return Outcome.TOO_LARGE, None
+        if ns is not None and not self._within_share(ns, size, evicted):
+            return Outcome.NO_SPACE, None
         got = self.alloc.alloc(pages)
         if got is None:
             out = self.evict_pages(pages, keep=evicted is not None)
@@ -255,12 +268,49 @@ class Index:
         if got is None:
             self.counters.reserve_no_space += 1
             return Outcome.NO_SPACE, None
-        return Outcome.OK, self._new_entry(key, size, got, owner, group, self.clock())
+        return Outcome.OK, self._new_entry(key, size, got, owner, group, self.clock(), ns)
+
+    def _within_share(self, ns: bytes, size: int, evicted: list[Entry] | None) -> bool:
+        """Make ``ns`` fit its share with ``size`` more bytes, evicting only its own
+        entries (policy order); False (counted) when they cannot make the room."""
+        tenants = self.tenants
+        if not tenants.over(ns, size):
+            return True
+        out = Evicted([], [])
+        keep = evicted is not None and self.write_back
+        for key in self._victims():
+            e = self.entries[key]
+            if e.ns != ns:
+                continue
+            fig = tenants.of(ns)
+            fig.quota_evictions += 1
+            self._take(e, out, keep)
+            if not tenants.over(ns, size):
+                break
+        if evicted is not None:
+            evicted.extend(out.leaving)
+        else:
+            for e in out.leaving:
+                self.unhold(e.key)
+        if tenants.over(ns, size):
+            tenants.of(ns).quota_refused += 1
+            self.counters.quota_refused += 1
+            return False
+        return True
 
     def _new_entry(
-        self, key: bytes, size: int, got: list[Extent], owner: int, group: bytes | None, now: float
+        self,
+        key: bytes,
+        size: int,
+        got: list[Extent],
+        owner: int,
+        group: bytes | None,
+        now: float,
+        ns: bytes | None = None,
     ) -> Entry:
-        e = Entry(key, size, got, State.RESERVED, owner, group=group)
+        e = Entry(key, size, got, State.RESERVED, owner, group=group, ns=ns)
+        if ns is not None:
+            self.tenants.added(ns, size)
         if group is not None:
             self.groups.setdefault(group, set()).add(key)
         e.lease_deadline = now + self.reserve_ttl_s
@@ -275,6 +325,7 @@ class Index:
         size: int,
         owner: int,
         groups: list[bytes] | None = None,
+        ns: bytes | None = None,
     ) -> list[tuple[Outcome, Entry | None]] | None:
         """Reserve ``keys`` of one ``size`` side by side in one free run, without
         eviction: the common store (a step's chunks). None when that cannot be done as
@@ -286,6 +337,8 @@ class Index:
         fresh = [i for i, k in enumerate(keys) if k not in entries]
         if not fresh:
             return [(Outcome.EXISTS, None)] * len(keys)
+        if ns is not None and self.tenants.over(ns, size * len(fresh)):
+            return None  # one by one: the namespace makes room from its own entries
         pages = -(-size // self.page_bytes)
         runs = self.alloc.alloc_run(pages, len(fresh))
         if runs is None:
@@ -294,7 +347,7 @@ class Index:
         now = self.clock()
         for i, run in zip(fresh, runs):
             group = groups[i] if groups else None
-            out[i] = (Outcome.OK, self._new_entry(keys[i], size, [run], owner, group, now))
+            out[i] = (Outcome.OK, self._new_entry(keys[i], size, [run], owner, group, now, ns))
         return out
 
     def commit(self, key: bytes, owner: int, checksum: int = 0) -> Outcome:
@@ -381,22 +434,28 @@ class Index:
             defer = keep and self.alloc.pages_free + self.evicting_pages < pages_needed
             if not defer and not must_free:
                 break
-            for e in self._members(self.entries[key]):
-                if e.state is not State.COMMITTED:
-                    continue
-                self.counters.evictions += 1
-                if self._orphaned(e):
-                    self.counters.orphan_evictions += 1
-                    self.counters.orphan_bytes += e.size
-                out.removed.append(e.key)
-                if defer:
-                    e.holds += 1
-                    out.leaving.append(e)
-                    self.counters.evict_deferred += 1
-                elif self.write_back:
-                    self.counters.evict_unsaved += 1
-                self._leave(e)
+            self._take(self.entries[key], out, defer)
         return out
+
+    def _take(self, victim: Entry, out: Evicted, defer: bool) -> None:
+        """Evict ``victim`` and its group: held for write-back (``defer``) or gone."""
+        for e in self._members(victim):
+            if e.state is not State.COMMITTED:
+                continue
+            self.counters.evictions += 1
+            if self._orphaned(e):
+                self.counters.orphan_evictions += 1
+                self.counters.orphan_bytes += e.size
+            if e.ns is not None:
+                self.tenants.of(e.ns).evictions += 1
+            out.removed.append(e.key)
+            if defer:
+                e.holds += 1
+                out.leaving.append(e)
+                self.counters.evict_deferred += 1
+            elif self.write_back:
+                self.counters.evict_unsaved += 1
+            self._leave(e)
 
     def _orphaned(self, e: Entry) -> bool:
         """``e``'s parent chunk has left the arena: no lookup can reach ``e`` here."""
@@ -441,6 +500,8 @@ class Index:
                 if not members:
                     del self.groups[e.group]
         self.bytes_used -= e.size
+        if e.ns is not None and e.state is not State.EVICTING:  # else counted at _leave
+            self.tenants.removed(e.ns, e.size)
         self.alloc.free(e.pages)
 
     # -- lease housekeeping ------------------------------------------------------

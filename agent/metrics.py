@@ -63,6 +63,7 @@ _COUNTER_HELP = {
     "drops_deferred": "Drops that waited for readers or copies before freeing pages.",
     "orphan_evictions": "Entries evicted after their parent chunk had left the arena.",
     "orphan_bytes": "Bytes of entries evicted after their parent chunk had left the arena.",
+    "quota_refused": "Reserves refused: their namespace was at its share of the arena.",
     "refused_pins": "Pins refused: the client held agent.client_pins_max.",
     "refused_leases": "Reservations refused: the client held agent.client_leases_max.",
     "expired_pins": "Pins held longer than agent.pin_ttl_s, released by the agent.",
@@ -249,6 +250,34 @@ def _render_lookup_index(f: _Families, index: Mapping[str, Any]) -> None:
         f.add("lookup_index_insert_refused_total", "counter", help_text, index["insert_refused"])
 
 
+# Per namespace (tenant): stats key -> family, kind, help.
+_NAMESPACE_FAMILIES = {
+    "bytes": ("namespace_bytes", "gauge", "Arena bytes held by the namespace's entries."),
+    "bytes_max": ("namespace_limit_bytes", "gauge", "Arena bytes the namespace may hold."),
+    "entries": ("namespace_entries", "gauge", "Arena entries of the namespace."),
+    "hits": ("namespace_hits_total", "counter", "Pins of the namespace's entries."),
+    "evictions": ("namespace_evictions_total", "counter", "The namespace's entries evicted."),
+    "quota_evictions": (
+        "namespace_quota_evictions_total",
+        "counter",
+        "Entries evicted to keep the namespace within its share.",
+    ),
+    "quota_refused": (
+        "namespace_quota_refused_total",
+        "counter",
+        "Reserves refused: the namespace at its share, its own entries all in use.",
+    ),
+}
+
+
+def _render_namespaces(f: _Families, namespaces: Mapping[str, Any]) -> None:
+    for ns, values in namespaces.items():
+        if not isinstance(values, Mapping):
+            continue
+        for key, (family, kind, help_text) in _NAMESPACE_FAMILIES.items():
+            f.add(family, kind, help_text, values.get(key), {"namespace": str(ns)})
+
+
 def render(stats: Mapping[str, Any]) -> str:
     """The stats dict as Prometheus text format (version 0.0.4)."""
     f = _Families()
@@ -257,6 +286,7 @@ def render(stats: Mapping[str, Any]) -> str:
     _render_latency(f, stats.get("latency_us") or {})
     _render_tiers(f, stats.get("tiers") or {})
     _render_lookup_index(f, stats.get("lookup_index") or {})
+    _render_namespaces(f, stats.get("namespaces") or {})
     return f.text()
 
 

@@ -37,6 +37,7 @@ from kvnode.agent.registry import ClientRegistry, Refused
 from kvnode.agent.runtime import ArenaProgress, RuntimeDir, chgrp, create_arena
 from kvnode.agent.snapshot import snapshot
 from kvnode.agent.stats import Stats
+from kvnode.agent.tenants import Tenants, parse_shares
 from kvnode.errors import ArenaError, ProtocolError
 from kvnode.ipc import protocol as P
 from kvnode.ipc.process import pid_namespace
@@ -133,6 +134,11 @@ class Agent:
             cfg.arena.policy,
             clock=self.clock,
             reserve_ttl_s=cfg.arena.reserve_ttl_s,
+            tenants=Tenants(
+                cfg.arena.cpu_bytes,
+                cfg.arena.namespace_share,
+                parse_shares(cfg.arena.namespace_shares),
+            ),
         )
         log.info(
             "arena: creating %s (%s in pages of %s)%s", cfg.segment_name,

@@ -25,6 +25,7 @@ def snapshot(
     c["evict_unsaved"] = idx.counters.evict_unsaved
     c["orphan_evictions"] = idx.counters.orphan_evictions
     c["orphan_bytes"] = idx.counters.orphan_bytes
+    c["quota_refused"] = idx.counters.quota_refused
     c["drops_deferred"] = idx.counters.drops_deferred
     c["refused_identity"] = registry.counters.refused_identity
     c["refused_stale"] = registry.counters.refused_stale
@@ -74,4 +75,5 @@ def snapshot(
         "counters": counters,
         "latency_us": stats.latency_summary(),
         "tiers": tiers,
+        "namespaces": idx.tenants.snapshot(),
     }

@@ -14,7 +14,7 @@ COUNTERS = (
     "bytes_in", "bytes_out", "evictions", "reclaimed_clients", "reclaimed_leases",
     "reclaimed_pins", "bad_frames", "errors", "expired_leases", "evict_unsaved",
     "refused_identity", "refused_stale", "refused_commits", "drops_deferred",
-    "orphan_evictions", "orphan_bytes",
+    "orphan_evictions", "orphan_bytes", "quota_refused",
     "refused_pins", "refused_leases", "expired_pins",
 )  # fmt: skip
 LATENCY_OPS = ("lookup", "reserve", "commit", "pin", "release")

@@ -472,12 +472,16 @@ class AgentClient:
         keys: Sequence[bytes],
         sizes: Sequence[int],
         groups: Sequence[bytes] | None = None,
+        namespace: bytes = b"",
     ) -> list[tuple[Status, Slot | None]]:
         """Reserve arena slots. ``groups`` (optional, per key, 16 bytes each): entries
-        of one group live and die together (a chunk's entries of every TP rank)."""
+        of one group live and die together (a chunk's entries of every TP rank).
+        ``namespace`` (16 bytes): the tenant the keys belong to (quotas, figures)."""
         keys, sizes = list(keys), list(sizes)
         grp = list(groups) if groups is not None else []
-        rep = self._call(lambda r, c, g: P.ReserveReq(r, c, g, keys, sizes, grp), retry=False)
+        rep = self._call(
+            lambda r, c, g: P.ReserveReq(r, c, g, keys, sizes, grp, namespace), retry=False
+        )
         return [(_STATUS[s], slot) for s, slot in zip(rep.status, rep.slots)]
 
     def commit(

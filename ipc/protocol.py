@@ -119,6 +119,9 @@ class ReserveReq(_Msg, tag=4):
     # Optional, per key: entries that share a group (one chunk's per-rank entries under
     # tensor parallelism) are evicted and dropped together. Empty list: no groups.
     groups: Annotated[list[Key], Meta(max_length=KEYS_MAX)] = []
+    # Optional: the namespace (16 bytes, the seed of the chunks' key chain) the keys
+    # belong to, for per-namespace quotas and figures. Empty: none named.
+    namespace: Annotated[bytes, Meta(max_length=16)] = b""
 
 
 class CommitReq(_Msg, tag=5):

@@ -78,3 +78,50 @@ def test_default_keeps_the_hot_set_through_a_scan(tmp_path: Path, seed: int) -> 
     ratios = {p: _scan_hot(p, tmp_path, trace, hot) for p in ("prefix", "s3fifo", "lru")}
     assert ratios["prefix"] >= 0.95 * ratios["s3fifo"], ratios
     assert ratios["prefix"] > 1.5 * ratios["lru"], ratios
+
+
+NS_A, NS_B = b"\xaa" * 16, b"\xbb" * 16
+
+
+def _put_ns(c: AgentClient, key: bytes, ns: bytes) -> Status:
+    [(st, slot)] = c.reserve([key], [PAGE], namespace=ns)
+    if st == Status.OK:
+        assert slot is not None
+        c.write(slot, bytes(PAGE))
+        assert c.commit([key]) == [Status.OK]
+    return st
+
+
+@pytest.mark.parametrize("share", [0.25, None])
+def test_a_tenants_scan_cannot_evict_anothers_hot_prefixes(tmp_path: Path, share: float) -> None:
+    args = list(ARGS)
+    if share is not None:
+        args += ["--set", f"arena.namespace_shares={NS_A.hex()}={share}"]
+    agent = AgentProcess(tmp_path / "run", cpu_bytes=str(64 * PAGE), args=args).start()
+    try:
+        c = AgentClient(agent.runtime_dir, name="tenants", timeout_s=5.0)
+        hot = [_key(i) for i in range(24)]
+        for k in hot:
+            assert _put_ns(c, k, NS_B) == Status.OK
+        c.pin(hot)
+        c.release(hot)
+        for i in range(400):  # tenant A scans: each chunk is used once
+            assert _put_ns(c, _key(10_000 + i), NS_A) == Status.OK
+        kept = sum(c.lookup(hot))
+        ns = c.stats()["namespaces"]
+        if share is None:  # the control: without a share the scan takes B's chunks
+            assert kept < len(hot), ns
+            return
+        assert kept == len(hot), ns
+        a = ns[NS_A.hex()]
+        assert a["bytes"] <= 16 * PAGE and a["bytes_max"] == 16 * PAGE, a
+        assert a["quota_evictions"] >= 400 - 16 and ns[NS_B.hex()]["hits"] == len(hot), ns
+        # A's own chunks all pinned: its next reserve is refused and counted, B's is not
+        mine = [_key(10_000 + i) for i in range(400 - 16, 400)]
+        assert [st for st, _ in c.pin(mine)] == [Status.OK] * 16
+        assert _put_ns(c, _key(99_999), NS_A) == Status.NO_SPACE
+        assert c.stats()["namespaces"][NS_A.hex()]["quota_refused"] == 1
+        assert _put_ns(c, _key(99_998), NS_B) == Status.OK
+        c.close()
+    finally:
+        agent.stop()

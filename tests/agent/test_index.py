@@ -327,3 +327,33 @@ def test_commit_many_and_pin_many_answer_per_key() -> None:
     idx.unpin(b"c" * 16)
     assert idx.pinned == 0
     idx.check()
+
+
+def test_a_namespace_at_its_share_evicts_its_own_entries_only() -> None:
+    from kvnode.agent.index import Outcome
+    from kvnode.agent.tenants import Tenants
+
+    a, b = b"a" * 16, b"b" * 16
+    idx = Index(16 * PAGE, PAGE, "prefix", tenants=Tenants(16 * PAGE, 1.0, {a: 0.25}))
+    idx.write_back = True  # victims are held for a lower tier: the share counts them gone
+    for i in range(4):
+        assert idx.reserve(bytes([i]) * 16, PAGE, 1, ns=a)[0] is Outcome.OK
+    for i in range(8):
+        assert idx.reserve(bytes([100 + i]) * 16, PAGE, 1, ns=b)[0] is Outcome.OK
+    idx.commit_many([bytes([i]) * 16 for i in range(4)], 1, [0] * 4)
+    idx.commit_many([bytes([100 + i]) * 16 for i in range(8)], 1, [0] * 8)
+    leaving: list = []
+    st, _ = idx.reserve(b"x" * 16, PAGE, 1, leaving, ns=a)
+    assert st is Outcome.OK and [e.ns for e in leaving] == [a]  # one of a's, none of b's
+    assert idx.tenants.of(a).bytes == 4 * PAGE and idx.tenants.of(a).quota_evictions == 1
+    idx.unhold(leaving[0].key)
+    assert idx.tenants.of(a).bytes == 4 * PAGE and idx.tenants.of(b).bytes == 8 * PAGE
+    # every entry of a reserved or pinned: refused, counted; b is not limited
+    assert idx.reserve(b"y" * 16, PAGE, 1, ns=a)[0] is Outcome.OK  # took a committed one
+    for e in list(idx.entries.values()):
+        if e.ns == a and e.state is State.COMMITTED:
+            idx.pin(e.key)
+    assert idx.reserve(b"z" * 16, PAGE, 1, ns=a)[0] is Outcome.NO_SPACE
+    assert idx.tenants.of(a).quota_refused == 1 and idx.counters.quota_refused == 1
+    assert idx.reserve(b"w" * 16, PAGE, 1, ns=b)[0] is Outcome.OK
+    idx.check()

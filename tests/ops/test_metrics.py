@@ -46,6 +46,17 @@ def sample_stats(scale: int = 1) -> dict[str, Any]:
             op: {"p50": 12.0, "p90": 40.5, "p99": 250.0, "count": 10 * scale} for op in LATENCY_OPS
         },
         "tiers": {"arena": dict(tier), "disk": dict(tier), "s3": dict(tier)},
+        "namespaces": {
+            "00" * 16: {
+                "bytes": 65536 * scale,
+                "bytes_max": 1 << 29,
+                "entries": scale,
+                "hits": scale,
+                "evictions": scale,
+                "quota_evictions": 0,
+                "quota_refused": 0,
+            },
+        },  # fmt: skip
         "lookup_index": {
             "entries": 10,
             "capacity": 1024,
