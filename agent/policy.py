@@ -16,7 +16,7 @@ from typing import Protocol
 
 GHOST_FACTOR = 16  # ghost keys remembered per cached entry and list (ARC keeps 1)
 GHOST_MAX = 1 << 17  # ... and at most this many per list (both: about 40 MiB)
-T2_SHARE_STEP = 0.01  # see PrefixPolicy._admit
+T2_SHARE_STEP = 0.03  # see PrefixPolicy._admit
 
 
 class EvictionPolicy(Protocol):
@@ -143,11 +143,10 @@ class S3FIFOPolicy:
 class PrefixPolicy:
     """ARC over chunks, told each chunk's parent (the default).
 
-    - Recency and frequency as ARC: ``t1`` holds chunks hit at most once since they
-      were committed, ``t2`` chunks hit twice or more (a conversation's prefix is read
-      once per turn: one hit says little, two say it goes on); ghosts of both (keys
-      only) move the target size of ``t1`` towards whichever list would have kept the
-      chunk that just came back. Ghosts reach back ``GHOST_FACTOR`` times the cache:
+    - Recency and frequency as ARC: ``t1`` holds chunks not hit since they were
+      committed, ``t2`` chunks hit since; ghosts of both (keys only) move the target
+      size of ``t1`` towards whichever list would have kept the chunk that just came
+      back. Ghosts reach back ``GHOST_FACTOR`` times the cache:
       in conversations a chunk comes back a turn later, far beyond what the cache
       holds, and only a long memory sees it come back. A one-time scan stays in
       ``t1`` and leaves through it; the hot set in ``t2`` keeps its share.
@@ -165,7 +164,6 @@ class PrefixPolicy:
         self._b1: OrderedDict[bytes, None] = OrderedDict()
         self._b2: OrderedDict[bytes, None] = OrderedDict()
         self._orphans: OrderedDict[bytes, None] = OrderedDict()
-        self._once: set[bytes] = set()  # in t1 and hit once
         self._parent: dict[bytes, bytes] = {}  # cached chunk -> its cached parent
         self._kids: dict[bytes, list[bytes]] = {}  # cached parent -> children linked to it
         self._p = 0.0  # ARC's target size of t1
@@ -192,17 +190,10 @@ class PrefixPolicy:
         if key in self._t2:
             self._t2.move_to_end(key)
         elif key in self._t1:
-            once = self._once
-            if key in once:
-                once.discard(key)
-                del self._t1[key]
-                self._t2[key] = None
-            else:
-                once.add(key)
-                self._t1.move_to_end(key)
+            del self._t1[key]
+            self._t2[key] = None
 
     def remove(self, key: bytes) -> None:
-        self._once.discard(key)
         if key in self._t1:
             del self._t1[key]
             self._ghost(self._b1, key)

@@ -105,8 +105,11 @@ def test_a_tenants_scan_cannot_evict_anothers_hot_prefixes(tmp_path: Path, share
             assert _put_ns(c, k, NS_B) == Status.OK
         c.pin(hot)
         c.release(hot)
-        for i in range(400):  # tenant A scans: each chunk is used once
-            assert _put_ns(c, _key(10_000 + i), NS_A) == Status.OK
+        for i in range(400):  # tenant A floods: each chunk is stored and read once
+            k = _key(10_000 + i)
+            assert _put_ns(c, k, NS_A) == Status.OK
+            c.pin([k])
+            c.release([k])
         kept = sum(c.lookup(hot))
         ns = c.stats()["namespaces"]
         if share is None:  # the control: without a share the scan takes B's chunks
@@ -116,6 +119,7 @@ def test_a_tenants_scan_cannot_evict_anothers_hot_prefixes(tmp_path: Path, share
         a = ns[NS_A.hex()]
         assert a["bytes"] <= 16 * PAGE and a["bytes_max"] == 16 * PAGE, a
         assert a["quota_evictions"] >= 400 - 16 and ns[NS_B.hex()]["hits"] == len(hot), ns
+        assert a["hits"] == 400, a
         # A's own chunks all pinned: its next reserve is refused and counted, B's is not
         mine = [_key(10_000 + i) for i in range(400 - 16, 400)]
         assert [st for st, _ in c.pin(mine)] == [Status.OK] * 16
