@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from kvnode.agent.admin import Admin
 from kvnode.agent.cache import Cache
 from kvnode.agent.clients import Client
 from kvnode.agent.config import Config
@@ -61,6 +62,7 @@ class Handlers:
         self.stats = stats
         self.page_bytes = cfg.arena.page_bytes
         self.fleet = fleet  # peers, when configured
+        self.admin = Admin(cfg, cache, stats)  # operators' requests (kvnode cache)
         self.table: dict[type, Handler] = {
             P.Heartbeat: self.heartbeat,
             P.LookupReq: self.lookup,
@@ -70,6 +72,7 @@ class Handlers:
             P.PinReq: self.pin,
             P.ReleaseReq: self.release,
             P.DropReq: self.drop,
+            P.AdminReq: self.admin.handle,
             **(more or {}),
         }
 
@@ -271,8 +274,8 @@ class Handlers:
         return P.Ok(m.rid)
 
     def drop(self, c: Client, m: P.DropReq) -> Any:
+        """An operator's request (kvnode cache drop): refused for ordinary clients."""
         self._limit(len(m.keys))
-        for key in m.keys:
-            if self.cache.drop(key):
-                self.stats.inc("drops")
+        self.admin.refuse_unless_operator(c)
+        self.admin.drop(m.keys)
         return P.Ok(m.rid)

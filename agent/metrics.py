@@ -64,6 +64,7 @@ _COUNTER_HELP = {
     "orphan_evictions": "Entries evicted after their parent chunk had left the arena.",
     "orphan_bytes": "Bytes of entries evicted after their parent chunk had left the arena.",
     "quota_refused": "Reserves refused: their namespace was at its share of the arena.",
+    "refused_admin": "Operators' requests (drop, kvnode cache) refused to ordinary clients.",
     "refused_pins": "Pins refused: the client held agent.client_pins_max.",
     "refused_leases": "Reservations refused: the client held agent.client_leases_max.",
     "expired_pins": "Pins held longer than agent.pin_ttl_s, released by the agent.",

@@ -537,6 +537,17 @@ class AgentClient:
         keys = list(keys)
         self._call_or_post("drop", lambda r, c, g: P.DropReq(r, c, g, keys), wait)
 
+    def admin(
+        self, op: int, keys: Sequence[bytes] = (), tier: str = "", limit: int = 0,
+        sort: str = "hits", timeout_s: float | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        """An operator's request (``kvnode cache``); ``AgentError`` NOT_PERMITTED when
+        this process is not an operator."""
+        keys = list(keys)
+        make = lambda r, c, g: P.AdminReq(r, c, g, op, keys, tier, limit, sort)  # noqa: E731
+        rep = self._call(make, timeout_s)
+        return dict(rep.result)
+
     def _call_or_post(self, kind: str, make: Any, wait: bool) -> None:
         """A call about this registration's state: never resent into a newer one."""
         if wait:

@@ -81,6 +81,7 @@ class ErrCode(IntEnum):
     INTERNAL = 6
     SHUTTING_DOWN = 7
     STALE_GENERATION = 8  # the agent restarted since this client registered: Hello again
+    NOT_PERMITTED = 20  # an operator's request (drop, clear) from an ordinary client
 
 
 class _Msg(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, tag_field="t"):
@@ -170,7 +171,8 @@ class Bye(_Msg, tag=10):
 
 
 class DropReq(_Msg, tag=11):
-    """Remove committed, unpinned entries (all tiers). Used on checksum failure."""
+    """Remove committed entries from the arena and the disk (never from S3, which the
+    fleet shares). An operator's request: refused with NOT_PERMITTED otherwise."""
 
     rid: Rid
     client_id: ClientId
@@ -263,6 +265,32 @@ class JobReq(_Msg, tag=13):
     tokens: Annotated[list[Tokens], Meta(max_length=JOB_CHUNKS_MAX)] = []
 
 
+# ---------------------------------------------------------------- operators
+class AdminOp(IntEnum):
+    """What ``kvnode cache`` asks; every one needs an operator's connection."""
+
+    LIST = 1  # totals per tier, then up to ``limit`` entries of ``tier`` by ``sort``
+    SHOW = 2  # each of ``keys`` in every tier
+    DROP = 3  # ``keys`` out of the arena and the disk
+    CLEAR = 5  # every entry of ``tier`` ("arena" or "disk")
+
+
+ADMIN_LIST_MAX = 10_000  # entries one LIST answers with at most
+ADMIN_KEYS_MAX = 1024  # keys one SHOW or DROP names at most
+TierName = Annotated[str, Meta(max_length=16)]
+
+
+class AdminReq(_Msg, tag=20):
+    rid: Rid
+    client_id: ClientId
+    generation: Generation
+    op: Annotated[int, Meta(ge=1, le=int(max(AdminOp)))]
+    keys: Annotated[list[Key], Meta(max_length=ADMIN_KEYS_MAX)] = []
+    tier: TierName = ""
+    limit: Annotated[int, Meta(ge=0, le=ADMIN_LIST_MAX)] = 0
+    sort: Annotated[str, Meta(max_length=8)] = "hits"
+
+
 # ---------------------------------------------------------------- replies
 class Slot(msgspec.Struct, array_like=True, gc=False):
     """Where an entry's bytes live in the arena: extents of (offset, length)."""
@@ -321,6 +349,11 @@ class ExportRep(_Msg, tag=70):
     reason: str = ""
 
 
+class AdminRep(_Msg, tag=80):
+    rid: int
+    result: dict[str, Any]
+
+
 class Error(_Msg, tag=127):
     rid: int
     code: int
@@ -341,8 +374,9 @@ Request = Union[
     DropReq,
     ExportReq,
     JobReq,
+    AdminReq,
 ]
-Reply = Union[Welcome, Ok, LookupRep, SlotsRep, StatusRep, StatsRep, ExportRep, Error]
+Reply = Union[Welcome, Ok, LookupRep, SlotsRep, StatusRep, StatsRep, ExportRep, AdminRep, Error]
 
 _requests = Codec(PROTOCOL_VERSION, Request, "request")
 _replies = Codec(PROTOCOL_VERSION, Reply, "reply")

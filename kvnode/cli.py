@@ -91,6 +91,8 @@ def _parser() -> argparse.ArgumentParser:
         "--idle-exit", type=_seconds, metavar="SECONDS", help="exit after SECONDS with no event"
     )
 
+    _add_cache_parser(sub)
+
     dr = sub.add_parser("doctor", help="check everything the agent needs, one line each")
     _add_config_args(dr)
     dr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -165,7 +167,7 @@ def _load(args: argparse.Namespace) -> Any:
     return load_config(path=args.config, overrides=_overrides(args))
 
 
-COMMANDS = "agent, stats, events, doctor, config, keygen"
+COMMANDS = "agent, stats, events, cache, doctor, config, keygen"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -197,6 +199,13 @@ def _run(args: argparse.Namespace) -> int:
         from kvnode.events_tool import run_events
 
         return run_events(_load(args), args)
+    if cmd == "cache":
+        if args.cache_command is None:
+            print("kvnode cache: which one? list, show, drop or clear", file=sys.stderr)
+            return 2
+        from kvnode.cache_tool import run_cache
+
+        return run_cache(_load(args), args)
     if cmd == "doctor":
         from kvnode.doctor import run_doctor
 

@@ -294,10 +294,13 @@ class TierManager:
 
     # -- removal ----------------------------------------------------------------------
     def drop(self, key: bytes) -> None:
-        """Remove ``key`` from every lower tier (a client saw a bad checksum)."""
+        """Remove ``key`` from this node's lower tiers (an operator's drop). S3 keeps
+        it: the bucket is the fleet's, and only its lifecycle rules delete objects."""
         if key in self._writes:
             self._cancelled.add(key)  # the copy in flight may hold bad bytes
         for t in self.tiers:
+            if t.name == "s3":
+                continue
             if t.depth >= t.queue_max:
                 t.store.stats.inc("dropped")
                 continue
