@@ -53,6 +53,17 @@ def _cpu_factory(arena: memoryview) -> Mover:
 register_mover("cpu", _cpu_factory)
 
 
+def _gpu_factory(arena: memoryview) -> Mover:
+    try:  # torch and triton: imported only once a GPU worker exports
+        from kvnode.agent.movers.gpu import GpuMover
+    except ImportError as exc:
+        raise MoverError(f"the GPU mover needs torch and triton: {exc}") from exc
+    return GpuMover(arena)
+
+
+register_mover("cuda", _gpu_factory)  # "cuda:<uuid>": CUDA and ROCm (torch's "cuda")
+
+
 class Refusal(Exception):
     """An export the agent will not take; the message is one line for the worker."""
 

@@ -1,0 +1,213 @@
+"""The GPU mover's job logic on CPU tensors: the copier's kernel runs under Triton's
+interpreter, the probe and the progress page go through real cross-memory attach (to
+this process). Only opening the IPC handles is replaced: that needs a GPU
+(``tests/kernels/test_kernels_agent_gpu.py`` opens real ones under ``make gpu-check``)."""
+
+from __future__ import annotations
+
+import os
+import time
+from importlib.util import find_spec
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (see onelaunch_import)
+
+from kvnode.agent.movers.base import ChunkWork, Export, Job, Layer, MoverError  # noqa: E402
+from kvnode.ipc import progress as PG  # noqa: E402
+from kvnode.ipc.checksum import checksum  # noqa: E402
+from kvnode.kernels import detect_layout, gather  # noqa: E402
+from kvnode.kernels.plan import segments  # noqa: E402
+
+pytestmark = pytest.mark.skipif(find_spec("triton") is None, reason="needs triton")
+
+LAYERS, NUM_BLOCKS, BLOCK_SIZE, BPC = 3, 24, 16, 4
+ARENA_BYTES = 1 << 20
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_mover(arena: memoryview):  # type: ignore[no-untyped-def]
+    from kvnode.agent.movers.gpu import GpuMover, Opened
+    from kvnode.kernels.gpumove import DeviceCopier
+
+    class CpuTensorMover(GpuMover):
+        """The GPU mover with the export's tensors handed over instead of opened."""
+
+        tensors: dict[int, list[torch.Tensor]] = {}
+
+        def _register(self, arena: memoryview) -> bool:
+            return False
+
+        def _open(self, export: Export) -> Opened:
+            from kvnode.agent.movers.gpu import opened_layer
+
+            kvs = self.tensors[export.export_id]
+            layers = [opened_layer(x, kv) for x, kv in zip(export.layers, kvs, strict=True)]
+            copier = DeviceCopier(torch.device(DEVICE), self.arena_tensor)
+            return Opened(layers, None, [], copier)
+
+    return CpuTensorMover(arena, "cuda:test")
+
+
+def caches(fill: bool) -> list[torch.Tensor]:
+    shape = (2, NUM_BLOCKS, BLOCK_SIZE, 2, 8)
+    if not fill:
+        return [torch.zeros(shape, dtype=torch.bfloat16) for _ in range(LAYERS)]
+    return [torch.randn(shape).to(torch.bfloat16) for _ in range(LAYERS)]
+
+
+def export_of(kvs: list[torch.Tensor], export_id: int, page: np.ndarray) -> Export:
+    layout = detect_layout(kvs[0], NUM_BLOCKS, BLOCK_SIZE, "FLASH_ATTN")
+    layers = []
+    for i, kv in enumerate(kvs):
+        seg = segments(kv, layout)
+        parts = tuple((s * seg.seg_stride, seg.seg_bytes) for s in range(seg.n_seg))
+        layers.append(
+            Layer(
+                f"layers.{i}",
+                seg.base,
+                NUM_BLOCKS,
+                seg.block_stride,
+                layout.block_nbytes,
+                parts,
+                i * BPC * layout.block_nbytes,
+            )  # fmt: skip
+        )
+    chunk = LAYERS * BPC * layout.block_nbytes
+    slots, slot_bytes = page.shape
+    return Export(export_id, 1, "cuda:test", os.getpid(), tuple(layers), int(page.ctypes.data),
+                  slots, slot_bytes, chunk, BPC)  # fmt: skip
+
+
+def reference(kvs: list[torch.Tensor], blocks: tuple[int, ...]) -> bytes:
+    layout = detect_layout(kvs[0], NUM_BLOCKS, BLOCK_SIZE, "FLASH_ATTN")
+    out = []
+    for kv in kvs:
+        buf = torch.empty(len(blocks) * layout.block_nbytes, dtype=torch.uint8)
+        gather(kv, layout, list(blocks), buf)
+        out.append(buf.numpy().tobytes())
+    return b"".join(out)
+
+
+def attach(mover, export: Export, tensors: list[torch.Tensor]) -> None:  # type: ignore[no-untyped-def]
+    mover.tensors[export.export_id] = tensors
+    nonce = os.urandom(16)
+    probe = np.frombuffer(bytearray(nonce), dtype=np.uint8)
+    assert mover.attach(export, int(probe.ctypes.data), nonce) == ""
+    assert bytes(probe) == nonce[::-1], "the agent's probe write did not arrive"
+
+
+def test_save_then_load_through_the_gpu_mover() -> None:
+    arena = memoryview(bytearray(b"\xee" * ARENA_BYTES))
+    mover = make_mover(arena)
+    src, dst = caches(True), caches(False)
+    page_a = np.zeros((4, PG.slot_bytes(LAYERS)), dtype=np.uint8)
+    page_b = np.zeros_like(page_a)
+    ea, eb = export_of(src, 11, page_a), export_of(dst, 12, page_b)
+    attach(mover, ea, src)
+    attach(mover, eb, dst)
+    size = ea.chunk_nbytes
+    chunks = [
+        ChunkWork(
+            b"k0", (3, 9, 4, 20), [(4096, size // 3 + 8), (65536, size - size // 3 - 8)], index=0
+        ),
+        ChunkWork(b"k1", (0, 1, 2, 23), [(200_000, size)], index=1),
+    ]
+    save = Job(ea, False, 2, 7, chunks, bytearray(2), time.monotonic() + 30)
+    mover.run(save)
+    mover.report(save)
+    assert not save.failed and page_a[2, PG.DONE] == 7 and page_a[2, PG.RESULT] == PG.RESULT_OK
+    for c in chunks:
+        got = b"".join(bytes(arena[o : o + n]) for o, n in c.extents)
+        assert got == reference(src, c.blocks)
+        assert c.checksum == checksum([arena[o : o + n] for o, n in c.extents]) != 0
+
+    # Load both into the second cache; one entry's checksum is wrong: never copied.
+    loads = [
+        ChunkWork(b"k0", (5, 6, 7, 8), chunks[0].extents, checksum=chunks[0].checksum, index=0),
+        ChunkWork(
+            b"k1", (10, 11, 12, 13), chunks[1].extents, checksum=chunks[1].checksum ^ 1, index=1
+        ),
+    ]
+    load = Job(eb, True, 1, 9, loads, bytearray(2), time.monotonic() + 30)
+    mover.run(load)
+    mover.report(load)
+    assert not load.failed
+    assert [loads[0].status, loads[1].status] == [PG.CHUNK_OK, PG.CHUNK_BAD]
+    assert all(page_b[1, PG.layer_byte(i)] == 9 for i in range(LAYERS)), "a layer mark is missing"
+    assert bytes(page_b[1, PG.chunk_byte(LAYERS, 0) : PG.chunk_byte(LAYERS, 2)]) == bytes(
+        [PG.CHUNK_OK, PG.CHUNK_BAD]
+    )
+    assert reference(dst, (5, 6, 7, 8)) == reference(src, (3, 9, 4, 20))
+    assert not any(reference(dst, (10, 11, 12, 13))), "a chunk that failed its checksum was copied"
+
+
+def test_jobs_of_a_gone_worker_fail_and_bad_handles_are_refused() -> None:
+    from kvnode.agent.movers.gpu import GpuMover, opened_layer
+
+    arena = memoryview(bytearray(ARENA_BYTES))
+    mover = make_mover(arena)
+    src = caches(True)
+    page = np.zeros((2, PG.slot_bytes(LAYERS)), dtype=np.uint8)
+    ex = export_of(src, 21, page)
+    attach(mover, ex, src)
+    ex.alive = False
+    chunk = ChunkWork(b"k", (1, 2, 3, 4), [(0, ex.chunk_nbytes)], index=0)
+    job = Job(ex, False, 0, 1, [chunk], bytearray(1), time.monotonic() + 30)
+    mover.run(job)
+    assert "gone" in job.failed and chunk.status == PG.CHUNK_FAILED
+    assert not any(arena[: ex.chunk_nbytes]), "a gone worker's job copied"
+
+    lying = ex.layers[0].__class__(**{**_fields(ex.layers[0]), "block_stride": 64})
+    with pytest.raises(MoverError, match="the export says"):
+        opened_layer(lying, src[0])
+    # The real opening: handles that do not decode are a refusal, never a crash.
+    plain = GpuMover.__new__(GpuMover)
+    plain.uuids = {}
+    ex.handles = (b"junk",) * (2 * LAYERS + 1)
+    nonce = os.urandom(16)
+    probe = np.frombuffer(bytearray(nonce), dtype=np.uint8)
+    plain.view, plain.addr = arena, 0
+    why = GpuMover.attach(plain, ex, int(probe.ctypes.data), nonce)
+    assert "cannot open" in why and "malformed" in why
+    ex.handles = (b"junk",)
+    assert "handles for 3 layers" in GpuMover.attach(plain, ex, int(probe.ctypes.data), nonce[::-1])
+
+
+def _fields(layer: Layer) -> dict[str, object]:
+    return {f: getattr(layer, f) for f in layer.__slots__}  # type: ignore[attr-defined]
+
+
+def test_a_real_agent_refuses_gpu_handles_it_cannot_open(tmp_path: Path) -> None:
+    """A GPU export reaches the GPU mover in a real agent process; handles it cannot
+    open (forged, or a GPU it does not see) are one line back, and the agent serves on."""
+    from kvnode.ipc import protocol as P
+    from kvnode.ipc.client import AgentClient
+    from tests.conftest import AgentProcess
+
+    agent = AgentProcess(tmp_path / "run").start()
+    c = AgentClient(agent.runtime_dir, name="gpu-forger", timeout_s=10.0)
+    try:
+        c.connect()
+        page = np.zeros((4, PG.slot_bytes(1)), dtype=np.uint8)
+        nonce = os.urandom(P.PROBE_BYTES)
+        probe = np.frombuffer(bytearray(nonce), dtype=np.uint8)
+        layer = P.LayerExport("layers.0", 1 << 40, 8, 4096, 4096, [(0, 4096)], 0)
+        for handles, why in [
+            ([b"junk"] * 3, "malformed"),
+            ([b"junk"], "handles for 1 layers"),
+        ]:
+            req = lambda r, cid, g, h=handles: P.ExportReq(  # noqa: E731
+                r, cid, g, "cuda:0000", [layer], int(page.ctypes.data), 4, page.shape[1],
+                4 * 4096, int(probe.ctypes.data), bytes(probe), h,
+            )  # fmt: skip
+            eid, _gen, reason = c.export(req)
+            assert eid == 0 and why in reason, reason
+        assert c.stats()["transfers"]["agent"]["exporting_workers"] == 0
+    finally:
+        c.close()
+        agent.stop()
