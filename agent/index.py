@@ -69,6 +69,7 @@ class Entry:
     group: bytes | None = None  # entries of one group are evicted and dropped together
     meta: ChunkMeta | None = None  # parent key and tokens, for KV events and tier headers
     ns: bytes | None = None  # the namespace (tenant) it was reserved under, if named
+    saved: bool = False  # every write-back tier has a copy: eviction frees it at once
     _extents: list[tuple[int, int]] | None = None  # byte extents, computed once
 
     def page_count(self) -> int:
@@ -431,10 +432,14 @@ class Index:
         for key in self._victims():
             if self.alloc.pages_free >= pages_needed:
                 break
-            defer = keep and self.alloc.pages_free + self.evicting_pages < pages_needed
-            if not defer and not must_free:
+            victim = self.entries[key]
+            clean = victim.saved  # already below: leaving costs nothing
+            defer = (
+                keep and not clean and self.alloc.pages_free + self.evicting_pages < pages_needed
+            )
+            if not defer and not must_free and not clean:
                 break
-            self._take(self.entries[key], out, defer)
+            self._take(victim, out, defer)
         return out
 
     def _take(self, victim: Entry, out: Evicted, defer: bool) -> None:
@@ -449,7 +454,9 @@ class Index:
             if e.ns is not None:
                 self.tenants.of(e.ns).evictions += 1
             out.removed.append(e.key)
-            if defer:
+            if e.saved:
+                pass  # on every write-back tier already: freed now, nothing to copy
+            elif defer:
                 e.holds += 1
                 out.leaving.append(e)
                 self.counters.evict_deferred += 1

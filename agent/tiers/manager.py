@@ -52,6 +52,12 @@ class TierEvents(Protocol):
 
 
 CLOSE_JOIN_S = 5.0  # how long close() waits for running I/O (it may be writing into slots)
+# Write-behind: committed chunks are copied to the write-back tiers while their queues
+# have room, using at most this share of each queue (the rest is kept for copies that
+# eviction hands over), so eviction finds them clean.
+WRITE_BEHIND_QUEUE_SHARE = 0.5
+DIRTY_MAX = 1 << 20  # committed chunks waiting for write-behind; the oldest are skipped
+UNSAVED_LOG_INTERVAL_S = 60.0  # at most one warning per interval about unsaved evictions
 
 
 @dataclass(slots=True, eq=False)
@@ -124,6 +130,10 @@ class TierManager:
         self._cancelled: set[bytes] = set()  # dropped while a write was in flight
         self.events = events  # KV events for what the tiers hold
         self._closing = False
+        self._dirty: deque[bytes] = deque()  # committed, not yet offered to write-behind
+        self.write_behind_skipped = 0  # dirty chunks past DIRTY_MAX: eviction copies them
+        self._unsaved_logged = 0  # evict_unsaved when last logged
+        self._unsaved_log_at = -UNSAVED_LOG_INTERVAL_S  # monotonic time of that log
         for t in self.tiers:
             scan_fn = t.store.startup_scan()
             if scan_fn is not None:
@@ -241,9 +251,42 @@ class TierManager:
         e = self.index.entries.get(key)
         if e is None or e.state is not State.COMMITTED:
             return
+        back = False
         for t in self.tiers:
             if t.write_policy == "write_through" and self._admitted(t, e):
                 self._enqueue_write(t, e)
+            back = back or t.write_policy == "write_back"
+        if back:
+            if len(self._dirty) >= DIRTY_MAX:
+                self._dirty.popleft()
+                self.write_behind_skipped += 1
+            self._dirty.append(key)
+
+    def _write_behind(self) -> None:
+        """Copy committed chunks to the write-back tiers while their queues have room
+        (oldest first: they are evicted first), so eviction finds them clean."""
+        back = [t for t in self.tiers if t.write_policy == "write_back"]
+        if self._closing or not back:
+            return
+        entries, dirty = self.index.entries, self._dirty
+        while dirty:
+            if any(t.usable() and t.depth >= t.queue_max * WRITE_BEHIND_QUEUE_SHARE for t in back):
+                return  # no bandwidth to spare now: try again at the next poll
+            e = entries.get(dirty.popleft())
+            if e is None or e.state is not State.COMMITTED or e.saved:
+                continue
+            for t in back:
+                if t.usable() and self._admitted(t, e):
+                    self._enqueue_write(t, e)
+            self._mark_saved(e)
+
+    def _mark_saved(self, e: Entry) -> None:
+        """``e`` is clean once every write-back tier that takes it has it."""
+        e.saved = all(
+            t.store.size_of(e.key) is not None
+            for t in self.tiers
+            if t.write_policy == "write_back" and self._admitted(t, e)
+        )
 
     def on_evicted(self, leaving: list[Entry]) -> None:
         """Victims the index kept for write-back, each with one hold: queue their
@@ -279,9 +322,12 @@ class TierManager:
         key = job.key
         t.depth -= 1
         self._queued.discard((t.name, key))
-        if job.error is None and job.result and self.events is not None:
-            e = self.index.entries[key]  # held until the unhold below
-            self._announce(t, key, e.meta)
+        e = self.index.entries[key]  # held until the unhold below
+        if job.error is None and job.result:
+            if self.events is not None:
+                self._announce(t, key, e.meta)
+            if e.state is State.COMMITTED and key not in self._cancelled:
+                self._mark_saved(e)
         self.index.unhold(key)
         left = self._writes[key] - 1
         if left:
@@ -338,7 +384,24 @@ class TierManager:
                 if job.kind == "delete" and job.error is None and self.events is not None:
                     self.events.removed(job.key, MEDIUM_STORAGE, t.name)
         self._tier_changes()
+        self._write_behind()
+        self._log_unsaved()
         return n
+
+    def _log_unsaved(self) -> None:
+        """Evictions the lower tiers never saw, logged at most once an interval (the
+        count is also ``evict_unsaved``, for alerts)."""
+        unsaved = self.index.counters.evict_unsaved
+        now = time.monotonic()
+        if unsaved == self._unsaved_logged or now - self._unsaved_log_at < UNSAVED_LOG_INTERVAL_S:
+            return
+        log.warning(
+            "%d chunks evicted before the lower tiers had them (%d in all): stores came "
+            "faster than the disk could take them; raise disk.queue_max or "
+            "arena.headroom_share, or give the disk more bandwidth",
+            unsaved - self._unsaved_logged, unsaved,
+        )  # fmt: skip
+        self._unsaved_logged, self._unsaved_log_at = unsaved, now
 
     def _announce(self, t: Tier, key: bytes, meta: ChunkMeta | None) -> None:
         assert self.events is not None
@@ -348,10 +411,15 @@ class TierManager:
 
     def _tier_changes(self) -> None:
         """What the tiers found at start and evicted on their own, as KV events."""
-        if self.events is None:
-            return
+        entries = self.index.entries
         for t in self.tiers:
             found, gone = t.store.take_changes()
+            for key in gone:  # the tier let it go: the arena's copy is the last one
+                e = entries.get(key)
+                if e is not None:
+                    e.saved = False
+            if self.events is None:
+                continue
             for key, meta in found:
                 self._announce(t, key, meta)
             for key in gone:
