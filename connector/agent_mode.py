@@ -92,6 +92,8 @@ class AgentPath:
         self._agent_pidfd = -1
         self._replies: deque[tuple[int, int, bool]] = deque()  # (slot, seq, refused)
         self._lock = threading.Lock()
+        self._order = order
+        self._gpu: Any = None  # GPU caches: kvnode.kernels.gpuexport.GpuExport
 
     # ------------------------------------------------------------------ export
     def ready(self) -> bool:
@@ -125,6 +127,7 @@ class AgentPath:
                 )
             consent(agent_pid)
             layers = layer_exports(self.worker.layers)
+            device, handles = self._device_handles()
         except NotExportable as exc:
             return self._refuse(gen, str(exc))
         try:
@@ -134,8 +137,8 @@ class AgentPath:
         nonce = os.urandom(P.PROBE_BYTES)
         self.probe[:] = np.frombuffer(nonce, dtype=np.uint8)
         req = lambda r, c, g: P.ExportReq(  # noqa: E731
-            r, c, g, "cpu", layers, int(self.page.ctypes.data), self.slots, self.slot_bytes,
-            int(self.worker.chunk_nbytes), int(self.probe.ctypes.data), nonce,
+            r, c, g, device, layers, int(self.page.ctypes.data), self.slots, self.slot_bytes,
+            int(self.worker.chunk_nbytes), int(self.probe.ctypes.data), nonce, handles,
         )  # fmt: skip
         try:
             export_id, gen, why = client.export(req)
@@ -152,6 +155,22 @@ class AgentPath:
         self._refused = None
         log.info("kvnode: KV cache exported (%d layers): the agent moves the bytes", len(layers))
         return True
+
+    def _device_handles(self) -> tuple[str, list[bytes]]:
+        """The export's device and, on a GPU, its IPC and event handles (made once:
+        a new agent generation opens the same ones)."""
+        if self.worker.on_cpu:
+            return "cpu", []
+        if self._gpu is None:
+            from kvnode.kernels.gpuexport import GpuExport
+            from kvnode.kernels.ipchandle import ExportRefused
+
+            by_name = {layer.name: layer.kv for layer in self.worker.layers}
+            try:
+                self._gpu = GpuExport([by_name[name] for name in self._order])
+            except ExportRefused as exc:
+                raise NotExportable(str(exc)) from exc
+        return self._gpu.name, self._gpu.wire_handles()
 
     def _refuse(self, gen: int, why: str) -> bool:
         self._refused_generation = gen
@@ -182,6 +201,8 @@ class AgentPath:
         """Hand ``items`` over as jobs of at most ``JOB_CHUNKS_MAX`` chunks; a job that
         cannot be handed over is failed at once."""
         jobs: list[_Job] = []
+        if self._gpu is not None:  # the agent's copies start after this stream's work
+            self._gpu.record_ready()
         for i in range(0, len(items), P.JOB_CHUNKS_MAX):
             part = items[i : i + P.JOB_CHUNKS_MAX]
             if not self._free:
@@ -296,6 +317,8 @@ class AgentPath:
             return all(self._poll_layer(job, at) for job in self._loads)
 
         self._wait(layer_done)
+        if self._gpu is not None:  # the GPU, not this thread, waits for the copy itself
+            self._gpu.wait_layer(i)
 
     def _poll_layer(self, job: _Job, at: int) -> bool:
         if job.outcome < 0 and self.page[job.slot, at] == job.seq:

@@ -215,14 +215,15 @@ class KVNodeConnector(KVConnectorBase_V1, SupportsHMA):
 
     def _transfer_mode(self, worker: WorkerSide) -> str:
         """Who may move this worker's bytes. Agent mode runs on the CPU backend (cross-
-        memory attach); on GPUs the worker copies until a GPU run verified agent mode."""
+        memory attach); on GPUs only when asked for by name (``auto`` keeps the worker
+        copying until a GPU run has verified agent mode there)."""
         want = self.cfg.transfer
         if want == "worker":
             return "worker"
         if not worker.on_cpu:
-            if want == "agent":
-                log.warning("kvnode: agent mode is available on the CPU backend only; "
-                            "the worker copies itself")  # fmt: skip
+            if want == "agent":  # asked for by name: GPU agent mode awaits a GPU run
+                log.warning("kvnode: agent mode on a GPU has not been verified on one yet")
+                return "agent"
             return "worker"
         return "agent" if want == "agent" or AUTO_AGENT_ON_CPU else "worker"
 

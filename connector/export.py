@@ -60,21 +60,24 @@ def block_parts(blocks: np.ndarray) -> tuple[int, list[tuple[int, int]]]:
 
 
 def layer_exports(layers: Sequence[Any]) -> list[P.LayerExport]:
-    """``LayerExport``s of a ``WorkerSide``'s CPU layers, in forward order."""
+    """``LayerExport``s of a ``WorkerSide``'s layers (host memory, or one GPU's: their
+    IPC handles travel beside, ``kvnode.kernels.gpuexport``), in forward order."""
     by_name = {layer.name: layer for layer in layers}
     out: list[P.LayerExport] = []
     for name in forward_order(list(by_name)):
         layer = by_name[name]
-        blocks = layer.blocks
-        if blocks is None:
-            raise NotExportable(f"layer {name} is not in host memory")
-        stride, parts = block_parts(blocks)
         kv = layer.kv
+        if layer.blocks is not None:
+            base, stride, parts = int(layer.blocks.ctypes.data), *block_parts(layer.blocks)
+        elif kv.device.type == "cuda":
+            base, stride, parts = device_parts(kv, layer.layout)
+        else:
+            raise NotExportable(f"layer {name} is on {kv.device}")
         out.append(
             P.LayerExport(
                 name=name[: P.NAME_CHARS_MAX],
-                base=int(blocks.ctypes.data),
-                num_blocks=int(blocks.shape[0]),
+                base=base,
+                num_blocks=int(layer.layout.num_blocks),
                 block_stride=stride,
                 block_nbytes=int(layer.layout.block_nbytes),
                 parts=parts,
@@ -86,6 +89,21 @@ def layer_exports(layers: Sequence[Any]) -> list[P.LayerExport]:
             )
         )
     return out
+
+
+def device_parts(kv: Any, layout: Any) -> tuple[int, int, list[tuple[int, int]]]:
+    """(base, block stride, parts) of a GPU layer: the one-launch kernel's segments,
+    which the agent checks again against the tensor it opens."""
+    from kvnode.kernels.plan import NotCoverable, segments
+
+    try:
+        seg = segments(kv, layout)
+    except NotCoverable as exc:
+        raise NotExportable(f"a block of this layout is not one kernel row: {exc}") from exc
+    parts = [(s * seg.seg_stride, seg.seg_bytes) for s in range(seg.n_seg)]
+    if len(parts) > P.BLOCK_PARTS_MAX:
+        raise NotExportable(f"a block is {len(parts)} separate pieces")
+    return seg.base, seg.block_stride, parts
 
 
 def ptrace_scope() -> int | None:

@@ -29,6 +29,8 @@ class GpuExport:
             raise H.ExportRefused(f"layers on {sorted({str(kv.device) for kv in kvs})}")
         self.device = device
         self.layers = H.export_cache(kvs)
+        uuid = H.normalize_uuid(torch.cuda.get_device_properties(device).uuid)
+        self.name = f"cuda:{uuid}"  # the export's device: one agent copy thread per GPU
         with torch.cuda.device(device):
             self.ready = torch.cuda.Event(interprocess=True)
             self.layer_events = [torch.cuda.Event(interprocess=True) for _ in kvs]

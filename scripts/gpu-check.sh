@@ -12,7 +12,9 @@
 #      under an exporting worker, an expandable-segments cache, memory outside torch's
 #      default pool refused),
 #   5. any other test marked gpu, among them tests/connector/test_connector_gpu.py
-#      (cudaHostRegister of the arena follows two agent restarts),
+#      (cudaHostRegister of the arena follows two agent restarts) and
+#      tests/agent/test_mover_gpu.py (the connector's agent mode on CUDA caches through
+#      a real agent process),
 #   6. benchmarks/gpu_copy_bench.py --shape llama8b and llama70b (one JSON line each).
 # Every step's limit is cut to what is left of a 290 s budget, so the whole run stays
 # under 5 minutes; prints everything and copies the log and the benchmark JSON to $OUT

@@ -211,3 +211,56 @@ def test_a_real_agent_refuses_gpu_handles_it_cannot_open(tmp_path: Path) -> None
     finally:
         c.close()
         agent.stop()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA or ROCm GPU")
+@pytest.mark.parametrize("alloc", ["default", "expandable"])
+def test_gpu_workers_through_a_real_agent(tmp_path: Path, alloc: str) -> None:
+    """The connector's agent mode on GPU caches, end to end below vLLM: one worker's
+    chunks saved by the agent, loaded layer by layer into another worker's cache."""
+    from tests.agent.test_movers import _load, _ops, _save, big_agent_stats
+    from tests.conftest import AgentProcess
+
+    env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"} if alloc == "expandable" else {}
+    agent = AgentProcess(tmp_path / "run", cpu_bytes="256MiB", env=env).start()
+    try:
+        rd = str(agent.runtime_dir)
+        shape = (2, 64, 16, 4, 64)  # FlashAttention: [K/V, blocks, tokens, heads, head]
+        src = {
+            f"model.layers.{i}.self_attn.attn": torch.randn(shape, device="cuda").to(torch.bfloat16)
+            for i in range(4)
+        }
+        w1, p1 = _gpu_path(rd, src)
+        _save(p1, _ops(6, 0, tag=3))
+        assert w1.stats.save_chunks == 6
+        dst = {k: torch.zeros_like(v) for k, v in src.items()}
+        _, p2 = _gpu_path(rd, dst)
+        assert _load(p2, _ops(6, 32, tag=3)) == set()
+        torch.cuda.synchronize()
+        for k in src:
+            assert torch.equal(src[k][:, : 6 * BPC], dst[k][:, 32 : 32 + 6 * BPC]), k
+        t = big_agent_stats(agent)["transfers"]["agent"]
+        assert t["save_chunks"] == 6 and t["load_chunks"] == 6
+    finally:
+        agent.stop()
+
+
+def _gpu_path(runtime_dir: str, kv: dict[str, torch.Tensor]) -> tuple[object, object]:
+    from kvnode.connector.agent_mode import AgentPath
+    from kvnode.connector.link import AgentLink, default_client_factory
+    from kvnode.connector.worker import WorkerSide
+    from kvnode.kernels.hostmem import ArenaMapping
+
+    arena = ArenaMapping()
+    factory = default_client_factory(
+        runtime_dir, "gpu-mover-test", 5.0, arena.on_map, arena.on_unmap
+    )
+    link = AgentLink(factory, background=False)
+    assert link.try_connect()
+    blocks = next(iter(kv.values())).shape[1]
+    w = WorkerSide(link, 0, blocks, 16, BPC, arena=arena)
+    w.register(kv, "FLASH_ATTN")
+    path = AgentPath(link, w)
+    assert path.ready(), "the agent refused the GPU export"
+    return w, path
