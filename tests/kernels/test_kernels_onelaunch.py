@@ -161,3 +161,44 @@ def test_no_blocks_launches_nothing() -> None:
     kv = MAKERS["mla"](torch.float32, DEVICE)
     layout = detect_layout(kv, NUM_BLOCKS, BLOCK_SIZE)
     run([Row(kv, layout, 0, 0)], [[]], gather=True)  # address 0: nothing may be touched
+
+
+def test_a_failing_launch_falls_back_for_good_and_is_counted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert onelaunch is not None
+    kvs = SHARING["separate"]("flash", torch.float16)
+    layout = detect_layout(kvs[0], NUM_BLOCKS, BLOCK_SIZE)
+    chunk = chunk_buffer(LAYERS * 2 * layout.block_nbytes)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("no compiler for this device")
+
+    before = kcopy.kernel_stats()
+    monkeypatch.setattr(onelaunch, "launch", refuse)
+    monkeypatch.setitem(kcopy._kernel_state, "disabled", False)
+    assert not kcopy._one_launch(kvs, layout, [1, 2], chunk, gather=True)
+    monkeypatch.undo()  # a working launch again: the process stays on the per-layer path
+    monkeypatch.setitem(kcopy._kernel_state, "disabled", True)
+    assert not kcopy._one_launch(kvs, layout, [1, 2], chunk, gather=True)
+    after = kcopy.kernel_stats()
+    assert after["failed"] == before["failed"] + 1
+    assert after["unavailable"] == before["unavailable"] + 1
+    assert not after["loaded"]
+    kcopy._kernel_state["disabled"] = False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA or ROCm GPU")
+def test_gather_layers_packs_with_one_launch_on_a_gpu() -> None:
+    from kvnode.kernels import gather_layers, scatter_layers
+
+    kvs = SHARING["separate"]("flash", torch.bfloat16)
+    layout = detect_layout(kvs[0], NUM_BLOCKS, BLOCK_SIZE)
+    ids = IDS["scattered"]
+    host = torch.zeros(LAYERS * len(ids) * layout.block_nbytes, dtype=torch.uint8).pin_memory()
+    launches = kcopy.kernel_stats()["launches"]
+    gather_layers(kvs, layout, ids, host)
+    scatter_layers(host, kvs, layout, ids)
+    assert kcopy.kernel_stats()["launches"] == launches + 2
+    assert host.numpy().tobytes() == reference(kvs, [layout] * LAYERS, [ids] * LAYERS)
