@@ -208,17 +208,19 @@ class Handlers:
             )
         else:
             outs = self.cache.commit_many(keys, c.client_id, m.checksums, m.parents, m.tokens)
-        commits = nbytes = 0
+        commits = nbytes = ntokens = 0
         for i, key, st in zip(mine, keys, outs, strict=True):
             out[i] = _WIRE_STATUS[st]
             if st is Outcome.OK:
                 leases.discard(key)
                 commits += 1
                 nbytes += entries[key].size
+                ntokens += len(m.tokens[i]) if m.tokens else 0
         ctr = self.stats.counters
         ctr["refused_commits"] += refused
         ctr["commits"] += commits
         ctr["bytes_in"] += nbytes
+        ctr["tokens_in"] += ntokens
         self.stats.observe("commit", time.perf_counter() - t0)
         return P.StatusRep(m.rid, out)
 
@@ -236,7 +238,7 @@ class Handlers:
         status: list[int] = []
         slots: list[P.Slot | None] = []
         ok, not_found = P.Status.OK, P.Status.NOT_FOUND
-        misses = nbytes = 0
+        misses = nbytes = ntokens = 0
         keys = m.keys
         room = self.cfg.agent.client_pins_max - c.pins_held
         if len(keys) > room:  # past the client's share: the last keys are refused, counted
@@ -252,6 +254,8 @@ class Handlers:
             status.append(ok)
             slots.append(self.slot(e))
             nbytes += e.size
+            if e.meta is not None:
+                ntokens += len(e.meta.tokens) >> 2  # uint32 token ids
         ctr = self.stats.counters
         if len(keys) < len(m.keys):
             ctr["refused_pins"] += len(m.keys) - len(keys)
@@ -259,6 +263,7 @@ class Handlers:
             slots.extend([None] * (len(m.keys) - len(keys)))
         ctr["pin_misses"] += misses
         ctr["bytes_out"] += nbytes
+        ctr["tokens_out"] += ntokens
         ctr["pins"] += 1
         self.stats.observe("pin", time.perf_counter() - t0)
         return P.SlotsRep(m.rid, status, slots)

@@ -64,6 +64,8 @@ _COUNTER_HELP = {
     "orphan_evictions": "Entries evicted after their parent chunk had left the arena.",
     "orphan_bytes": "Bytes of entries evicted after their parent chunk had left the arena.",
     "quota_refused": "Reserves refused: their namespace was at its share of the arena.",
+    "tokens_in": "Tokens in the chunks clients committed (prefilled by vLLM, then stored).",
+    "tokens_out": "Tokens in the chunks clients pinned to load (served instead of prefilled).",
     "refused_admin": "Operators' requests (drop, kvnode cache) refused to ordinary clients.",
     "refused_pins": "Pins refused: the client held agent.client_pins_max.",
     "refused_leases": "Reservations refused: the client held agent.client_leases_max.",
@@ -202,8 +204,9 @@ def _render_latency(f: _Families, latency: Mapping[str, Any]) -> None:
     for op, summary in latency.items():
         if not isinstance(summary, Mapping):
             continue
+        empty = not summary.get("count")  # no samples: NaN, as Prometheus summaries say
         for key, quantile in (("p50", "0.5"), ("p90", "0.9"), ("p99", "0.99")):
-            value = _number(summary.get(key))
+            value = math.nan if empty else _number(summary.get(key))
             if value is not None:
                 f.add(family, "summary", help_text, value / 1e6, {"op": op, "quantile": quantile})
         f.add(family, "summary", help_text, summary.get("count"), {"op": op}, suffix="_count")
@@ -279,6 +282,94 @@ def _render_namespaces(f: _Families, namespaces: Mapping[str, Any]) -> None:
             f.add(family, kind, help_text, values.get(key), {"namespace": str(ns)})
 
 
+# Peers: the fetching side (this node asks), per peer and in total, and the serving side.
+PEER_STATES = ("up", "connecting", "down", "self")  # see agent/peers/links.py
+_PEER_COUNTERS = {
+    "lookups": "Keys this node asked the peer about.",
+    "hits": "Keys the peer said it has.",
+    "fetches": "Fetch requests sent to the peer.",
+    "fetched_keys": "Chunks fetched from the peer into the arena.",
+    "bytes": "Bytes fetched from the peer.",
+    "timeouts": "Requests to the peer that timed out.",
+    "errors": "Bad or failed answers from the peer.",
+    "corrupt": "Chunks from the peer that failed their checksum.",
+    "busy": "Requests the peer refused as busy.",
+    "unreachable": "Times the peer could not be reached.",
+    "late": "Answers that came after their deadline.",
+}
+_PEER_TOTALS = {
+    "queries": ("peer_queries_total", "Lookups fanned out to peers."),
+    "fetched": ("peer_fetched_total", "Chunks fetched from any peer."),
+    "fetched_bytes": ("peer_fetched_bytes_total", "Bytes fetched from any peer."),
+    "failed": ("peer_fetch_failed_total", "Fetches that failed (timeout, error, checksum)."),
+    "dropped": ("peer_fetch_dropped_total", "Fetches dropped: too many in flight."),
+    "no_space": ("peer_fetch_no_space_total", "Fetches with no arena room to land in."),
+}
+_PEER_SERVER = {
+    "served_keys": ("peer_served_keys_total", "counter", "Chunks sent to peers."),
+    "served_bytes": ("peer_served_bytes_total", "counter", "Bytes sent to peers."),
+    "have_requests": ("peer_have_requests_total", "counter", "Peers' have-you requests."),
+    "fetch_requests": ("peer_fetch_requests_total", "counter", "Peers' fetch requests."),
+    "refused": ("peer_refused_total", "counter", "Peer connections refused (unknown CURVE key)."),
+    "admitted": ("peer_admitted_total", "counter", "Peer connections admitted (known CURVE key)."),
+    "busy": ("peer_server_busy_total", "counter", "Peers' requests refused as busy."),
+    "bad_frames": ("peer_bad_frames_total", "counter", "Peers' frames that did not decode."),
+    "sends_inflight": ("peer_sends_inflight", "gauge", "Sends to peers not yet completed."),
+    "bytes_inflight": ("peer_send_inflight_bytes", "gauge", "Arena bytes pinned for sends."),
+}
+_EVENTS = {
+    "events": ("events_published_total", "counter", "KV events published."),
+    "batches": ("events_batches_total", "counter", "KV event batches published."),
+    "dropped": ("events_dropped_total", "counter", "KV events dropped (queue full)."),
+    "send_errors": ("events_send_errors_total", "counter", "Batches the socket refused."),
+    "replays": ("events_replays_total", "counter", "Replay requests accepted."),
+    "replay_bytes": ("events_replay_bytes_total", "counter", "Bytes of batches replayed."),
+    "bad_replays": ("events_bad_replays_total", "counter", "Replay requests that did not decode."),
+    "replay_refused": (
+        "events_replay_refused_total",
+        "counter",
+        "Replay requests refused: events.replay_requesters_max reached.",
+    ),
+    "replay_rate_limited": (
+        "events_replay_rate_limited_total",
+        "counter",
+        "Replay requests over events.replay_requests_per_s.",
+    ),
+    "replay_stalled": (
+        "events_replay_stalled_total",
+        "counter",
+        "Replays abandoned: unread for events.replay_stall_s.",
+    ),
+    "replay_requesters": ("events_replay_requesters", "gauge", "Requesters being replayed to."),
+    "replay_ring_bytes": ("events_replay_ring_bytes", "gauge", "Bytes of batches kept for replay."),
+    "queued": ("events_queued", "gauge", "KV events waiting for the next batch."),
+    "seq": ("events_sequence", "gauge", "Sequence number of the last batch."),
+}
+
+
+def _render_peers(f: _Families, peers: Mapping[str, Any], server: Mapping[str, Any]) -> None:
+    for key, (family, help_text) in _PEER_TOTALS.items():
+        f.add(family, "counter", help_text, peers.get(key))
+    for addr, p in (peers.get("peers") or {}).items():
+        if not isinstance(p, Mapping):
+            continue
+        labels = {"peer": str(addr)}
+        state = str(p.get("state", ""))
+        f.add("peer_up", "gauge", "1 while the link to the peer is up.", int(state == "up"), labels)  # fmt: skip
+        for st in PEER_STATES:
+            f.add("peer_state", "gauge", "The link's state, one-hot: up, connecting (never "
+                  "answered yet), down (failing, skipped for a while), self.", int(state == st), {**labels, "state": st})  # fmt: skip
+        for key, help_text in _PEER_COUNTERS.items():
+            f.add(f"peer_{key}_total", "counter", help_text, p.get(key), labels)
+    for key, (family, kind, help_text) in _PEER_SERVER.items():
+        f.add(family, kind, help_text, server.get(key))
+
+
+def _render_events(f: _Families, events: Mapping[str, Any]) -> None:
+    for key, (family, kind, help_text) in _EVENTS.items():
+        f.add(family, kind, help_text, events.get(key))
+
+
 def render(stats: Mapping[str, Any]) -> str:
     """The stats dict as Prometheus text format (version 0.0.4)."""
     f = _Families()
@@ -288,6 +379,9 @@ def render(stats: Mapping[str, Any]) -> str:
     _render_tiers(f, stats.get("tiers") or {})
     _render_lookup_index(f, stats.get("lookup_index") or {})
     _render_namespaces(f, stats.get("namespaces") or {})
+    if stats.get("peers") or stats.get("peers_server"):
+        _render_peers(f, stats.get("peers") or {}, stats.get("peers_server") or {})
+    _render_events(f, stats.get("events") or {})
     return f.text()
 
 

@@ -433,7 +433,7 @@ def check_agent(cfg: Config) -> Iterator[Finding]:
             yield Finding(FAIL, f"tier {name}", f"unhealthy ({t.get('errors', 0)} errors)")
     for addr, peer in ((snap.get("peers") or {}).get("peers") or {}).items():
         state = peer.get("state", "?")
-        level = OK if state == "connected" else WARN
+        level = OK if state in ("up", "self") else WARN
         yield Finding(level, "peer", f"{addr} {state}")
     ev = snap.get("events") or {}
     if ev.get("dropped"):

@@ -150,7 +150,7 @@ def summary_line(cur: dict[str, Any], prev: dict[str, Any] | None, dt: float) ->
             parts.append(f"{name}={'ok' if t.get('healthy', 1) else 'DOWN'}")
     peers = ((cur.get("peers") or {}).get("peers") or {}).values()
     if peers:
-        up = sum(1 for p in peers if p.get("state") == "connected")
+        up = sum(1 for p in peers if p.get("state") == "up")
         parts.append(f"peers={up}/{len(peers)}")
     if cur.get("events"):
         parts.append(f"events_dropped={cur['events'].get('dropped', 0)}")

@@ -25,12 +25,12 @@ def fleet_stats() -> dict[str, Any]:
     s["generation"] = 0x40B3B3FED0BD
     s["tiers"]["disk"]["healthy"] = True
     s["tiers"]["s3"]["healthy"] = False
-    peer = {"state": "connected", "lookups": 12345, "hits": 999, "fetched_keys": 4567,
+    peer = {"state": "up", "lookups": 12345, "hits": 999, "fetched_keys": 4567,
             "bytes": 3 << 30, "timeouts": 2, "corrupt": 0}  # fmt: skip
     s["peers"] = {"peers": {
         "tcp://kvnode-agent-0.kvnode.default.svc.cluster.local:7470": dict(peer),
-        "tcp://10.0.0.2:7470": {**peer, "state": "refused"},
-        "tcp://10.0.0.3:7470": {**peer, "state": "unreachable"},
+        "tcp://10.0.0.2:7470": {**peer, "state": "down"},
+        "tcp://10.0.0.3:7470": {**peer, "state": "connecting"},
     }}  # fmt: skip
     s["peers_server"] = {"served_keys": 123456, "served_bytes": 5 << 30, "admitted": 3,
                          "refused": 1, "busy": 0, "bad_frames": 0}  # fmt: skip
@@ -58,7 +58,7 @@ def test_table_fits_80_by_24_with_peers_and_events() -> None:
         row = next(x for x in lines if x.startswith(header + " "))
         heads = {"tier": "dropped", "peer": "bad", "counter": "/s"}[header]
         assert row.rstrip().endswith(heads), row
-    for needle in ("serving peers", "refused", "unreachable", "events tcp://0.0.0.0:7471",
+    for needle in ("serving peers", "down", "connecting", "events tcp://0.0.0.0:7471",
                    "dropped 12", "DOWN", "evict_unsaved", "gen 40b3b3fed0bd"):  # fmt: skip
         assert needle in text, needle
 
