@@ -9,6 +9,7 @@ import os
 import time
 from importlib.util import find_spec
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -213,54 +214,94 @@ def test_a_real_agent_refuses_gpu_handles_it_cannot_open(tmp_path: Path) -> None
         agent.stop()
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA or ROCm GPU")
-@pytest.mark.parametrize("alloc", ["default", "expandable"])
-def test_gpu_workers_through_a_real_agent(tmp_path: Path, alloc: str) -> None:
-    """The connector's agent mode on GPU caches, end to end below vLLM: one worker's
-    chunks saved by the agent, loaded layer by layer into another worker's cache."""
+GPU = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA or ROCm GPU"),
+]
+DEVICES = ["cpu", pytest.param("cuda", marks=GPU), pytest.param("cuda-expandable", marks=GPU)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_workers_through_a_real_agent_and_its_restart(tmp_path: Path, device: str) -> None:
+    """The connector's agent mode end to end below vLLM, on the CPU mover or the GPU
+    mover (the same worker code): one worker's chunks saved by the agent and loaded
+    layer by layer into another's cache; then the agent is killed under the exporting
+    worker and a new one started: the worker exports again and saves through it."""
     from tests.agent.test_movers import _load, _ops, _save, big_agent_stats
     from tests.conftest import AgentProcess
 
-    env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"} if alloc == "expandable" else {}
+    env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"} if "expandable" in device else {}
     agent = AgentProcess(tmp_path / "run", cpu_bytes="256MiB", env=env).start()
     try:
         rd = str(agent.runtime_dir)
-        shape = (2, 64, 16, 4, 64)  # FlashAttention: [K/V, blocks, tokens, heads, head]
-        src = {
-            f"model.layers.{i}.self_attn.attn": torch.randn(shape, device="cuda").to(torch.bfloat16)
-            for i in range(4)
-        }
-        w1, p1 = _gpu_path(rd, src)
+        src = _caches(device, fill=True)
+        w1, p1 = _worker(rd, src)
         _save(p1, _ops(6, 0, tag=3))
         assert w1.stats.save_chunks == 6
+        saved = lambda: big_agent_stats(agent)["transfers"]["agent"]["save_chunks"]  # noqa: E731
+        _until(lambda: saved() == 6)  # the worker hears "copied" before the loop commits
         dst = {k: torch.zeros_like(v) for k, v in src.items()}
-        _, p2 = _gpu_path(rd, dst)
+        w2, p2 = _worker(rd, dst)
         assert _load(p2, _ops(6, 32, tag=3)) == set()
-        torch.cuda.synchronize()
-        for k in src:
-            assert torch.equal(src[k][:, : 6 * BPC], dst[k][:, 32 : 32 + 6 * BPC]), k
+        _same_blocks(src, 0, dst, 32, 6 * BPC)
         t = big_agent_stats(agent)["transfers"]["agent"]
         assert t["save_chunks"] == 6 and t["load_chunks"] == 6
+
+        agent.kill()  # under both exporting workers
+        agent.start()
+        for p in (p1, p2):  # the worker notices the new generation and exports again
+            _until(p.ready)
+        _save(p1, _ops(2, 8, tag=4))  # exported again to the new generation
+        _until(lambda: saved() == 2)
+        assert _load(p2, _ops(2, 48, tag=4)) == set()
+        _same_blocks(src, 8, dst, 48, 2 * BPC)
+        t = big_agent_stats(agent)["transfers"]["agent"]
+        assert t["exports"] == 2 and t["save_chunks"] == 2 and t["load_chunks"] == 2, t
     finally:
         agent.stop()
 
 
-def _gpu_path(runtime_dir: str, kv: dict[str, torch.Tensor]) -> tuple[object, object]:
+def _caches(device: str, fill: bool) -> dict[str, torch.Tensor]:
+    if device == "cpu":  # vLLM's CPU layout: [blocks, heads, tokens, 2 * head]
+        shape, dev = (64, 2, 16, 128), "cpu"
+    else:  # FlashAttention: [K/V, blocks, tokens, heads, head]
+        shape, dev = (2, 64, 16, 4, 64), "cuda"
+    return {
+        f"model.layers.{i}.self_attn.attn": torch.randn(shape, device=dev).to(torch.bfloat16)
+        for i in range(4)
+    }
+
+
+def _same_blocks(
+    src: dict[str, torch.Tensor], a: int, dst: dict[str, torch.Tensor], b: int, n: int
+) -> None:
+    for k, kv in src.items():
+        dim = 0 if kv.device.type == "cpu" else 1
+        want, got = kv.narrow(dim, a, n), dst[k].narrow(dim, b, n)
+        assert torch.equal(want.cpu(), got.cpu()), k
+
+
+def _until(ready: Any, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not ready():  # each step asks; meanwhile the worker copies itself
+        assert time.monotonic() < deadline, "the worker did not export to the new agent"
+        time.sleep(0.05)
+
+
+def _worker(runtime_dir: str, kv: dict[str, torch.Tensor]) -> tuple[object, object]:
     from kvnode.connector.agent_mode import AgentPath
     from kvnode.connector.link import AgentLink, default_client_factory
     from kvnode.connector.worker import WorkerSide
     from kvnode.kernels.hostmem import ArenaMapping
 
     arena = ArenaMapping()
-    factory = default_client_factory(
-        runtime_dir, "gpu-mover-test", 5.0, arena.on_map, arena.on_unmap
-    )
+    factory = default_client_factory(runtime_dir, "mover-test", 5.0, arena.on_map, arena.on_unmap)
     link = AgentLink(factory, background=False)
     assert link.try_connect()
-    blocks = next(iter(kv.values())).shape[1]
+    first = next(iter(kv.values()))
+    blocks = first.shape[0] if first.device.type == "cpu" else first.shape[1]
     w = WorkerSide(link, 0, blocks, 16, BPC, arena=arena)
-    w.register(kv, "FLASH_ATTN")
+    w.register(kv, None if first.device.type == "cpu" else "FLASH_ATTN")
     path = AgentPath(link, w)
-    assert path.ready(), "the agent refused the GPU export"
+    assert path.ready(), "the agent refused the export"
     return w, path
