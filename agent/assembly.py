@@ -2,8 +2,9 @@
 dependency order, each given everything it uses at construction. Nothing is rewired
 afterwards: no part is replaced, no attribute of another part is set.
 
-    stores (disk, S3) -> events -> shared lookup index -> cache (index + tiers) ->
-    peers (server, manager) -> fleet -> transfers (agent mode) -> handlers
+    stores (disk, S3) -> events -> shared lookup index -> cache (the index's one
+    writer; it builds the tier manager, handing it itself) -> peers (server, manager,
+    both writing through the cache) -> fleet -> transfers (agent mode) -> handlers
 
 ``Parts.close`` takes them down in the reverse order.
 """
@@ -103,20 +104,19 @@ def _build(
     published = _published(cfg, index, arena, generation, stores)
     if published is not None:
         closers.append(("lookup index", lambda: published.close(unlink=True)))
-    tiers = None
+    make_tiers = None
     if stores:
         from kvnode.agent.tiers.manager import TierManager
 
-        tiers = TierManager(cfg, arena, index, wake, stores=stores, events=events)
-        closers.append(("tiers", tiers.close))
-    headroom = int(index.alloc.pages_total * cfg.arena.headroom_share) if tiers else 0
-    fleet = _fleet(cfg, index, arena, wake, tiers, events, closers)
-    listeners: list[Any] = [published] if published is not None else []
-    store_listeners: list[Any] = []
-    if fleet is not None and fleet.listener is not None:
-        listeners.append(fleet.listener)
-        store_listeners.append(fleet.listener)
-    cache = Cache(index, tiers, headroom, listeners, store_listeners)
+        def make_tiers(cache: Cache) -> TierManager:
+            return TierManager(cfg, arena, cache, wake, stores=stores)
+
+    headroom = int(index.alloc.pages_total * cfg.arena.headroom_share) if stores else 0
+    listeners = [published] if published is not None else []
+    cache = Cache(index, make_tiers, headroom, listeners, events)
+    if cache.tiers is not None:
+        closers.append(("tiers", cache.tiers.close))
+    fleet = _fleet(cfg, cache, arena, wake, events, closers)
     transfers = Transfers(cache, arena.view, wake)
     closers.append(("transfers", transfers.close))
     handlers = Handlers(cfg, cache, stats, fleet, transfers.table)
@@ -160,10 +160,9 @@ def _published(
 
 def _fleet(
     cfg: Config,
-    index: Index,
+    cache: Cache,
     arena: Segment,
     wake: Callable[[], None],
-    tiers: TierManager | None,
     events: EventPublisher | None,
     closers: list[tuple[str, Callable[[], Any]]],
 ) -> Fleet | None:
@@ -172,12 +171,11 @@ def _fleet(
     from kvnode.agent.fleet import Fleet
     from kvnode.agent.peers import build_peers
 
+    tiers = cache.tiers
     server, peers = build_peers(
-        cfg, index, arena, wake,
-        lower_has=tiers.on_lookup_miss if tiers is not None else None,
-        on_evicted=tiers.on_evicted if tiers is not None else None,
-    )  # fmt: skip
-    fleet = Fleet(server, peers, events, tiers)
+        cfg, cache, arena, wake, lower_has=tiers.on_lookup_miss if tiers is not None else None
+    )
+    fleet = Fleet(server, peers, events)
     closers.append(("fleet", fleet.close_peers))
     return fleet
 

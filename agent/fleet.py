@@ -1,35 +1,18 @@
 """What the agent shares beyond its own processes: peer agents (a miss here is fetched
-from a peer that has the chunk) and KV events for cache-aware routers. Built from the
-config at start, driven from the agent loop; nothing here blocks the loop."""
+from a peer that has the chunk) and KV events for cache-aware routers. Built by the
+composition root, driven from the agent loop; nothing here blocks the loop, and nothing
+here changes the cache: fetched chunks land through the cache, which also writes the
+events (this only sends them)."""
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from kvnode.agent.events import MEDIUM_CPU, EventPublisher
+from kvnode.agent.events import EventPublisher
 from kvnode.agent.peers import PeerManager, PeerServer
-from kvnode.agent.tiers.format import ChunkMeta
-
-if TYPE_CHECKING:
-    from kvnode.agent.tiers.manager import TierManager
 
 log = logging.getLogger("kvnode.agent")
-
-
-class EventsListener:
-    """A cache listener that turns arena changes into vLLM KV events."""
-
-    def __init__(self, events: EventPublisher) -> None:
-        self.events = events
-
-    def stored(self, key: bytes, parent: bytes | None, tokens: list[int], medium: str) -> None:
-        self.events.stored(key, parent, tokens, medium)
-
-    def arena_changed(self, changes: list[tuple[bool, bytes]]) -> None:
-        for readable, key in changes:
-            if not readable:
-                self.events.removed(key, MEDIUM_CPU)
 
 
 class Fleet:
@@ -38,13 +21,10 @@ class Fleet:
         server: PeerServer | None,
         peers: PeerManager | None,
         events: EventPublisher | None,
-        tiers: TierManager | None,
     ) -> None:
         self.server = server
         self.peers = peers
         self.events = events
-        self.tiers = tiers
-        self.listener = EventsListener(events) if events is not None else None
 
     def sockets(self) -> list[Any]:
         out: list[Any] = []
@@ -66,14 +46,7 @@ class Fleet:
 
     def poll(self) -> None:
         if self.peers is not None:
-            for f in self.peers.poll():
-                e = self.peers.index.entries.get(f.key)
-                if e is not None and e.meta is None:
-                    e.meta = ChunkMeta.of(f.parent, list(f.tokens))
-                if self.tiers is not None:
-                    self.tiers.on_commit(f.key)
-                if self.events is not None:
-                    self.events.stored(f.key, f.parent, f.tokens, MEDIUM_CPU)
+            self.peers.poll()
         if self.server is not None:
             self.server.poll()
 

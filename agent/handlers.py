@@ -147,7 +147,8 @@ class Handlers:
         slots: list[P.Slot | None] = []
         answers = None
         keys, sizes, groups = m.keys, m.sizes, m.groups
-        over = len(keys) - (self.cfg.agent.client_leases_max - len(c.leases))
+        held = len(self.cache.held_by(c.client_id).leases)
+        over = len(keys) - (self.cfg.agent.client_leases_max - held)
         if over > 0:  # past the client's share: the last keys are refused, counted
             keep = max(0, len(keys) - over)
             keys, sizes, groups = keys[:keep], sizes[:keep], groups[:keep]
@@ -162,7 +163,6 @@ class Handlers:
             ]
         failed = 0
         pb = self.page_bytes
-        leases = c.leases
         for out, e in answers:
             status.append(_WIRE_STATUS[out])
             if e is None:
@@ -170,7 +170,6 @@ class Handlers:
                 if out is not Outcome.EXISTS:
                     failed += 1
             else:
-                leases.add(e.key)
                 slots.append(P.Slot(e.size, e.extents(pb)))
         for _ in range(len(m.keys) - len(keys)):
             status.append(P.Status.NO_SPACE)
@@ -190,32 +189,20 @@ class Handlers:
             raise ClientError(P.ErrCode.BAD_FRAME, "keys and checksums differ in length")
         if (m.parents and len(m.parents) != n) or (m.tokens and len(m.tokens) != n):
             raise ClientError(P.ErrCode.BAD_FRAME, "parents/tokens must match keys in length")
-        keys, leases = m.keys, c.leases
+        # The index refuses a key this client does not hold reserved (BAD_STATE, or
+        # NOT_FOUND when absent): leases are booked there, once.
+        outs = self.cache.commit_many(m.keys, c.client_id, m.checksums, m.parents, m.tokens)
         entries = self.cache.index.entries
-        out: list[int] = [P.Status.OK] * n
-        mine: list[int] = []
-        for i, key in enumerate(keys):
-            if key in leases:
-                mine.append(i)
-            else:  # not this client's reservation: never commit it
-                out[i] = P.Status.BAD_STATE if key in entries else P.Status.NOT_FOUND
-        refused = n - len(mine)
-        if refused:
-            pick = lambda xs: [xs[i] for i in mine] if xs else xs  # noqa: E731
-            keys = pick(keys)
-            outs = self.cache.commit_many(
-                keys, c.client_id, pick(m.checksums), pick(m.parents), pick(m.tokens)
-            )
-        else:
-            outs = self.cache.commit_many(keys, c.client_id, m.checksums, m.parents, m.tokens)
-        commits = nbytes = ntokens = 0
-        for i, key, st in zip(mine, keys, outs, strict=True):
-            out[i] = _WIRE_STATUS[st]
+        out: list[int] = []
+        commits = nbytes = ntokens = refused = 0
+        for i, (key, st) in enumerate(zip(m.keys, outs, strict=True)):
+            out.append(_WIRE_STATUS[st])
             if st is Outcome.OK:
-                leases.discard(key)
                 commits += 1
                 nbytes += entries[key].size
                 ntokens += len(m.tokens[i]) if m.tokens else 0
+            else:
+                refused += 1
         ctr = self.stats.counters
         ctr["refused_commits"] += refused
         ctr["commits"] += commits
@@ -227,8 +214,7 @@ class Handlers:
     def abort(self, c: Client, m: P.AbortReq) -> Any:
         self._limit(len(m.keys))
         for key in m.keys:
-            if key in c.leases and self.cache.abort(key, c.client_id):
-                c.leases.discard(key)
+            if self.cache.abort(key, c.client_id):  # only this client's reservations
                 self.stats.inc("aborts")
         return P.Ok(m.rid)
 
@@ -240,17 +226,16 @@ class Handlers:
         ok, not_found = P.Status.OK, P.Status.NOT_FOUND
         misses = nbytes = ntokens = 0
         keys = m.keys
-        room = self.cfg.agent.client_pins_max - c.pins_held
+        room = self.cfg.agent.client_pins_max - self.cache.held_by(c.client_id).pins_held
         if len(keys) > room:  # past the client's share: the last keys are refused, counted
             keys = keys[: max(0, room)]
         now = c.last_seen  # the request's time (set when it was authenticated)
-        for key, e in zip(keys, self.cache.pin_many(keys)):
+        for e in self.cache.pin_many(keys, c.client_id, now):
             if e is None:
                 status.append(not_found)
                 slots.append(None)
                 misses += 1
                 continue
-            c.pin(key, now)
             status.append(ok)
             slots.append(self.slot(e))
             nbytes += e.size
@@ -271,9 +256,7 @@ class Handlers:
     def release(self, c: Client, m: P.ReleaseReq) -> Any:
         t0 = time.perf_counter()
         self._limit(len(m.keys))
-        for key in m.keys:
-            if c.unpin(key):  # only pins this client holds
-                self.cache.unpin(key)
+        self.cache.unpin_many(m.keys, c.client_id)  # only pins this client holds
         self.stats.inc("releases")
         self.stats.observe("release", time.perf_counter() - t0)
         return P.Ok(m.rid)

@@ -18,8 +18,9 @@ the caller hands them to whoever copies them out.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import TYPE_CHECKING
 
@@ -100,6 +101,21 @@ class Evicted:
     removed: list[bytes]
 
 
+@dataclass(slots=True, eq=False)
+class Holdings:
+    """What one owner (a client, or the agent) holds: booked here and nowhere else."""
+
+    leases: set[bytes] = field(default_factory=set)  # keys it has reserved
+    pins: Counter[bytes] = field(default_factory=Counter)  # key -> pins it holds
+    # key -> when its first pin still held was taken; insertion order is age order, so
+    # expiry looks only at the oldest
+    pinned_at: dict[bytes, float] = field(default_factory=dict)
+    pins_held: int = 0  # sum of ``pins``: a key pinned twice counts twice
+
+    def empty(self) -> bool:
+        return not self.leases and not self.pins
+
+
 @dataclass(slots=True)
 class IndexCounters:
     evictions: int = 0
@@ -141,6 +157,8 @@ class Index:
         self.groups: dict[bytes, set[bytes]] = {}  # group -> member keys (any state)
         # (True, key) committed, (False, key) left the arena, in order, since take_changes()
         self.changes: list[tuple[bool, bytes]] = []
+        # Who holds what, booked here only (an entry's ``pins`` is the sum over owners).
+        self.holdings: dict[int, Holdings] = {}
 
     # -- reads ---------------------------------------------------------------
     def lookup(self, key: bytes) -> Entry | None:
@@ -163,12 +181,32 @@ class Index:
     def contains(self, key: bytes) -> bool:
         return key in self.entries
 
-    def pin(self, key: bytes) -> Entry | None:
-        return self.pin_many([key])[0]
+    def held_by(self, owner: int) -> Holdings:
+        """``owner``'s holdings (an empty record when it holds nothing; not stored)."""
+        return self.holdings.get(owner) or Holdings()
 
-    def pin_many(self, keys: list[bytes]) -> list[Entry | None]:
-        """Pin each committed key (recency too); None for the others."""
+    def _holdings(self, owner: int) -> Holdings:
+        h = self.holdings.get(owner)
+        if h is None:
+            h = self.holdings[owner] = Holdings()
+        return h
+
+    def _settle(self, owner: int, h: Holdings) -> None:
+        if h.empty():
+            self.holdings.pop(owner, None)
+
+    def pin(self, key: bytes, owner: int = AGENT_OWNER) -> Entry | None:
+        return self.pin_many([key], owner)[0]
+
+    def pin_many(
+        self, keys: list[bytes], owner: int = AGENT_OWNER, now: float | None = None
+    ) -> list[Entry | None]:
+        """Pin each committed key for ``owner`` (recency too); None for the others.
+        ``now``: when (for the pin TTL; the index's clock when not given)."""
         entries, touch, committed = self.entries, self.policy.touch, State.COMMITTED
+        h = self._holdings(owner)
+        book, since = h.pins, h.pinned_at
+        when = self.clock() if now is None else now
         out: list[Entry | None] = []
         for key in keys:
             e = entries.get(key)
@@ -182,13 +220,28 @@ class Index:
             if e.pins == 0:
                 self.pinned += 1
             e.pins += 1
+            n = book[key]
+            if not n:
+                since[key] = when
+            book[key] = n + 1
+            h.pins_held += 1
             out.append(e)
+        self._settle(owner, h)
         return out
 
-    def unpin(self, key: bytes, count: int = 1) -> None:
+    def unpin(self, key: bytes, count: int = 1, owner: int = AGENT_OWNER) -> None:
+        """Give back ``count`` of ``owner``'s pins on ``key`` (all of them must be held:
+        callers check ``held_by(owner).pins`` first where the count comes from outside)."""
+        h = self.holdings.get(owner)
         e = self.entries.get(key)
-        if e is None or e.pins < count:
-            raise AllocatorInvariantError(f"unpin of an entry not pinned {count}x")
+        if h is None or h.pins.get(key, 0) < count or e is None or e.pins < count:
+            raise AllocatorInvariantError(f"unpin of an entry not pinned {count}x by {owner}")
+        h.pins[key] -= count
+        h.pins_held -= count
+        if not h.pins[key]:
+            del h.pins[key]
+            del h.pinned_at[key]
+            self._settle(owner, h)
         e.pins -= count
         if e.pins == 0:
             self.pinned -= 1
@@ -316,6 +369,7 @@ class Index:
             self.groups.setdefault(group, set()).add(key)
         e.lease_deadline = now + self.reserve_ttl_s
         self.entries[key] = e
+        self._holdings(owner).leases.add(key)
         self.bytes_used += size
         self.reserved += 1
         return e
@@ -378,7 +432,7 @@ class Index:
             else:
                 e.state = committed
                 e.checksum = checksum
-                self.reserved -= 1
+                self._unlease(e)
                 done.append(key)
                 done_parents.append(parents[i] or None if parents else None)
                 changes.append((True, key))
@@ -391,9 +445,17 @@ class Index:
         e = self.entries.get(key)
         if e is None or e.state is not State.RESERVED or e.owner != owner:
             return False
-        self.reserved -= 1
+        self._unlease(e)
         self._free(e)
         return True
+
+    def _unlease(self, e: Entry) -> None:
+        """``e`` leaves RESERVED (committed, aborted or expired)."""
+        self.reserved -= 1
+        h = self.holdings.get(e.owner)
+        if h is not None:
+            h.leases.discard(e.key)
+            self._settle(e.owner, h)
 
     def drop(self, key: bytes) -> bool:
         """Remove a committed entry (e.g. it failed a checksum) and the committed
@@ -520,22 +582,40 @@ class Index:
             if e.state is State.RESERVED and e.owner != AGENT_OWNER and e.lease_deadline < now
         ]
         for e in dead:
-            self.reserved -= 1
+            self._unlease(e)
             self._free(e)
         self.counters.expired_leases += len(dead)
         return dead
 
-    def release_owner(
-        self, owner: int, leases: Iterable[bytes], pins: dict[bytes, int]
-    ) -> tuple[int, int]:
-        """Drop a client's reservations and pins. Returns (leases, pins) reclaimed."""
-        n_leases = sum(1 for k in list(leases) if self.abort(k, owner))
+    def release_owner(self, owner: int) -> tuple[int, int]:
+        """Drop everything ``owner`` holds: its reservations and pins, as booked here.
+        Returns (leases, pins) reclaimed."""
+        h = self.held_by(owner)
+        n_leases = sum(1 for k in list(h.leases) if self.abort(k, owner))
         n_pins = 0
-        for key, count in list(pins.items()):
-            if key in self.entries and count:
-                self.unpin(key, count)
-                n_pins += count
+        for key, count in list(h.pins.items()):
+            self.unpin(key, count, owner)
+            n_pins += count
         return n_leases, n_pins
+
+    def expire_pins(self, taken_before: float) -> list[tuple[int, bytes, int]]:
+        """Give back every client pin of a key first pinned before ``taken_before``:
+        (owner, key, count) for each. Looks at the expired ones only (age order). The
+        agent's own pins (sends to peers) end with their sends, not here."""
+        out: list[tuple[int, bytes, int]] = []
+        for owner, h in list(self.holdings.items()):
+            if owner == AGENT_OWNER:
+                continue
+            old: list[bytes] = []
+            for key, at in h.pinned_at.items():
+                if at >= taken_before:
+                    break
+                old.append(key)
+            for key in old:
+                n = h.pins[key]
+                self.unpin(key, n, owner)
+                out.append((owner, key, n))
+        return out
 
     # -- invariants ----------------------------------------------------------------
     def check(self) -> None:
@@ -564,10 +644,26 @@ class Index:
             raise AllocatorInvariantError("evicting_pages drifted")
         if reserved != self.reserved or pinned != self.pinned:
             raise AllocatorInvariantError("reserved/pinned gauges drifted")
+        self._check_books()
         committed = sum(1 for e in self.entries.values() if e.state is State.COMMITTED)
         if committed != len(self.policy):
             raise AllocatorInvariantError("policy and index disagree on committed entries")
         self.alloc.check(used)
+
+    def _check_books(self) -> None:
+        pins: Counter[bytes] = Counter()
+        for h in self.holdings.values():
+            pins.update(h.pins)
+            if h.pins_held != sum(h.pins.values()) or h.pinned_at.keys() != h.pins.keys():
+                raise AllocatorInvariantError("an owner's pin book drifted")
+        if any(pins[k] != e.pins for k, e in self.entries.items()) or any(
+            k not in self.entries for k in pins
+        ):
+            raise AllocatorInvariantError("pin books and entries disagree")
+        leased = {(o, k) for o, h in self.holdings.items() for k in h.leases}
+        reserved = {(e.owner, k) for k, e in self.entries.items() if e.state is State.RESERVED}
+        if leased != reserved:
+            raise AllocatorInvariantError("lease books and reserved entries disagree")
 
 
 __all__ = ["AGENT_OWNER", "Entry", "Evicted", "Index", "Outcome", "State", "Status"]

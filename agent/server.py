@@ -24,7 +24,7 @@ from kvnode.agent.cache import Cache
 from kvnode.agent.clients import Client
 from kvnode.agent.config import Config, format_size
 from kvnode.agent.handlers import ClientError, Handlers
-from kvnode.agent.index import AGENT_OWNER, Index, State
+from kvnode.agent.index import AGENT_OWNER, Index
 from kvnode.agent.movers.service import Transfers
 from kvnode.agent.published import PublishedIndex
 
@@ -393,9 +393,6 @@ class Agent:
 
     def _expire_leases(self) -> None:
         for e in self.cache.expire_leases():
-            owner = self.registry.by_id.get(e.owner)
-            if owner is not None:
-                owner.leases.discard(e.key)
             self.stats.inc("expired_leases")
             log.warning("reservation of %s by client %x expired", e.key.hex(), e.owner)
         self._expire_pins()
@@ -406,16 +403,14 @@ class Agent:
         keep an entry from eviction for as long as it lives. A reader still copying
         after that long is protected by its checksum of the copy, not by the pin."""
         before = self.clock() - self.cfg.agent.pin_ttl_s
-        for c in self.registry.values():
-            for key, n in c.expired_pins(before):
-                self.cache.unpin(key, n)
-                self.stats.inc("expired_pins", n)
-                log.warning("pin of %s by client %x expired (%d)", key.hex(), c.client_id, n)
+        for owner, key, n in self.cache.expire_pins(before):
+            self.stats.inc("expired_pins", n)
+            log.warning("pin of %s by client %x expired (%d)", key.hex(), owner, n)
 
     def _reclaim(self, c: Client, why: str) -> None:
         if self.transfers is not None:
             self.transfers.client_gone(c.client_id)
-        leases, pins = self.cache.release_owner(c.client_id, c.leases, c.pins)
+        leases, pins = self.cache.release_owner(c.client_id)
         self.registry.remove(c)
         self.stats.inc("reclaimed_clients")
         self.stats.inc("reclaimed_leases", leases)
@@ -533,15 +528,11 @@ class Agent:
 
     # ------------------------------------------------------------------ tests
     def check_invariants(self) -> None:
-        self.index.check()
-        leased = {k for c in self.registry.values() for k in c.leases}
-        reserved = {
-            k
-            for k, e in self.index.entries.items()
-            if e.state is State.RESERVED and e.owner != AGENT_OWNER
-        }
-        if leased != reserved:
-            raise AssertionError("client leases and reserved entries disagree")
+        self.index.check()  # the lease and pin books included
+        clients = set(self.registry.by_id) | {AGENT_OWNER}
+        holders = set(self.index.holdings)
+        if not holders <= clients:
+            raise AssertionError("leases or pins held by a client that is gone")
 
 
 _EVENTS, _POLLIN, _RCVMORE = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.RCVMORE)

@@ -36,6 +36,7 @@ from typing import Any
 import zmq
 import zmq.auth
 
+from kvnode.agent.cache import Cache
 from kvnode.agent.index import Index
 from kvnode.agent.peers import Curve, PeerManager, PeerServer, new_node_id
 from kvnode.ipc.checksum import checksum
@@ -64,12 +65,13 @@ class Node:
         name = f"/kvnode-peer-bench-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.segment = Segment.create(name, arena_bytes, prefault=True, hugepages=False)
         self.index = Index(arena_bytes, PAGE_BYTES, "lru")
+        self.cache = Cache(self.index)
         self.woken = threading.Event()
         self.server = (
-            PeerServer(self.index, self.segment, HOST, curve, new_node_id()) if serve else None
+            PeerServer(self.cache, self.segment, HOST, curve, new_node_id()) if serve else None
         )
         self.manager = (
-            PeerManager(self.index, self.segment, curve, new_node_id(), self.woken.set, seeds,
+            PeerManager(self.cache, self.segment, curve, new_node_id(), self.woken.set, seeds,
                         deadline_ms=2000, fetch_timeout_ms=20_000, fetch_bytes_max=arena_bytes)
             if seeds is not None
             else None

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from kvnode.connector.config import ConnectorConfig
+from kvnode.connector.counters import Counters
 from kvnode.connector.groups import FULL, CacheGroup, GroupPlan
 from kvnode.connector.keys import Namespace, chunk_keys
 from kvnode.errors import ArenaError, KVNodeError
@@ -83,7 +84,7 @@ class _Req:
 
 
 @dataclass(slots=True)
-class SchedulerStats:
+class SchedulerStats(Counters):
     lookups: int = 0
     lookup_errors: int = 0
     lookup_s: float = 0.0
@@ -99,12 +100,6 @@ class SchedulerStats:
     save_chunks_planned: int = 0
     save_chunks_present: int = 0  # not planned: the shared index shows them stored
     load_chunks_planned: int = 0
-
-    def take(self) -> dict[str, float]:
-        out = {k: getattr(self, k) for k in self.__slots__}  # type: ignore[attr-defined]
-        for k in self.__slots__:  # type: ignore[attr-defined]
-            setattr(self, k, type(getattr(self, k))())
-        return out
 
 
 def combine(states: Sequence[Sequence[int]]) -> list[int]:

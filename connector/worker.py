@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kvnode.connector.counters import Counters
 from kvnode.connector.scheduler import ChunkOp
 from kvnode.errors import AgentError, KVNodeError
 from kvnode.ipc.checksum import checksum
@@ -47,7 +48,7 @@ STORED_KEPT_MAX = 4096  # committed chunks kept for the connector's event hook
 
 
 @dataclass(slots=True)
-class WorkerStats:
+class WorkerStats(Counters):
     load_chunks: int = 0
     load_bytes: int = 0
     load_s: float = 0.0
@@ -63,12 +64,6 @@ class WorkerStats:
     save_errors: int = 0
     save_stale: int = 0  # chunks not committed: the arena was remapped since their reserve
     save_wait_s: float = 0.0  # time the forward pass spent in wait_for_save
-
-    def take(self) -> dict[str, float]:
-        out = {k: getattr(self, k) for k in self.__slots__}  # type: ignore[attr-defined]
-        for k in self.__slots__:  # type: ignore[attr-defined]
-            setattr(self, k, type(getattr(self, k))())
-        return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,34 @@ from kvnode.errors import ArenaError
 _PREFAULT_STEP = 64 * 1024 * 1024
 
 
+def create_mapping(name: str, size: int, group: str, what: str, reserve: bool = False) -> mmap.mmap:
+    """A new POSIX shared-memory object (``O_CREX``: never one someone else made),
+    owner-only or shared with ``group``, mapped read-write; with ``reserve`` its
+    memory is backed now (a full /dev/shm is an error here, not a SIGBUS at first
+    touch). On any failure it is unlinked again and ``ArenaError`` names ``what``."""
+    mode = 0o660 if group else 0o600
+    try:
+        shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=mode, size=size)
+    except (posix_ipc.Error, OSError, ValueError) as exc:
+        raise ArenaError(f"cannot create {what} {name} ({size} bytes): {exc}") from exc
+    try:
+        if group:
+            os.fchown(shm.fd, -1, group_id(group))
+        os.fchmod(shm.fd, mode)  # the umask may have narrowed it
+        if reserve:
+            os.posix_fallocate(shm.fd, 0, size)
+        return mmap.mmap(shm.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    except (KeyError, OSError) as exc:
+        try:
+            posix_ipc.unlink_shared_memory(name)
+        except posix_ipc.Error:
+            pass
+        extra = f" for group {group!r}" if group else ""
+        raise ArenaError(f"cannot set up {what} {name}{extra}: {exc}") from exc
+    finally:
+        shm.close_fd()
+
+
 class Segment:
     """A mapped POSIX shared-memory object."""
 
@@ -41,28 +69,11 @@ class Segment:
         """Create a fresh segment (a stale one of the same name is unlinked first).
         ``stop`` is asked between pre-fault steps: a stop request during a multi-GiB
         pre-fault ends it early (the caller then unlinks the segment)."""
-        mode = 0o660 if group else 0o600
         try:
             posix_ipc.unlink_shared_memory(name)
         except posix_ipc.ExistentialError:
             pass
-        try:
-            shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=mode, size=size)
-        except (posix_ipc.Error, OSError, ValueError) as exc:
-            raise ArenaError(f"cannot create shared memory {name} ({size} bytes): {exc}") from exc
-        try:
-            if group:
-                try:
-                    os.fchown(shm.fd, -1, group_id(group))
-                except (KeyError, PermissionError, OSError) as exc:
-                    raise ArenaError(f"cannot grant group {group!r} access: {exc}") from exc
-            os.fchmod(shm.fd, mode)  # the umask may have narrowed it
-            buf = mmap.mmap(shm.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except BaseException:
-            shm.close_fd()
-            posix_ipc.unlink_shared_memory(name)
-            raise
-        shm.close_fd()
+        buf = create_mapping(name, size, group, "shared memory")
         seg = cls(name, size, buf, owner=True)
         if hugepages and hasattr(mmap, "MADV_HUGEPAGE"):
             try:

@@ -54,7 +54,7 @@ import posix_ipc
 
 from kvnode.errors import ArenaError
 from kvnode.ipc.process import pid_namespace
-from kvnode.ipc.segment import group_id
+from kvnode.ipc.segment import create_mapping
 
 MAGIC = int.from_bytes(b"KVNIDX01", "little")
 VERSION = 2
@@ -597,24 +597,8 @@ def _alive(pid: int) -> bool:
 def _create(name: str, size: int, group: str) -> mmap.mmap:
     """A fresh owner-only (or group) segment; one left by another writer is marked
     closed first so its readers stop trusting it."""
-    mode = 0o660 if group else 0o600
     _retire(name)
-    try:
-        shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=mode, size=size)
-    except (posix_ipc.Error, OSError, ValueError) as exc:
-        raise ArenaError(f"cannot create index segment {name}: {exc}") from exc
-    try:
-        if group:
-            os.fchown(shm.fd, -1, group_id(group))
-        os.fchmod(shm.fd, mode)  # the umask may have narrowed it
-        # Backed now: a full /dev/shm is an error here, not a SIGBUS at first touch.
-        os.posix_fallocate(shm.fd, 0, size)
-        return mmap.mmap(shm.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-    except (KeyError, OSError) as exc:
-        _unlink(name)
-        raise ArenaError(f"cannot set up index segment {name}: {exc}") from exc
-    finally:
-        shm.close_fd()
+    return create_mapping(name, size, group, "index segment", reserve=True)
 
 
 def _retire(name: str) -> None:

@@ -209,7 +209,7 @@ class Transfers:
     def _pin(self, job: Job, m: P.JobReq) -> None:
         pb, size = self.page_bytes, job.export.chunk_nbytes
         offsets = m.offsets or [0] * len(m.keys)
-        for i, (key, e) in enumerate(zip(m.keys, self.cache.pin_many(m.keys))):
+        for i, (key, e) in enumerate(zip(m.keys, self.cache.pin_many(m.keys, AGENT_OWNER))):
             if e is None:
                 job.outcomes[i] = PG.CHUNK_MISSING
                 self.counters.load_misses += 1

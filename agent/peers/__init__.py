@@ -16,12 +16,12 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from kvnode.agent.index import Index
+from kvnode.agent.cache import Cache
 from kvnode.agent.peers.jobs import Fetched
 from kvnode.agent.peers.keys import Curve, KeyRing
-from kvnode.agent.peers.manager import OnEvicted, PeerManager
+from kvnode.agent.peers.manager import PeerManager
 from kvnode.agent.peers.seeds import resolve_seeds
-from kvnode.agent.peers.server import LowerHas, PeerServer, TokensOf
+from kvnode.agent.peers.server import LowerHas, PeerServer
 from kvnode.agent.peers.wire import ZAP_DOMAIN, new_node_id
 
 log = logging.getLogger("kvnode.peers")
@@ -29,12 +29,10 @@ log = logging.getLogger("kvnode.peers")
 
 def build_peers(
     cfg: Any,
-    index: Index,
+    cache: Cache,
     arena: Any,
     wake: Callable[[], None],
     lower_has: LowerHas | None = None,
-    tokens_of: TokensOf | None = None,
-    on_evicted: OnEvicted | None = None,
 ) -> tuple[PeerServer | None, PeerManager | None]:
     """What ``cfg.peers`` turns on: a server when ``listen`` is set, a manager when
     there are seeds. Raises ConfigError for unreadable keys, PeerError for a bind."""
@@ -47,14 +45,14 @@ def build_peers(
     node_id = new_node_id()
     server = None
     if p.listen:
-        server = PeerServer(index, arena, p.listen, curve, node_id, lower_has, tokens_of,
+        server = PeerServer(cache, arena, p.listen, curve, node_id, lower_has,
                             p.serve_bytes_max)  # fmt: skip
     manager = None
     if p.seeds:
         manager = PeerManager(
-            index, arena, curve, node_id, wake, p.seeds, p.deadline_ms, p.fetch_timeout_ms,
+            cache, arena, curve, node_id, wake, p.seeds, p.deadline_ms, p.fetch_timeout_ms,
             p.fetch_inflight_max, p.fetch_bytes_max, p.queue_max, p.negative_ttl_s,
-            p.resolve_interval_s, on_evicted,
+            p.resolve_interval_s,
         )  # fmt: skip
     return server, manager
 

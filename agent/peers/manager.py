@@ -16,20 +16,20 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from kvnode.agent.index import AGENT_OWNER, Entry, Index
+from kvnode.agent.cache import Cache
+from kvnode.agent.index import Entry
 from kvnode.agent.peers.arena import arena_view, split_extents
 from kvnode.agent.peers.jobs import Fetch, Fetched, Job, Query
 from kvnode.agent.peers.keys import Curve
 from kvnode.agent.peers.network import Network
 from kvnode.agent.peers.seeds import Resolver
 from kvnode.agent.peers.wire import PEER_KEYS_MAX
+from kvnode.agent.tiers.format import ChunkMeta
 
 log = logging.getLogger("kvnode.peers")
 
 NEGATIVE_KEYS_MAX = 65536  # keys remembered as "no peer has it"
 CLOSE_JOIN_S = 5.0
-
-OnEvicted = Callable[[list[Entry]], None]
 
 
 class PeerManager:
@@ -39,7 +39,7 @@ class PeerManager:
 
     def __init__(
         self,
-        index: Index,
+        cache: Cache,
         arena: Any,
         curve: Curve | None,
         node_id: bytes,
@@ -52,16 +52,15 @@ class PeerManager:
         queue_max: int = 64,
         negative_ttl_s: float = 2.0,
         resolve_interval_s: float = 10.0,
-        on_evicted: OnEvicted | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.index = index
+        self.cache = cache
+        self.index = cache.index  # read only: every change goes through the cache
         self._arena = arena_view(arena)
         self.wake = wake
         self.fetch_inflight_max = fetch_inflight_max
         self.fetch_bytes_max = fetch_bytes_max
         self.negative_ttl_s = negative_ttl_s
-        self.on_evicted = on_evicted
         self.clock = clock
         self._curve = curve
         self._pending: dict[bytes, str] = {}  # key -> "asking" | "fetching"
@@ -219,12 +218,7 @@ class PeerManager:
         return Fetch(q.best, keys, q.parents[:n], q.sizes[:n], slots, [0] * n, [[] for _ in keys])
 
     def _reserve(self, key: bytes, size: int) -> Entry | None:
-        if self.on_evicted is None:
-            status, e = self.index.reserve(key, size, AGENT_OWNER)
-        else:
-            leaving: list[Entry] = []
-            status, e = self.index.reserve(key, size, AGENT_OWNER, leaving)
-            self.on_evicted(leaving)
+        status, e = self.cache.reserve_agent(key, size)
         if e is None:
             if int(status) != 1:  # EXISTS: someone else is writing it; not a failure
                 self.counters["no_space"] += 1
@@ -239,7 +233,8 @@ class PeerManager:
             self._pending.pop(key, None)
             self.bytes_inflight -= f.sizes[i]
             csum = f.checksums[i]
-            if csum and int(self.index.commit(key, AGENT_OWNER, checksum=csum)) == 0:
+            meta = ChunkMeta.of(f.parents[i], f.tokens[i])
+            if csum and self.cache.land(key, csum, meta):
                 self._reserved.discard(key)
                 landed.append(Fetched(key, f.parents[i], f.tokens[i], f.sizes[i]))
                 self.counters["fetched"] += 1
@@ -256,7 +251,7 @@ class PeerManager:
         for k in keys:
             if k in self._reserved:
                 self._reserved.discard(k)
-                self.index.abort(k, AGENT_OWNER)
+                self.cache.release(k)
 
     # -- state ---------------------------------------------------------------------------------
     def pending(self, key: bytes) -> bool:
@@ -296,4 +291,4 @@ class PeerManager:
         self.bytes_inflight = 0
 
 
-__all__ = ["OnEvicted", "PeerManager"]
+__all__ = ["PeerManager"]

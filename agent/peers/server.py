@@ -4,20 +4,22 @@
 answers ``HaveReq`` (which of these keys do you hold: committed arena entries, and keys
 a lower tier starts promoting) and ``FetchReq`` (send me these keys). Sends go straight
 out of the arena, zero-copy: the entries stay pinned (``Index.pin``) until ZeroMQ lets
-go of the bytes, which ``poll()`` notices. Checksums travel with them.
+go of the bytes, which ``poll()`` notices (pins taken and given back through the cache,
+the index's one writer). Checksums travel with them.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import zmq
 
-from kvnode.agent.index import Entry, Index, State
+from kvnode.agent.cache import Cache
+from kvnode.agent.index import Entry, State
 from kvnode.agent.peers.arena import arena_view
 from kvnode.agent.peers.keys import Curve
 from kvnode.agent.peers.wire import (
@@ -52,7 +54,6 @@ class Send:
 
 
 LowerHas = Callable[[bytes], bool]  # True: a lower tier holds the key and is promoting it
-TokensOf = Callable[[bytes], "Sequence[int] | None"]
 
 
 class PeerServer:
@@ -62,20 +63,19 @@ class PeerServer:
 
     def __init__(
         self,
-        index: Index,
+        cache: Cache,
         arena: Any,
         listen: str,
         curve: Curve | None,
         node_id: bytes,
         lower_has: LowerHas | None = None,
-        tokens_of: TokensOf | None = None,
         serve_bytes_max: int = 512 << 20,
     ) -> None:
-        self.index = index
+        self.cache = cache
+        self.index = cache.index  # read only
         self._arena = arena_view(arena)
         self.node_id = node_id
         self.lower_has = lower_has
-        self.tokens_of = tokens_of
         self.serve_bytes_max = serve_bytes_max
         self.curve = curve
         self._sends: deque[Send] = deque()
@@ -195,16 +195,14 @@ class PeerServer:
                 rep.sizes.append(0)
                 rep.checksums.append(0)
                 rep.frames.append(0)
+                rep.tokens.append([])
                 continue
             e = self.index.entries[key]
             rep.sizes.append(e.size)
             rep.checksums.append(e.checksum or checksum(views))
             rep.frames.append(len(views))
+            rep.tokens.append(e.meta.token_ids() if e.meta is not None else [])
             payload.extend(views)
-        if self.tokens_of is not None:
-            rep.tokens = [
-                list(self.tokens_of(k) or ()) if s else [] for k, s in zip(m.keys, rep.sizes)
-            ]
         self._send_pinned(ident, rep, payload, pinned)
 
     def _pin_for_send(self, key: bytes, pinned: list[bytes]) -> list[memoryview] | None:
@@ -217,7 +215,7 @@ class PeerServer:
         ):
             self.counters["busy"] += 1
             return None
-        if self.index.pin(key) is None:
+        if self.cache.pin(key) is None:
             return None
         pinned.append(key)
         self.bytes_inflight += e.size
@@ -240,7 +238,7 @@ class PeerServer:
 
     def _unpin(self, keys: list[bytes], nbytes: int) -> None:
         for key in keys:
-            self.index.unpin(key)
+            self.cache.unpin(key)
         self.bytes_inflight -= nbytes
 
     # -- housekeeping -----------------------------------------------------------------
@@ -285,4 +283,4 @@ class PeerServer:
         self.ctx.term()
 
 
-__all__ = ["HEARTBEAT_IVL_MS", "HEARTBEAT_TIMEOUT_MS", "LowerHas", "PeerServer", "TokensOf"]
+__all__ = ["HEARTBEAT_IVL_MS", "HEARTBEAT_TIMEOUT_MS", "LowerHas", "PeerServer"]

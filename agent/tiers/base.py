@@ -19,7 +19,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from kvnode.agent.tiers.format import NO_FINGERPRINT, ChunkMeta
+from kvnode.agent.tiers.format import (
+    CODEC_NONE,
+    NO_FINGERPRINT,
+    ChunkMeta,
+    Header,
+    decode_meta,
+    header_block,
+    make_header,
+)
+from kvnode.errors import CorruptEntry
+from kvnode.ipc.checksum import NO_CHECKSUM, checksum
 
 log = logging.getLogger("kvnode.tiers")
 
@@ -30,14 +40,16 @@ ERROR_LOG_EVERY_S = 300.0  # an error kind seen again is reported at most this o
 class SlotBuffers:
     """Writable views of one arena entry: ``views`` covers exactly ``size`` bytes;
     ``padded(align)`` extends the last extent into the entry's own page slack, which
-    O_DIRECT needs (lengths that are multiples of the device block)."""
+    O_DIRECT needs (lengths that are multiples of the device block). A read fills
+    ``meta`` with the chunk's metadata from the tier's header, when it has some."""
 
-    __slots__ = ("size", "views", "_capacity")
+    __slots__ = ("size", "views", "meta", "_capacity")
 
     def __init__(
         self, arena: memoryview, pages: list[tuple[int, int]], page_bytes: int, size: int
     ) -> None:
         self.size = size
+        self.meta: ChunkMeta | None = None
         self.views: list[memoryview] = []
         self._capacity: list[memoryview] = []
         left = size
@@ -67,6 +79,38 @@ class SlotBuffers:
             return None
         out[-1] = self._capacity[-1][:want]
         return out
+
+
+def sealed_header(
+    stats: TierStats,
+    key: bytes,
+    slot: SlotBuffers,
+    writer_checksum: int,
+    fingerprint: bytes = NO_FINGERPRINT,
+    meta: ChunkMeta | None = None,
+    stored_bytes: int | None = None,
+    codec: int = CODEC_NONE,
+) -> bytes:
+    """The header block every store writes in front of a chunk. Pair check first: the
+    arena bytes must still match the writer's checksum. A chunk without one (0) is
+    flagged unverified; the header's checksum then guards only this tier's copy."""
+    got = checksum(slot.views)
+    if writer_checksum and got != writer_checksum:
+        stats.error("arena bytes do not match their committed checksum", key.hex())
+        raise CorruptEntry("arena bytes do not match their committed checksum")
+    stored = slot.size if stored_bytes is None else stored_bytes
+    h = make_header(key, slot.size, stored, got, codec, fingerprint, bool(writer_checksum))
+    return header_block(h, meta)
+
+
+def read_back(h: Header, slot: SlotBuffers, block: bytes | bytearray | memoryview) -> int:
+    """After a read into ``slot``: the payload must match its header (else
+    CorruptEntry). Returns the writer's checksum (NO_CHECKSUM for an unverified
+    chunk) and fills ``slot.meta`` from the header block."""
+    if checksum(slot.views) != h.checksum:
+        raise CorruptEntry("payload checksum mismatch")
+    slot.meta = decode_meta(block)
+    return h.checksum if h.verified else NO_CHECKSUM
 
 
 class TierStats:
@@ -175,7 +219,9 @@ class TierStore(Protocol):
         ...
 
     def read_into(self, key: bytes, slot: SlotBuffers) -> int | None:
-        """Fill ``slot`` and return the verified payload checksum; None when absent."""
+        """Fill ``slot`` (and ``slot.meta``) and return the writer's checksum, checked
+        against the bytes (0: the writer gave none, the chunk stays unverified); None
+        when absent."""
         ...
 
     def delete(self, key: bytes) -> None: ...

@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvnode.agent.tiers.base import Listing, SlotBuffers, TierStats
+from kvnode.agent.tiers.base import Listing, SlotBuffers, TierStats, read_back, sealed_header
 from kvnode.agent.tiers.format import (
     CODEC_NONE,
     HEADER_BYTES,
@@ -40,11 +40,6 @@ from kvnode.agent.tiers.format import (
     ChunkMeta,
     decode_header,
     decode_meta,
-    header_block,
-    make_header,
-)
-from kvnode.agent.tiers.format import (
-    checksum as payload_checksum,
 )
 from kvnode.errors import CorruptEntry, DiskError, DiskFull
 
@@ -453,14 +448,8 @@ class DiskStore:
         fingerprint: bytes,
         meta: ChunkMeta | None = None,
     ) -> None:
-        got = payload_checksum(slot.views)
-        if checksum and got != checksum:
-            self.stats.error("arena bytes do not match their committed checksum", key.hex())
-            raise CorruptEntry("arena bytes do not match their committed checksum")
         hdr = self._header_buf()
-        hdr[:] = header_block(
-            make_header(key, slot.size, slot.size, got, fingerprint=fingerprint), meta
-        )
+        hdr[:] = sealed_header(self.stats, key, slot, checksum, fingerprint, meta)
         bufs = slot.padded(DIRECT_ALIGN) if self.o_direct else None
         tmp, final = self._tmp_path(key), self.path_of(key)
         fd = -1
@@ -572,10 +561,7 @@ class DiskStore:
         h = decode_header(hdr, key)
         if h.codec != CODEC_NONE or h.raw_bytes != slot.size or n != h.total_bytes:
             raise CorruptEntry("length does not match header")
-        got = payload_checksum(slot.views)
-        if got != h.checksum:
-            raise CorruptEntry("payload checksum mismatch")
-        return got
+        return read_back(h, slot, hdr)
 
     def _forget(self, key: bytes) -> None:
         with self._lock:

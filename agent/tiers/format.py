@@ -6,7 +6,9 @@
 The header is padded to 4 KiB so the payload starts on a boundary that O_DIRECT
 accepts. It carries its own checksum; the payload checksum is xxh3-64 of the decoded
 payload, the same value a client records at commit, so one number follows a chunk
-through every tier. Every writer encodes *and decodes back* the header before writing
+through every tier. A chunk committed without one is flagged ``FLAG_UNVERIFIED``: the
+header's checksum then guards only the tier's own copy, and readers are handed 0, so
+the chunk stays unverified wherever it goes. Every writer encodes *and decodes back* the header before writing
 (pair check); every reader decodes and verifies after reading.
 """
 
@@ -27,6 +29,8 @@ HEADER_BYTES = 4096
 KEY_BYTES_MAX = 64
 FINGERPRINT_BYTES = 16
 NO_FINGERPRINT = bytes(FINGERPRINT_BYTES)
+
+FLAG_UNVERIFIED = 1  # the writer gave no checksum: the header's is the tier's own
 
 CODEC_NONE = 0
 CODEC_LZ4 = 1
@@ -101,6 +105,7 @@ class Header:
     fingerprint: bytes = NO_FINGERPRINT
     created_ns: int = 0
     version: int = FORMAT_VERSION
+    verified: bool = True  # False: the writer gave no checksum (FLAG_UNVERIFIED)
 
     @property
     def total_bytes(self) -> int:
@@ -115,10 +120,12 @@ def make_header(
     payload_checksum: int,
     codec: int = CODEC_NONE,
     fingerprint: bytes = NO_FINGERPRINT,
+    verified: bool = True,
 ) -> Header:
     return Header(
-        key, raw_bytes, stored_bytes, payload_checksum, codec, fingerprint, time.time_ns()
-    )
+        key, raw_bytes, stored_bytes, payload_checksum, codec, fingerprint, time.time_ns(),
+        verified=verified,
+    )  # fmt: skip
 
 
 def encode_header(h: Header) -> bytes:
@@ -134,7 +141,7 @@ def encode_header(h: Header) -> bytes:
         h.version,
         h.codec,
         len(h.key),
-        0,
+        0 if h.verified else FLAG_UNVERIFIED,
         h.stored_bytes,
         h.raw_bytes,
         h.checksum,
@@ -165,7 +172,7 @@ def decode_header(buf: bytes | bytearray | memoryview, key: bytes | None = None)
         raise CorruptEntry("truncated header")
     raw = bytes(buf[:HEADER_STRUCT_BYTES])
     body = raw[: _BODY.size]
-    (magic, version, codec, key_len, _flags, stored, raw_len, csum, created, fp, key_pad) = (
+    (magic, version, codec, key_len, flags, stored, raw_len, csum, created, fp, key_pad) = (
         _BODY.unpack(body)
     )
     if magic != MAGIC:
@@ -178,7 +185,12 @@ def decode_header(buf: bytes | bytearray | memoryview, key: bytes | None = None)
         raise CorruptEntry("bad codec or key length")
     if codec == CODEC_NONE and stored != raw_len:
         raise CorruptEntry("stored and raw lengths differ without a codec")
-    h = Header(key_pad[:key_len], raw_len, stored, csum, codec, fp, created, version)
+    if flags & ~FLAG_UNVERIFIED:
+        raise CorruptEntry("unknown header flags")
+    h = Header(
+        key_pad[:key_len], raw_len, stored, csum, codec, fp, created, version,
+        verified=not flags & FLAG_UNVERIFIED,
+    )  # fmt: skip
     if key is not None and h.key != key:
         raise CorruptEntry("header names another key")
     return h
@@ -190,6 +202,7 @@ __all__ = [
     "CODECS",
     "CODEC_LZ4",
     "CODEC_NONE",
+    "FLAG_UNVERIFIED",
     "FORMAT_VERSION",
     "HEADER_BYTES",
     "Header",

@@ -4,7 +4,11 @@ Runs in the agent's loop thread, which it never blocks: every byte moves in the
 tiers' I/O threads (``pool.IOPool``), which report completed jobs into a queue and call
 ``wake()``; the loop collects them with ``poll()`` and only then touches the index.
 
-- Demotion. Every copy out of the arena holds its entry (``Index.hold``) until the
+The index is changed only through the cache (``Cache``: ``reserve_agent``, ``land``,
+``release``, ``hold``/``unhold``), which also turns what the tiers store and delete
+into KV events; this module moves bytes and keeps the tiers' own books.
+
+- Demotion. Every copy out of the arena holds its entry (``Cache.hold``) until the
   copy is done, so neither eviction nor a drop frees pages a copy still reads.
   ``write_through``: a copy is queued when a chunk is committed (the entry stays
   readable meanwhile). ``write_back``: the index returns its victims as data and the
@@ -29,27 +33,20 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from kvnode.agent.config import Config
-from kvnode.agent.index import AGENT_OWNER, Entry, Index, Outcome, State
+from kvnode.agent.index import Entry, Outcome, State
 from kvnode.agent.tiers.base import SlotBuffers, TierStore
 from kvnode.agent.tiers.format import ChunkMeta
 from kvnode.agent.tiers.pool import IOPool, Job
 from kvnode.errors import KVNodeError, TierError
 from kvnode.ipc.segment import Segment
 
+if TYPE_CHECKING:
+    from kvnode.agent.cache import Cache
+
 log = logging.getLogger("kvnode.tiers")
-
-MEDIUM_STORAGE = "STORAGE"  # vLLM's medium for disk and S3
-
-
-class TierEvents(Protocol):
-    def stored(
-        self, key: bytes, parent: bytes | None, tokens: list[int], medium: str, tier: str | None
-    ) -> None: ...
-    def removed(self, key: bytes, medium: str, tier: str | None) -> None: ...
-
 
 CLOSE_JOIN_S = 5.0  # how long close() waits for running I/O (it may be writing into slots)
 # Write-behind: committed chunks are copied to the write-back tiers while their queues
@@ -106,14 +103,14 @@ class TierManager:
         self,
         cfg: Config,
         arena: Segment,
-        index: Index,
+        cache: Cache,
         wake: Callable[[], None],
         stores: dict[str, TierStore] | None = None,
-        events: TierEvents | None = None,
     ) -> None:
-        self.index = index
+        self.cache = cache
+        self.index = cache.index  # read only: every change goes through the cache
         self.wake = wake
-        self.page_bytes = index.page_bytes
+        self.page_bytes = self.index.page_bytes
         self._arena = memoryview(arena.buffer).cast("B")
         self.inflight_max = cfg.promote.inflight_max
         self._done: deque[Job] = deque()
@@ -128,7 +125,6 @@ class TierManager:
         self._writes: dict[bytes, int] = {}  # key -> write jobs in flight (all tiers)
         self._queued: set[tuple[str, bytes]] = set()  # (tier, key) writes in flight
         self._cancelled: set[bytes] = set()  # dropped while a write was in flight
-        self.events = events  # KV events for what the tiers hold
         self._closing = False
         self._dirty: deque[bytes] = deque()  # committed, not yet offered to write-behind
         self.write_behind_skipped = 0  # dirty chunks past DIRTY_MAX: eviction copies them
@@ -211,17 +207,15 @@ class TierManager:
         return False
 
     def _start_read(self, key: bytes, t: Tier, size: int) -> bool:
-        leaving: list[Entry] = []
-        status, e = self.index.reserve(key, size, AGENT_OWNER, leaving)
-        self.on_evicted(leaving)
+        status, e = self.cache.reserve_agent(key, size)
         if status is not Outcome.OK or e is None:
             if status is not Outcome.EXISTS:
                 self.promote_no_space += 1
             return False
         slot = self._slot(e)
-        job = Job("read", t.name, key, self._guarded(t, lambda: t.store.read_into(key, slot)))
+        job = Job("read", t.name, key, self._guarded(t, partial(_read, t.store, key, slot)))
         if not t.pool.submit(job, high=True):
-            self.index.abort(key, AGENT_OWNER)
+            self.cache.release(key)
             return False
         self.promoting[key] = t
         return True
@@ -229,12 +223,13 @@ class TierManager:
     def _finish_read(self, job: Job, t: Tier) -> None:
         key = job.key
         if job.error is None and job.result is not None:
-            st = self.index.commit(key, AGENT_OWNER, checksum=job.result)
-            if st is Outcome.OK:
+            checksum, meta = job.result
+            # The writer's checksum as the tier kept it (0: unverified, stays so); the
+            # cache offers the chunk to write-through tiers (from S3: the disk).
+            if self.cache.land(key, checksum, meta):
                 t.store.stats.inc("hits")
-                self.on_commit(key)  # e.g. from S3: a write-through disk wants it too
                 return
-        self.index.abort(key, AGENT_OWNER)
+        self.cache.release(key)
         if job.error is None:
             t.store.stats.inc("misses")  # gone since we indexed it
 
@@ -282,11 +277,12 @@ class TierManager:
 
     def _mark_saved(self, e: Entry) -> None:
         """``e`` is clean once every write-back tier that takes it has it."""
-        e.saved = all(
+        saved = all(
             t.store.size_of(e.key) is not None
             for t in self.tiers
             if t.write_policy == "write_back" and self._admitted(t, e)
         )
+        self.cache.set_saved(e, saved)
 
     def on_evicted(self, leaving: list[Entry]) -> None:
         """Victims the index kept for write-back, each with one hold: queue their
@@ -297,7 +293,7 @@ class TierManager:
                 for t in self.tiers:
                     if self._admitted(t, e):
                         self._enqueue_write(t, e)
-            self.index.unhold(e.key)
+            self.cache.unhold(e.key)
 
     def _enqueue_write(self, t: Tier, e: Entry) -> None:
         key = e.key
@@ -309,10 +305,10 @@ class TierManager:
         slot, csum, meta = self._slot(e), e.checksum, e.meta
         put = partial(t.store.put, key, slot, csum, meta=meta)
         job = Job("write", t.name, key, self._guarded(t, put))
-        if self.index.hold(key) is None:
+        if self.cache.hold(key) is None:
             return
         if not t.pool.submit(job, high=False):
-            self.index.unhold(key)
+            self.cache.unhold(key)
             return
         t.depth += 1
         self._queued.add((t.name, key))
@@ -324,11 +320,10 @@ class TierManager:
         self._queued.discard((t.name, key))
         e = self.index.entries[key]  # held until the unhold below
         if job.error is None and job.result:
-            if self.events is not None:
-                self._announce(t, key, e.meta)
+            self.cache.tier_stored(key, t.name, e.meta)
             if e.state is State.COMMITTED and key not in self._cancelled:
                 self._mark_saved(e)
-        self.index.unhold(key)
+        self.cache.unhold(key)
         left = self._writes[key] - 1
         if left:
             self._writes[key] = left
@@ -381,8 +376,8 @@ class TierManager:
                     log.error("tier %s: start-up scan failed: %s", t.name, job.error)
             else:
                 t.depth -= 1
-                if job.kind == "delete" and job.error is None and self.events is not None:
-                    self.events.removed(job.key, MEDIUM_STORAGE, t.name)
+                if job.kind == "delete" and job.error is None:
+                    self.cache.tier_removed(job.key, t.name)
         self._tier_changes()
         self._write_behind()
         self._log_unsaved()
@@ -403,12 +398,6 @@ class TierManager:
         )  # fmt: skip
         self._unsaved_logged, self._unsaved_log_at = unsaved, now
 
-    def _announce(self, t: Tier, key: bytes, meta: ChunkMeta | None) -> None:
-        assert self.events is not None
-        parent = meta.parent if meta is not None else None
-        tokens = meta.token_ids() if meta is not None else []
-        self.events.stored(key, parent or None, tokens, MEDIUM_STORAGE, t.name)
-
     def _tier_changes(self) -> None:
         """What the tiers found at start and evicted on their own, as KV events."""
         entries = self.index.entries
@@ -417,13 +406,11 @@ class TierManager:
             for key in gone:  # the tier let it go: the arena's copy is the last one
                 e = entries.get(key)
                 if e is not None:
-                    e.saved = False
-            if self.events is None:
-                continue
+                    self.cache.set_saved(e, False)
             for key, meta in found:
-                self._announce(t, key, meta)
+                self.cache.tier_stored(key, t.name, meta)
             for key in gone:
-                self.events.removed(key, MEDIUM_STORAGE, t.name)
+                self.cache.tier_removed(key, t.name)
 
     def apply_limits(self, cfg: Config) -> list[str]:
         """SIGHUP: apply the tier limits that can change at runtime. Returns what changed."""
@@ -504,3 +491,10 @@ class TierManager:
             self._arena.release()  # lets the agent unmap the arena
         except BufferError:
             pass  # a thread still runs (logged above): the mapping outlives us
+
+
+def _read(store: TierStore, key: bytes, slot: SlotBuffers) -> tuple[int, ChunkMeta | None] | None:
+    """A promotion's read (I/O thread): the checksum the writer gave (0: none) and the
+    chunk's metadata from the tier's header, or None when the tier lost the key."""
+    checksum = store.read_into(key, slot)
+    return None if checksum is None else (checksum, slot.meta)

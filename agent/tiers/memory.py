@@ -8,17 +8,12 @@ import threading
 import time
 from collections import OrderedDict
 
-from kvnode.agent.tiers.base import SlotBuffers, StatelessStore, TierStats
+from kvnode.agent.tiers.base import SlotBuffers, StatelessStore, TierStats, read_back, sealed_header
 from kvnode.agent.tiers.format import (
     HEADER_BYTES,
     NO_FINGERPRINT,
     ChunkMeta,
     decode_header,
-    header_block,
-    make_header,
-)
-from kvnode.agent.tiers.format import (
-    checksum as payload_checksum,
 )
 from kvnode.errors import CorruptEntry
 
@@ -55,14 +50,7 @@ class MemoryStore(StatelessStore):
         total = HEADER_BYTES + slot.size
         if total > self.bytes_max or self.size_of(key) is not None:
             return False
-        got = payload_checksum(slot.views)
-        if checksum and got != checksum:
-            self.stats.error("arena bytes do not match their committed checksum", key.hex())
-            raise CorruptEntry("arena bytes do not match their committed checksum")
-        head = header_block(
-            make_header(key, slot.size, slot.size, got, fingerprint=fingerprint), meta
-        )
-        blob = bytearray(head)
+        blob = bytearray(sealed_header(self.stats, key, slot, checksum, fingerprint, meta))
         for v in slot.views:
             blob += v
         with self._lock:
@@ -91,14 +79,13 @@ class MemoryStore(StatelessStore):
             for v in slot.views:
                 v[:] = blob[pos : pos + len(v)]
                 pos += len(v)
-            if payload_checksum(slot.views) != h.checksum:
-                raise CorruptEntry("payload checksum mismatch")
+            got = read_back(h, slot, memoryview(blob)[:HEADER_BYTES])
         except CorruptEntry as exc:
             self.stats.error("corrupt entry dropped", exc, "corrupt")
             self.delete(key)
             raise
         self.stats.read_done(t0, slot.size)
-        return h.checksum
+        return got
 
     def delete(self, key: bytes) -> None:
         with self._lock:

@@ -31,7 +31,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from kvnode.agent.tiers.base import SlotBuffers, StatelessStore, TierStats
+from kvnode.agent.tiers.base import SlotBuffers, StatelessStore, TierStats, read_back, sealed_header
 from kvnode.agent.tiers.format import (
     CODEC_LZ4,
     CODEC_NONE,
@@ -41,11 +41,6 @@ from kvnode.agent.tiers.format import (
     NO_FINGERPRINT,
     ChunkMeta,
     decode_header,
-    header_block,
-    make_header,
-)
-from kvnode.agent.tiers.format import (
-    checksum as payload_checksum,
 )
 from kvnode.errors import CorruptEntry, S3Error
 
@@ -320,10 +315,6 @@ class S3Store(StatelessStore):
         t0 = time.perf_counter()
         if self.size_of(key) is not None:
             return False
-        got = payload_checksum(slot.views)
-        if checksum and got != checksum:
-            self.stats.error("arena bytes do not match their committed checksum", key.hex())
-            raise CorruptEntry("arena bytes do not match their committed checksum")
         if self.codec == CODEC_LZ4:
             import lz4.frame
 
@@ -331,8 +322,8 @@ class S3Store(StatelessStore):
         else:
             stored = list(slot.views)
         stored_bytes = sum(len(s) for s in stored)
-        head = header_block(
-            make_header(key, slot.size, stored_bytes, got, self.codec, fingerprint), meta
+        head = sealed_header(
+            self.stats, key, slot, checksum, fingerprint, meta, stored_bytes, self.codec
         )
         body = b"".join([head, *stored])
         okey = self.object_key(key)
@@ -421,10 +412,7 @@ class S3Store(StatelessStore):
                 raise CorruptEntry("object longer than its header says")
         finally:
             body.close()
-        got = payload_checksum(slot.views)
-        if got != h.checksum:
-            raise CorruptEntry("payload checksum mismatch")
-        return got
+        return read_back(h, slot, head)
 
     def _corrupt(self, key: bytes) -> None:
         self.stats.error("corrupt object dropped", self.object_key(key), "corrupt")

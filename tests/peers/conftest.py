@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import zmq.auth
 
+from kvnode.agent.cache import Cache
 from kvnode.agent.index import Index
 from kvnode.agent.peers import (
     Curve,
@@ -70,17 +71,18 @@ class Node:
             hugepages=False,
         )
         self.index = Index(ARENA, PAGE, "lru")
+        self.cache = Cache(self.index)
         self.node_id = new_node_id()
         self.woken = threading.Event()
         self.server = (
-            PeerServer(self.index, self.segment, "tcp://127.0.0.1:*", curve, self.node_id)
+            PeerServer(self.cache, self.segment, "tcp://127.0.0.1:*", curve, self.node_id)
             if serve
             else None
         )
         self.manager: PeerManager | None = None
         if seeds is not None:
             self.manager = PeerManager(
-                self.index, self.segment, curve, self.node_id, self.woken.set, seeds, **manager_kw
+                self.cache, self.segment, curve, self.node_id, self.woken.set, seeds, **manager_kw
             )
         self.landed: list[Fetched] = []
 

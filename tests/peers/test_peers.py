@@ -271,7 +271,7 @@ def test_a_seed_that_is_this_agent_is_recognised(fleet: dict[str, Any], nodes: l
     a = Node(_curve(fleet))
     nodes.append(a)
     assert a.server is not None
-    a.manager = P.PeerManager(a.index, a.segment, _curve(fleet), a.node_id, a.woken.set,
+    a.manager = P.PeerManager(a.cache, a.segment, _curve(fleet), a.node_id, a.woken.set,
                               [a.endpoint], deadline_ms=200)  # fmt: skip
     a.put(_key(1), _data(1, 4 * KiB))
 

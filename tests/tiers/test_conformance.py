@@ -9,7 +9,7 @@ import struct
 import pytest
 
 from kvnode.agent.tiers.base import SlotBuffers
-from kvnode.agent.tiers.format import HEADER_BYTES, checksum
+from kvnode.agent.tiers.format import HEADER_BYTES, ChunkMeta, checksum
 from kvnode.errors import CorruptEntry
 
 PAGE = 64 * 1024
@@ -65,6 +65,21 @@ def test_round_trip_across_extents(kit, arena):
     assert s["write_bytes"] == s["read_bytes"] == len(data)
     g = store.gauges()
     assert g["entries"] == 1 and g["bytes"] >= len(data)
+
+
+def test_a_chunk_without_a_checksum_stays_unverified(kit, arena):
+    """Stored without the writer's checksum, it comes back with none (never one the
+    tier computed on the way), its bytes intact: the tier's own checksum still guards
+    the copy. Its chunk metadata comes back with it."""
+    store = kit.make()
+    data = payload(200_000)
+    src = slot_at(arena, [(0, 4)], len(data))
+    fill(src, data)
+    meta = ChunkMeta.of(b"p" * 16, [1, 2, 3])
+    assert store.put(KEY, src, 0, meta=meta)
+    dst = slot_at(arena, [(10, 4)], len(data))
+    assert store.read_into(KEY, dst) == 0
+    assert read_back(dst) == data and dst.meta == meta
 
 
 def test_absent_key(kit, arena):

@@ -52,7 +52,7 @@ def test_restart_rebuilds_index_and_lru_order(tmp_path):
 def test_crash_leftovers_are_removed_and_never_read(tmp_path):
     d = DiskStore(str(tmp_path), 10 * MiB)
     v = os.urandom(50 * KiB)
-    d.put(key(1), slot(v), 0)
+    d.put(key(1), slot(v), checksum(v))
     sub = Path(d.path_of(key(2))).parent
     tmp = sub / f".{key(2).hex()}.999.0.tmp"
     tmp.write_bytes(b"half a file")
@@ -100,17 +100,17 @@ def test_enospc_is_counted_and_the_tier_keeps_serving(tmp_path):
     fs = FaultyFS()
     d = DiskStore(str(tmp_path), 10 * MiB, fs=fs)
     v = os.urandom(64 * KiB)
-    d.put(key(1), slot(v), 0)
+    d.put(key(1), slot(v), checksum(v))
     fs.fail_write = errno.ENOSPC
     with pytest.raises(DiskFull):
-        d.put(key(2), slot(v), 0)
+        d.put(key(2), slot(v), checksum(v))
     assert d.stats.snapshot()["errors"] == 1
     assert not any(p.name.endswith(".tmp") for p in Path(d.path_of(key(2))).parent.iterdir())
     assert d.bytes_limit == d.gauges()["bytes"]  # believes the file system now
     out = empty(len(v))
     assert d.read_into(key(1), out) == checksum(v)
     fs.fail_write = None
-    assert d.put(key(3), slot(v), 0)  # room made by evicting the oldest
+    assert d.put(key(3), slot(v), checksum(v))  # room made by evicting the oldest
     assert d.size_of(key(1)) is None and d.size_of(key(3)) == len(v)
 
 
@@ -118,8 +118,8 @@ def test_eio_on_read_drops_the_entry(tmp_path):
     fs = FaultyFS()
     d = DiskStore(str(tmp_path), 10 * MiB, fs=fs)
     v = os.urandom(64 * KiB)
-    d.put(key(1), slot(v), 0)
-    d.put(key(2), slot(v), 0)
+    d.put(key(1), slot(v), checksum(v))
+    d.put(key(2), slot(v), checksum(v))
     fs.fail_read = errno.EIO
     with pytest.raises(DiskError):
         d.read_into(key(1), empty(len(v)))
@@ -152,7 +152,7 @@ def test_real_small_file_system(small_tmpfs):
     for i in range(12):  # ~3 MiB through what is left
         v = os.urandom(128 * KiB)
         try:
-            if d.put(key(i), slot(v), 0):
+            if d.put(key(i), slot(v), checksum(v)):
                 kept[key(i)] = v
         except DiskFull:
             errors += 1
@@ -171,8 +171,8 @@ def test_real_small_file_system(small_tmpfs):
 def test_probe_while_the_start_up_scan_has_not_run(tmp_path):
     d = DiskStore(str(tmp_path), 10 * MiB)
     v = os.urandom(70 * KiB)
-    d.put(key(1), slot(v), 0)
-    d.put(key(2), slot(v), 0)
+    d.put(key(1), slot(v), checksum(v))
+    d.put(key(2), slot(v), checksum(v))
     late = DiskStore(str(tmp_path), 10 * MiB, scan=False)
     assert late.size_of(key(1)) is None and late.may_probe(key(1))
     assert late.probe(key(1)) == len(v) and late.probe(key(9)) is None
@@ -187,7 +187,7 @@ def test_probe_while_the_start_up_scan_has_not_run(tmp_path):
 def test_entry_dropped_during_the_scan_stays_dropped(tmp_path):
     d = DiskStore(str(tmp_path), 10 * MiB)
     v = os.urandom(70 * KiB)
-    d.put(key(1), slot(v), 0)
+    d.put(key(1), slot(v), checksum(v))
     raw = bytearray(Path(d.path_of(key(1))).read_bytes())
     raw[-1] ^= 1  # payload corrupt, header fine: the scan indexes it
     Path(d.path_of(key(1))).write_bytes(raw)
@@ -254,14 +254,14 @@ def test_enospc_on_an_empty_tier_recovers_without_a_put(small_tmpfs):
     filler = fill_up(small_tmpfs)
     v = os.urandom(128 * KiB)
     with pytest.raises(DiskFull):
-        d.put(key(1), slot(v), 0)
+        d.put(key(1), slot(v), checksum(v))
     assert d.bytes_limit == 0 and not d.healthy()  # the manager now sends no writes
     filler.unlink()
     clock.now += FREE_RECHECK_S / 2
     assert not d.healthy()  # free space is not measured on every call
     clock.now += FREE_RECHECK_S
     assert d.healthy() and d.bytes_limit > len(v)  # healthy() alone re-measured it
-    assert d.put(key(2), slot(v), 0)
+    assert d.put(key(2), slot(v), checksum(v))
     out = empty(len(v))
     assert d.read_into(key(2), out) == checksum(v)
     assert d.stats.snapshot()["errors"] == 1
@@ -277,7 +277,7 @@ def test_agent_started_on_a_full_disk_writes_once_space_is_freed(small_tmpfs):
     clock.now += FREE_RECHECK_S
     assert d.healthy()
     v = os.urandom(128 * KiB)
-    assert d.put(key(1), slot(v), 0)
+    assert d.put(key(1), slot(v), checksum(v))
 
 
 class RoomFS(FileSystem):

@@ -10,6 +10,7 @@ import threading
 import time
 from typing import Any
 
+from kvnode.agent.cache import Cache
 from kvnode.agent.config import load_config
 from kvnode.agent.index import Index
 from kvnode.agent.tiers.base import ERROR_LOG_EVERY_S, TierStats
@@ -70,17 +71,19 @@ class Harness:
         self.arena = arena
         self.index = Index(len(arena.buffer), PAGE, "lru")
         cfg = load_config(env={}, overrides=overrides)
-        self.tm = TierManager(cfg, arena, self.index, lambda: None, stores=stores)
+        self.cache = Cache(self.index, lambda c: TierManager(cfg, arena, c, lambda: None, stores))
+        assert self.cache.tiers is not None
+        self.tm = self.cache.tiers
 
     def put(self, k: bytes, data: bytes) -> None:
-        st, e = self.index.reserve(k, len(data), CLIENT)
+        st, e = self.cache.reserve(k, len(data), CLIENT)
         assert st.name == "OK" and e is not None
         pos = 0
         for off, n in e.extents(PAGE):
             self.arena.buffer[off : off + n] = data[pos : pos + n]
             pos += n
-        assert self.index.commit(k, CLIENT, checksum(data)).name == "OK"
-        self.tm.on_commit(k)
+        # The commit offers the chunk to write-through tiers.
+        assert self.cache.commit_many([k], CLIENT, [checksum(data)])[0].name == "OK"
 
 
 def wait_unhealthy(store: S3Store, h: Harness, limit_s: float) -> float:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from kvnode.agent.cache import Cache
 from kvnode.agent.config import load_config
 from kvnode.agent.index import Index, State
 from kvnode.agent.index import Outcome as Status
@@ -52,29 +53,31 @@ class Harness:
         self.cfg = load_config(env={}, overrides=overrides)
         self.index = Index(len(arena.buffer), PAGE, "lru")
         self.wakes = 0
-        self.tm = TierManager(self.cfg, arena, self.index, self._wake, stores=stores)
-        self.index.write_back = True
+        self.cache = Cache(
+            self.index, lambda c: TierManager(self.cfg, arena, c, self._wake, stores=stores)
+        )
+        assert self.cache.tiers is not None
+        self.tm = self.cache.tiers
 
     def _wake(self) -> None:
         self.wakes += 1
 
-    def put(self, key: bytes, data: bytes) -> Status:
-        leaving: list[Any] = []
-        st, e = self.index.reserve(key, len(data), CLIENT, leaving)
-        self.tm.on_evicted(leaving)  # victims come back as data; the tiers take them
+    def put(self, key: bytes, data: bytes, csum: int | None = None) -> Status:
+        # Victims go to the tiers inside the reserve; the commit offers the chunk to
+        # write-through tiers.
+        st, e = self.cache.reserve(key, len(data), CLIENT)
         if st is not Status.OK:
             return st
         pos = 0
         for off, n in e.extents(PAGE):
             self.arena.buffer[off : off + n] = data[pos : pos + n]
             pos += n
-        assert self.index.commit(key, CLIENT, checksum(data)) is Status.OK
-        self.tm.on_commit(key)
+        csum = checksum(data) if csum is None else csum
+        assert self.cache.commit_many([key], CLIENT, [csum])[0] is Status.OK
         return Status.OK
 
     def evict_all(self) -> None:
-        out = self.index.evict_pages(self.index.alloc.pages_total)
-        self.tm.on_evicted(out.leaving)
+        self.cache.evict(self.index.alloc.pages_total)
 
     def lookup(self, key: bytes) -> Lookup:
         if self.index.lookup(key) is not None:

@@ -57,7 +57,7 @@ def test_negative_cache_spares_repeated_probes(s3_endpoint):
 def test_multipart_above_threshold(s3_endpoint):
     s = S3Store(s3_endpoint.new_bucket(), s3_endpoint.client(), multipart_bytes=5 * MiB)
     v = os.urandom(11 * MiB)
-    assert s.put(key(2), slot(v), 0)
+    assert s.put(key(2), slot(v), checksum(v))
     rep = s.client.head_object(Bucket=s.bucket, Key=s.object_key(key(2)))
     assert "-" in rep["ETag"]  # a multipart ETag
     out = SlotBuffers.of(bytearray(len(v)))
@@ -68,7 +68,7 @@ def test_multipart_above_threshold(s3_endpoint):
 def test_lz4_objects_are_smaller(s3_endpoint):
     s = S3Store(s3_endpoint.new_bucket(), s3_endpoint.client(), codec="lz4")
     v = b"abcd" * 100_000
-    s.put(key(3), slot(v), 0)
+    s.put(key(3), slot(v), checksum(v))
     rep = s.client.head_object(Bucket=s.bucket, Key=s.object_key(key(3)))
     assert rep["ContentLength"] < len(v) // 10
 
@@ -84,12 +84,12 @@ def test_stopped_endpoint_fails_fast_counts_and_trips(s3_private):
         sleep=sleeps.append,
     )
     v = os.urandom(10_000)
-    s.put(key(1), slot(v), 0)
+    s.put(key(1), slot(v), checksum(v))
     s3_private.stop()
     t0 = time.monotonic()
     for i in range(3):
         with pytest.raises(S3Error):
-            s.put(key(10 + i), slot(v), 0)
+            s.put(key(10 + i), slot(v), checksum(v))
     assert time.monotonic() - t0 < 5
     assert len(sleeps) == 6 and sleeps[1] > sleeps[0] * 0.9  # backoff between retries
     assert s.stats.snapshot()["errors"] == 3
