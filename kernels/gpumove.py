@@ -35,9 +35,12 @@ from kvnode.kernels.layout import KVLayout
 from kvnode.kernels.plan import Row
 
 ROUTES = ("staging", "direct")
-# Staging above this many bytes per job is refused: a job this large is split by the
-# caller (a job holds at most a few hundred chunks of a few tens of MiB).
-JOB_STAGING_BYTES_MAX = 1 << 30
+# Device memory one copier stages through (the agent's own GPU memory per device): a
+# job needing more runs in batches of chunks, one after the other on the stream.
+STAGING_BYTES_MAX = 256 << 20
+# One chunk entry larger than this is refused (a 256-token chunk of an 80-layer model
+# with 8 KV heads of 128 in bf16 is 80 MiB).
+CHUNK_BYTES_MAX = 1 << 30
 
 Extent = tuple[int, int]  # (offset in the arena, bytes)
 
@@ -71,7 +74,13 @@ class DeviceCopier:
     """One device's copies. ``arena`` is a uint8 host tensor over the whole arena
     (registered for DMA on a GPU host); extents are offsets into it."""
 
-    def __init__(self, device: torch.device, arena: torch.Tensor, route: str = "staging") -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        arena: torch.Tensor,
+        route: str = "staging",
+        staging_bytes_max: int = STAGING_BYTES_MAX,
+    ) -> None:
         if route not in ROUTES:
             raise ValueError(f"route must be one of {ROUTES}, not {route!r}")
         from kvnode.kernels import onelaunch  # triton: imported where copies run
@@ -80,6 +89,7 @@ class DeviceCopier:
         self.device = device
         self.route = route
         self.arena = arena
+        self.staging_bytes_max = staging_bytes_max
         self.stream: Any = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._staging: torch.Tensor | None = None
 
@@ -88,14 +98,17 @@ class DeviceCopier:
     ) -> int:
         """Every chunk's blocks into its arena entry; returns once the bytes are in the
         arena (the caller checksums them). Returns the bytes moved."""
+        moved = 0
         with self._on_stream(ready):
-            direct, staged, staging = self._split(layers, chunks)
-            rows, ids = self._rows(layers, direct + [c for c, _ in staged], staging)
-            self._launch(rows, ids, gather=True)
-            for chunk, at in staged:
-                self._pieces(chunk, layers, at, to_arena=True)
+            for batch in self._batches(layers, chunks):
+                direct, staged, staging = self._split(layers, batch)
+                rows, ids = self._rows(layers, direct + [c for c, _ in staged], staging)
+                self._launch(rows, ids, gather=True)
+                moved += _bytes(rows, ids)
+                for chunk, at in staged:
+                    self._pieces(chunk, layers, at, to_arena=True)
             self._sync()
-        return _bytes(rows, ids)
+        return moved
 
     def load(
         self,
@@ -107,24 +120,59 @@ class DeviceCopier:
     ) -> int:
         """Arena entries into the chunks' blocks, layer by layer in ``layers`` order;
         after layer ``i`` is queued, ``events[i]`` (if any) is recorded and
-        ``on_layer(i)`` called. Returns once every byte has landed."""
+        ``on_layer(i)`` called. Returns once every byte has landed. A job in several
+        batches reports its layers during the last one (the earlier ones are queued
+        before it on the same stream, so layer ``i`` is whole when its event fires)."""
         moved = 0
         with self._on_stream(ready):
-            direct, staged, staging = self._split(layers, chunks)
-            for chunk, at in staged:
-                self._pieces(chunk, layers, at, to_arena=False)
-            order = direct + [c for c, _ in staged]
-            for i, layer in enumerate(layers):
-                rows, ids = self._rows([layer], order, staging, layers)
-                self._launch(rows, ids, gather=False)
-                moved += _bytes(rows, ids)
-                if i < len(events) and events[i] is not None and self.stream is not None:
-                    events[i].record(self.stream)
-                on_layer(i)
+            batches = self._batches(layers, chunks)
+            for n, batch in enumerate(batches):
+                last = n == len(batches) - 1
+                direct, staged, staging = self._split(layers, batch)
+                for chunk, at in staged:
+                    self._pieces(chunk, layers, at, to_arena=False)
+                order = direct + [c for c, _ in staged]
+                for i, layer in enumerate(layers):
+                    rows, ids = self._rows([layer], order, staging, layers)
+                    self._launch(rows, ids, gather=False)
+                    moved += _bytes(rows, ids)
+                    if last:
+                        self._layer_done(i, events, on_layer)
             self._sync()
         return moved
 
+    def _layer_done(self, i: int, events: Sequence[Any], on_layer: Callable[[int], None]) -> None:
+        if i < len(events) and events[i] is not None and self.stream is not None:
+            events[i].record(self.stream)
+        on_layer(i)
+
+    @property
+    def staging_bytes(self) -> int:
+        """Device memory this copier holds for staging now."""
+        return 0 if self._staging is None else self._staging.numel()
+
     # ------------------------------------------------------------------ planning
+    def _batches(
+        self, layers: Sequence[OpenedLayer], chunks: Sequence[ChunkCopy]
+    ) -> list[list[ChunkCopy]]:
+        """Every chunk checked (before any byte moves), then grouped so that each
+        group's staging fits ``staging_bytes_max`` (a larger chunk goes alone)."""
+        for c in chunks:
+            self._check(c, layers)
+        batches: list[list[ChunkCopy]] = [[]]
+        size = 0
+        for c in chunks:
+            need = 0 if self._direct(c) else _entry_span(c, layers)
+            if batches[-1] and size + need > self.staging_bytes_max:
+                batches.append([])
+                size = 0
+            batches[-1].append(c)
+            size += need
+        return batches
+
+    def _direct(self, c: ChunkCopy) -> bool:
+        return self.route == "direct" and len(c.extents) == 1
+
     def _split(
         self, layers: Sequence[OpenedLayer], chunks: Sequence[ChunkCopy]
     ) -> tuple[list[ChunkCopy], list[tuple[ChunkCopy, int]], torch.Tensor | None]:
@@ -134,14 +182,11 @@ class DeviceCopier:
         staged: list[tuple[ChunkCopy, int]] = []
         pos = 0
         for c in chunks:
-            self._check(c, layers)
-            if self.route == "direct" and len(c.extents) == 1:
+            if self._direct(c):
                 direct.append(c)
             else:
                 staged.append((c, pos))
                 pos += _entry_span(c, layers)
-        if pos > JOB_STAGING_BYTES_MAX:
-            raise CopyError(f"a job of {pos} staged bytes (at most {JOB_STAGING_BYTES_MAX})")
         return direct, staged, self._staging_buffer(pos) if staged else None
 
     def _rows(
@@ -158,7 +203,7 @@ class DeviceCopier:
         ids: list[list[int]] = []
         pos = 0
         for c in chunks:
-            if self.route == "direct" and len(c.extents) == 1:
+            if self._direct(c):
                 base = self.arena.data_ptr() + c.extents[0][0]
             else:  # the staging buffer holds the entry from its first moved byte on
                 assert staging is not None
@@ -196,6 +241,8 @@ class DeviceCopier:
             raise CopyError(f"extents {c.extents} outside the arena of {self.arena.numel()}")
         if end > sum(n for _, n in c.extents):
             raise CopyError(f"extents {c.extents} do not hold {end} bytes")
+        if end > CHUNK_BYTES_MAX:
+            raise CopyError(f"a chunk of {end} bytes (at most {CHUNK_BYTES_MAX})")
 
     # ------------------------------------------------------------------ moving
     def _pieces(self, c: ChunkCopy, layers: Sequence[OpenedLayer], at: int, to_arena: bool) -> None:

@@ -9,7 +9,7 @@ import torch
 from kv_caches import BLOCK_SIZE, MAKERS, NUM_BLOCKS
 from onelaunch_import import DEVICE, onelaunch, reason
 
-from kvnode.kernels import detect_layout, gather
+from kvnode.kernels import detect_layout, gather, gpumove
 from kvnode.kernels.gpumove import ChunkCopy, CopyError, DeviceCopier, OpenedLayer
 
 pytestmark = pytest.mark.skipif(onelaunch is None, reason=reason or "triton")
@@ -112,7 +112,7 @@ def test_partial_load_and_two_groups(arena: torch.Tensor, route: str) -> None:
         assert entry([lay], blocks) == entry([src], was)
 
 
-def test_bad_jobs_are_refused(arena: torch.Tensor) -> None:
+def test_bad_jobs_are_refused(arena: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
     layers = export("flash", 2)
     size = 2 * BPC * layers[0].layout.block_nbytes
     copier = DeviceCopier(torch.device(DEVICE), arena)
@@ -126,6 +126,37 @@ def test_bad_jobs_are_refused(arena: torch.Tensor) -> None:
     for match, chunk in cases.items():
         with pytest.raises(CopyError, match=match):
             copier.save(layers, [chunk])
+    good = ChunkCopy(0, (5, 6, 7, 8), ((0, size),))
+    with pytest.raises(CopyError, match="group"):  # every chunk checked before one moves
+        copier.save(layers, [good, cases["group"]])
+    monkeypatch.setattr(gpumove, "CHUNK_BYTES_MAX", size - 1)
+    with pytest.raises(CopyError, match="at most"):
+        copier.save(layers, [good])
     assert arena.eq(0xEE).all(), "a refused job wrote into the arena"
     with pytest.raises(ValueError, match="route"):
         DeviceCopier(torch.device(DEVICE), arena, "sideways")
+
+
+@pytest.mark.parametrize("route", ["staging", "direct"])
+def test_a_job_larger_than_the_staging_runs_in_batches(arena: torch.Tensor, route: str) -> None:
+    layers = export("flash", 2)
+    size = 2 * BPC * layers[0].layout.block_nbytes
+    chunks = [
+        ChunkCopy(
+            0,
+            tuple(range(4 * i, 4 * i + 4)),
+            ((i * 3 * size, size // 2), (i * 3 * size + size, size - size // 2)),
+        )
+        for i in range(5)
+    ]
+    copier = DeviceCopier(torch.device(DEVICE), arena, route, staging_bytes_max=2 * size)
+    assert copier.save(layers, chunks) == 5 * size
+    for c in chunks:
+        assert read(arena, c.extents) == entry(layers, list(c.blocks))
+    assert copier.staging_bytes <= 2 * size
+    targets = blank(layers)
+    done: list[int] = []
+    assert copier.load(targets, chunks, on_layer=done.append) == 5 * size
+    assert done == [0, 1], "each layer is reported once, when all of its batches are queued"
+    for c in chunks:
+        assert entry(targets, list(c.blocks)) == entry(layers, list(c.blocks))
