@@ -126,7 +126,7 @@ class ClientRegistry:
             if generation != self.generation:
                 self.counters.refused_stale += 1
                 raise Refused(
-                    f"stale generation {generation:x} (agent is {self.generation:x}): register again",
+                    f"stale generation {generation} (agent is {self.generation}): register again",
                     stale=True,
                 )
             self.counters.refused_identity += 1

@@ -161,7 +161,9 @@ class Agent:
             self.index_segment = self.parts.published.name
         self._bind()
         self._running = not self._stop_requested
-        log.info("serving on %s (generation %x)", cfg.endpoint, self.generation)
+        log.info(
+            "serving on %s (generation %d, hex %x)", cfg.endpoint, self.generation, self.generation
+        )
 
     def _bind(self) -> None:
         cfg = self.cfg

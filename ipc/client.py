@@ -216,7 +216,7 @@ class AgentClient:
                 raise AgentUnavailable(f"arena mapped but not made ready: {exc}") from exc
         if self._generation:
             self.remaps += 1
-            log.info("agent generation %x -> %x: arena remapped", self._generation, w.generation)
+            log.info("agent generation %d -> %d: arena remapped", self._generation, w.generation)
         self._segment = seg
 
     def _unmap(self) -> None:

@@ -182,7 +182,7 @@ def _head(cur: dict[str, Any]) -> Any:
     p99 = f"{lat['p99']:.0f}µs" if lat.get("count") else "-"
     return Text(
         f"kvnode {cur['version']} pid {cur['pid']} up {_duration(cur['uptime_s'])} "
-        f"gen {cur['generation']:x} clients {cur['clients']}\n"
+        f"gen {cur['generation']} clients {cur['clients']}\n"
         f"hit ratio {hit_ratio(c):.1%} of {c.get('lookup_keys', 0):,} keys looked up, "
         f"lookup p99 {p99}"
     )

@@ -25,6 +25,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -102,6 +103,18 @@ def _classify(exc: Exception) -> tuple[bool, bool]:
             return True, False
         return False, status >= 500 or status == 429 or "Throttl" in code or code == "SlowDown"
     return False, isinstance(exc, (BotoCoreError, OSError))
+
+
+def _reason(exc: Exception | None) -> str:
+    """A boto error in words: its code, without botocore's retry note (ours are counted
+    above; botocore's own are off, so it always says "reached max retries: 0")."""
+    from botocore.exceptions import ClientError
+
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        code = err.get("Code") or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return f"{code}: {err.get('Message') or exc}".replace(" (reached max retries: 0)", "")
+    return re.sub(r"\s*\(reached max retries: \d+\)", "", str(exc))
 
 
 class S3Store(StatelessStore):
@@ -237,7 +250,32 @@ class S3Store(StatelessStore):
             self._succeeded()
             return out
         self._failed(what, last)
-        raise S3Error(f"S3 {what} failed: {last}") from last
+        tries = attempt + 1
+        raise S3Error(
+            f"S3 {what} failed after {tries} attempt{'s' if tries > 1 else ''} "
+            f"(s3.retries_max = {self.retries_max}): {_reason(last)}"
+        ) from last
+
+    # -- start-up ---------------------------------------------------------------------
+    def startup_scan(self) -> Callable[[], None] | None:
+        return self._check_bucket
+
+    def _check_bucket(self) -> None:
+        """Once at start, on an I/O thread: the bucket answers with these credentials.
+        If not, the tier is unhealthy from the start (not after its first write fails)
+        and the log says why."""
+        try:
+            self._retrying("bucket check", lambda: self.client.head_bucket(Bucket=self.bucket))
+        except (S3Error, _NotFound) as exc:
+            with self._lock:
+                self._trip(self.clock())
+            reason = str(exc) if isinstance(exc, S3Error) else "no such bucket"
+            log.error(
+                "tier %s: s3://%s cannot be used: %s (check s3.bucket, s3.endpoint_url and "
+                "the AWS credentials; kvnode doctor says more)", self.name, self.bucket, reason,
+            )  # fmt: skip
+            return
+        log.info("tier %s: s3://%s answers", self.name, self.bucket)
 
     # -- local knowledge ------------------------------------------------------------
     def _remember(self, key: bytes, size: int) -> None:

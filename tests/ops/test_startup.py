@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -191,3 +192,53 @@ def test_arena_progress_is_said_at_most_once_a_second() -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def _s3_agent(tmp_path: Path, bucket: str, url: str, env: dict[str, str]) -> tuple[Any, Any]:
+    from tests.conftest import AgentProcess
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    agent = AgentProcess(tmp_path / "run", env={**clean, **env},
+                         args=["--set", f"s3.bucket={bucket}", "--set", f"s3.endpoint_url={url}",
+                               "--set", "s3.region=us-east-1", "--set", "s3.retries_max=1"])  # fmt: skip
+    agent.env = {**clean, **env}  # no AWS_* from the test's own environment
+    return agent, agent.start()
+
+
+@pytest.mark.parametrize("case", ["no bucket", "no credentials"])
+def test_s3_unusable_at_start_is_unhealthy_at_once(tmp_path: Path, case: str) -> None:
+    """Before: healthy until the first eviction or shutdown. Now the bucket is checked
+    at start: unhealthy, and one log line says why, in words (no botocore retry note)."""
+    import time
+
+    from kvnode.ipc.client import AgentClient
+    from tests.tiers.conftest import S3Endpoint
+
+    s3 = S3Endpoint()
+    s3.start()
+    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    if case == "no bucket":
+        bucket, env = "no-such-bucket", creds
+    else:
+        os.environ.update(creds)
+        bucket = s3.new_bucket()
+        env = {"AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+               "AWS_CONFIG_FILE": str(tmp_path / "none"), "AWS_EC2_METADATA_DISABLED": "true"}  # fmt: skip
+    agent, _ = _s3_agent(tmp_path, bucket, s3.url, env)
+    c = AgentClient(agent.runtime_dir, name="s3-check", timeout_s=3.0, heartbeat=False)
+    try:
+        end = time.monotonic() + 20
+        while c.stats()["tiers"]["s3"]["healthy"]:
+            assert time.monotonic() < end, "s3 still reported healthy"
+            time.sleep(0.1)
+        end = time.monotonic() + 10
+        while "cannot be used" not in agent.log():
+            assert time.monotonic() < end, agent.log()
+            time.sleep(0.1)
+    finally:
+        c.close()
+        agent.stop()
+        s3.stop()
+    line = next(x for x in agent.log().splitlines() if "cannot be used" in x)
+    assert f"s3://{bucket}" in line and "reached max retries" not in line
+    assert ("no such bucket" in line) if case == "no bucket" else ("credentials" in line.lower())
