@@ -123,6 +123,8 @@ class Admin:
             result = {"keys": [self.show(k) for k in m.keys]}
         elif op is P.AdminOp.DROP:
             result = {"dropped": self.drop(m.keys)}
+        elif op is P.AdminOp.DROP_NAMESPACE:
+            result = {"dropped": self.drop_namespace(m.keys[0] if m.keys else b"")}
         else:
             result = self.clear(m.tier)
         return P.AdminRep(m.rid, result)
@@ -136,12 +138,21 @@ class Admin:
         self.stats.inc("drops", n)
         return n
 
+    def drop_namespace(self, ns: bytes) -> int:
+        """Every arena entry reserved under ``ns`` (and its disk copy). Entries whose
+        client named no namespace are not in any."""
+        keys = [k for k, e in self.cache.index.entries.items()
+                if e.ns == ns and e.state is State.COMMITTED]  # fmt: skip
+        n = self.drop(keys)
+        log.warning("operator dropped namespace %s: %d entries", ns.hex(), n)
+        return n
+
     def listing(self, tier: str, sort: str, limit: int) -> dict[str, Any]:
         if sort not in SORTS:
             from kvnode.agent.handlers import ClientError
 
             raise ClientError(P.ErrCode.BAD_FRAME, f"sort by one of {', '.join(SORTS)}")
-        out: dict[str, Any] = {"tiers": self._totals()}
+        out: dict[str, Any] = {"tiers": self._totals(), "namespaces": self._namespaces()}
         if tier in ("", "arena"):
             out["arena"] = self._arena_entries(sort, limit)
         if tier in ("", "disk"):
@@ -197,6 +208,16 @@ class Admin:
                              "healthy": bool(s.get("healthy", True))}  # fmt: skip
         return out
 
+    def _namespaces(self) -> dict[str, dict[str, int]]:
+        """Arena entries, bytes and hits per namespace ("" for entries without one)."""
+        out: dict[str, dict[str, int]] = {}
+        for e in self.cache.index.entries.values():
+            t = out.setdefault(e.ns.hex() if e.ns else "", {"entries": 0, "bytes": 0, "hits": 0})
+            t["entries"] += 1
+            t["bytes"] += e.size
+            t["hits"] += e.hits
+        return out
+
     def _entry(self, e: Entry) -> dict[str, Any]:
         idx = self.cache.index
         # Reserved at lease_deadline - reserve_ttl_s, committed within that lease.
@@ -208,6 +229,7 @@ class Admin:
             "verified": bool(e.checksum),
             "parent": meta.parent.hex() if meta is not None and meta.parent else None,
             "group": e.group.hex() if e.group else None,
+            "namespace": e.ns.hex() if e.ns else None,
         }  # fmt: skip
 
     def _arena_entries(self, sort: str, limit: int) -> list[dict[str, Any]]:

@@ -45,6 +45,8 @@ def run_agent(cfg: Config, reload_config: Callable[[], Config] | None = None) ->
         return _failed_start(cfg, agent, exc)
     for line in startup_lines(cfg, agent.snapshot(), metrics.url if metrics.enabled else ""):
         log.info("%s", line)
+    for line in startup_warnings(cfg):
+        log.warning("%s", line)
     agent.hooks_ready.append(
         lambda: sdnotify.ready(f"serving {cfg.endpoint}, {format_size(cfg.arena.cpu_bytes)} arena")
     )
@@ -70,6 +72,25 @@ def _failed_start(cfg: Config, agent: Agent, exc: Exception) -> int:
     sdnotify.status(f"failed: {err or exc}")
     agent.close()
     return 2 if err is not None else 1
+
+
+def startup_warnings(cfg: Config) -> list[str]:
+    """What starts but cannot work: peers with no authorized key let nobody in."""
+    p = cfg.peers
+    if not (p.listen or p.seeds) or p.insecure:
+        return []
+    import zmq.auth
+
+    try:
+        keys = zmq.auth.load_certificates(p.curve_authorized_dir)
+    except (OSError, ValueError) as exc:
+        return [f"peers: cannot read {p.curve_authorized_dir}: {exc}"]
+    if not keys:
+        return [
+            f"peers: {p.curve_authorized_dir} holds no public key (*.key): every peer is "
+            "refused and ours is refused by peers sharing it (peers.curve_authorized_dir)"
+        ]
+    return []
 
 
 def startup_lines(cfg: Config, snap: Mapping[str, Any], metrics_url: str) -> list[str]:

@@ -272,6 +272,7 @@ class AdminOp(IntEnum):
     LIST = 1  # totals per tier, then up to ``limit`` entries of ``tier`` by ``sort``
     SHOW = 2  # each of ``keys`` in every tier
     DROP = 3  # ``keys`` out of the arena and the disk
+    DROP_NAMESPACE = 4  # every arena entry reserved under the namespace ``keys[0]``
     CLEAR = 5  # every entry of ``tier`` ("arena" or "disk")
 
 

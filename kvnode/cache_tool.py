@@ -44,13 +44,18 @@ def run_cache(cfg: Any, args: argparse.Namespace) -> int:
         return 2
     keys = [parse_key(k) for k in getattr(args, "keys", None) or [getattr(args, "key", "")] if k]
     tier, limit, sort = "", 0, "hits"
+    namespace = getattr(args, "namespace", None)
+    if cmd == "drop" and bool(keys) == bool(namespace):
+        raise ConfigError("KEY", "name keys to drop, or --namespace NS (not both)")
+    if namespace:
+        keys, cmd = [parse_key(namespace)], "drop_namespace"
     if cmd == "list":
         tier = "" if args.tier == "all" else args.tier
         limit, sort = max(0, min(args.limit, P.ADMIN_LIST_MAX)), args.sort
     elif cmd == "clear":
         tier = args.tier
     op = {"list": P.AdminOp.LIST, "show": P.AdminOp.SHOW, "drop": P.AdminOp.DROP,
-          "clear": P.AdminOp.CLEAR}[cmd]  # fmt: skip
+          "drop_namespace": P.AdminOp.DROP_NAMESPACE, "clear": P.AdminOp.CLEAR}[cmd]  # fmt: skip
     try:
         result = _ask(cfg, args.timeout, int(op), keys, tier, limit, sort)
     except AgentError as exc:
@@ -110,7 +115,7 @@ def _lines(cmd: str, r: dict[str, Any]) -> list[str]:
                 if t in k:
                     out.append(f"  {t}: {_size(k[t]['size'])}")
         return out
-    if cmd == "drop":
+    if cmd in ("drop", "drop_namespace"):
         return [f"dropped {r['dropped']} entries from the arena and the disk (S3 keeps its copies)"]
     bg = " (the disk is cleared in the background)" if r.get("background") else ""
     return [f"cleared the {r['tier']} tier: {r['dropped']} entries{bg}"]
@@ -121,6 +126,14 @@ def _list_lines(r: dict[str, Any]) -> list[str]:
     for name, t in r["tiers"].items():
         health = "ok" if t.get("healthy", True) else "UNHEALTHY"
         out.append(f"{name:<6} {t['entries']:>9} {_size(t['bytes']):>11}  {health}")
+    spaces = r.get("namespaces") or {}
+    if any(spaces):
+        out.append("")
+        out.append(f"{'namespace':<32}  {'entries':>8} {'bytes':>10} {'hits':>8}")
+        for ns, t in sorted(spaces.items(), key=lambda x: -x[1]["bytes"]):
+            out.append(
+                f"{ns or '(none)':<32}  {t['entries']:>8} {_size(t['bytes']):>10} {t['hits']:>8}"
+            )
     arena = r.get("arena") or []
     if arena:
         out.append("")

@@ -197,3 +197,32 @@ def test_operator_rules() -> None:
     assert ops(NOBODY, 4242)  # primary group
     assert not ops(NOBODY, NOBODY)
     assert not Operators(cfg, lambda fd: None).allowed(C())  # type: ignore[arg-type]
+
+
+def test_drop_a_namespace(tmp_path: Path) -> None:
+    from kvnode.ipc.checksum import checksum
+
+    agent = AgentProcess(tmp_path / "run").start()
+    c = AgentClient(agent.runtime_dir, name="tenant-writer", timeout_s=3.0)
+    ns_a, ns_b = b"A" * 16, b"B" * 16
+    try:
+        for ns, keys in ((ns_a, KEYS[:3]), (ns_b, KEYS[3:])):
+            for key in keys:
+                data = os.urandom(4096)
+                ((st, slot),) = c.reserve([key], [len(data)], namespace=ns)
+                assert st == P.Status.OK and slot is not None
+                c.write(slot, data)
+                assert c.commit([key], [checksum(data)]) == [P.Status.OK]
+        r = subprocess.run([*KVNODE, "cache", "list", "--runtime-dir", str(agent.runtime_dir), "--json"],
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+        spaces = json.loads(r.stdout)["namespaces"]
+        assert spaces[ns_a.hex()]["entries"] == 3 and spaces[ns_b.hex()]["entries"] == 1
+        r = subprocess.run([*KVNODE, "cache", "drop", "--namespace", ns_a.hex(),
+                            "--runtime-dir", str(agent.runtime_dir)],
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert r.returncode == 0 and "dropped 3 entries" in r.stdout, r.stderr
+        got = c.lookup(KEYS, promote=False)
+        assert got == [P.Lookup.MISS] * 3 + [P.Lookup.HIT]
+    finally:
+        c.close()
+        agent.stop()

@@ -242,3 +242,20 @@ def test_s3_unusable_at_start_is_unhealthy_at_once(tmp_path: Path, case: str) ->
     line = next(x for x in agent.log().splitlines() if "cannot be used" in x)
     assert f"s3://{bucket}" in line and "reached max retries" not in line
     assert ("no such bucket" in line) if case == "no bucket" else ("credentials" in line.lower())
+
+
+def test_empty_authorized_dir_is_said_at_start(tmp_path: Path) -> None:
+    from kvnode.agent.config import load_config as load
+    from kvnode.agent.service import startup_warnings
+
+    keys = tmp_path / "keys"
+    assert _run([*KVNODE, "keygen", "fleet", "--dir", str(keys)]).returncode == 0
+    empty = tmp_path / "authorized"
+    empty.mkdir()
+    cfg = load(env={}, overrides={"peers.listen": "tcp://127.0.0.1:0",
+                                  "peers.curve_secret_key": f"{keys}/fleet.key_secret",
+                                  "peers.curve_authorized_dir": str(empty)})  # fmt: skip
+    (warning,) = startup_warnings(cfg)
+    assert "holds no public key" in warning and "peers.curve_authorized_dir" in warning
+    shutil.copy(keys / "fleet.key", empty / "fleet.key")
+    assert startup_warnings(cfg) == []
