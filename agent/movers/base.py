@@ -123,6 +123,10 @@ class Mover(ABC):
         """Write the job's final outcome (chunk codes, result, done) into its slot.
         Best effort: a worker that is gone cannot be told."""
 
+    def device_stats(self) -> dict[str, object]:
+        """What the mover holds on its device (GPU movers: staging memory)."""
+        return {}
+
     def detach(self, export: Export) -> None:
         """The export is gone (client gone or exported again): release its state."""
         return

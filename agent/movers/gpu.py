@@ -129,6 +129,17 @@ class GpuMover(CpuMover):
             copier = self._copiers[device] = DeviceCopier(device, self.arena_tensor, self.route)
         return copier
 
+    def device_stats(self) -> dict[str, object]:
+        """The agent's own memory on this GPU: its staging buffers and what torch's
+        allocator holds for it (the CUDA context, a few hundred MiB, comes on top).
+        The workers' caches it maps are theirs, counted in their processes."""
+        out: dict[str, object] = {"arena_registered": self.registered}
+        for device, copier in list(self._copiers.items()):
+            out["staging_bytes"] = copier.staging_bytes
+            if device.type == "cuda":
+                out["reserved_bytes"] = int(torch.cuda.memory_reserved(device))
+        return out
+
     def detach(self, export: Export) -> None:
         export.state = None  # the opened storages go; torch closes their IPC mappings
 

@@ -311,6 +311,7 @@ class Transfers:
         agent["load_copy_s"] = round(ctr.load_copy_s, 6)
         agent["jobs_inflight"] = self.inflight
         agent["exporting_workers"] = len(self.exports)
+        agent["devices"] = {d: t.mover.device_stats() for d, t in list(self._threads.items())[:64]}
         agent["workers"] = [
             {"client": f"{ex.client_id:x}", "pid": ex.pid, "device": ex.device,
              "layers": len(ex.layers)}

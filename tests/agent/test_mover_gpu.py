@@ -257,6 +257,11 @@ def test_workers_through_a_real_agent_and_its_restart(tmp_path: Path, device: st
         _same_blocks(src, 8, dst, 48, 2 * BPC)
         t = big_agent_stats(agent)["transfers"]["agent"]
         assert t["exports"] == 2 and t["save_chunks"] == 2 and t["load_chunks"] == 2, t
+        [(name, held)] = t["devices"].items()  # the agent's own memory per device
+        if device == "cpu":
+            assert (name, held) == ("cpu", {})
+        else:
+            assert name.startswith("cuda:") and 0 < held["staging_bytes"] <= held["reserved_bytes"]
     finally:
         agent.stop()
 
