@@ -283,7 +283,7 @@ def _render_namespaces(f: _Families, namespaces: Mapping[str, Any]) -> None:
 
 
 # Peers: the fetching side (this node asks), per peer and in total, and the serving side.
-PEER_STATES = ("up", "connecting", "down", "self")  # see agent/peers/links.py
+PEER_STATES = ("up", "connecting", "refused", "unreachable", "down", "self")  # peers/links.py
 _PEER_COUNTERS = {
     "lookups": "Keys this node asked the peer about.",
     "hits": "Keys the peer said it has.",
@@ -357,8 +357,8 @@ def _render_peers(f: _Families, peers: Mapping[str, Any], server: Mapping[str, A
         state = str(p.get("state", ""))
         f.add("peer_up", "gauge", "1 while the link to the peer is up.", int(state == "up"), labels)  # fmt: skip
         for st in PEER_STATES:
-            f.add("peer_state", "gauge", "The link's state, one-hot: up, connecting (never "
-                  "answered yet), down (failing, skipped for a while), self.", int(state == st), {**labels, "state": st})  # fmt: skip
+            f.add("peer_state", "gauge", "The link's state, one-hot: up, connecting, refused "
+                  "(our CURVE key), unreachable, down (failing, skipped a while), self.", int(state == st), {**labels, "state": st})  # fmt: skip
         for key, help_text in _PEER_COUNTERS.items():
             f.add(f"peer_{key}_total", "counter", help_text, p.get(key), labels)
     for key, (family, kind, help_text) in _PEER_SERVER.items():

@@ -62,6 +62,47 @@ class Link:
         self.failures = 0
         self.down_until = 0.0
         self.backoff_s = DOWN_BACKOFF_S_MIN
+        self.handshakes: dict[int, str | None] = dict.fromkeys(range(len(sockets)))
+        self._tcp: dict[int, bool] = {}  # a TCP connection made since the last retry
+
+    def transport(self, index: int, event: str) -> str | None:
+        """A connection event of socket ``index`` (``connected``, ``ok``, ``refused``,
+        ``retried`` or ``closed``): the link's state from all its sockets (one per candidate server
+        key). Returns the new state when it changed, for the log."""
+        self._note(index, event)
+        seen = {v for v in self.handshakes.values() if v is not None}
+        if "ok" in seen:
+            new = "up"  # the handshake with our key succeeded
+        elif "refused" in seen:  # no candidate key accepted, one at least refused
+            new = "refused"
+        elif "unreachable" in seen:
+            new = "unreachable"
+        elif self.stats.state == "up":
+            new = "connecting"
+        else:
+            new = self.stats.state
+        if new == self.stats.state or self.stats.state == "self":
+            return None
+        self.stats.state = new
+        return new
+
+    def _note(self, index: int, event: str) -> None:
+        """Per socket: ``ok`` and ``refused`` hold until the next handshake; a connect
+        retry means unreachable only when no TCP connection was made since the last
+        retry (a refused handshake also ends in a retry, after a connection)."""
+        h = self.handshakes
+        if event in ("ok", "refused"):
+            h[index] = event
+        elif event == "connected":
+            self._tcp[index] = True
+            if h[index] == "unreachable":
+                h[index] = None
+        elif event == "retried":
+            if not self._tcp.get(index):
+                h[index] = "unreachable"
+            self._tcp[index] = False
+        elif event == "closed" and h[index] == "ok":
+            h[index] = None
 
     def usable(self, now: float) -> bool:
         return self.stats.state != "self" and now >= self.down_until

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from kvnode.agent.peers.arena import copy_into
 from kvnode.agent.peers.jobs import Fetch, Job, Query
@@ -40,6 +41,20 @@ from kvnode.errors import ProtocolError
 from kvnode.ipc.checksum import checksum
 
 log = logging.getLogger("kvnode.peers")
+
+# Connection events that say how a link is doing, in the words of Link.transport.
+_EVENT_WORDS: dict[int, str] = {
+    zmq.EVENT_HANDSHAKE_SUCCEEDED: "ok",
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "refused",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "refused",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "refused",
+    zmq.EVENT_CONNECTED: "connected",
+    zmq.EVENT_CONNECT_RETRIED: "retried",
+    zmq.EVENT_DISCONNECTED: "closed",
+}
+_MONITORED = 0
+for _event in _EVENT_WORDS:
+    _MONITORED |= int(_event)
 
 INBOX_MAX = 1024  # jobs waiting for the network thread
 RECV_BATCH_MAX = 64  # replies read from one socket per wake-up
@@ -84,6 +99,7 @@ class Network(threading.Thread):
         self.links: dict[str, Link] = {}
         self.peer_stats: dict[str, PeerStats] = {}  # read by the loop under _lock
         self._by_socket: dict[zmq.Socket, Link] = {}
+        self._monitors: dict[zmq.Socket, tuple[Link, int]] = {}  # monitor -> link, socket
         self._ctx: zmq.Context | None = None
         self._poller = zmq.Poller()
 
@@ -161,6 +177,8 @@ class Network(threading.Thread):
             link = self._by_socket.get(sock)  # type: ignore[call-overload]
             if link is not None:
                 self._recv(link, sock)  # type: ignore[arg-type]
+            elif sock in self._monitors:
+                self._transport(sock)  # type: ignore[arg-type]
         self._expire(self.clock())
 
     def _timeout_ms(self) -> int:
@@ -187,9 +205,12 @@ class Network(threading.Thread):
         self.links[endpoint] = link
         with self._lock:
             self.peer_stats[endpoint] = stats
-        for s in sockets:
+        for i, s in enumerate(sockets):
             self._by_socket[s] = link
             self._poller.register(s, zmq.POLLIN)
+            mon = s.get_monitor_socket(_MONITORED)
+            self._monitors[mon] = (link, i)
+            self._poller.register(mon, zmq.POLLIN)
 
     def _dealer(self, endpoint: str, server_key: bytes | None) -> zmq.Socket:
         assert self._ctx is not None
@@ -211,11 +232,38 @@ class Network(threading.Thread):
         s.connect(endpoint)
         return s
 
+    def _transport(self, mon: zmq.Socket) -> None:
+        """Connection events of one link socket: the link's state says whether the peer
+        accepts our key, refuses it, or cannot be reached (a reply alone cannot tell a
+        refused handshake from a peer that is down)."""
+        link, index = self._monitors[mon]
+        while True:
+            try:
+                event = int(recv_monitor_message(mon, zmq.NOBLOCK)["event"])
+            except zmq.Again:
+                return
+            changed = link.transport(index, _EVENT_WORDS.get(event, "closed"))
+            if changed == "refused":
+                log.warning(
+                    "peer %s refused the handshake: our key is not in its authorized "
+                    "directory, or it is not a kvnode peer (peers.curve_secret_key)",
+                    link.endpoint,
+                )
+            elif changed == "unreachable":
+                log.info("peer %s unreachable (connection refused or no route)", link.endpoint)
+            elif changed == "up":
+                log.info("peer %s connected", link.endpoint)
+
     def _drop_link(self, link: Link) -> None:
         now = self.clock()
         for job in list(link.outstanding.values()):
             self._forget(link, job, now)
         link.outstanding.clear()
+        for mon, (owner, _) in list(self._monitors.items()):
+            if owner is link:
+                self._poller.unregister(mon)
+                del self._monitors[mon]
+                mon.close(0)
         for s in link.sockets:
             self._poller.unregister(s)
             self._by_socket.pop(s, None)

@@ -103,3 +103,47 @@ def test_a_running_agent_is_checked_not_its_ports(tmp_path: Path) -> None:
     assert alive["level"] == "ok" and "answers" in alive["text"]
     assert all(f["level"] != "FAIL" for f in got), got
     assert code == 0
+
+
+def _peer_state(agent: AgentProcess, seed: str, want: str) -> dict[str, Any]:
+    import time
+
+    from kvnode.ipc.client import AgentClient
+
+    c = AgentClient(agent.runtime_dir, name="state-probe", timeout_s=3.0, heartbeat=False)
+    try:
+        end = time.monotonic() + 20
+        while True:
+            peers = c.stats()["peers"]["peers"]
+            if peers[seed]["state"] == want:
+                return dict(peers[seed])
+            assert time.monotonic() < end, peers
+            time.sleep(0.1)
+    finally:
+        c.close()
+
+
+def test_link_state_tells_refused_from_unreachable(tmp_path: Path) -> None:
+    """Before: a peer refusing our CURVE key showed "connecting" like a peer that is down,
+    and nothing was logged on our side."""
+    secret, authorized = _fleet(tmp_path, "fleet")
+    other_secret, other_authorized = _fleet(tmp_path, "other")
+    listen = f"tcp://127.0.0.1:{_port()}"
+    absent = f"tcp://127.0.0.1:{_port()}"
+    peer = AgentProcess(tmp_path / "peer", args=[
+        "--set", f"peers.listen={listen}", "--set", f"peers.curve_secret_key={secret}",
+        "--set", f"peers.curve_authorized_dir={authorized}"]).start()  # fmt: skip
+    same = AgentProcess(tmp_path / "same", args=[
+        "--set", f"peers.seeds={listen},{absent}", "--set", f"peers.curve_secret_key={secret}",
+        "--set", f"peers.curve_authorized_dir={authorized}"]).start()  # fmt: skip
+    other = AgentProcess(tmp_path / "other", args=[
+        "--set", f"peers.seeds={listen}", "--set", f"peers.curve_secret_key={other_secret}",
+        "--set", f"peers.curve_authorized_dir={other_authorized}"]).start()  # fmt: skip
+    try:
+        _peer_state(same, listen, "up")
+        _peer_state(same, absent, "unreachable")
+        _peer_state(other, listen, "refused")
+    finally:
+        for a in (other, same, peer):
+            a.stop()
+    assert f"peer {listen} refused the handshake" in other.log()
