@@ -135,6 +135,10 @@ class AgentSection:
     client_pins_max: int = 65536  # pins one client holds at once (a key pinned twice: 2)
     client_leases_max: int = 65536  # reservations one client holds at once
     pin_ttl_s: float = 300.0  # a pin held longer is released by the agent (counted)
+    connections_max: int = 4096  # local connections open at once, registered or not
+    connections_per_s_max: int = 200  # local connections accepted in one second
+    connections_per_process_max: int = 512  # local connections open at once from one process
+    hello_timeout_s: float = 10.0  # a connection without a client silent this long is closed
     request_bytes_max: int = field(default=parse_size("16MiB"), metadata={"kind": "size"})
     batch_keys_max: int = 65536
     shutdown_flush_s: float = 20.0
@@ -281,7 +285,17 @@ class Config:
             raise ConfigError(
                 "agent.heartbeat_timeout_s", "must be at least twice agent.heartbeat_interval_s"
             )
-        for key in ("clients_max", "client_pins_max", "client_leases_max"):
+        if a.connections_max < a.clients_max:
+            raise ConfigError("agent.connections_max", "must be at least agent.clients_max")
+        if a.hello_timeout_s <= 0:
+            raise ConfigError("agent.hello_timeout_s", "must be > 0")
+        for key in (
+            "clients_max",
+            "client_pins_max",
+            "client_leases_max",
+            "connections_per_s_max",
+            "connections_per_process_max",
+        ):
             if getattr(a, key) < 1:
                 raise ConfigError(f"agent.{key}", "must be >= 1")
         if a.pin_ttl_s <= 0:

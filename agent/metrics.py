@@ -70,6 +70,10 @@ _COUNTER_HELP = {
     "refused_pins": "Pins refused: the client held agent.client_pins_max.",
     "refused_leases": "Reservations refused: the client held agent.client_leases_max.",
     "expired_pins": "Pins held longer than agent.pin_ttl_s, released by the agent.",
+    "refused_connections": "Local connections closed by the agent: past "
+    "agent.connections_per_process_max, silent without a client, or while not accepting.",
+    "listener_pauses": "Times the local socket stopped accepting: agent.connections_max, "
+    "agent.connections_per_s_max or the open-file limit reached.",
 }
 _ARENA_GAUGES = {
     "bytes_total": ("arena_capacity_bytes", "Size of the shared-memory arena."),

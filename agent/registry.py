@@ -24,11 +24,10 @@ import select
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from kvnode.agent.clients import Client, process_start_time
+from kvnode.agent.clients import Client
+from kvnode.ipc.process import start_time_s
 
 log = logging.getLogger("kvnode.agent")
-
-_START_TIME_SLACK_S = 0.5  # psutil create times are rounded to clock ticks
 
 
 class Refused(Exception):
@@ -74,12 +73,22 @@ class ClientRegistry:
 
     # -- registration ------------------------------------------------------------------
     def register(
-        self, identity: bytes, fd: int, name: str, pid: int, pid_ns: int, now: float
+        self,
+        identity: bytes,
+        fd: int,
+        name: str,
+        pid: int,
+        pid_ns: int,
+        now: float,
+        connected_at: float = 0.0,
     ) -> Client:
+        """``connected_at``: a time (``boot_clock_s``) by which the process ``pid`` had
+        made the connection (0: unknown). A process at ``pid`` that started later is another
+        one (the pid was reused): the client counts as gone at once."""
         if identity in self._by_identity:
             raise RuntimeError("reclaim the connection's earlier client before registering")
         cid = self._new_id()
-        c = Client(cid, name, pid, pid_ns, identity, now, process_start_time(pid) if pid else 0.0)
+        c = Client(cid, name, pid, pid_ns, identity, now, connected_at)
         c.fd = fd
         self.by_id[cid] = c
         self._by_identity[identity] = c
@@ -105,13 +114,17 @@ class ClientRegistry:
             return  # another pid namespace: its socket and heartbeats tell
         try:
             pidfd = os.pidfd_open(c.pid)
-        except (OSError, AttributeError):
+        except (OSError, AttributeError) as exc:
             self.counters.pidfd_unavailable += 1
-            self._dead_at_hello.append(c)  # no such process: reclaimed by exited()
-            return
-        # The pidfd names the process alive now; make sure it is the one that said Hello
-        # (not a pid reused since) by its start time.
-        if c.started and abs(process_start_time(c.pid) - c.started) > _START_TIME_SLACK_S:
+            if isinstance(exc, ProcessLookupError):
+                self._dead_at_hello.append(c)  # no such process: reclaimed by exited()
+            return  # otherwise (no descriptors left, no pidfds): socket and heartbeat
+
+        # The pidfd names the process at that pid now. The one that connected had
+        # started before the connection was seen; one started after is a reuse of the
+        # pid, and the client's process is gone. (Read after pidfd_open: if this one
+        # exits meanwhile, the pidfd reports it.)
+        if c.connected_at and start_time_s(c.pid) > c.connected_at:
             os.close(pidfd)
             self._dead_at_hello.append(c)
             return
@@ -165,6 +178,14 @@ class ClientRegistry:
     def disconnected(self, fd: int) -> Client | None:
         """The client whose connection was on ``fd``, now closed."""
         return self._by_fd.get(fd)
+
+    def on_fd(self, fd: int) -> bool:
+        """Whether a registered client's connection is on ``fd``."""
+        return fd in self._by_fd
+
+    def handles(self) -> int:
+        """Descriptors the registry holds (one pidfd per watched client)."""
+        return len(self._by_pidfd)
 
     def exited(self) -> list[Client]:
         """Clients whose process has exited: pidfd readable (a zombie counts: it has

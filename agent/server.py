@@ -9,6 +9,7 @@ and identity comes from the connection (see ``registry``), not from the request.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
@@ -18,11 +19,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import zmq
-import zmq.utils.monitor
 
 from kvnode.agent.cache import Cache
 from kvnode.agent.clients import Client
 from kvnode.agent.config import Config, format_size
+from kvnode.agent.connections import Connections
 from kvnode.agent.handlers import ClientError, Handlers
 from kvnode.agent.index import AGENT_OWNER, Index
 from kvnode.agent.movers.service import Transfers
@@ -34,11 +35,11 @@ if TYPE_CHECKING:
 from kvnode.agent import sdnotify
 from kvnode.agent.assembly import Parts, assemble
 from kvnode.agent.registry import ClientRegistry, Refused
-from kvnode.agent.runtime import ArenaProgress, RuntimeDir, chgrp, create_arena
+from kvnode.agent.runtime import ArenaProgress, RuntimeDir, create_arena
 from kvnode.agent.snapshot import snapshot
 from kvnode.agent.stats import Stats
 from kvnode.agent.tenants import Tenants, parse_shares
-from kvnode.errors import ArenaError, ProtocolError
+from kvnode.errors import ProtocolError
 from kvnode.ipc import protocol as P
 from kvnode.ipc.process import pid_namespace
 from kvnode.ipc.segment import Segment
@@ -73,6 +74,7 @@ class Agent:
         self.ctx: zmq.Context | None = None
         self.sock: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None
+        self.connections: Connections | None = None  # the socket's connection accounting
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -168,23 +170,26 @@ class Agent:
     def _bind(self) -> None:
         cfg = self.cfg
         self.ctx = zmq.Context()
+        # libzmq names a connection that brings no routing id "\0" + a counter that
+        # starts at rand(): seeded from the clock (or never), any local process could
+        # compute the ids to come and hold one, and the next ordinary connection
+        # would abort the agent (a duplicate id is an assertion in libzmq). Reseed
+        # from the kernel's generator just before the socket draws its start.
+        _reseed_libc_rand()
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, cfg.agent.request_bytes_max)
         sock.setsockopt(zmq.SNDHWM, 10000)
         sock.setsockopt(zmq.RCVHWM, 10000)
-        self._monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
-        old_umask = os.umask(0o117 if cfg.agent.group else 0o177)
         try:
-            sock.bind(cfg.endpoint)
-        except zmq.ZMQError as exc:
+            self.connections = Connections(
+                cfg, self.ctx, sock, self.stats, self.clock, self.registry.handles
+            )
+        except BaseException:
             sock.close(0)
-            raise ArenaError(f"cannot bind {cfg.endpoint}: {exc}") from exc
-        finally:
-            os.umask(old_umask)
-        if cfg.agent.group:
-            chgrp(cfg.socket_path, cfg.agent.group)
+            raise
+        self._monitor = self.connections.monitor
         self.sock = sock
 
     def wake(self) -> None:
@@ -223,13 +228,13 @@ class Agent:
         before = _tier_writes(parts)
         if parts is not None:
             parts.close(self.cfg.agent.shutdown_flush_s)  # before the arena goes
+        if self.connections is not None:
+            self.connections.close()
+            self.connections = None
+            self._monitor = None
         if self.sock is not None:
-            self.sock.disable_monitor()
             self.sock.close(0)
             self.sock = None
-        if self._monitor is not None:
-            self._monitor.close(0)
-            self._monitor = None
         if self.ctx is not None:
             self.ctx.term()
             self.ctx = None
@@ -264,13 +269,17 @@ class Agent:
         for hook in self.hooks_ready:
             _safe(hook)
         next_tick = 0.0
+        refusing = -1  # the listener the loop drains while libzmq's accepting is paused
         while self._running:
+            refusing = self._watch_refusing(poller, refusing)
             try:
                 events = dict(poller.poll(self._poll_timeout_ms()))
             except zmq.ZMQError as exc:
                 if exc.errno == errno.EINTR:
                     continue
                 raise
+            if refusing >= 0 and refusing in events:
+                self._guard(self.connections.refuse_pending)  # type: ignore[union-attr]
             if self._monitor in events:
                 self._drain_monitor()
             if self.sock in events:
@@ -292,6 +301,15 @@ class Agent:
                 self._reload_requested = False
                 self._reload()
             self._housekeeping()
+
+    def _watch_refusing(self, poller: zmq.Poller, watched: int) -> int:
+        fd = self.connections.refusing_fd if self.connections is not None else -1
+        if fd != watched:
+            if watched >= 0:
+                poller.unregister(watched)
+            if fd >= 0:
+                poller.register(fd, zmq.POLLIN)
+        return fd
 
     def _publish(self) -> None:
         """Publish the index's changes in steps, answering any request that arrives
@@ -354,21 +372,13 @@ class Agent:
         return parts
 
     def _drain_monitor(self) -> None:
-        mon = self._monitor
-        assert mon is not None
-        while True:
-            try:
-                frames = mon.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                ev = zmq.utils.monitor.parse_monitor_message(frames)
-            except Exception:
-                continue
-            if ev["event"] == zmq.EVENT_DISCONNECTED:
-                c = self.registry.disconnected(int(ev["value"]))
-                if c is not None:
-                    self._reclaim(c, "connection closed")
+        assert self.connections is not None
+        self.connections.drain(self._closed)
+
+    def _closed(self, fd: int) -> None:
+        c = self.registry.disconnected(fd)
+        if c is not None:
+            self._reclaim(c, "connection closed")
 
     def _housekeeping(self) -> None:
         if self.transfers is not None:
@@ -382,9 +392,14 @@ class Agent:
         timeout = self.cfg.agent.heartbeat_timeout_s
         for c in self.registry.silent(now, timeout):
             self._reclaim(c, f"no request or heartbeat for {now - c.last_seen:.1f}s")
+        connections = self.connections
         if now >= self._next_lease_check:
             self._next_lease_check = now + _LEASE_CHECK_S
             self._expire_leases()
+            if connections is not None:
+                connections.tick(self.registry.on_fd)
+        elif connections is not None and not connections.listening:
+            connections.check()  # resume as soon as the bounds allow
         if self.published is not None:
             self._guard(self.published.sync_lower)  # before the arena's changes go out
         self.cache.publish()
@@ -443,6 +458,8 @@ class Agent:
             reply = self._hello(identity, payload, msg)
         elif kind is P.StatsReq:
             reply = P.StatsRep(msg.rid, self.snapshot())
+            if self.connections is not None:  # a tool's connection: alive without Hello
+                self.connections.seen(_source_fd(payload))
         else:
             reply = self._dispatch(identity, msg)
         if reply is not None:
@@ -480,11 +497,14 @@ class Agent:
             self._reclaim(old, "registered again on its connection")
         if len(self.registry) >= self.cfg.agent.clients_max:
             return P.Error(m.rid, P.ErrCode.TOO_MANY_CLIENTS, "clients_max reached")
-        try:
-            fd = int(payload.get(zmq.SRCFD))
-        except (zmq.ZMQError, AttributeError, TypeError, ValueError):
-            fd = -1
-        c = self.registry.register(identity, fd, m.name, m.pid, m.pid_ns, self.clock())
+        fd = _source_fd(payload)
+        peer = self.connections.peer(fd) if self.connections is not None else None
+        if peer is not None:  # the kernel's word over the client's: pid in our namespace
+            c = self.registry.register(
+                identity, fd, m.name, peer.pid, self.registry.pid_ns, self.clock(), peer.seen_at
+            )
+        else:
+            c = self.registry.register(identity, fd, m.name, m.pid, m.pid_ns, self.clock())
         log.info("client %x registered: %s pid %d", c.client_id, _printable(m.name), m.pid)
         assert self.segment is not None
         return P.Welcome(
@@ -510,6 +530,8 @@ class Agent:
             out["lookup_index"] = self.published.stats()
         if self.transfers is not None:
             out["transfers"] = self.transfers.stats(out["counters"])
+        if self.connections is not None:
+            out["connections"] = self.connections.stats_view()
         if self.fleet is not None:
             try:
                 out.update(self.fleet.stats())
@@ -564,6 +586,20 @@ def _stop_summary(
     ]
     what = "flushed " + ", ".join(flushed) if flushed else "no lower tier to flush"
     return f"stopped in {seconds:.2f}s: {what}; {clients} clients were registered"
+
+
+def _source_fd(payload: zmq.Frame) -> int:
+    """The agent's descriptor of the connection a message came on (-1: unknown)."""
+    try:
+        return int(payload.get(zmq.SRCFD))
+    except (zmq.ZMQError, AttributeError, TypeError, ValueError):
+        return -1
+
+
+def _reseed_libc_rand() -> None:
+    """Seed the C library's rand() from the kernel's generator (see ``_bind``)."""
+    libc = ctypes.CDLL(None)
+    libc.srand(ctypes.c_uint(int.from_bytes(os.urandom(4), "little")))
 
 
 def _printable(name: str) -> str:

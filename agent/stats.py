@@ -16,7 +16,7 @@ COUNTERS = (
     "refused_identity", "refused_stale", "refused_commits", "drops_deferred",
     "orphan_evictions", "orphan_bytes", "quota_refused",
     "refused_pins", "refused_leases", "expired_pins",
-    "refused_admin", "tokens_in", "tokens_out",
+    "refused_admin", "tokens_in", "tokens_out", "refused_connections", "listener_pauses",
 )  # fmt: skip
 LATENCY_OPS = ("lookup", "reserve", "commit", "pin", "release")
 

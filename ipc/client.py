@@ -45,6 +45,7 @@ log = logging.getLogger("kvnode.client")
 
 # Error replies after which the client registers again (and remaps) before retrying.
 _REREGISTER = (P.ErrCode.UNKNOWN_CLIENT, P.ErrCode.STALE_GENERATION)
+_ROUTING_ID_PREFIX = b"k"  # any first byte but 0, which libzmq keeps for its own ids
 _POSTED_MAX = 1024  # calls sent without waiting whose reply is still to be read
 _STATUS = tuple(Status)  # wire value -> Status without an enum call per key
 
@@ -151,6 +152,10 @@ class AgentClient:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)
+        # Our own routing id, unguessable and never of the "\0" + counter form the
+        # agent's socket generates: a process holding generated-looking ids cannot
+        # make this connection collide with one (which would abort the agent).
+        sock.setsockopt(zmq.ROUTING_ID, _ROUTING_ID_PREFIX + os.urandom(15))
         sock.connect(self.endpoint)
         return sock
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import time
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def pid_namespace() -> int:
@@ -12,3 +15,26 @@ def pid_namespace() -> int:
         return os.stat("/proc/self/ns/pid").st_ino
     except OSError:
         return 0
+
+
+def boot_clock_s() -> float:
+    """Seconds since boot (CLOCK_BOOTTIME): the clock process start times count on."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def start_time_s(pid: int) -> float:
+    """When process ``pid`` started, in ``boot_clock_s`` seconds, rounded down to a
+    clock tick; 0.0 when there is no such process. Both come from the kernel's one
+    boot-time clock, so a start later than a moment taken with ``boot_clock_s`` means
+    the process did not exist at that moment."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return 0.0
+    # The command name (field 2) may hold spaces and parentheses: count from its end.
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    try:
+        return int(fields[19]) / _CLK_TCK  # field 22, starttime
+    except (IndexError, ValueError):
+        return 0.0
