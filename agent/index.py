@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from kvnode.agent.tiers.format import ChunkMeta
 
 AGENT_OWNER = 0  # client id used for reservations the agent makes itself (promotions)
+CLEAN_LOOKAHEAD = 8  # victims passed over for a clean one before one leaves unsaved
 
 
 class Outcome(IntEnum):
@@ -488,9 +489,12 @@ class Index:
         because a slow tier holds pages. Without ``must_free`` (background headroom)
         it stops there. A reserve fails only when committed, unpinned pages cannot
         cover it (or copies in flight still hold them): every pinned or reserved
-        entry is skipped, never a stop."""
+        entry is skipped, never a stop. Before freeing a victim unsaved, up to
+        ``CLEAN_LOOKAHEAD`` such victims are passed over for a clean one (already on
+        every write-back tier) further down the policy's order."""
         out = Evicted([], [])
         keep = keep and self.write_back
+        dirty: list[Entry] = []  # would leave unsaved: taken only if no clean one is near
         for key in self._victims():
             if self.alloc.pages_free >= pages_needed:
                 break
@@ -499,9 +503,17 @@ class Index:
             defer = (
                 keep and not clean and self.alloc.pages_free + self.evicting_pages < pages_needed
             )
-            if not defer and not must_free and not clean:
-                break
+            if not defer and not clean:
+                if not must_free:
+                    break
+                if self.write_back and len(dirty) < CLEAN_LOOKAHEAD:
+                    dirty.append(victim)
+                    continue
             self._take(victim, out, defer)
+        for victim in dirty:
+            if self.alloc.pages_free >= pages_needed:
+                break
+            self._take(victim, out, False)
         return out
 
     def _take(self, victim: Entry, out: Evicted, defer: bool) -> None:

@@ -357,3 +357,23 @@ def test_a_namespace_at_its_share_evicts_its_own_entries_only() -> None:
     assert idx.tenants.of(a).quota_refused == 1 and idx.counters.quota_refused == 1
     assert idx.reserve(b"w" * 16, PAGE, 1, ns=b)[0] is Outcome.OK
     idx.check()
+
+
+def test_a_clean_victim_is_taken_before_one_would_leave_unsaved() -> None:
+    from kvnode.agent.index import Outcome
+
+    idx = Index(4 * PAGE, PAGE, "lru")
+    idx.write_back = True
+    keys = [bytes([i]) * 16 for i in range(4)]
+    for k in keys:
+        assert idx.reserve(k, PAGE, 1)[0] is Outcome.OK
+    idx.commit_many(keys, 1, [0] * 4)
+    idx.entries[keys[2]].saved = True  # on the disk already (write-behind)
+    leaving: list = []
+    assert idx.reserve(b"n" * 16, PAGE, 1, leaving)[0] is Outcome.OK
+    # the oldest is held for its copy; the page comes from the clean one, not from
+    # the next dirty one freed unsaved
+    assert [e.key for e in leaving] == [keys[0]] and keys[2] not in idx.entries
+    assert keys[1] in idx.entries and idx.counters.evict_unsaved == 0
+    idx.unhold(keys[0])
+    idx.check()
