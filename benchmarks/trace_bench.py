@@ -487,8 +487,14 @@ def main() -> None:
         best = max(refs["lru"], refs["arc"])
         if args.in_process:
             for pol in policies:
+                t0 = time.perf_counter()
                 r = replay_index(trace, pol, cap, args.entry_bytes)
-                row[pol] = {"hit_ratio": round(r, 4), "vs_best_classic": round(r / best, 3)}
+                us = (time.perf_counter() - t0) / result["blocks"] * 1e6
+                row[pol] = {
+                    "hit_ratio": round(r, 4),
+                    "vs_best_classic": round(r / best, 3),
+                    "index_us_per_block": round(us, 2),  # lookup, pin, reserve, commit
+                }
         elif not args.no_agent:
             for pol in policies:
                 r = run_agent(trace, pol, cap, args.entry_bytes, args.disk, hot)
