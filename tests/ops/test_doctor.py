@@ -147,3 +147,18 @@ def test_link_state_tells_refused_from_unreachable(tmp_path: Path) -> None:
         for a in (other, same, peer):
             a.stop()
     assert f"peer {listen} refused the handshake" in other.log()
+
+
+def test_check_config_connect_reaches_the_seeds(tmp_path: Path) -> None:
+    secret, authorized = _fleet(tmp_path, "fleet")
+    absent = f"tcp://127.0.0.1:{_port()}"
+    args = [*KVNODE, "agent", "--runtime-dir", str(tmp_path / "me"), "--check-config",
+            "--set", f"peers.seeds={absent}", "--set", f"peers.curve_secret_key={secret}",
+            "--set", f"peers.curve_authorized_dir={authorized}"]  # fmt: skip
+    offline = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert offline.returncode == 0, offline.stderr  # nothing checked over the network
+    online = subprocess.run([*args, "--connect"], capture_output=True, text=True, timeout=60)
+    assert online.returncode == 2
+    assert (
+        f"kvnode: config peers.seeds: {absent}" in online.stderr and "unreachable" in online.stderr
+    )
