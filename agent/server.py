@@ -129,6 +129,7 @@ class Agent:
         (``close()`` then removes what was made)."""
         cfg = self.cfg
         self.runtime.take()
+        _reseed_libc_rand()  # before any ROUTER of the agent's draws its first id (_bind)
         t0 = time.perf_counter()
         index = Index(
             cfg.arena.cpu_bytes,
@@ -173,8 +174,9 @@ class Agent:
         # libzmq names a connection that brings no routing id "\0" + a counter that
         # starts at rand(): seeded from the clock (or never), any local process could
         # compute the ids to come and hold one, and the next ordinary connection
-        # would abort the agent (a duplicate id is an assertion in libzmq). Reseed
-        # from the kernel's generator just before the socket draws its start.
+        # would abort the agent (a duplicate id is an assertion in libzmq). Reseeded
+        # from the kernel's generator at start (for the fleet's sockets too) and again
+        # just before this socket draws its start.
         _reseed_libc_rand()
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
