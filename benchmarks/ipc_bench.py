@@ -500,6 +500,9 @@ def main() -> None:
     n = 300 if args.quick else 2000
     settings = {
         "agent.clients_max": str(IDLE_CLIENTS + 64),
+        # the idle clients are one process connecting at once
+        "agent.connections_per_process_max": str(IDLE_CLIENTS + 64),
+        "agent.connections_per_s_max": "100000",
         "agent.heartbeat_timeout_s": "3600",  # idle clients stay registered
         "arena.page_bytes": str(PAGE_BYTES),
     }
