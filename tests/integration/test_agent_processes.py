@@ -196,7 +196,8 @@ def test_second_agent_on_same_runtime_dir_is_refused(agent: AgentProcess) -> Non
         [sys.executable, "-m", "kvnode", "agent", "--runtime-dir", str(agent.runtime_dir), "--cpu-bytes", "16MiB"],
         capture_output=True, text=True, timeout=60, env=_env(),
     )  # fmt: skip
-    assert r.returncode == 1 and "another agent" in r.stderr
+    # A start-up refusal: one line naming the key, exit 2 (as every configuration conflict).
+    assert r.returncode == 2 and "another agent" in r.stderr and "agent.runtime_dir" in r.stderr
     with AgentClient(agent.runtime_dir) as c:  # the first one is untouched
         assert c.put(b"z" * 16, b"ok") == Status.OK
 
