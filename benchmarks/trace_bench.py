@@ -360,7 +360,7 @@ def replay(
     c.flush()
     out = {"hit_ratio": hits / total, "arena_hit_ratio": round((hits - lower) / total, 4)}
     if lower:
-        out["lower_hit_ratio"] = lower / total
+        out["lower_hit_ratio"] = round(lower / total, 4)
     if hot is not None and hot_total:
         out["hot_hit_ratio"] = hot_hits / hot_total
     return out
@@ -431,6 +431,8 @@ def run_agent(
                 if disk_bytes:
                     disk = st["tiers"].get("disk", {})
                     out["disk_hits"] = disk.get("hits", 0)
+                    out["disk_writes"] = disk.get("writes", 0)
+                    out["disk_dropped"] = disk.get("dropped", 0)
                     out["evict_unsaved"] = st["counters"]["evict_unsaved"]
             finally:
                 c.close()
@@ -484,7 +486,8 @@ def main() -> None:
         if disk_blocks:
             refs["lru_arena_plus_disk"] = round(sim_lru(trace, cap + disk_blocks), 4)
         row: dict[str, Any] = {"offline": refs}
-        best = max(refs["lru"], refs["arc"])
+        # against what the same memory gives a classic policy: arena + disk with a disk
+        best = refs.get("lru_arena_plus_disk") or max(refs["lru"], refs["arc"])
         if args.in_process:
             for pol in policies:
                 t0 = time.perf_counter()
