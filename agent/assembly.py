@@ -173,7 +173,7 @@ def _fleet(
 
     tiers = cache.tiers
     server, peers = build_peers(
-        cfg, cache, arena, wake, lower_has=tiers.on_lookup_miss if tiers is not None else None
+        cfg, cache, arena, wake, lower_has=tiers.promoting_now if tiers is not None else None
     )
     fleet = Fleet(server, peers, events)
     closers.append(("fleet", fleet.close_peers))

@@ -72,6 +72,9 @@ class Cache:
         self.headroom_pages = headroom_pages
         self.listeners = tuple(listeners)  # what entered and left, per tick
         self.events = events
+        # Metadata of chunks committed since the last publish: their BlockStored is
+        # written then, even if the chunk has left the arena again meanwhile.
+        self._fresh: dict[bytes, ChunkMeta | None] = {}
         self.tier_errors = 0
         self.tiers: TierManager | None = tiers(self) if tiers is not None else None
         index.write_back = self.tiers is not None
@@ -221,6 +224,8 @@ class Cache:
     def _committed(self, e: Entry, meta: ChunkMeta | None) -> None:
         if meta is not None:
             e.meta = meta
+        if self.events is not None:
+            self._fresh[e.key] = e.meta
         if self.tiers is not None:
             try:
                 self.tiers.on_commit(e.key)
@@ -246,8 +251,8 @@ class Cache:
         for readable, key in changes:
             if readable:
                 e = entries.get(key)
-                # An entry gone again within the tick has its removal next in line.
-                self._stored(key, e.meta if e is not None else None, MEDIUM_CPU, None)
+                meta = self._fresh.pop(key, None) or (e.meta if e is not None else None)
+                self._stored(key, meta, MEDIUM_CPU, None)
             else:
                 _call(events.removed, key, MEDIUM_CPU, None)
 

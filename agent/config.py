@@ -219,6 +219,8 @@ class PeersSection:
     serve_bytes_max: int = _size("512MiB")  # arena bytes pinned for sends at once
     negative_ttl_s: float = 2.0  # keys no peer had are not asked again for this long
     resolve_interval_s: float = 10.0  # dns: seeds are resolved again this often
+    peer_bytes_inflight_max: int = _size("128MiB")  # bytes being fetched from one peer
+    bench_s: float = 60.0  # a peer that sent bad or excess bytes is not asked this long
 
 
 @dataclass(slots=True)
@@ -346,11 +348,12 @@ class Config:
         for key in ("deadline_ms", "fetch_timeout_ms", "fetch_inflight_max", "queue_max"):
             if getattr(p, key) < 1:
                 raise ConfigError(f"peers.{key}", "must be >= 1")
-        for key in ("fetch_bytes_max", "serve_bytes_max"):
+        for key in ("fetch_bytes_max", "serve_bytes_max", "peer_bytes_inflight_max"):
             if getattr(p, key) < self.arena.page_bytes:
                 raise ConfigError(f"peers.{key}", "must be at least one arena page")
-        if p.negative_ttl_s < 0 or p.resolve_interval_s <= 0:
+        if p.negative_ttl_s < 0 or p.resolve_interval_s <= 0 or p.bench_s < 0:
             key = "negative_ttl_s" if p.negative_ttl_s < 0 else "resolve_interval_s"
+            key = "bench_s" if p.bench_s < 0 else key
             raise ConfigError(f"peers.{key}", "out of range")
 
     def _validate_events(self) -> None:

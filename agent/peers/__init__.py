@@ -52,7 +52,7 @@ def build_peers(
         manager = PeerManager(
             cache, arena, curve, node_id, wake, p.seeds, p.deadline_ms, p.fetch_timeout_ms,
             p.fetch_inflight_max, p.fetch_bytes_max, p.queue_max, p.negative_ttl_s,
-            p.resolve_interval_s,
+            p.resolve_interval_s, p.peer_bytes_inflight_max, p.bench_s,
         )  # fmt: skip
     return server, manager
 

@@ -24,16 +24,29 @@ class Query:
 
 @dataclass(slots=True, eq=False)
 class Fetch:
+    """Nothing is reserved for a fetch until its bytes have arrived and been checked:
+    the network thread keeps each key's payload (views of the received frames) and
+    the loop then reserves pages (which may evict), copies and lands it."""
+
     peer: str
     keys: list[bytes]
     parents: list[bytes | None]
-    sizes: list[int]
-    slots: list[list[memoryview]]  # the reserved arena pages of each key
-    checksums: list[int]  # verified checksum per key; 0 = not landed
+    sizes: list[int]  # what the peer said it holds; a reply must match
     tokens: list[list[int]]
+    payload: list[list[memoryview] | None] = field(default_factory=list)  # None: not landed
+    checksums: list[int] = field(default_factory=list)  # the writer's (0: unverified)
+    frames: list[object] = field(default_factory=list)  # keeps ``payload``'s memory alive
     started: float = 0.0
     deadline: float = 0.0
     done: bool = False
+
+    def __post_init__(self) -> None:
+        self.payload = [None] * len(self.keys)
+        self.checksums = [0] * len(self.keys)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.sizes)
 
 
 Job = Union[Query, Fetch]

@@ -22,7 +22,8 @@ class PeerStats:
     """One peer's counters (network thread writes, loop reads)."""
 
     COUNTERS = ("lookups", "hits", "pending", "fetches", "fetched_keys", "bytes", "errors",
-                "timeouts", "corrupt", "busy", "unreachable", "late")  # fmt: skip
+                "timeouts", "corrupt", "oversized", "benched", "busy", "unreachable",
+                "late")  # fmt: skip
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -112,6 +113,15 @@ class Link:
         self.backoff_s = DOWN_BACKOFF_S_MIN
         self.stats.state = "up"
         self.stats.latency(seconds)
+
+    def bench(self, now: float, bench_s: float, counter: str) -> None:
+        """The peer sent bytes that fail their checksum, or more than it was asked for:
+        it is not asked again for ``bench_s`` (members are trusted for content; one
+        that breaks that trust is set aside, counted, and logged)."""
+        self.stats.inc(counter)
+        self.stats.inc("benched")
+        self.down_until = max(self.down_until, now + bench_s)
+        self.stats.state = "benched"
 
     def fail(self, now: float, counter: str) -> None:
         self.stats.inc(counter)

@@ -2,10 +2,13 @@
 
 ``on_lookup_miss`` accepts keys at once (the agent answers PENDING); the network thread
 asks every usable peer in one batched ``HaveReq`` each, in parallel, until all answered
-or ``deadline_ms``; the loop then reserves arena pages as the agent (``AGENT_OWNER``) for
-the longest prefix one peer holds, the thread fetches into them and verifies sizes and
-checksums on the bytes as they lie in the arena, and ``poll()`` commits or aborts. The
-loop never waits on the network; the thread never touches the index.
+or ``deadline_ms``; the loop then asks the peer holding the longest prefix for it
+(within ``fetch_bytes_max`` in all and ``peer_bytes_inflight_max`` per peer), the thread
+checks sizes and the writers' checksums on the bytes received, and ``poll()`` reserves
+pages through the cache (only now may the arena evict: the bytes are here and good),
+copies them in and lands them. A peer whose bytes fail their checksum, or that sends
+more than it was asked for, is benched for ``bench_s``. The loop never waits on the
+network; the thread never touches the index or the arena.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from kvnode.agent.cache import Cache
-from kvnode.agent.index import Entry
-from kvnode.agent.peers.arena import arena_view, split_extents
+from kvnode.agent.index import Outcome
+from kvnode.agent.peers.arena import arena_view, copy_into, split_extents
 from kvnode.agent.peers.jobs import Fetch, Fetched, Job, Query
 from kvnode.agent.peers.keys import Curve
 from kvnode.agent.peers.network import Network
@@ -52,6 +55,8 @@ class PeerManager:
         queue_max: int = 64,
         negative_ttl_s: float = 2.0,
         resolve_interval_s: float = 10.0,
+        peer_bytes_max: int = 128 << 20,
+        bench_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cache = cache
@@ -60,11 +65,12 @@ class PeerManager:
         self.wake = wake
         self.fetch_inflight_max = fetch_inflight_max
         self.fetch_bytes_max = fetch_bytes_max
+        self.peer_bytes_max = peer_bytes_max  # bytes in flight from any one peer
+        self._peer_bytes: dict[str, int] = {}
         self.negative_ttl_s = negative_ttl_s
         self.clock = clock
         self._curve = curve
         self._pending: dict[bytes, str] = {}  # key -> "asking" | "fetching"
-        self._reserved: set[bytes] = set()  # AGENT_OWNER reservations for fetches
         self._negative: OrderedDict[bytes, float] = OrderedDict()
         self._outbox: deque[Job] = deque()
         self.bytes_inflight = 0
@@ -78,11 +84,13 @@ class PeerManager:
                 "fetched_bytes",
                 "failed",
                 "negative_hits",
+                "peer_busy",
             ),
             0,
         )
         self._net = Network(curve, node_id, self._done, deadline_ms / 1000,
-                             fetch_timeout_ms / 1000, queue_max, fetch_bytes_max, clock)  # fmt: skip
+                            fetch_timeout_ms / 1000, queue_max, min(fetch_bytes_max,
+                            peer_bytes_max), clock, bench_s)  # fmt: skip
         self._net.start()
         self._resolver: Resolver | None = None
         self._has_seeds = bool(seeds)
@@ -172,23 +180,23 @@ class PeerManager:
     # -- the loop's side ------------------------------------------------------------------
     def poll(self) -> list[Fetched]:
         """Finish what the network thread is done with (loop thread only; never blocks):
-        reserve pages for the best answer of each lookup, commit verified fetches. The
-        chunks committed are returned for events and write-through tiers."""
+        plan a fetch from the best answer of each lookup, land the bytes of finished
+        fetches. Returns the chunks landed."""
         landed: list[Fetched] = []
         while self._outbox:
             job = self._outbox.popleft()
             if isinstance(job, Query):
                 self._plan(job)
             else:
-                landed.extend(self._commit(job))
+                landed.extend(self._land(job))
         return landed
 
     def _plan(self, q: Query) -> None:
         for k in q.keys:
             self._pending.pop(k, None)
-        f = self._reserve_prefix(q) if q.best and not self._closing else None
+        f = self._prefix(q) if q.best and not self._closing else None
         if f is not None and not self._net.submit(f):
-            self._abort(f.keys)
+            self._settle(f)
             self.counters["dropped"] += len(f.keys)
             f = None
         if f is not None:
@@ -199,59 +207,74 @@ class PeerManager:
         taken = set(f.keys) if f is not None else set()
         self._remember_miss(k for k in q.keys if k not in taken and k not in q.promoting)
 
-    def _reserve_prefix(self, q: Query) -> Fetch | None:
-        keys: list[bytes] = []
-        slots: list[list[memoryview]] = []
-        for k, size in zip(q.keys, q.sizes):
-            if self.bytes_inflight + size > self.fetch_bytes_max:
-                self.counters["dropped"] += 1
+    def _prefix(self, q: Query) -> Fetch | None:
+        """The part of the best peer's prefix that fits the bytes in flight, in all and
+        to that peer. Nothing is reserved yet: the arena gives nothing up (no eviction)
+        for bytes that have not arrived and been checked."""
+        n = 0
+        room = min(self.fetch_bytes_max - self.bytes_inflight,
+                   self.peer_bytes_max - self._peer_bytes.get(q.best, 0))  # fmt: skip
+        for size in q.sizes:
+            if size > room:
+                key = (
+                    "peer_busy" if size <= self.fetch_bytes_max - self.bytes_inflight else "dropped"
+                )
+                self.counters[key] += 1
                 break
-            e = self._reserve(k, size)
-            if e is None:
-                break
-            keys.append(k)
-            slots.append(split_extents(self._arena, e, self.index.page_bytes))
-            self.bytes_inflight += size
-        if not keys:
+            room -= size
+            n += 1
+        if not n:
             return None
-        n = len(keys)
-        return Fetch(q.best, keys, q.parents[:n], q.sizes[:n], slots, [0] * n, [[] for _ in keys])
+        f = Fetch(q.best, q.keys[:n], q.parents[:n], q.sizes[:n], [[] for _ in range(n)])
+        self.bytes_inflight += f.nbytes
+        self._peer_bytes[f.peer] = self._peer_bytes.get(f.peer, 0) + f.nbytes
+        return f
 
-    def _reserve(self, key: bytes, size: int) -> Entry | None:
-        status, e = self.cache.reserve_agent(key, size)
-        if e is None:
-            if int(status) != 1:  # EXISTS: someone else is writing it; not a failure
-                self.counters["no_space"] += 1
-            return None
-        self._reserved.add(key)
-        return e
+    def _settle(self, f: Fetch) -> None:
+        """``f`` holds no more bytes in flight."""
+        self.bytes_inflight -= f.nbytes
+        left = self._peer_bytes.get(f.peer, 0) - f.nbytes
+        if left > 0:
+            self._peer_bytes[f.peer] = left
+        else:
+            self._peer_bytes.pop(f.peer, None)
 
-    def _commit(self, f: Fetch) -> list[Fetched]:
+    def _land(self, f: Fetch) -> list[Fetched]:
+        """The bytes arrived and passed their checks: now pages are reserved (this may
+        evict), the bytes copied in and the chunk landed with the writer's checksum."""
+        self._settle(f)
         landed: list[Fetched] = []
         failed: list[bytes] = []
         for i, key in enumerate(f.keys):
             self._pending.pop(key, None)
-            self.bytes_inflight -= f.sizes[i]
-            csum = f.checksums[i]
-            meta = ChunkMeta.of(f.parents[i], f.tokens[i])
-            if csum and self.cache.land(key, csum, meta):
-                self._reserved.discard(key)
-                landed.append(Fetched(key, f.parents[i], f.tokens[i], f.sizes[i]))
-                self.counters["fetched"] += 1
-                self.counters["fetched_bytes"] += f.sizes[i]
-            else:
+            parts = f.payload[i]
+            if parts is None or self._closing or not self._copy_in(key, f.sizes[i], parts):
                 failed.append(key)
+                continue
+            meta = ChunkMeta.of(f.parents[i], f.tokens[i])
+            if not self.cache.land(key, f.checksums[i], meta):
+                self.cache.release(key)
+                failed.append(key)
+                continue
+            landed.append(Fetched(key, f.parents[i], f.tokens[i], f.sizes[i]))
+            self.counters["fetched"] += 1
+            self.counters["fetched_bytes"] += f.sizes[i]
+        f.payload, f.frames = [], []  # the received frames go back to libzmq
         if failed:
-            self._abort(failed)
             self.counters["failed"] += len(failed)
             self._remember_miss(failed)
         return landed
 
-    def _abort(self, keys: Iterable[bytes]) -> None:
-        for k in keys:
-            if k in self._reserved:
-                self._reserved.discard(k)
-                self.cache.release(k)
+    def _copy_in(self, key: bytes, size: int, parts: list[memoryview]) -> bool:
+        status, e = self.cache.reserve_agent(key, size)
+        if e is None:
+            if status is not Outcome.EXISTS:  # EXISTS: written locally meanwhile
+                self.counters["no_space"] += 1
+            return False
+        if not copy_into(split_extents(self._arena, e, self.index.page_bytes), parts):
+            self.cache.release(key)  # sizes were checked: a bug, but never a bad chunk
+            return False
+        return True
 
     # -- state ---------------------------------------------------------------------------------
     def pending(self, key: bytes) -> bool:
@@ -265,14 +288,14 @@ class PeerManager:
         out: dict[str, Any] = dict(self.counters)
         out["pending"] = len(self._pending)
         out["bytes_inflight"] = self.bytes_inflight
+        out["peer_bytes_inflight_max"] = max(self._peer_bytes.values(), default=0)
         out["negative_keys"] = len(self._negative)
         out["peers"] = self._net.snapshot()
         return out
 
     def close(self) -> None:
-        """Stop the threads, then abort every reservation a fetch still holds. If the
-        network thread does not stop in time its reservations are left alone: pages a
-        thread may still write are never handed back."""
+        """Stop the threads. The network thread holds no arena pages (fetches reserve
+        only once their bytes are checked, on the loop), so nothing is left to undo."""
         self._closing = True
         if self._resolver is not None:
             self._resolver.stop()
@@ -280,14 +303,12 @@ class PeerManager:
         self._net.stop()
         self._net.join(CLOSE_JOIN_S)
         if self._net.is_alive():
-            log.error(
-                "peer network thread did not stop; %d fetch reservations kept", len(self._reserved)
-            )
+            log.error("peer network thread did not stop")
             return
         self._net.close_fds()
         self._outbox.clear()
-        self._abort(list(self._reserved))
         self._pending.clear()
+        self._peer_bytes.clear()
         self.bytes_inflight = 0
 
 

@@ -21,7 +21,6 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from kvnode.agent.peers.arena import copy_into
 from kvnode.agent.peers.jobs import Fetch, Job, Query
 from kvnode.agent.peers.keys import Curve
 from kvnode.agent.peers.links import Link, PeerStats
@@ -78,6 +77,7 @@ class Network(threading.Thread):
         queue_max: int,
         recv_bytes_max: int,
         clock: Callable[[], float],
+        bench_s: float = 60.0,
     ) -> None:
         super().__init__(name="kvnode-peers-net", daemon=True)
         self.curve = curve
@@ -88,6 +88,7 @@ class Network(threading.Thread):
         self.queue_max = queue_max
         self.recv_bytes_max = recv_bytes_max
         self.clock = clock
+        self.bench_s = bench_s
         self._lock = threading.Lock()
         self._inbox: deque[Job] = deque()
         self._wanted: set[str] | None = None  # new endpoint set from the resolver
@@ -357,6 +358,8 @@ class Network(threading.Thread):
     # -- replies --------------------------------------------------------------------------
     def _recv(self, link: Link, sock: zmq.Socket) -> None:
         for _ in range(RECV_BATCH_MAX):
+            if sock not in link.sockets:
+                return  # its connection was cut while reading (a reply too large)
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -371,6 +374,9 @@ class Network(threading.Thread):
             log.debug("peer %s: %s", link.endpoint, exc)
             link.fail(now, "errors")
             return
+        if len(frames) > 1 and not isinstance(rep, FetchRep):
+            self._oversized(link, now)  # only a fetch's reply carries payload frames
+            return
         job = link.outstanding.pop(rep.rid, None)
         if job is None:
             link.stats.inc("late")  # its request already timed out: never touches a slot
@@ -383,7 +389,7 @@ class Network(threading.Thread):
         elif isinstance(job, Query) and isinstance(rep, HaveRep):
             self._on_have(link, job, rep, now)
         elif isinstance(job, Fetch) and isinstance(rep, FetchRep):
-            self._on_fetched(link, job, rep, [f.buffer for f in frames[1:]], now)
+            self._on_fetched(link, job, rep, frames[1:], now)
         else:
             link.fail(now, "errors")
         self._forget(link, job, now)
@@ -407,44 +413,65 @@ class Network(threading.Thread):
             q.best, q.sizes = link.endpoint, list(rep.sizes[:run])
 
     def _on_fetched(
-        self, link: Link, f: Fetch, rep: FetchRep, payload: list[memoryview], now: float
+        self, link: Link, f: Fetch, rep: FetchRep, frames: list[zmq.Frame], now: float
     ) -> None:
+        """Check a fetch's reply on the received bytes; the loop lands what passed.
+        A reply larger than what was asked for, or bytes that fail the writer's
+        checksum, bench the peer and cut its connection (libzmq then lets go of
+        whatever else it had queued from it)."""
         n = len(f.keys)
+        payload = [fr.buffer for fr in frames]
+        got = sum(len(p) for p in payload)
         if not (len(rep.sizes) == len(rep.checksums) == len(rep.frames) == n) or sum(
             rep.frames
         ) != len(payload):
-            link.fail(now, "errors")
+            self._oversized(link, now) if got > f.nbytes else link.fail(now, "errors")
+            return
+        if got > f.nbytes or any(s not in (0, w) for s, w in zip(rep.sizes, f.sizes)):
+            self._oversized(link, now)
             return
         tokens_ok = len(rep.tokens) == n
-        bad = 0
-        at = 0
+        bad = at = 0
         for i in range(n):
             parts = payload[at : at + rep.frames[i]]
             at += rep.frames[i]
             if rep.sizes[i] == 0:
                 continue  # the peer let it go since it answered: a miss, not a lie
-            if not self._land(f, i, rep.sizes[i], rep.checksums[i], parts):
+            csum = rep.checksums[i]
+            if sum(len(p) for p in parts) != rep.sizes[i] or (csum and checksum(parts) != csum):
                 bad += 1
                 continue
+            f.payload[i], f.checksums[i] = parts, csum  # 0: unverified, and stays so
             f.tokens[i] = list(rep.tokens[i]) if tokens_ok else []
             link.stats.inc("fetched_keys")
             link.stats.inc("bytes", f.sizes[i])
+        f.frames = list(frames)
         if bad:
-            link.fail(now, "corrupt")
             link.stats.inc("corrupt", bad - 1)
+            link.bench(now, self.bench_s, "corrupt")
+            log.warning("peer %s sent %d chunks that fail their checksum: benched for %.0fs",
+                        link.endpoint, bad, self.bench_s)  # fmt: skip
         else:
             link.ok(now - f.started)
 
-    @staticmethod
-    def _land(f: Fetch, i: int, size: int, csum: int, parts: list[memoryview]) -> bool:
-        """Copy one key's payload into its reserved pages, then verify it where it lies
-        (pair check: the bytes a reader will see are the bytes checked)."""
-        if size != f.sizes[i] or csum == 0 or not copy_into(f.slots[i], parts):
-            return False
-        if checksum(f.slots[i]) != csum:
-            return False
-        f.checksums[i] = csum
-        return True
+    def _oversized(self, link: Link, now: float) -> None:
+        link.bench(now, self.bench_s, "oversized")
+        log.warning("peer %s sent more than it was asked for: benched for %.0fs",
+                    link.endpoint, self.bench_s)  # fmt: skip
+        self._reset_sockets(link)
+
+    def _reset_sockets(self, link: Link) -> None:
+        """New connections to ``link``'s endpoint: what libzmq still buffers from the
+        old ones goes with them. Its outstanding requests are forgotten (timed out)."""
+        for s in link.sockets:
+            self._poller.unregister(s)
+            self._by_socket.pop(s, None)
+            s.close(0)
+        keys: list[bytes | None] = list(self.curve.server_keys()) if self.curve else [None]
+        link.sockets = [self._dealer(link.endpoint, k) for k in keys]
+        for s in link.sockets:
+            self._by_socket[s] = link
+            self._poller.register(s, zmq.POLLIN)
 
     def _shutdown(self) -> None:
         with self._lock:

@@ -2,8 +2,8 @@
 
 ``PeerServer`` runs on the agent's loop thread: a ROUTER socket on ``peers.listen``. It
 answers ``HaveReq`` (which of these keys do you hold: committed arena entries, and keys
-a lower tier starts promoting) and ``FetchReq`` (send me these keys). Sends go straight
-out of the arena, zero-copy: the entries stay pinned (``Index.pin``) until ZeroMQ lets
+a promotion is already bringing in; a peer's question starts no disk or S3 I/O here)
+and ``FetchReq`` (send me these keys). Sends go straight out of the arena, zero-copy: the entries stay pinned (``Index.pin``) until ZeroMQ lets
 go of the bytes, which ``poll()`` notices (pins taken and given back through the cache,
 the index's one writer). Checksums travel with them.
 """
@@ -35,7 +35,6 @@ from kvnode.agent.peers.wire import (
     encode,
 )
 from kvnode.errors import PeerError, ProtocolError
-from kvnode.ipc.checksum import checksum
 
 log = logging.getLogger("kvnode.peers")
 
@@ -53,7 +52,9 @@ class Send:
     nbytes: int
 
 
-LowerHas = Callable[[bytes], bool]  # True: a lower tier holds the key and is promoting it
+# True: a promotion of the key into the arena is already under way (local demand
+# started it). Answered from what is known: a peer's question never starts I/O here.
+LowerHas = Callable[[bytes], bool]
 
 
 class PeerServer:
@@ -199,7 +200,7 @@ class PeerServer:
                 continue
             e = self.index.entries[key]
             rep.sizes.append(e.size)
-            rep.checksums.append(e.checksum or checksum(views))
+            rep.checksums.append(e.checksum)  # the writer's, unchanged (0: unverified)
             rep.frames.append(len(views))
             rep.tokens.append(e.meta.token_ids() if e.meta is not None else [])
             payload.extend(views)

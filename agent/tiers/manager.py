@@ -206,6 +206,11 @@ class TierManager:
                 t.store.stats.inc("misses")
         return False
 
+    def promoting_now(self, key: bytes) -> bool:
+        """A promotion of ``key`` is under way (no side effects: for peers' questions)."""
+        t = self.promoting.get(key)
+        return t is not None and t.usable()
+
     def _start_read(self, key: bytes, t: Tier, size: int) -> bool:
         status, e = self.cache.reserve_agent(key, size)
         if status is not Outcome.OK or e is None:

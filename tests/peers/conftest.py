@@ -19,6 +19,7 @@ import pytest
 import zmq.auth
 
 from kvnode.agent.cache import Cache
+from kvnode.agent.config import load_config
 from kvnode.agent.index import Index
 from kvnode.agent.peers import (
     Curve,
@@ -27,6 +28,7 @@ from kvnode.agent.peers import (
     PeerServer,
     new_node_id,
 )
+from kvnode.agent.tiers.manager import TierManager
 from kvnode.ipc.checksum import checksum as payload_checksum
 from kvnode.ipc.segment import Segment
 
@@ -63,7 +65,7 @@ class Node:
     """One agent's worth of peer machinery, driven by hand."""
 
     def __init__(self, curve: Curve | None, seeds: list[str] | None = None, serve: bool = True,
-                 **manager_kw: Any) -> None:  # fmt: skip
+                 stores: dict[str, Any] | None = None, **manager_kw: Any) -> None:  # fmt: skip
         self.segment = Segment.create(
             f"/kvnode-peers-test-{os.getpid()}-{uuid.uuid4().hex[:8]}",
             ARENA,
@@ -71,11 +73,19 @@ class Node:
             hugepages=False,
         )
         self.index = Index(ARENA, PAGE, "lru")
-        self.cache = Cache(self.index)
+        self.cache = Cache(self.index, self._tiers(stores) if stores else None)
         self.node_id = new_node_id()
         self.woken = threading.Event()
+        tiers = self.cache.tiers
         self.server = (
-            PeerServer(self.cache, self.segment, "tcp://127.0.0.1:*", curve, self.node_id)
+            PeerServer(
+                self.cache,
+                self.segment,
+                "tcp://127.0.0.1:*",
+                curve,
+                self.node_id,
+                tiers.promoting_now if tiers is not None else None,
+            )  # fmt: skip
             if serve
             else None
         )
@@ -86,13 +96,19 @@ class Node:
             )
         self.landed: list[Fetched] = []
 
+    def _tiers(self, stores: dict[str, Any]) -> Callable[[Cache], TierManager]:
+        cfg = load_config(env={}, overrides={})
+        return lambda cache: TierManager(cfg, self.segment, cache, lambda: None, stores=stores)
+
     @property
     def endpoint(self) -> str:
         assert self.server is not None
         return self.server.endpoint
 
-    def put(self, key: bytes, data: bytes, checksum: int | None = None) -> None:
-        status, e = self.index.reserve(key, len(data), CLIENT)
+    def put(
+        self, key: bytes, data: bytes, checksum: int | None = None, tokens: list[int] = ()
+    ) -> None:
+        status, e = self.cache.reserve(key, len(data), CLIENT)
         assert e is not None, status
         at = 0
         view = self.segment.view
@@ -100,7 +116,8 @@ class Node:
             view[off : off + n] = data[at : at + n]
             at += n
         csum = payload_checksum([data]) if checksum is None else checksum
-        assert int(self.index.commit(key, CLIENT, csum)) == 0
+        toks = [list(tokens)] if tokens else []
+        assert int(self.cache.commit_many([key], CLIENT, [csum], [], toks)[0]) == 0
 
     def read(self, key: bytes) -> bytes | None:
         e = self.index.lookup(key)
@@ -115,12 +132,16 @@ class Node:
             self.server.poll()
         if self.manager is not None:
             self.landed.extend(self.manager.poll())
+        if self.cache.tiers is not None:
+            self.cache.tiers.poll()
 
     def close(self) -> None:
         if self.manager is not None:
             self.manager.close()
         if self.server is not None:
             self.server.close()
+        if self.cache.tiers is not None:
+            self.cache.tiers.close()
         self.index.check()
         self.segment.unlink()
         self.segment.close()

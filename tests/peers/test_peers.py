@@ -16,11 +16,13 @@ from zmq.auth.thread import ThreadAuthenticator
 from kvnode.agent import peers as P
 from kvnode.agent.peers import Curve, resolve_seeds
 from kvnode.agent.peers import wire as W
+from kvnode.agent.tiers.memory import MemoryStore
 from kvnode.errors import ProtocolError
 from kvnode.ipc.checksum import checksum
 from tests.peers.conftest import Node, pump
 
 KiB = 1024
+MiB = 1024 * KiB
 
 
 def _key(i: int) -> bytes:
@@ -39,7 +41,7 @@ def _curve(fleet: dict[str, Any], who: str = "") -> Curve:
 class RawPeer:
     """A CURVE peer that misbehaves on purpose. ``mode``: "frozen" (accepts, never
     reads), "wrong_size" (claims keys, sends short payloads), "mute_fetch" (answers
-    lookups, never fetches)."""
+    lookups, never fetches), "flood" (answers a fetch with 150 frames more than asked)."""
 
     def __init__(self, curve: Curve, mode: str, size: int) -> None:
         self.ctx = zmq.Context()
@@ -72,6 +74,10 @@ class RawPeer:
             if isinstance(m, W.HaveReq):
                 rep: Any = W.HaveRep(m.rid, self.node, [W.Have.ARENA] * n, [self.size] * n)
                 self.sock.send_multipart([ident, W.encode(rep)])
+            elif self.mode == "flood":  # far more than asked for, in one message
+                frame = b"x" * self.size
+                rep = W.FetchRep(m.rid, self.node, [self.size] * n, [0] * n, [1] * n)
+                self.sock.send_multipart([ident, W.encode(rep), *([frame] * (n + 150))])
             elif self.mode == "wrong_size":
                 short = b"x" * (self.size // 2)
                 rep = W.FetchRep(m.rid, self.node, [self.size] * n,
@@ -105,7 +111,7 @@ def _wait_connected(
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
         stats = node.manager.stats()["peers"]
-        if all(stats.get(ep, {}).get("state") == "up" for ep in endpoints):
+        if all(stats.get(ep, {}).get("state") in ("up", "benched") for ep in endpoints):
             node.manager._negative.clear()
             return
         node.manager._negative.clear()
@@ -198,26 +204,102 @@ def test_lying_peer_bytes_are_rejected_and_counted(
     assert b.landed == [] and b.read(_key(1)) is None and not b.index.contains(_key(1))
     peer = b.manager.stats()["peers"][a.endpoint]
     assert peer["corrupt"] == 1 and peer["fetched_keys"] == 0
+    assert peer["state"] == "benched" and peer["benched"] == 1  # one bad chunk is enough
     assert b.manager.stats()["failed"] == 1
     assert b.manager.on_lookup_miss([_key(1)]) == set()  # not asked again at once
 
 
-def test_wrong_sizes_are_rejected(
+def test_wrong_sizes_are_rejected_and_the_peer_benched(
     fleet: dict[str, Any], nodes: list[Node], raw_peers: list[RawPeer]
 ) -> None:
     liar = RawPeer(_curve(fleet), "wrong_size", 64 * KiB)
     raw_peers.append(liar)
     b = Node(_curve(fleet), seeds=[liar.endpoint], serve=False, deadline_ms=200)
     nodes.append(b)
-    _wait_connected(b, [liar.endpoint])
+    _wait_connected(b, [liar.endpoint])  # its first fetch (the probe's) is short
     assert b.manager is not None
+    peer = b.manager.stats()["peers"][liar.endpoint]
+    assert peer["corrupt"] >= 1 and peer["benched"] == 1 and peer["state"] == "benched"
+    asked = liar.requests
     keys = [_key(1), _key(2)]
-    before = b.manager.stats()["peers"][liar.endpoint]["corrupt"]  # the probe's, if any
     assert b.manager.on_lookup_miss(keys) == set(keys)
     assert pump([b], lambda: not b.manager.busy())  # type: ignore[union-attr]
+    assert liar.requests == asked  # benched: not asked again
     assert b.landed == [] and all(not b.index.contains(k) for k in keys)
-    assert b.manager.stats()["peers"][liar.endpoint]["corrupt"] - before == 2
     assert b.index.reserved == 0 and b.manager.bytes_inflight == 0
+
+
+def test_a_reply_larger_than_asked_benches_the_peer_and_cuts_its_link(
+    fleet: dict[str, Any], nodes: list[Node], raw_peers: list[RawPeer]
+) -> None:
+    flood = RawPeer(_curve(fleet), "flood", 64 * KiB)
+    raw_peers.append(flood)
+    b = Node(_curve(fleet), seeds=[flood.endpoint], serve=False, deadline_ms=200)
+    nodes.append(b)
+    _wait_connected(b, [flood.endpoint])  # the probe's fetch gets the flood
+    assert b.manager is not None
+    assert pump([b], lambda: not b.manager.busy())  # type: ignore[union-attr]
+    peer = b.manager.stats()["peers"][flood.endpoint]
+    assert peer["oversized"] == 1 and peer["state"] == "benched" and peer["fetched_keys"] == 0
+    assert b.index.reserved == 0 and b.manager.bytes_inflight == 0 and not b.landed
+
+
+def test_an_unverified_chunk_stays_unverified_on_the_other_node(
+    fleet: dict[str, Any], nodes: list[Node]
+) -> None:
+    """Committed without a checksum on A: B gets it with none (never one A computed on
+    the way), so a reader on B cannot take it for verified bytes."""
+    a = Node(_curve(fleet))
+    nodes.append(a)
+    b = Node(_curve(fleet), seeds=[a.endpoint], serve=False, deadline_ms=200)
+    nodes.append(b)
+    data = _data(7, 100 * KiB)
+    a.put(_key(1), data, checksum=0)
+    _wait_connected(b, [a.endpoint], [a])
+    assert b.manager is not None
+    assert b.manager.on_lookup_miss([_key(1)]) == {_key(1)}
+    assert pump([a, b], lambda: len(b.landed) == 1)
+    assert b.read(_key(1)) == data and b.index.entries[_key(1)].checksum == 0
+
+
+def test_fetched_chunks_keep_their_tokens_and_parent(
+    fleet: dict[str, Any], nodes: list[Node]
+) -> None:
+    """What KV events on B need: the chunk's tokens come with its bytes."""
+    a = Node(_curve(fleet))
+    nodes.append(a)
+    b = Node(_curve(fleet), seeds=[a.endpoint], serve=False, deadline_ms=200)
+    nodes.append(b)
+    tokens = list(range(100, 356))
+    a.put(_key(1), _data(8, 64 * KiB), tokens=tokens)
+    _wait_connected(b, [a.endpoint], [a])
+    assert b.manager is not None
+    assert b.manager.on_lookup_miss([_key(1)], parent=_key(0)) == {_key(1)}
+    assert pump([a, b], lambda: len(b.landed) == 1)
+    meta = b.index.entries[_key(1)].meta
+    assert b.landed[0].tokens == tokens
+    assert meta is not None and meta.token_ids() == tokens and meta.parent == _key(0)
+
+
+def test_a_peers_question_starts_no_promotion(fleet: dict[str, Any], nodes: list[Node]) -> None:
+    """A key on A's lower tier only: B's "do you have" is answered from what A knows,
+    and A reads nothing from its disk for it."""
+    disk = MemoryStore(64 * MiB, name="disk")
+    a = Node(_curve(fleet), stores={"disk": disk})
+    nodes.append(a)
+    b = Node(_curve(fleet), seeds=[a.endpoint], serve=False, deadline_ms=200)
+    nodes.append(b)
+    data = _data(9, 64 * KiB)
+    a.put(_key(1), data)
+    assert a.cache.tiers is not None
+    a.cache.evict(a.index.alloc.pages_total)
+    assert pump([a], lambda: disk.size_of(_key(1)) is not None and not a.index.contains(_key(1)))
+    reads = disk.stats.snapshot()["reads"]
+    _wait_connected(b, [a.endpoint], [a])
+    assert b.manager.on_lookup_miss([_key(1)]) == {_key(1)}  # type: ignore[union-attr]
+    assert pump([a, b], lambda: not b.manager.busy())  # type: ignore[union-attr]
+    assert not a.cache.tiers.promoting and disk.stats.snapshot()["reads"] == reads
+    assert not a.index.contains(_key(1)) and not b.index.contains(_key(1))
 
 
 def test_frozen_peer_costs_at_most_the_deadline(
@@ -250,20 +332,28 @@ def test_frozen_peer_costs_at_most_the_deadline(
     assert not b.index.contains(_key(2))
 
 
-def test_peer_silent_on_fetch_leaves_nothing_behind(
+def test_claimed_sizes_evict_nothing_before_the_bytes_arrive(
     fleet: dict[str, Any], nodes: list[Node], raw_peers: list[RawPeer]
 ) -> None:
-    mute = RawPeer(_curve(fleet), "mute_fetch", 64 * KiB)
+    """A peer that claims 8 MiB per key and never sends them: nothing local is evicted
+    (or reserved) for bytes that have not arrived and been checked."""
+    mute = RawPeer(_curve(fleet), "mute_fetch", 8 * MiB)
     raw_peers.append(mute)
     b = Node(_curve(fleet), seeds=[mute.endpoint], serve=False, deadline_ms=200,
-             fetch_timeout_ms=200)  # fmt: skip
+             fetch_timeout_ms=300)  # fmt: skip
     nodes.append(b)
+    local = [_key(1000 + i) for i in range(15)]
+    for i, k in enumerate(local):
+        b.put(k, _data(i, MiB))  # 15 of the arena's 16 MiB
     _wait_connected(b, [mute.endpoint])
     assert b.manager is not None
-    assert b.manager.on_lookup_miss([_key(1)]) == {_key(1)}
-    assert pump([b], lambda: b.manager.pending(_key(1)) and b.index.reserved == 1)  # type: ignore[union-attr]
+    keys = [_key(1), _key(2)]
+    assert b.manager.on_lookup_miss(keys) == set(keys)
+    assert pump([b], lambda: b.manager.pending(_key(1)) and b.manager.bytes_inflight > 0)  # type: ignore[union-attr]
+    assert b.index.reserved == 0 and all(b.index.lookup(k) is not None for k in local)
     assert pump([b], lambda: not b.manager.busy(), timeout_s=3)  # type: ignore[union-attr]
-    assert not b.index.contains(_key(1)) and b.index.reserved == 0
+    assert all(b.index.lookup(k) is not None for k in local)
+    assert not any(b.index.contains(k) for k in keys) and b.index.reserved == 0
     assert b.manager.stats()["peers"][mute.endpoint]["timeouts"] >= 1
 
 
