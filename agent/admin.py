@@ -177,7 +177,7 @@ class Admin:
         if tier == "arena":
             keys = [k for k, e in self.cache.index.entries.items() if e.state is State.COMMITTED]
             for k in keys:
-                self.cache.index.drop(k)
+                self.cache.drop(k, lower_tiers=False)
             log.warning("operator cleared the arena: %d entries", len(keys))
             return {"tier": "arena", "dropped": len(keys)}
         t = self.cache.tiers.tier(tier) if self.cache.tiers is not None else None

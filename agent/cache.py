@@ -160,10 +160,11 @@ class Cache:
         """Client pins older than ``taken_before`` given back: (owner, key, count)."""
         return self.index.expire_pins(taken_before)
 
-    def drop(self, key: bytes) -> bool:
-        """Gone for readers now (all tiers); pages freed once nobody reads them."""
+    def drop(self, key: bytes, lower_tiers: bool = True) -> bool:
+        """Gone for readers now (from every tier unless ``lower_tiers`` is False);
+        pages freed once nobody reads them."""
         dropped = self.index.drop(key)
-        if self.tiers is not None:
+        if self.tiers is not None and lower_tiers:
             try:
                 self.tiers.drop(key)
             except Exception:
