@@ -38,7 +38,10 @@ def free_port() -> int:
 class AgentProcess:
     """``kvnode agent`` with NOTIFY_SOCKET on a datagram socket and stderr collected."""
 
-    def __init__(self, runtime_dir: Path, extra_env: dict[str, str], config: Path | None) -> None:
+    def __init__(
+        self, runtime_dir: Path, extra_env: dict[str, str], config: Path | None,
+        cpu_bytes: str = "64MiB",
+    ) -> None:  # fmt: skip
         self.runtime_dir = runtime_dir
         self.metrics_port = free_port()
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -49,10 +52,10 @@ class AgentProcess:
             KVNODE_METRICS_PORT=str(self.metrics_port),
             KVNODE_ARENA_PREFAULT="false",
             PYTHONUNBUFFERED="1",
-            **extra_env,
         )
+        env.update(extra_env)
         env.pop("JOURNAL_STREAM", None)
-        cmd = [str(KVNODE), "agent", "--runtime-dir", str(runtime_dir), "--cpu-bytes", "64MiB"]
+        cmd = [str(KVNODE), "agent", "--runtime-dir", str(runtime_dir), "--cpu-bytes", cpu_bytes]
         if config is not None:
             cmd += ["--config", str(config)]
         self.proc = subprocess.Popen(
@@ -138,8 +141,11 @@ def workdir() -> Iterator[Path]:
 def start_agent(workdir: Path) -> Iterator[Any]:
     started: list[AgentProcess] = []
 
-    def start(extra_env: dict[str, str] | None = None, config: Path | None = None) -> AgentProcess:
-        agent = AgentProcess(workdir / "run", extra_env or {}, config)
+    def start(
+        extra_env: dict[str, str] | None = None, config: Path | None = None,
+        cpu_bytes: str = "64MiB",
+    ) -> AgentProcess:  # fmt: skip
+        agent = AgentProcess(workdir / "run", extra_env or {}, config, cpu_bytes)
         started.append(agent)
         return agent
 
@@ -174,6 +180,20 @@ def test_ready_only_once_serving_then_stopping(start_agent: Any) -> None:
     assert agent.proc.wait(30) == 0, agent.log()
     assert not (agent.runtime_dir / "agent.sock").exists()
     assert not shm_file.exists(), "segment not unlinked on SIGTERM"
+
+
+def test_arena_progress_in_status_and_log(start_agent: Any) -> None:
+    """Before: one STATUS= line, then READY=1 after a long silence (18 s for 2.9 GiB)."""
+    agent = start_agent({"KVNODE_ARENA_PREFAULT": "true"}, cpu_bytes="1536MiB")
+    statuses = []
+    while True:
+        msg = agent.recv_notify(START_TIMEOUT_S)
+        if msg.get("READY") == "1":
+            break
+        statuses.append(msg.get("STATUS", ""))
+    progress = [s for s in statuses if s.startswith("arena: ") and " ready (" in s]
+    assert progress, statuses
+    assert agent.wait_log("arena: ") and any(" ready (" in x for x in agent.lines)
 
 
 def test_metrics_follow_client_traffic(start_agent: Any) -> None:
