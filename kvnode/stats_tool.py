@@ -128,8 +128,10 @@ def _rate(cur: dict[str, Any], prev: dict[str, Any] | None, dt: float, name: str
 
 
 def hit_ratio(c: dict[str, Any]) -> float:
+    """Keys found in the arena per key looked up (pending ones, being promoted or asked
+    of peers, are not counted as hits: they may still miss)."""
     keys = c.get("hits", 0) + c.get("misses", 0) + c.get("pending", 0)
-    return (c.get("hits", 0) + c.get("pending", 0)) / keys if keys else 0.0
+    return c.get("hits", 0) / keys if keys else 0.0
 
 
 def summary_line(cur: dict[str, Any], prev: dict[str, Any] | None, dt: float) -> str:
@@ -183,7 +185,7 @@ def _head(cur: dict[str, Any]) -> Any:
     return Text(
         f"kvnode {cur['version']} pid {cur['pid']} up {_duration(cur['uptime_s'])} "
         f"gen {cur['generation']} clients {cur['clients']}\n"
-        f"hit ratio {hit_ratio(c):.1%} of {c.get('lookup_keys', 0):,} keys looked up, "
+        f"arena hit ratio {hit_ratio(c):.1%} of {c.get('lookup_keys', 0):,} keys looked up, "
         f"lookup p99 {p99}"
     )
 
