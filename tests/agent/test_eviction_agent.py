@@ -129,3 +129,18 @@ def test_a_tenants_scan_cannot_evict_anothers_hot_prefixes(tmp_path: Path, share
         c.close()
     finally:
         agent.stop()
+
+
+def test_a_namespace_of_the_wrong_length_is_refused(tmp_path: Path) -> None:
+    from kvnode.errors import KVNodeError
+
+    agent = AgentProcess(tmp_path / "run", cpu_bytes=str(32 * PAGE), args=ARGS).start()
+    try:
+        c = AgentClient(agent.runtime_dir, name="ns", timeout_s=5.0)
+        with pytest.raises(KVNodeError, match="namespace"):
+            c.reserve([_key(1)], [PAGE], namespace=b"short")
+        assert _put_ns(c, _key(2), NS_A) == Status.OK  # the agent and the client go on
+        assert c.stats()["namespaces"][NS_A.hex()]["entries"] == 1
+        c.close()
+    finally:
+        agent.stop()
