@@ -217,6 +217,18 @@ def test_drop_a_namespace(tmp_path: Path) -> None:
                            capture_output=True, text=True, timeout=60)  # fmt: skip
         spaces = json.loads(r.stdout)["namespaces"]
         assert spaces[ns_a.hex()]["entries"] == 3 and spaces[ns_b.hex()]["entries"] == 1
+        # The same in a terminal: totals, namespaces, entries; one key in every tier.
+        run = ["--runtime-dir", str(agent.runtime_dir)]
+        text = subprocess.run([*KVNODE, "cache", "list", *run], capture_output=True,
+                              text=True, timeout=60)  # fmt: skip
+        assert text.returncode == 0, text.stderr
+        assert ns_a.hex() in text.stdout and KEYS[0].hex() in text.stdout
+        shown = subprocess.run([*KVNODE, "cache", "show", KEYS[0].hex(), *run],
+                               capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert shown.returncode == 0 and "arena: committed" in shown.stdout, shown.stderr
+        bad = subprocess.run([*KVNODE, "cache", "show", "xyz", *run], capture_output=True,
+                             text=True, timeout=60)  # fmt: skip
+        assert bad.returncode == 2 and "32 hex digits" in bad.stderr
         r = subprocess.run([*KVNODE, "cache", "drop", "--namespace", ns_a.hex(),
                             "--runtime-dir", str(agent.runtime_dir)],
                            capture_output=True, text=True, timeout=60)  # fmt: skip
