@@ -220,6 +220,7 @@ class PeersSection:
     negative_ttl_s: float = 2.0  # keys no peer had are not asked again for this long
     resolve_interval_s: float = 10.0  # dns: seeds are resolved again this often
     peer_bytes_inflight_max: int = _size("128MiB")  # bytes being fetched from one peer
+    serve_peer_bytes_max: int = _size("128MiB")  # arena bytes pinned for one connection
     bench_s: float = 60.0  # a peer that sent bad or excess bytes is not asked this long
 
 
@@ -348,7 +349,8 @@ class Config:
         for key in ("deadline_ms", "fetch_timeout_ms", "fetch_inflight_max", "queue_max"):
             if getattr(p, key) < 1:
                 raise ConfigError(f"peers.{key}", "must be >= 1")
-        for key in ("fetch_bytes_max", "serve_bytes_max", "peer_bytes_inflight_max"):
+        for key in ("fetch_bytes_max", "serve_bytes_max", "peer_bytes_inflight_max",
+                    "serve_peer_bytes_max"):  # fmt: skip
             if getattr(p, key) < self.arena.page_bytes:
                 raise ConfigError(f"peers.{key}", "must be at least one arena page")
         if p.negative_ttl_s < 0 or p.resolve_interval_s <= 0 or p.bench_s < 0:

@@ -46,7 +46,7 @@ def build_peers(
     server = None
     if p.listen:
         server = PeerServer(cache, arena, p.listen, curve, node_id, lower_has,
-                            p.serve_bytes_max)  # fmt: skip
+                            p.serve_bytes_max, p.serve_peer_bytes_max)  # fmt: skip
     manager = None
     if p.seeds:
         manager = PeerManager(

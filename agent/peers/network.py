@@ -24,7 +24,7 @@ from zmq.utils.monitor import recv_monitor_message
 from kvnode.agent.peers.jobs import Fetch, Job, Query
 from kvnode.agent.peers.keys import Curve
 from kvnode.agent.peers.links import Link, PeerStats
-from kvnode.agent.peers.server import HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS
+from kvnode.agent.peers.server import keepalive
 from kvnode.agent.peers.wire import (
     ErrorRep,
     FetchRep,
@@ -222,8 +222,8 @@ class Network(threading.Thread):
         s.setsockopt(zmq.SNDHWM, self.queue_max)
         s.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
         s.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
-        s.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
-        s.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        s.setsockopt(zmq.RCVHWM, self.queue_max)  # replies: at most one per request
+        keepalive(s)  # no ZMTP heartbeats (see server.py); requests have deadlines
         if "[" in endpoint:
             s.setsockopt(zmq.IPV6, 1)
         if self.curve is not None and server_key is not None:

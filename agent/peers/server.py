@@ -41,8 +41,21 @@ log = logging.getLogger("kvnode.peers")
 SERVE_BATCH_MAX = 64  # requests handled per handle() call before the loop goes on
 SENDS_INFLIGHT_MAX = 1024  # replies whose arena bytes ZeroMQ still holds (pins kept)
 SERVER_SNDHWM = 64  # replies queued per peer connection; beyond it ROUTER drops them
-HEARTBEAT_IVL_MS = 1000  # ZMTP heartbeats: a silent connection is dropped, and with
-HEARTBEAT_TIMEOUT_MS = 3000  # it every reply still holding pinned bytes
+SERVER_RCVHWM = 256  # requests queued per peer connection; beyond it libzmq stops reading
+# No ZMTP heartbeats on peer links: libzmq 4.3 aborts the process (stream_engine_base.cpp
+# "!_io_error") when a heartbeat fires on a connection whose peer flooded requests until
+# its input stopped and then closed. TCP keepalive finds dead hosts instead; what a live
+# peer that stops reading can hold is bounded per connection (serve_peer_bytes_max).
+TCP_KEEPALIVE_IDLE_S = 10
+TCP_KEEPALIVE_INTVL_S = 3
+TCP_KEEPALIVE_CNT = 3
+
+
+def keepalive(sock: zmq.Socket) -> None:
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, TCP_KEEPALIVE_IDLE_S)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, TCP_KEEPALIVE_INTVL_S)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, TCP_KEEPALIVE_CNT)
 
 
 @dataclass(slots=True, eq=False)
@@ -50,6 +63,7 @@ class Send:
     tracker: zmq.MessageTracker
     keys: list[bytes]
     nbytes: int
+    peer: bytes  # the connection's routing id
 
 
 # True: a promotion of the key into the arena is already under way (local demand
@@ -71,6 +85,7 @@ class PeerServer:
         node_id: bytes,
         lower_has: LowerHas | None = None,
         serve_bytes_max: int = 512 << 20,
+        serve_peer_bytes_max: int = 128 << 20,
     ) -> None:
         self.cache = cache
         self.index = cache.index  # read only
@@ -78,12 +93,14 @@ class PeerServer:
         self.node_id = node_id
         self.lower_has = lower_has
         self.serve_bytes_max = serve_bytes_max
+        self.serve_peer_bytes_max = serve_peer_bytes_max  # pinned for one connection
+        self._by_peer: dict[bytes, int] = {}
         self.curve = curve
         self._sends: deque[Send] = deque()
         self.bytes_inflight = 0
         self.counters = dict.fromkeys(
             ("have_requests", "have_keys", "fetch_requests", "served_keys", "served_bytes",
-             "busy", "bad_frames", "errors"), 0,
+             "busy", "peer_busy", "bad_frames", "errors"), 0,
         )  # fmt: skip
         self.ctx = zmq.Context()
         self.auth: Any = None
@@ -108,8 +125,8 @@ class PeerServer:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # an unroutable reply is dropped, not raised
         sock.setsockopt(zmq.MAXMSGSIZE, REQUEST_BYTES_MAX)
         sock.setsockopt(zmq.SNDHWM, SERVER_SNDHWM)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        sock.setsockopt(zmq.RCVHWM, SERVER_RCVHWM)
+        keepalive(sock)
         if self.curve is not None:
             sock.curve_secretkey = self.curve.secret
             sock.curve_publickey = self.curve.public
@@ -191,7 +208,7 @@ class PeerServer:
         payload: list[memoryview] = []
         pinned: list[bytes] = []
         for key in m.keys:
-            views = self._pin_for_send(key, pinned)
+            views = self._pin_for_send(key, pinned, ident)
             if views is None:
                 rep.sizes.append(0)
                 rep.checksums.append(0)
@@ -206,7 +223,9 @@ class PeerServer:
             payload.extend(views)
         self._send_pinned(ident, rep, payload, pinned)
 
-    def _pin_for_send(self, key: bytes, pinned: list[bytes]) -> list[memoryview] | None:
+    def _pin_for_send(
+        self, key: bytes, pinned: list[bytes], peer: bytes
+    ) -> list[memoryview] | None:
         e = self._committed(key)
         if e is None:
             return None
@@ -216,10 +235,15 @@ class PeerServer:
         ):
             self.counters["busy"] += 1
             return None
+        held = self._by_peer.get(peer, 0)
+        if held + e.size > self.serve_peer_bytes_max:
+            self.counters["peer_busy"] += 1  # a peer that does not read holds no more
+            return None
         if self.cache.pin(key) is None:
             return None
         pinned.append(key)
         self.bytes_inflight += e.size
+        self._by_peer[peer] = held + e.size
         return [self._arena[off : off + n] for off, n in e.extents(self.index.page_bytes)]
 
     def _send_pinned(
@@ -232,15 +256,20 @@ class PeerServer:
         nbytes = sum(len(v) for v in payload)
         if pinned:
             tracker = zmq.MessageTracker(*frames)
-            self._sends.append(Send(tracker, pinned, nbytes))
+            self._sends.append(Send(tracker, pinned, nbytes, ident))
         self.socket.send_multipart([ident, encode(rep), *frames], zmq.NOBLOCK, copy=False)
         self.counters["served_keys"] += len(pinned)
         self.counters["served_bytes"] += nbytes
 
-    def _unpin(self, keys: list[bytes], nbytes: int) -> None:
-        for key in keys:
+    def _unpin(self, s: Send) -> None:
+        for key in s.keys:
             self.cache.unpin(key)
-        self.bytes_inflight -= nbytes
+        self.bytes_inflight -= s.nbytes
+        left = self._by_peer.get(s.peer, 0) - s.nbytes
+        if left > 0:
+            self._by_peer[s.peer] = left
+        else:
+            self._by_peer.pop(s.peer, None)
 
     # -- housekeeping -----------------------------------------------------------------
     def poll(self) -> int:
@@ -249,7 +278,7 @@ class PeerServer:
         done = 0
         for s in self._sends:  # one pass: a tracker read once is acted on once
             if s.tracker.done:
-                self._unpin(s.keys, s.nbytes)
+                self._unpin(s)
                 done += 1
             else:
                 keep.append(s)
@@ -271,7 +300,7 @@ class PeerServer:
         """Close the socket (ZeroMQ drops what it still holds), then give back pins."""
         self._teardown()
         for s in self._sends:
-            self._unpin(s.keys, s.nbytes)
+            self._unpin(s)
         self._sends.clear()
 
     def _teardown(self) -> None:
@@ -284,4 +313,4 @@ class PeerServer:
         self.ctx.term()
 
 
-__all__ = ["HEARTBEAT_IVL_MS", "HEARTBEAT_TIMEOUT_MS", "LowerHas", "PeerServer"]
+__all__ = ["LowerHas", "PeerServer", "keepalive"]
