@@ -16,6 +16,9 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from kvnode.kernels import ipchandle as H
+from kvnode.kernels.ipchandle import split_wire_handles
+
+__all__ = ["GpuExport", "open_events", "split_wire_handles"]
 
 
 class GpuExport:
@@ -50,16 +53,6 @@ class GpuExport:
         """After layer ``i``'s progress mark: this stream's next work (attention on the
         layer) runs after the agent's copy of it."""
         torch.cuda.current_stream(self.device).wait_event(self.layer_events[i])
-
-
-def split_wire_handles(
-    handles: Sequence[bytes], layers: int
-) -> tuple[list[bytes], bytes, list[bytes]]:
-    """The agent's reading of ``wire_handles``: (layer handles, ready event, layer
-    events); ``HandleError`` unless there are exactly ``2 * layers + 1``."""
-    if len(handles) != 2 * layers + 1:
-        raise H.HandleError(f"{len(handles)} handles for {layers} layers (want {2 * layers + 1})")
-    return list(handles[:layers]), handles[layers], list(handles[layers + 1 :])
 
 
 def open_events(

@@ -45,7 +45,7 @@ CHUNK_BYTES_MAX = 1 << 30
 Extent = tuple[int, int]  # (offset in the arena, bytes)
 
 
-class CopyError(Exception):
+class CopyError(ValueError):
     """A job this copier cannot do (bad extents, too large): the job fails, counted."""
 
 

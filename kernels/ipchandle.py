@@ -14,16 +14,20 @@ mode). Interprocess events travel the same way (``export_event``/``open_event``)
 
 Everything read from a handle is bounded before use, and the rebuilt view must lie
 inside the storage it opened: a forged handle is refused, never mapped out of bounds.
+Decoding and checking a handle needs no torch (the agent does it on its loop); torch is
+imported where a tensor is exported or opened.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
-import torch
 from msgspec import Meta
+
+if TYPE_CHECKING:
+    import torch
 
 HANDLE_VERSION = 1
 # A CUDA IPC memory handle is 64 bytes; an expandable segment's handle carries one
@@ -34,17 +38,15 @@ UUID_CHARS_MAX = 64
 DIMS_MAX = 8
 _U63 = (1 << 63) - 1
 
-DTYPES: dict[str, torch.dtype] = {
-    str(d).removeprefix("torch."): d
-    for d in (
-        torch.float32,
-        torch.float16,
-        torch.bfloat16,
-        torch.uint8,
-        torch.int8,
-        torch.float8_e4m3fn,
-        torch.float8_e5m2,
-    )
+# Element sizes of the dtypes a KV cache may have (torch's names, without "torch.").
+ITEMSIZES = {
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "uint8": 1,
+    "int8": 1,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
 }
 
 Size = Annotated[int, Meta(ge=0, le=_U63)]
@@ -102,7 +104,7 @@ def decode(data: bytes) -> IpcHandle:
         raise HandleError(f"malformed tensor handle: {exc}") from exc
     if h.version != HANDLE_VERSION:
         raise HandleError(f"tensor handle version {h.version}, this agent reads {HANDLE_VERSION}")
-    if h.dtype not in DTYPES or len(h.shape) != len(h.strides) or not h.shape:
+    if h.dtype not in ITEMSIZES or len(h.shape) != len(h.strides) or not h.shape:
         raise HandleError(f"tensor handle with dtype {h.dtype!r}, shape {h.shape}")
     return h
 
@@ -124,6 +126,8 @@ def normalize_uuid(uuid: object) -> str:
 
 def device_uuids() -> dict[str, int]:
     """UUID -> ordinal of every GPU this process sees."""
+    import torch
+
     if not torch.cuda.is_available():
         return {}
     count = torch.cuda.device_count()
@@ -171,10 +175,12 @@ def export_tensor(
 ) -> IpcHandle:
     """The handle of ``t`` (a CUDA tensor of torch's caching allocator). ``segments``
     defaults to a fresh ``torch.cuda.memory_snapshot()`` (pass one for many tensors)."""
+    import torch
+
     if t.device.type != "cuda":
         raise ExportRefused(f"a {t.device.type} tensor has no GPU IPC handle")
     dtype = str(t.dtype).removeprefix("torch.")
-    if dtype not in DTYPES:
+    if dtype not in ITEMSIZES:
         raise ExportRefused(f"dtype {t.dtype} is not exported")
     storage = t.untyped_storage()
     device = t.device.index if t.device.index is not None else torch.cuda.current_device()
@@ -205,6 +211,8 @@ def export_tensor(
 def export_cache(kvs: Sequence[torch.Tensor]) -> list[bytes]:
     """Encoded handles of every layer of a worker's cache (one allocator snapshot for
     all of them); ``ExportRefused`` if any layer cannot be shared."""
+    import torch
+
     snapshot = torch.cuda.memory_snapshot() if kvs and kvs[0].is_cuda else []
     return [encode(export_tensor(kv, snapshot)) for kv in kvs]
 
@@ -217,7 +225,7 @@ def open_cache(handles: Sequence[bytes], uuids: Mapping[str, int]) -> list[torch
 
 def view_fits(h: IpcHandle) -> bool:
     """The view ``h`` describes lies inside the storage it names."""
-    itemsize = torch.empty((), dtype=DTYPES[h.dtype]).element_size()
+    itemsize = ITEMSIZES[h.dtype]
     if any(s <= 0 for s in h.shape):
         return False
     last = h.offset + sum((n - 1) * s for n, s in zip(h.shape, h.strides, strict=True))
@@ -228,6 +236,8 @@ def open_tensor(h: IpcHandle, uuids: Mapping[str, int]) -> torch.Tensor:
     """The worker's tensor, mapped into this process on the ordinal of its GPU."""
     if not view_fits(h):
         raise HandleError(f"view {h.shape}/{h.strides}+{h.offset} outside {h.storage_bytes} bytes")
+    import torch
+
     ordinal = ordinal_of(h.device_uuid, uuids)
     torch.cuda._lazy_init()
     try:
@@ -243,20 +253,49 @@ def open_tensor(h: IpcHandle, uuids: Mapping[str, int]) -> torch.Tensor:
         )
     except RuntimeError as exc:
         raise HandleError(f"cannot open the worker's IPC handle: {exc}") from exc
-    t = torch.empty(0, dtype=DTYPES[h.dtype], device=torch.device("cuda", ordinal))
+    t = torch.empty(0, dtype=getattr(torch, h.dtype), device=torch.device("cuda", ordinal))
     return t.set_(storage, h.offset, tuple(h.shape), tuple(h.strides))
 
 
 def export_event(event: torch.cuda.Event, device: int) -> EventHandle:
     """The handle of an interprocess event (``torch.cuda.Event(interprocess=True)``,
     recorded at least once)."""
+    import torch
+
     uuid = normalize_uuid(torch.cuda.get_device_properties(device).uuid)
     return EventHandle(HANDLE_VERSION, uuid, bytes(event.ipc_handle()))
 
 
 def open_event(e: EventHandle, uuids: Mapping[str, int]) -> torch.cuda.Event:
+    import torch
+
     ordinal = ordinal_of(e.device_uuid, uuids)
     try:
         return torch.cuda.Event.from_ipc_handle(ordinal, e.handle)
     except RuntimeError as exc:
         raise HandleError(f"cannot open the worker's event: {exc}") from exc
+
+
+def split_wire_handles(
+    handles: Sequence[bytes], layers: int
+) -> tuple[list[bytes], bytes, list[bytes]]:
+    """An export's handles as ``GpuExport.wire_handles`` lays them out: (layer handles,
+    ready event, layer events); ``HandleError`` unless there are ``2 * layers + 1``."""
+    if len(handles) != 2 * layers + 1:
+        raise HandleError(f"{len(handles)} handles for {layers} layers (want {2 * layers + 1})")
+    return list(handles[:layers]), handles[layers], list(handles[layers + 1 :])
+
+
+def check_wire_handles(handles: Sequence[bytes], layers: int) -> list[IpcHandle]:
+    """Decode and bound-check every handle of an export (no torch, no GPU): what the
+    agent can refuse at once, before anything is opened."""
+    tensors, ready, events = split_wire_handles(handles, layers)
+    decoded = [decode(h) for h in tensors]
+    for h in decoded:
+        if not view_fits(h):
+            raise HandleError(
+                f"view {h.shape}/{h.strides}+{h.offset} outside {h.storage_bytes} bytes"
+            )
+    for e in (ready, *events):
+        decode_event(e)
+    return decoded

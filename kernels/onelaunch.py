@@ -4,7 +4,7 @@ The launch reads a ``ChunkPlan`` table (``kvnode.kernels.plan``): per layer the 
 base address, block and segment strides, the row of its group's block ids and where its
 part of the chunk starts. The grid is ``(blocks x segments, layers, tiles)``; a program
 copies one tile of one segment of one block of one layer, so a chunk of a 32-layer model
-with 16 blocks of two segments is one launch of about a thousand programs instead of 32
+with 16 blocks of two segments is one launch of a few thousand programs instead of 32
 launches and their per-call overhead (which, not bandwidth, kept per-layer copies at
 0.26-0.43 of raw DMA on an H200). The chunk address may be a device buffer (a staging
 buffer, then one bus copy) or host memory the device can reach (the arena, registered

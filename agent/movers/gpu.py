@@ -2,11 +2,14 @@
 
 A GPU worker exports every layer with an IPC handle, one ``ready`` event and one event
 per layer (``kvnode.kernels.gpuexport``); its export's device is ``cuda:<uuid>``, so
-each GPU gets its own mover and copy thread. ``attach`` checks the probe like the CPU
-mover (the progress page and the probe are host memory of the worker, reached with
-cross-memory attach), then opens the handles on the agent's own ordinal of that GPU and
-checks each opened layer against the export's block stride and parts: a handle that
-does not map the memory the export describes is refused.
+each GPU gets its own mover and copy thread. ``attach``, on the agent's loop, checks
+the probe like the CPU mover (the progress page and the probe are host memory of the
+worker, reached with cross-memory attach) and decodes and bounds every handle, which
+needs neither torch nor the GPU. Opening them (torch's import, the CUDA context, about
+0.1 s per handle) runs on the mover's opener thread, never on the loop; the export's
+first job waits for it. There each opened layer is checked against the export's block
+stride and parts; an export that fails to open fails its jobs (counted), said once in
+the log.
 
 Jobs run on the device's ``DeviceCopier`` (``kvnode.kernels.gpumove``): a save packs
 every layer of every chunk in one launch after the worker's ``ready`` event and lands
@@ -20,23 +23,24 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from kvnode.agent.movers.base import ChunkWork, Export, Job, Layer, MoverError
 from kvnode.agent.movers.cpu import CpuMover, _addr, _why_not, transfer
 from kvnode.ipc import progress as PG
 from kvnode.ipc.checksum import checksum
 from kvnode.kernels import ipchandle as H
-from kvnode.kernels.gpuexport import open_events, split_wire_handles
-from kvnode.kernels.gpumove import ChunkCopy, CopyError, DeviceCopier, OpenedLayer
-from kvnode.kernels.hostmem import HostRegistration, register_host_memory, unregister_host_memory
-from kvnode.kernels.layout import KVLayout
-from kvnode.kernels.plan import NotCoverable, segments
+
+if TYPE_CHECKING:  # torch and the copier are imported off the loop, where copies run
+    import torch
+
+    from kvnode.kernels.gpumove import ChunkCopy, DeviceCopier, OpenedLayer
 
 log = logging.getLogger("kvnode.agent")
+
+OPEN_WAIT_S = 60.0  # how long a job waits for its export's handles to open
 
 
 @dataclass(slots=True)
@@ -55,22 +59,28 @@ class _Registration:
 
     _lock = threading.Lock()
     _users = 0
-    _handle: HostRegistration | None = None
+    _handle: Any = None
 
     @classmethod
     def acquire(cls, arena: memoryview) -> bool:
+        from kvnode.kernels import hostmem
+
         with cls._lock:
             if cls._users == 0:
-                cls._handle = register_host_memory(arena)
+                cls._handle = hostmem.register_host_memory(arena)
             cls._users += 1
             return cls._handle is not None
 
     @classmethod
     def release(cls) -> None:
         with cls._lock:
+            if cls._users <= 0:
+                return
             cls._users -= 1
             if cls._users == 0:
-                unregister_host_memory(cls._handle)
+                from kvnode.kernels import hostmem
+
+                hostmem.unregister_host_memory(cls._handle)
                 cls._handle = None
 
 
@@ -82,10 +92,16 @@ class GpuMover(CpuMover):
         super().__init__(arena)  # cross-memory attach: the probe and the progress page
         self.device = device
         self.route = route
-        self.arena_tensor = torch.frombuffer(arena, dtype=torch.uint8)
-        self.registered = self._register(arena)
-        self.uuids = H.device_uuids()
-        self._copiers: dict[torch.device, DeviceCopier] = {}
+        # Registered on the first job, on the copy thread: a large arena takes seconds,
+        # which the agent's loop must not wait for.
+        self.registered = False
+        self._acquired = False
+        self._arena = arena
+        self._arena_tensor: Any = None
+        self._uuids: dict[str, int] | None = None
+        self._copiers: dict[Any, DeviceCopier] = {}
+        self._opener = ThreadPoolExecutor(1, thread_name_prefix=f"kvnode-open-{device}")
+        self._open_failures_logged: set[str] = set()
 
     def _register(self, arena: memoryview) -> bool:
         ok = _Registration.acquire(arena)
@@ -99,10 +115,14 @@ class GpuMover(CpuMover):
         if why:
             return why
         try:
-            export.state = self._open(export)
-        except (H.HandleError, MoverError, NotCoverable, RuntimeError, ImportError) as exc:
+            self._check_handles(export)
+        except H.HandleError as exc:
             return f"the agent cannot open pid {export.pid}'s GPU cache: {exc}"[:300]
+        export.state = self._opener.submit(self._open, export)
         return ""
+
+    def _check_handles(self, export: Export) -> None:
+        H.check_wire_handles(export.handles, len(export.layers))
 
     def _probe(self, pid: int, probe: int, nonce: bytes) -> str:
         got = bytearray(len(nonce))
@@ -117,17 +137,52 @@ class GpuMover(CpuMover):
         return ""
 
     def _open(self, export: Export) -> Opened:
-        handles, ready, events = split_wire_handles(export.handles, len(export.layers))
-        kvs = H.open_cache(handles, self.uuids)
+        """On the opener thread: map the worker's layers and events on this agent's
+        ordinal of their GPU."""
+        from kvnode.kernels.gpuexport import open_events
+
+        uuids = self._device_uuids()
+        handles, ready, events = H.split_wire_handles(export.handles, len(export.layers))
+        kvs = H.open_cache(handles, uuids)
         layers = [opened_layer(x, kv) for x, kv in zip(export.layers, kvs, strict=True)]
-        ready_ev, layer_evs = open_events(ready, events, self.uuids)
+        ready_ev, layer_evs = open_events(ready, events, uuids)
         return Opened(layers, ready_ev, layer_evs, self._copier(kvs[0].device))
 
+    def _device_uuids(self) -> dict[str, int]:
+        if self._uuids is None:
+            self._uuids = H.device_uuids()
+        return self._uuids
+
     def _copier(self, device: torch.device) -> DeviceCopier:
+        from kvnode.kernels.gpumove import DeviceCopier
+
         copier = self._copiers.get(device)
         if copier is None:
-            copier = self._copiers[device] = DeviceCopier(device, self.arena_tensor, self.route)
+            if self._arena_tensor is None:
+                import torch
+
+                self._arena_tensor = torch.frombuffer(self._arena, dtype=torch.uint8)
+            copier = DeviceCopier(device, self._arena_tensor, self.route)
+            self._copiers[device] = copier
         return copier
+
+    def _opened(self, export: Export) -> Opened:
+        """The export as opened (waiting for the opener); ``MoverError`` says why not."""
+        state = export.state
+        if isinstance(state, Future):
+            try:
+                state = export.state = state.result(OPEN_WAIT_S)
+            except Exception as exc:  # noqa: BLE001 - every way of failing to open
+                why = f"the agent cannot open pid {export.pid}'s GPU cache: {exc}"[:300]
+                export.state = why
+                if why not in self._open_failures_logged and len(self._open_failures_logged) < 64:
+                    self._open_failures_logged.add(why)
+                    log.warning("%s; its jobs fail (the worker recomputes)", why)
+        if isinstance(state, str):
+            raise MoverError(state)
+        if not isinstance(state, Opened):
+            raise MoverError("the export is not open in this agent")
+        return state
 
     def device_stats(self) -> dict[str, object]:
         """The agent's own memory on this GPU: its staging buffers and what torch's
@@ -137,6 +192,8 @@ class GpuMover(CpuMover):
         for device, copier in list(self._copiers.items()):
             out["staging_bytes"] = copier.staging_bytes
             if device.type == "cuda":
+                import torch
+
                 out["reserved_bytes"] = int(torch.cuda.memory_reserved(device))
         return out
 
@@ -144,25 +201,26 @@ class GpuMover(CpuMover):
         export.state = None  # the opened storages go; torch closes their IPC mappings
 
     def close(self) -> None:
+        self._opener.shutdown(wait=True, cancel_futures=True)
         self._copiers.clear()
-        if self.registered:
-            self.registered = False
+        if self._acquired:
+            self._acquired = self.registered = False
             _Registration.release()
 
     # ------------------------------------------------------------------ jobs
     def run(self, job: Job) -> None:
-        opened = job.export.state
-        if not isinstance(opened, Opened):
-            job.fail("the export is not open in this agent")
-            return
+        if not self._acquired:
+            self._acquired = True
+            self.registered = self._register(self._arena)
         try:
+            opened = self._opened(job.export)
             if job.load:
                 self._load_gpu(job, opened)
             else:
                 self._save_gpu(job, opened)
-        except (MoverError, CopyError) as exc:
+        except MoverError as exc:
             job.fail(str(exc))
-        except RuntimeError as exc:  # a CUDA error: this job fails, the agent goes on
+        except (RuntimeError, ValueError) as exc:  # CUDA errors, refused jobs (CopyError)
             job.fail(f"GPU copy failed: {exc}")
 
     def _save_gpu(self, job: Job, opened: Opened) -> None:
@@ -206,6 +264,10 @@ class GpuMover(CpuMover):
 def opened_layer(x: Layer, kv: torch.Tensor) -> OpenedLayer:
     """The opened tensor as a layer the copier moves; ``MoverError`` unless its blocks
     are where the export says (block stride and parts)."""
+    from kvnode.kernels.gpumove import OpenedLayer
+    from kvnode.kernels.layout import KVLayout
+    from kvnode.kernels.plan import NotCoverable, segments
+
     itemsize = kv.element_size()
     dims = [d for d in (0, 1) if d < kv.dim() and kv.shape[d] == x.num_blocks]
     dims = [d for d in dims if kv.stride(d) * itemsize == x.block_stride] or dims
@@ -216,7 +278,10 @@ def opened_layer(x: Layer, kv: torch.Tensor) -> OpenedLayer:
     layout = KVLayout(x.name[:32] or "gpu", dims[0], x.num_blocks, x.block_nbytes)
     if kv.numel() * itemsize != x.num_blocks * x.block_nbytes:
         raise MoverError(f"layer {x.name}: {tuple(kv.shape)} is not {x.num_blocks} blocks")
-    seg = segments(kv, layout)
+    try:
+        seg = segments(kv, layout)
+    except NotCoverable as exc:
+        raise MoverError(f"layer {x.name}: {exc}") from exc
     parts = tuple((s * seg.seg_stride, seg.seg_bytes) for s in range(seg.n_seg))
     if seg.block_stride != x.block_stride or parts != tuple(x.parts):
         raise MoverError(
@@ -227,4 +292,6 @@ def opened_layer(x: Layer, kv: torch.Tensor) -> OpenedLayer:
 
 
 def _copies(work: list[ChunkWork]) -> list[ChunkCopy]:
+    from kvnode.kernels.gpumove import ChunkCopy
+
     return [ChunkCopy(0, c.blocks, tuple(c.extents), c.block_offset) for c in work]

@@ -32,24 +32,20 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def make_mover(arena: memoryview):  # type: ignore[no-untyped-def]
-    from kvnode.agent.movers.gpu import GpuMover, Opened
-    from kvnode.kernels.gpumove import DeviceCopier
+    from kvnode.agent.movers.gpu import GpuMover, Opened, opened_layer
 
     class CpuTensorMover(GpuMover):
         """The GPU mover with the export's tensors handed over instead of opened."""
 
         tensors: dict[int, list[torch.Tensor]] = {}
 
-        def _register(self, arena: memoryview) -> bool:
-            return False
+        def _check_handles(self, export: Export) -> None:
+            return  # no handles: the tensors are this process's own
 
         def _open(self, export: Export) -> Opened:
-            from kvnode.agent.movers.gpu import opened_layer
-
             kvs = self.tensors[export.export_id]
             layers = [opened_layer(x, kv) for x, kv in zip(export.layers, kvs, strict=True)]
-            copier = DeviceCopier(torch.device(DEVICE), self.arena_tensor)
-            return Opened(layers, None, [], copier)
+            return Opened(layers, None, [], self._copier(torch.device(DEVICE)))
 
     return CpuTensorMover(arena, "cuda:test")
 
@@ -145,6 +141,7 @@ def test_save_then_load_through_the_gpu_mover() -> None:
     )
     assert reference(dst, (5, 6, 7, 8)) == reference(src, (3, 9, 4, 20))
     assert not any(reference(dst, (10, 11, 12, 13))), "a chunk that failed its checksum was copied"
+    mover.close()
 
 
 def test_jobs_of_a_gone_worker_fail_and_bad_handles_are_refused() -> None:
@@ -191,7 +188,8 @@ def test_a_real_agent_refuses_gpu_handles_it_cannot_open(tmp_path: Path) -> None
     from tests.conftest import AgentProcess
 
     agent = AgentProcess(tmp_path / "run").start()
-    c = AgentClient(agent.runtime_dir, name="gpu-forger", timeout_s=10.0)
+    # The first GPU export imports torch in the agent: seconds on a loaded machine.
+    c = AgentClient(agent.runtime_dir, name="gpu-forger", timeout_s=60.0)
     try:
         c.connect()
         page = np.zeros((4, PG.slot_bytes(1)), dtype=np.uint8)
@@ -310,3 +308,33 @@ def _worker(runtime_dir: str, kv: dict[str, torch.Tensor]) -> tuple[object, obje
     path = AgentPath(link, w)
     assert path.ready(), "the agent refused the export"
     return w, path
+
+
+def test_the_arena_is_registered_once_per_process_on_the_first_job(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from kvnode.agent.movers.gpu import _Registration
+    from kvnode.kernels import hostmem
+
+    monkeypatch.setattr(_Registration, "_users", 0)  # whatever earlier tests left
+    monkeypatch.setattr(_Registration, "_handle", None)
+    calls: list[str] = []
+    monkeypatch.setattr(hostmem, "register_host_memory", lambda buf: calls.append("reg") or "h")
+    monkeypatch.setattr(hostmem, "unregister_host_memory", lambda h: calls.append(f"unreg {h}"))
+    arena = memoryview(bytearray(ARENA_BYTES))
+    movers = [make_mover(arena), make_mover(arena)]  # two GPUs' movers
+    assert calls == [], "registered on the loop, before any job"
+    page = np.zeros((2, PG.slot_bytes(LAYERS)), dtype=np.uint8)
+    for i, mover in enumerate(movers):
+        src = caches(True)
+        ex = export_of(src, 31 + i, page)
+        attach(mover, ex, src)
+        chunk = ChunkWork(b"k", (1, 2, 3, 4), [(i * ex.chunk_nbytes, ex.chunk_nbytes)], index=0)
+        mover.run(Job(ex, False, i, 1, [chunk], bytearray(1), time.monotonic() + 30))
+        assert mover.device_stats()["arena_registered"]
+    assert calls == ["reg"]
+    movers[0].close()
+    assert calls == ["reg"], "still used by the other device's mover"
+    movers[1].close()
+    movers[1].close()  # closing twice releases once
+    assert calls == ["reg", "unreg h"]

@@ -24,7 +24,15 @@ def export(name: str, layers: int, group: int = 0, start: int = 0) -> list[Opene
         kv = MAKERS[name](torch.bfloat16, DEVICE)
         layout = detect_layout(kv, NUM_BLOCKS, BLOCK_SIZE)
         out.append(OpenedLayer(kv, layout, group, start + i * BPC * layout.block_nbytes))
+    _filled()
     return out
+
+
+def _filled() -> None:
+    """The caches were written on the default stream; the copier runs on its own (in
+    the agent, the worker's ready event orders the two)."""
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 BPC = 4  # blocks per chunk
@@ -45,10 +53,12 @@ def read(arena: torch.Tensor, extents: tuple[tuple[int, int], ...]) -> bytes:
 
 
 def blank(layers: list[OpenedLayer]) -> list[OpenedLayer]:
-    return [
+    out = [
         OpenedLayer(torch.zeros_like(lay.kv), lay.layout, lay.group, lay.payload_offset)
         for lay in layers
     ]
+    _filled()
+    return out
 
 
 @pytest.fixture
