@@ -657,6 +657,13 @@ class Index:
         if reserved != self.reserved or pinned != self.pinned:
             raise AllocatorInvariantError("reserved/pinned gauges drifted")
         self._check_books()
+        held: dict[bytes, int] = {}  # a namespace's share counts what readers can see
+        for e in self.entries.values():
+            if e.ns is not None and e.state is not State.EVICTING:
+                held[e.ns] = held.get(e.ns, 0) + e.size
+        for ns, fig in self.tenants.figures.items():
+            if fig.bytes != held.get(ns, 0):
+                raise AllocatorInvariantError(f"namespace {ns.hex()} bytes drifted")
         committed = sum(1 for e in self.entries.values() if e.state is State.COMMITTED)
         if committed != len(self.policy):
             raise AllocatorInvariantError("policy and index disagree on committed entries")

@@ -2,7 +2,13 @@ from __future__ import annotations
 
 import hypothesis.strategies as st
 from hypothesis import given, settings
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
 
 from kvnode.agent.index import Index, State
 from kvnode.ipc.protocol import Status
@@ -163,32 +169,49 @@ def test_leases_expire() -> None:
 
 
 KEYS = [bytes([i]) * 16 for i in range(12)]
+NS_SMALL, NS_FREE = b"s" * 16, b"f" * 16  # a quarter of the arena; no limit
 
 
 class IndexMachine(RuleBasedStateMachine):
-    """Random reserve/commit/pin/release/abort/drop: invariants hold at every step."""
+    """Random reserve/commit/pin/release/abort/drop, with namespaces and parents:
+    invariants hold at every step."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.idx = Index(24 * PAGE, PAGE, "s3fifo")
+        self.idx = Index(24 * PAGE, PAGE, "prefix")
         self.pins: dict[bytes, int] = {}
         self.reserved: dict[bytes, int] = {}
 
-    @rule(key=st.sampled_from(KEYS), size=st.integers(1, 6 * PAGE), owner=st.integers(1, 3))
-    def reserve(self, key: bytes, size: int, owner: int) -> None:
+    @initialize(policy=st.sampled_from(["prefix", "s3fifo", "lru"]))
+    def start(self, policy: str) -> None:
+        from kvnode.agent.tenants import Tenants
+
+        tenants = Tenants(24 * PAGE, 1.0, {NS_SMALL: 0.25})
+        self.idx = Index(24 * PAGE, PAGE, policy, tenants=tenants)
+
+    @rule(
+        key=st.sampled_from(KEYS),
+        size=st.integers(1, 6 * PAGE),
+        owner=st.integers(1, 3),
+        ns=st.sampled_from([None, NS_SMALL, NS_FREE]),
+    )
+    def reserve(self, key: bytes, size: int, owner: int, ns: bytes | None) -> None:
         before = {k: e for k, e in self.idx.entries.items()}
-        st_, e = self.idx.reserve(key, size, owner)
+        st_, e = self.idx.reserve(key, size, owner, ns=ns)
         if st_ == Status.OK:
             self.reserved[key] = owner
+            if ns == NS_SMALL:
+                assert self.idx.tenants.of(ns).bytes <= 6 * PAGE
         for k in before:  # whatever was evicted was neither pinned nor reserved
             if k not in self.idx.entries:
                 assert self.pins.get(k, 0) == 0 and k not in self.reserved
 
     @precondition(lambda self: self.reserved)
-    @rule(data=st.data())
-    def commit(self, data: st.DataObject) -> None:
+    @rule(data=st.data(), parent=st.sampled_from([b"", *KEYS]))
+    def commit(self, data: st.DataObject, parent: bytes) -> None:
         key = data.draw(st.sampled_from(sorted(self.reserved)))
-        assert self.idx.commit(key, self.reserved.pop(key)) == Status.OK
+        owner = self.reserved.pop(key)
+        assert self.idx.commit_many([key], owner, [0], [parent]) == [Status.OK]
 
     @precondition(lambda self: self.reserved)
     @rule(data=st.data())
