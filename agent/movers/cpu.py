@@ -20,11 +20,14 @@ import ctypes
 import errno
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import xxhash
 
 from kvnode.agent.movers.base import ChunkWork, Export, Job, Layer, Mover, MoverError
 from kvnode.ipc import progress as PG
@@ -158,6 +161,8 @@ class CpuMover(Mover):
             raise MoverError("process_vm_readv/process_vm_writev are not in this libc")
         self.view = arena
         self.addr = int(np.frombuffer(arena, dtype=np.uint8).ctypes.data)
+        # Checksums run beside the copies (xxhash lets go of the GIL, as do the copies).
+        self._helper = ThreadPoolExecutor(1, thread_name_prefix="kvnode-mover-cpu-sum")
 
     # ------------------------------------------------------------------ attach
     def attach(self, export: Export, probe: int, nonce: bytes) -> str:
@@ -200,49 +205,107 @@ class CpuMover(Mover):
             raise MoverError("job deadline passed")
 
     def _save(self, job: Job) -> None:
+        """Each layer of every chunk in one read; a helper thread checksums the layers
+        already read (in payload order) while the next one is read."""
         ex = job.export
         work = [c for c in job.chunks if c.status == PG.CHUNK_PENDING]
-        for layer in ex.layers:
-            self._check(job)
-            local: list[Piece] = []
-            remote: list[Piece] = []
-            for c in work:
-                span = len(c.blocks) * layer.block_nbytes
-                extent_pieces(self.addr, c.extents, layer.payload_offset, span, local)
-                block_pieces(layer, c.blocks, remote)
-            job.moved_bytes += transfer(ex.pid, local, remote, write=False)
-        for c in work:
-            c.checksum = checksum([self.view[off : off + n] for off, n in c.extents])
+        read = {layer.name: threading.Event() for layer in ex.layers}
+        hashing = self._helper.submit(self._hash_saved, ex, work, read)
+        try:
+            for layer in ex.layers:
+                self._check(job)
+                local: list[Piece] = []
+                remote: list[Piece] = []
+                for c in work:
+                    span = len(c.blocks) * layer.block_nbytes
+                    extent_pieces(self.addr, c.extents, layer.payload_offset, span, local)
+                    block_pieces(layer, c.blocks, remote)
+                job.moved_bytes += transfer(ex.pid, local, remote, write=False)
+                read[layer.name].set()
+        finally:
+            for ev in read.values():
+                ev.set()  # a failed read: the helper stops waiting (its sums go unused)
+            sums = hashing.result()
+        for c, value in zip(work, sums):
+            c.checksum = value
             c.status = PG.CHUNK_OK
 
+    def _hash_saved(
+        self, ex: Export, work: list[ChunkWork], read: dict[str, threading.Event]
+    ) -> list[int]:
+        """Checksums of the chunks' entries, fed layer by layer in payload order as
+        the copy thread reports each layer read."""
+        hashers = [xxhash.xxh3_64() for _ in work]
+        for layer in sorted(ex.layers, key=lambda x: x.payload_offset):
+            read[layer.name].wait()
+            for c, h in zip(work, hashers):
+                pieces: list[Piece] = []
+                extent_pieces(
+                    0, c.extents, layer.payload_offset, len(c.blocks) * layer.block_nbytes, pieces
+                )
+                for off, n in pieces:
+                    h.update(self.view[off : off + n])
+        return [h.intdigest() or 1 for h in hashers]
+
     def _load(self, job: Job) -> None:
+        """Verify every chunk (on the helper thread) while the layers are written; a
+        layer's progress byte goes out only once every chunk of the job is verified,
+        so the worker never takes unverified bytes as loaded. A chunk that fails is
+        reported bad and vLLM recomputes it (as when worker mode's check fails)."""
         ex = job.export
-        for c in job.chunks:
-            if c.status != PG.CHUNK_PENDING:
-                continue
-            got = checksum([self.view[off : off + n] for off, n in c.extents])
-            c.status = PG.CHUNK_OK if c.checksum and got == c.checksum else PG.CHUNK_BAD
+        pending = [c for c in job.chunks if c.status == PG.CHUNK_PENDING]
+        verifying = self._helper.submit(self._verify, pending)
+        slot = ex.slot_address(job.slot)
+        seq = bytes([job.seq])
+        unannounced: list[int] = []
+        verified = False
+        try:
+            for i, layer in enumerate(ex.layers):
+                self._check(job)
+                local: list[Piece] = []
+                remote: list[Piece] = []
+                for c in pending:
+                    start = layer.payload_offset + c.block_offset * layer.block_nbytes
+                    n = len(c.blocks) * layer.block_nbytes
+                    extent_pieces(self.addr, c.extents, start, n, local)
+                    block_pieces(layer, c.blocks, remote)
+                if local:
+                    job.moved_bytes += transfer(ex.pid, local, remote, write=True)
+                unannounced.append(i)
+                if not verified and verifying.done():
+                    verified = self._verified(job, pending, verifying.result(), slot)
+                if verified:
+                    self._announce(job, slot, unannounced, seq)
+            if not verified:
+                verified = self._verified(job, pending, verifying.result(), slot)
+            self._announce(job, slot, unannounced, seq)
+        finally:
+            verifying.result()  # the helper is done before the job is handed back
+
+    def _verify(self, chunks: list[ChunkWork]) -> list[int]:
+        return [
+            PG.CHUNK_OK
+            if c.checksum and checksum([self.view[o : o + n] for o, n in c.extents]) == c.checksum
+            else PG.CHUNK_BAD
+            for c in chunks
+        ]
+
+    def _verified(self, job: Job, pending: list[ChunkWork], codes: list[int], slot: int) -> bool:
+        """Record the chunks' verdicts and tell the worker (before any layer byte)."""
+        self._check(job)
+        for c, code in zip(pending, codes):
+            c.status = code
         for c in job.chunks:
             job.outcomes[c.index] = c.status
-        work = [c for c in job.chunks if c.status == PG.CHUNK_OK]
-        slot = ex.slot_address(job.slot)
-        nl = len(ex.layers)
+        nl = len(job.export.layers)
+        self._write_bytes(job.export, slot + PG.chunk_byte(nl, 0), bytes(job.outcomes))
+        return True
+
+    def _announce(self, job: Job, slot: int, layers: list[int], seq: bytes) -> None:
         self._check(job)
-        self._write_bytes(ex, slot + PG.chunk_byte(nl, 0), bytes(job.outcomes))
-        seq = bytes([job.seq])
-        for i, layer in enumerate(ex.layers):
-            self._check(job)
-            local: list[Piece] = []
-            remote: list[Piece] = []
-            for c in work:
-                start = layer.payload_offset + c.block_offset * layer.block_nbytes
-                extent_pieces(
-                    self.addr, c.extents, start, len(c.blocks) * layer.block_nbytes, local
-                )
-                block_pieces(layer, c.blocks, remote)
-            if local:
-                job.moved_bytes += transfer(ex.pid, local, remote, write=True)
-            self._write_bytes(ex, slot + PG.layer_byte(i), seq)
+        for i in layers:
+            self._write_bytes(job.export, slot + PG.layer_byte(i), seq)
+        layers.clear()
 
     def _write_bytes(self, ex: Export, addr: int, data: bytes) -> None:
         buf = bytearray(data)
@@ -269,6 +332,9 @@ class CpuMover(Mover):
         liov, riov = _iovecs(local), _iovecs(remote)
         if fn(ex.pid, liov.ctypes.data, 3, riov.ctypes.data, 3, 0) < 0:
             log.debug("job outcome not reported to pid %d: errno %d", ex.pid, ctypes.get_errno())
+
+    def close(self) -> None:
+        self._helper.shutdown(wait=True)
 
 
 def _addr(buf: bytearray) -> int:
