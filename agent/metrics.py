@@ -374,6 +374,51 @@ def _render_events(f: _Families, events: Mapping[str, Any]) -> None:
         f.add(family, kind, help_text, events.get(key))
 
 
+def _render_transfers(f: _Families, transfers: Mapping[str, Any]) -> None:
+    """Who moved the bytes: the agent (agent mode) or the clients (worker mode)."""
+    help_bytes = "Bytes moved between vLLM's KV cache and the arena, by mode and direction."
+    help_chunks = "Chunks the agent moved itself (agent mode), by direction."
+    for mode in ("agent", "worker"):
+        part = transfers.get(mode) or {}
+        for direction in ("save", "load"):
+            labels = {"mode": mode, "direction": direction}
+            f.add(
+                "transfer_bytes_total",
+                "counter",
+                help_bytes,
+                part.get(f"{direction}_bytes"),
+                labels,
+            )
+    agent = transfers.get("agent") or {}
+    for direction in ("save", "load"):
+        labels = {"direction": direction}
+        f.add(
+            "agent_transfer_chunks_total",
+            "counter",
+            help_chunks,
+            agent.get(f"{direction}_chunks"),
+            labels,
+        )
+        help_s = "Seconds the agent's copy threads spent on jobs, by direction."
+        f.add(
+            "agent_copy_seconds_total", "counter", help_s, agent.get(f"{direction}_copy_s"), labels
+        )
+    for key, help_text in (
+        ("jobs", "Save and load jobs handed to the agent."),
+        ("jobs_failed", "Jobs that failed (worker gone, deadline, copy error)."),
+        ("checksum_errors", "Chunks that failed their checksum before the agent loaded them."),
+        ("exports_refused", "Exports the agent could not reach (the worker copies itself)."),
+    ):
+        f.add(f"agent_{key}_total", "counter", help_text, agent.get(key))
+    f.add(
+        "agent_exporting_workers",
+        "gauge",
+        "Workers whose KV cache the agent moves.",
+        agent.get("exporting_workers"),
+    )
+    f.add("agent_jobs_inflight", "gauge", "Jobs queued or copying.", agent.get("jobs_inflight"))
+
+
 def render(stats: Mapping[str, Any]) -> str:
     """The stats dict as Prometheus text format (version 0.0.4)."""
     f = _Families()
@@ -386,6 +431,7 @@ def render(stats: Mapping[str, Any]) -> str:
     if stats.get("peers") or stats.get("peers_server"):
         _render_peers(f, stats.get("peers") or {}, stats.get("peers_server") or {})
     _render_events(f, stats.get("events") or {})
+    _render_transfers(f, stats.get("transfers") or {})
     return f.text()
 
 

@@ -15,6 +15,10 @@ from this run, on this machine:
 - ``nohit_throughput_ratio``: prefill tokens/s on unique prompts (all misses: lookups
   and saves, no loads) with the connector / without it: the median over rounds of
   the ratio within a round (each round runs both, back to back, order alternating).
+- ``save_wait_share``: the time the forward pass spent inside ``wait_for_save`` over
+  the saves' copy time (agent mode: the agent's copy threads' time on saves; worker
+  mode: the worker's own save time, so about 1). ``--transfer agent|worker`` picks
+  who moves the bytes (the connector's ``kvnode.transfer``);
 - ``nohit_short_throughput_ratio``: the same for many short unique prompts at once
   (``--short-tokens`` 128, ``--short-batch`` 64 in flight per round), where the
   connector's per-request and per-step costs show rather than the prefill's. Prompts
@@ -26,7 +30,7 @@ noise of a shared machine hits both sides of each comparison alike.
 The model has random weights (scripts/build_model.py --size bench: 8 layers, hidden
 768), so prefill costs as on a real model of that size; outputs are not meaningful.
 
-    python benchmarks/vllm_ttft.py [--prompts 5] [--prompt-tokens 2100] [--rounds 12]
+    python benchmarks/vllm_ttft.py [--transfer agent|worker] [--prompts 5] [--rounds 12]
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ def _prompt(n: int, seed: int) -> list[int]:
 
 
 # --------------------------------------------------------------------- child side
-def _llm(model: str, runtime_dir: str | None) -> Any:
+def _llm(model: str, runtime_dir: str | None, transfer: str) -> Any:
     from vllm import LLM
     from vllm.config import KVTransferConfig
 
@@ -70,14 +74,26 @@ def _llm(model: str, runtime_dir: str | None) -> Any:
             kv_connector="KVNodeConnector",
             kv_connector_module_path="kvnode.connector",
             kv_role="kv_both",
-            kv_connector_extra_config={"kvnode.runtime_dir": runtime_dir},
+            kv_connector_extra_config={
+                "kvnode.runtime_dir": runtime_dir,
+                "kvnode.transfer": transfer,
+            },
         )
     return LLM(
         model=model, dtype="float32", enforce_eager=True, max_model_len=8192, seed=0, **kwargs
     )
 
 
-def child(model: str, runtime_dir: str | None) -> None:
+def _connector_totals() -> dict[str, float]:
+    """The worker-side connector's running totals in this (single-process) engine."""
+    from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+    if not has_kv_transfer_group():
+        return {}
+    return dict(getattr(get_kv_transfer_group(), "_totals", {}))
+
+
+def child(model: str, runtime_dir: str | None, transfer: str) -> None:
     """A vLLM process that runs one command per stdin line (JSON) and answers with one
     tagged stdout line: ``{"op": "ttft", "ids": [...]}`` -> seconds and cached tokens,
     ``{"op": "batch", "prompts": [[...], ...]}`` -> seconds for the whole batch."""
@@ -85,7 +101,7 @@ def child(model: str, runtime_dir: str | None) -> None:
         os.environ.setdefault(k, v)
     from vllm import SamplingParams
 
-    llm = _llm(model, runtime_dir)
+    llm = _llm(model, runtime_dir, transfer)
     sp = SamplingParams(max_tokens=1, temperature=0.0)
     llm.generate([{"prompt_token_ids": _prompt(64, 999)}], sp, use_tqdm=False)  # warm-up
     print(TAG + json.dumps({"ready": True}), flush=True)
@@ -93,6 +109,9 @@ def child(model: str, runtime_dir: str | None) -> None:
         cmd = json.loads(line)
         if cmd["op"] == "exit":
             break
+        if cmd["op"] == "totals":
+            print(TAG + json.dumps(_connector_totals()), flush=True)
+            continue
         if cmd["op"] == "reset":
             # Drop vLLM's own prefix cache: the next request of a prompt is served as
             # in a fresh process (from kvnode when the connector is on).
@@ -107,8 +126,8 @@ def child(model: str, runtime_dir: str | None) -> None:
 
 # --------------------------------------------------------------------- parent side
 class _Child:
-    def __init__(self, model: str, runtime_dir: str | None) -> None:
-        cmd = [sys.executable, __file__, "--child", "--model", model]
+    def __init__(self, model: str, runtime_dir: str | None, transfer: str = "worker") -> None:
+        cmd = [sys.executable, __file__, "--child", "--model", model, "--transfer", transfer]
         if runtime_dir:
             cmd += ["--runtime-dir", runtime_dir]
         self.proc = subprocess.Popen(
@@ -179,17 +198,18 @@ def measure(a: argparse.Namespace, model: str, rd: str) -> dict[str, Any]:
     """Processes live side by side and take turns, so machine noise hits both sides of
     every comparison alike: plain (no connector) and with the connector alternate."""
     prompts = [_prompt(a.prompt_tokens, 1 + i) for i in range(a.prompts)]
-    plain, seeder = _Child(model, None), _Child(model, rd)
+    plain, seeder = _Child(model, None), _Child(model, rd, a.transfer)
     r: dict[str, list[Any]] = {
         k: [] for k in ("cold", "cold_conn", "apc", "kvnode", "kvnode_first", "cached")
     }
-    r.update(apc_cached=[], tp_plain=[], tp_conn=[], short_plain=[], short_conn=[])
+    r.update(apc_cached=[], tp_plain=[], tp_conn=[], short_plain=[], short_conn=[], totals=[])
     try:
         for p in prompts:
             r["cold"].append(plain.call(op="ttft", ids=p)["s"])
             r["cold_conn"].append(seeder.call(op="ttft", ids=p)["s"])  # saves to the agent
+        r["totals"].append(seeder.call(op="totals"))
         seeder.close()
-        served = _Child(model, rd)  # a fresh process: nothing of these prompts in vLLM
+        served = _Child(model, rd, a.transfer)  # a fresh process: nothing of these prompts
         try:
             # Alternate the two sides prompt by prompt; repeat with vLLM's own cache of
             # the served process reset, so each kvnode sample loads from the agent.
@@ -216,6 +236,7 @@ def measure(a: argparse.Namespace, model: str, rd: str) -> dict[str, Any]:
                 for child_, batch, key in order if i % 2 == 0 else order[::-1]:
                     r[key].append(n / child_.call(op="batch", prompts=batch)["s"])
             short_rounds(a, plain, served, r)
+            r["totals"].append(served.call(op="totals"))
         finally:
             served.close()
     finally:
@@ -238,6 +259,16 @@ def short_rounds(
             r[key].append(n / child_.call(op="batch", prompts=batch)["s"])
 
 
+def _agent_transfers(rd: str) -> dict[str, Any]:
+    from kvnode.ipc.client import AgentClient
+
+    c = AgentClient(runtime_dir=rd, name="bench-stats", timeout_s=5.0, heartbeat=False)
+    try:
+        return dict(c.stats().get("transfers", {}))
+    finally:
+        c.close()
+
+
 def parent(a: argparse.Namespace) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT / "scripts"))
     import build_model
@@ -248,18 +279,33 @@ def parent(a: argparse.Namespace) -> dict[str, Any]:
         agent = _start_agent(rd, a.cpu_bytes)
         try:
             r = measure(a, model, rd)
+            r["agent"] = [_agent_transfers(rd)]
         finally:
             agent.terminate()
             agent.wait(30)
     med = statistics.median
     cold, apc, kv = med(r["cold"]), med(r["apc"]), med(r["kvnode"])
+    wait_s = sum(t.get("save_wait_s", 0.0) for t in r["totals"])
+    agent_t = r["agent"][0]
+    if a.transfer == "agent":
+        copy_s = agent_t.get("agent", {}).get("save_copy_s", 0.0)
+    else:
+        copy_s = sum(t.get("save_s", 0.0) for t in r["totals"])
     tp_plain, tp_conn = med(r["tp_plain"]), med(r["tp_conn"])
     return {
         "benchmark": "vllm_ttft",
         "ttft_cold_s": round(cold, 4),
         "ttft_apc_s": round(apc, 4),
         "ttft_kvnode_s": round(kv, 4),
+        "transfer": a.transfer,
         "speedup": round(cold / kv, 2),
+        "save_wait_share": round(wait_s / copy_s, 4) if copy_s else None,
+        "save_wait_s": round(wait_s, 4),
+        "save_copy_s": round(copy_s, 4),
+        "agent_save_bytes": agent_t.get("agent", {}).get("save_bytes"),
+        "agent_load_bytes": agent_t.get("agent", {}).get("load_bytes"),
+        "worker_save_bytes": agent_t.get("worker", {}).get("save_bytes"),
+        "worker_load_bytes": agent_t.get("worker", {}).get("load_bytes"),
         "vs_apc": round(kv / apc, 3),
         "nohit_throughput_ratio": round(
             med(c / p for c, p in zip(r["tp_conn"], r["tp_plain"], strict=True)), 4
@@ -314,12 +360,13 @@ def main() -> int:
     p.add_argument("--short-batch", type=int, default=64, help="short prompts in flight")
     p.add_argument("--short-rounds", type=int, default=8, help="short throughput rounds (pairs)")
     p.add_argument("--cpu-bytes", default="1GiB")
+    p.add_argument("--transfer", choices=("agent", "worker"), default="agent")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--runtime-dir", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        child(a.model, a.runtime_dir)
+        child(a.model, a.runtime_dir, a.transfer)
     else:
         print(json.dumps(parent(a)), flush=True)
     return 0

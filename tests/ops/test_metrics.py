@@ -121,6 +121,23 @@ def sample_stats(scale: int = 1) -> dict[str, Any]:
             "listing_capacity": 4096,
             "listing_complete": 1,
         },  # fmt: skip
+        "transfers": {
+            "agent": {
+                "save_bytes": 4 << 20,
+                "load_bytes": 8 << 20,
+                "save_chunks": 1,
+                "load_chunks": 2,
+                "save_copy_s": 0.5,
+                "load_copy_s": 0.25,
+                "jobs": 3,
+                "jobs_failed": 1,
+                "checksum_errors": 0,
+                "exports_refused": 1,
+                "exporting_workers": 2,
+                "jobs_inflight": 0,
+            },
+            "worker": {"save_bytes": 1 << 20, "load_bytes": 2 << 20},
+        },  # fmt: skip
     }
 
 

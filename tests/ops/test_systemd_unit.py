@@ -158,3 +158,19 @@ def test_example_config_loads_and_sources_are_the_file() -> None:
     cfg = cfgmod.load_config(str(EXAMPLE), env={})
     assert cfg.sources["agent.shutdown_flush_s"] == f"file:{EXAMPLE}"
     assert cfg.sources.get("arena.cpu_bytes") is None  # machine-dependent, left commented
+
+
+@needs_analyze
+def test_agent_mode_drop_in_verifies_and_grants_only_ptrace(tmp_path: Path) -> None:
+    """The drop-in that lets an agent under its own user attach to vLLM's processes."""
+    drop_in = ROOT / "systemd" / "agent-mode.conf"
+    settings = unit_settings(drop_in.read_text())
+    assert settings["CapabilityBoundingSet"] == ["CAP_SYS_PTRACE"]
+    assert settings["AmbientCapabilities"] == ["CAP_SYS_PTRACE"]
+    unit = verifiable_copy(tmp_path, UNIT.read_text())
+    d = tmp_path / "kvnode-agent.service.d"
+    d.mkdir()
+    (d / "agent-mode.conf").write_text(drop_in.read_text())
+    proc = analyze("verify", str(unit))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout + proc.stderr == ""
