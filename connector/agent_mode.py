@@ -401,12 +401,15 @@ class AgentPath:
             else:
                 st.save_errors += 1
         st.save_s += time.perf_counter() - job.t0
+        # vLLM's KV events (when on): the chunks this rank stored
+        self.worker.note_stored(op for (_, op), code in zip(job.ops, codes) if code == PG.CHUNK_OK)
         for rid in {rid for rid, _ in job.ops}:
             if rid in self._save_reqs:
                 self._save_reqs[rid] -= 1
 
     def wait_saves(self) -> None:
-        """Every save in flight ended (vLLM is about to reuse preempted blocks)."""
+        """Every save in flight ended (vLLM is about to reuse preempted blocks, or the
+        step's stored chunks are reported)."""
         self._wait(lambda: all(self._poll(j) for j in self._saves.values()))
         self._reap_saves()
 

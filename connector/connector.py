@@ -200,6 +200,7 @@ class KVNodeConnector(KVConnectorBase_V1, SupportsHMA):
         transfer = self._transfer_mode(self._worker)
         if transfer == "agent":
             self._agent = AgentPath(self._link, self._worker)
+            self._agent.ready()  # export now if the agent is there (not in a step)
         self._handshake = KVNodeHandshake(
             cache.layout, cache.block_shape, cache.dtype, transfer=transfer
         )
@@ -328,6 +329,10 @@ class KVNodeConnector(KVConnectorBase_V1, SupportsHMA):
         if not (self._events_on and self._saved_step) or self._worker is None:
             return None
         self._saved_step = False
+        if self._agent is not None:
+            # Every rank reports a chunk in the same step (vLLM keeps the events all
+            # ranks report): with KV events on, the step's saves are waited for here.
+            self._agent.wait_saves()
         return KVNodeEvents([stored_event(op) for op in self._worker.take_stored()])
 
     def get_block_ids_with_load_errors(self) -> set[int]:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -413,6 +413,11 @@ class WorkerSide:
         count at a later call, unless ``wait``."""
         self._settle(wait)
         return self.stats.take()
+
+    def note_stored(self, ops: Iterable[ChunkOp]) -> None:
+        """Chunks stored for this worker by someone else (the agent, in agent mode)."""
+        if self.keep_stored:
+            self._stored.extend(ops)
 
     def take_stored(self) -> list[ChunkOp]:
         """Chunks committed since the last call (at most ``STORED_KEPT_MAX``): the

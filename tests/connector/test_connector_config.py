@@ -35,3 +35,14 @@ def test_chunk_must_be_whole_blocks() -> None:
     cfg.check_block_size(32)
     with pytest.raises(ConfigError, match="multiple of vLLM's block size 96"):
         cfg.check_block_size(96)
+
+
+def test_transfer_mode() -> None:
+    assert ConnectorConfig().transfer == "auto"
+    assert ConnectorConfig.from_sources({"kvnode.transfer": " Agent "}).transfer == "agent"
+    assert (
+        ConnectorConfig.from_sources({}, {"KVNODE_CONNECTOR_TRANSFER": "worker"}).transfer
+        == "worker"
+    )
+    with pytest.raises(ConfigError, match="kvnode.transfer"):
+        ConnectorConfig.from_sources({"kvnode.transfer": "both"})

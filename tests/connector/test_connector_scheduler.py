@@ -495,3 +495,19 @@ def test_corrupt_index_is_a_miss_never_an_error_in_vllm(
     finally:
         words.release()
         buf.close()
+
+
+def test_request_finished_says_whether_saves_were_planned() -> None:
+    """Agent mode holds a finished request's blocks only when some step's metadata
+    carried its saves: the workers name exactly those requests in get_finished."""
+    s, _, _ = side()
+    saved, unsaved = Req("a", tokens(700)), Req("b", tokens(100, seed=4))
+    for req in (saved, unsaved):
+        assert s.get_num_new_matched_tokens(req, 0) == (0, False)
+        s.update_state_after_alloc(req, 0)
+    blocks = list(range(20, 26))
+    _, saves = s.build_step([("a", 0, 700), ("b", 0, 100)], lambda rid: blocks)
+    assert set(saves) == {"a"}  # b has no full chunk
+    assert s.request_finished("a") is True
+    assert s.request_finished("b") is False
+    assert s.request_finished("never-seen") is False

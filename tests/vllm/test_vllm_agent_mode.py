@@ -7,12 +7,16 @@ agent's own counters tell which mode moved the bytes.
 
 from __future__ import annotations
 
+import os
 import random
 import signal
+import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
+from vllm_harness import BIN, Agent
 
 from kvnode.connector.keys import Namespace, chunk_keys
 from kvnode.connector.namespace import model_identity
@@ -205,3 +209,62 @@ def test_tensor_parallel_two_ranks_in_agent_mode(make_agent: Any, spawn_runner: 
     assert b["tokens"] == want["tokens"] and b["cached"] == 4 * C
     t = _transfers(agent)
     assert t["agent"]["load_chunks"] >= 8 and t["worker"]["load_bytes"] == 0, t
+
+
+class _AgentAs(Agent):
+    """The agent under another uid than vLLM's, without CAP_SYS_PTRACE: it may not
+    attach to vLLM's processes."""
+
+    def __init__(self, runtime_dir: Path, log_path: Path, uid: int) -> None:
+        super().__init__(runtime_dir, log_path)
+        self.uid = uid
+
+    def start(self) -> _AgentAs:
+        self.runtime_dir.mkdir(parents=True, exist_ok=True)
+        os.chown(self.runtime_dir, self.uid, self.uid)
+        self.log = open(self.log_path, "ab")  # noqa: SIM115 (lives as long as the agent)
+        self.proc = subprocess.Popen(
+            [str(BIN / "kvnode"), "agent", "--runtime-dir", str(self.runtime_dir),
+             "--cpu-bytes", "256MiB"],
+            stdout=self.log, stderr=subprocess.STDOUT, user=self.uid, group=self.uid,
+            extra_groups=[], env={**os.environ, "HOME": str(self.runtime_dir)},
+        )  # fmt: skip
+        deadline = time.monotonic() + 30.0
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log_path.read_text()[-2000:]
+            try:
+                self.client().close()
+                return self
+            except Exception:
+                time.sleep(0.1)
+        raise AssertionError("agent did not answer in 30 s")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the agent as another uid")
+def test_an_agent_that_may_not_attach_leaves_the_worker_copying(
+    reference: dict[str, Any], spawn_runner: Any, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    base = tmp_path_factory.mktemp("agent-nobody")
+    base.chmod(0o755)
+    agent = _AgentAs(base / "run", base / "agent.log", uid=65534).start()
+    try:
+        extra = _agent_extra(agent)
+        first = spawn_runner(extra, "agent-nobody-first")
+        [a] = first.generate([A], MAX_TOKENS)
+        [a2] = first.generate([A[:-1] + [5]], MAX_TOKENS)  # more steps, no second line
+        first.close()
+        assert a["tokens"] == reference["A"]["tokens"]
+        t = _transfers(agent)
+        assert t["agent"]["exports_refused"] >= 1 and t["agent"]["save_chunks"] == 0, t
+        assert t["worker"]["save_bytes"] > 0, t  # the worker copied itself
+        log = first.log_path.read_text()
+        lines = [ln for ln in log.splitlines() if "agent mode not available" in ln]
+        assert len(lines) == 1, lines
+        assert "may not attach" in lines[0] and "CAP_SYS_PTRACE" in lines[0], lines[0]
+        second = spawn_runner(extra, "agent-nobody-second")
+        [b] = second.generate([A], MAX_TOKENS)
+        second.close()
+        assert b["tokens"] == reference["A"]["tokens"] and b["cached"] == 4 * C
+        assert a2["tokens"]  # the process kept serving
+    finally:
+        agent.stop()

@@ -81,7 +81,8 @@ def test_processes_share_the_agent_cache(
     reference: dict[str, Any], make_agent: Any, spawn_runner: Any, tiny_model: str
 ) -> None:
     agent = make_agent()
-    extra = {"kvnode.runtime_dir": str(agent.runtime_dir)}
+    # Worker mode end to end (the workers copy; agent mode: test_vllm_agent_mode.py).
+    extra = {"kvnode.runtime_dir": str(agent.runtime_dir), "kvnode.transfer": "worker"}
 
     first = spawn_runner(extra, "first")
     outs = first.generate([A, E], MAX_TOKENS)
