@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -41,7 +43,8 @@ S = _tokens(900, 24)  # saved while the agent is frozen, then killed
 L = _tokens(900, 25)  # loaded while the agent is frozen, then killed
 G = _tokens(900, 26)  # saved to the restarted agent
 X = _tokens(300, 27)  # one chunk, saved to make a worker export again
-PROMPTS = {"A": A, "B": B, "E": E, "S": S, "L": L, "G": G, "X": X}
+G2, G3 = _tokens(900, 28), _tokens(900, 29)
+PROMPTS = {"A": A, "B": B, "E": E, "S": S, "L": L, "G": G, "X": X, "G2": G2, "G3": G3}
 
 
 @pytest.fixture(scope="module")
@@ -177,18 +180,26 @@ def test_agent_killed_mid_save_and_mid_load_then_restarted(
     assert lo["tokens"] == reference["L"]["tokens"]
 
     # Restarted: the worker exports again to the new generation and saves through it.
+    # (Its links reconnect in the background; a step that runs before they are up is
+    # served without the cache, so a few fresh prompts are tried.)
     third = make_agent(runtime_dir=agent.runtime_dir)
-    # The process's scheduler and worker reconnect in the background (with backoff).
-    _wait_for(lambda: third.stats()["clients"] >= 2)
-    [g] = proc.generate([G], MAX_TOKENS)
-    assert g["tokens"] == reference["G"]["tokens"]
-    _wait_for(lambda: _transfers(third)["agent"]["save_chunks"] >= 3)
+    saved = None
+    for name in ("G", "G2", "G3"):
+        [g] = proc.generate([PROMPTS[name]], MAX_TOKENS)
+        assert g["tokens"] == reference[name]["tokens"]
+        try:
+            _wait_for(lambda: _transfers(third)["agent"]["save_chunks"] >= 3, timeout_s=10)
+        except AssertionError:
+            continue
+        saved = name
+        break
+    assert saved is not None, "the worker never saved through the restarted agent"
     t = _transfers(third)
-    assert t["agent"]["exports"] == 1 and t["worker"]["save_bytes"] == 0, t
+    assert t["agent"]["exports"] >= 1 and t["worker"]["save_bytes"] == 0, t
     reader = spawn_runner(extra, "agent-killed-reader")
-    [g2] = reader.generate([G], MAX_TOKENS)
+    [g2] = reader.generate([PROMPTS[saved]], MAX_TOKENS)
     reader.close()
-    assert g2["tokens"] == reference["G"]["tokens"] and g2["cached"] == 3 * C
+    assert g2["tokens"] == reference[saved]["tokens"] and g2["cached"] == 3 * C
     proc.close()
 
 
@@ -223,11 +234,12 @@ class _AgentAs(Agent):
         self.runtime_dir.mkdir(parents=True, exist_ok=True)
         os.chown(self.runtime_dir, self.uid, self.uid)
         self.log = open(self.log_path, "ab")  # noqa: SIM115 (lives as long as the agent)
+        drop = ["setpriv", f"--reuid={self.uid}", f"--regid={self.uid}", "--clear-groups"]
         self.proc = subprocess.Popen(
-            [str(BIN / "kvnode"), "agent", "--runtime-dir", str(self.runtime_dir),
-             "--cpu-bytes", "256MiB"],
-            stdout=self.log, stderr=subprocess.STDOUT, user=self.uid, group=self.uid,
-            extra_groups=[], env={**os.environ, "HOME": str(self.runtime_dir)},
+            [*drop, str(BIN / "python"), "-m", "kvnode", "agent", "--runtime-dir",
+             str(self.runtime_dir), "--cpu-bytes", "256MiB"],
+            stdout=self.log, stderr=subprocess.STDOUT,
+            env={**os.environ, "HOME": str(self.runtime_dir)},
         )  # fmt: skip
         deadline = time.monotonic() + 30.0
         while time.monotonic() < deadline:
@@ -240,11 +252,15 @@ class _AgentAs(Agent):
         raise AssertionError("agent did not answer in 30 s")
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the agent as another uid")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="needs root and setpriv to run the agent as another uid",
+)
 def test_an_agent_that_may_not_attach_leaves_the_worker_copying(
-    reference: dict[str, Any], spawn_runner: Any, tmp_path_factory: pytest.TempPathFactory
+    reference: dict[str, Any], spawn_runner: Any
 ) -> None:
-    base = tmp_path_factory.mktemp("agent-nobody")
+    # Outside pytest's temporary tree, whose directories only root may enter.
+    base = Path(tempfile.mkdtemp(prefix="kvnode-other-uid-"))
     base.chmod(0o755)
     agent = _AgentAs(base / "run", base / "agent.log", uid=65534).start()
     try:
@@ -268,3 +284,4 @@ def test_an_agent_that_may_not_attach_leaves_the_worker_copying(
         assert a2["tokens"]  # the process kept serving
     finally:
         agent.stop()
+        shutil.rmtree(base, ignore_errors=True)
