@@ -165,7 +165,9 @@ class PrefixPolicy:
         self._b2: OrderedDict[bytes, None] = OrderedDict()
         self._orphans: OrderedDict[bytes, None] = OrderedDict()
         self._parent: dict[bytes, bytes] = {}  # cached chunk -> its cached parent
-        self._kids: dict[bytes, list[bytes]] = {}  # cached parent -> children linked to it
+        # cached parent -> children linked to it (a set: a client may give one parent
+        # any number of children, and each leaves in O(1))
+        self._kids: dict[bytes, set[bytes]] = {}
         self._p = 0.0  # ARC's target size of t1
         self._c = 0  # entries cached at most so far: ARC's capacity, learned
         self._ghost_max = ghost_max
@@ -181,7 +183,7 @@ class PrefixPolicy:
         for key, parent in zip(keys, parents):
             if parent and cached(parent):
                 self._parent[key] = parent
-                kids.setdefault(parent, []).append(key)
+                kids.setdefault(parent, set()).add(key)
         n = len(self._t1) + len(self._t2)
         if n > self._c:
             self._c = n
@@ -207,10 +209,7 @@ class PrefixPolicy:
         if parent is not None:
             sib = self._kids.get(parent)
             if sib is not None:
-                try:
-                    sib.remove(key)
-                except ValueError:
-                    pass
+                sib.discard(key)
         self._orphan_kids(key)
 
     def candidates(self) -> Iterator[bytes]:
@@ -255,7 +254,7 @@ class PrefixPolicy:
 
     def _orphan_kids(self, key: bytes) -> None:
         """``key`` left: its cached descendants can no longer be reached."""
-        stack = self._kids.pop(key, None) or []
+        stack = list(self._kids.pop(key, ()))
         orphans = self._orphans
         while stack:
             kid = stack.pop()

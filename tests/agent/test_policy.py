@@ -98,3 +98,17 @@ def test_prefix_ghost_hit_returns_to_the_frequent_list() -> None:
     p.insert_many([b"x"], [None])  # back: it was worth keeping, so it joins t2
     p.insert_many([b"z"], [None])
     assert _evict(p, 1) == [b"y"]  # the unhit chunk, though x is older
+
+
+def test_prefix_survives_parents_a_client_made_up() -> None:
+    """Parents come from clients: a cycle, a chunk its own parent and a parent with
+    many children leave the books consistent (and the orphan walk ends)."""
+    p = PrefixPolicy()
+    p.insert_many([b"a", b"b", b"self"], [b"b", b"a", b"self"])
+    kids = [f"kid{i}".encode() for i in range(1000)]
+    p.insert_many(kids, [b"self"] * len(kids))
+    p.remove(b"a")  # b is reachable only through a (and a through b)
+    assert _first(p) == b"b"
+    p.remove(b"self")
+    assert len(p) == 1 + len(kids) and set(_evict(p, len(p))) == {b"b", *kids}
+    assert len(p) == 0 and not p._kids and not p._parent
