@@ -85,6 +85,7 @@ class PeerManager:
                 "failed",
                 "negative_hits",
                 "peer_busy",
+                "direct_fetches",
             ),
             0,
         )
@@ -144,6 +145,43 @@ class PeerManager:
             out.update(fresh)
         elif fresh:
             self.counters["dropped"] += len(fresh)
+        return out
+
+    def fetch_from(
+        self,
+        peer: str,
+        keys: Sequence[bytes],
+        sizes: Sequence[int],
+        parent: bytes | None = None,
+    ) -> set[bytes]:
+        """Fetch a chain of ``keys`` (of these ``sizes``) from ``peer``, one holder known
+        to have them (e.g. from a directory of peers' KV events), without asking every
+        peer first. The same bounds and checks as a lookup's fetch: nothing is reserved
+        before the bytes arrive, a size the peer does not confirm is a failed fetch.
+        Returns the keys under way (the agent answers PENDING). Never blocks."""
+        if self._closing or not keys or len(sizes) != len(keys):
+            return set()
+        out: set[bytes] = set()
+        fresh, parents = self._fresh(keys, parent, out)
+        by_key = dict(zip(keys, sizes))
+        q = Query(fresh, parents)
+        q.best = peer
+        for k in fresh:  # a prefix of sane sizes only
+            size = by_key[k]
+            if not 0 < size <= self.peer_bytes_max:
+                break
+            q.sizes.append(size)
+        f = self._prefix(q) if q.sizes else None
+        if f is None:
+            return out
+        if not self._net.submit(f):
+            self._settle(f)
+            self.counters["dropped"] += len(f.keys)
+            return out
+        self.counters["direct_fetches"] += 1
+        for k in f.keys:
+            self._pending[k] = "fetching"
+        out.update(f.keys)
         return out
 
     def _fresh(

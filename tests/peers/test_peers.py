@@ -234,6 +234,34 @@ def test_wrong_sizes_are_rejected_and_the_peer_benched(
     assert b.index.reserved == 0 and b.manager.bytes_inflight == 0
 
 
+def test_fetch_from_one_holder_without_asking_every_peer(
+    fleet: dict[str, Any], nodes: list[Node], raw_peers: list[RawPeer]
+) -> None:
+    """A holder known in advance (a directory of peers' events) is asked directly: no
+    lookup goes to the other peers, and the chain lands as from a lookup."""
+    other = RawPeer(_curve(fleet), "wrong_size", 64 * KiB)  # would answer any lookup
+    raw_peers.append(other)
+    a = Node(_curve(fleet))
+    nodes.append(a)
+    b = Node(_curve(fleet), seeds=[a.endpoint, other.endpoint], serve=False, deadline_ms=200)
+    nodes.append(b)
+    datas = [_data(20 + i, 100 * KiB) for i in range(2)]
+    keys = [_key(20), _key(21)]
+    for k, d in zip(keys, datas):
+        a.put(k, d)
+    _wait_connected(b, [a.endpoint, other.endpoint], [a])
+    assert b.manager is not None
+    assert pump([a, b], lambda: not b.manager.busy())  # type: ignore[union-attr]
+    asked = other.requests
+    got = b.manager.fetch_from(a.endpoint, keys, [len(d) for d in datas], parent=_key(19))
+    assert got == set(keys)
+    assert pump([a, b], lambda: len([f for f in b.landed if f.key in keys]) == 2)
+    assert [b.read(k) for k in keys] == datas and other.requests == asked
+    assert b.index.entries[keys[0]].meta is not None
+    assert b.index.entries[keys[0]].meta.parent == _key(19)
+    assert b.manager.stats()["direct_fetches"] == 1
+
+
 def test_a_reply_larger_than_asked_benches_the_peer_and_cuts_its_link(
     fleet: dict[str, Any], nodes: list[Node], raw_peers: list[RawPeer]
 ) -> None:
