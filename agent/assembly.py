@@ -173,11 +173,20 @@ def _fleet(
 
     tiers = cache.tiers
     server, peers = build_peers(
-        cfg, cache, arena, wake, lower_has=tiers.promoting_now if tiers is not None else None
-    )
+        cfg, cache, arena, wake,
+        lower_has=tiers.promoting_now if tiers is not None else None,
+        events_ports=events.tcp_ports() if events is not None else (0, 0),
+        disk=_disk_store(tiers),
+    )  # fmt: skip
     fleet = Fleet(server, peers, events)
     closers.append(("fleet", fleet.close_peers))
     return fleet
+
+
+def _disk_store(tiers: TierManager | None) -> Any:
+    """The disk tier's store, which the peer server reads for peers (None: no disk)."""
+    disk = tiers.tier("disk") if tiers is not None else None
+    return disk.store if disk is not None else None
 
 
 def _close_all(closers: list[tuple[str, Callable[[], Any]]]) -> None:

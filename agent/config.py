@@ -222,6 +222,12 @@ class PeersSection:
     peer_bytes_inflight_max: int = _size("128MiB")  # bytes being fetched from one peer
     serve_peer_bytes_max: int = _size("128MiB")  # arena bytes pinned for one connection
     bench_s: float = 60.0  # a peer that sent bad or excess bytes is not asked this long
+    directory: bool = True  # follow peers' event streams; a miss asks one holder
+    directory_entries_max: int = 4_000_000  # keys the directory holds; more are dropped
+    directory_peers_max: int = 256  # peers followed; more are asked as before
+    fallback_asks_per_s: float = 50.0  # misses asked of every peer while streams resync
+    keep_fetched: str = "second"  # "second": a fetched chunk is kept when fetched again
+    borrow_s: float = 5.0  # a fetched chunk not kept is readable this long, then dropped
 
 
 @dataclass(slots=True)
@@ -346,6 +352,15 @@ class Config:
             for key in ("curve_secret_key", "curve_authorized_dir"):
                 if not getattr(p, key):
                     raise ConfigError(f"peers.{key}", "required unless peers.insecure = true")
+        if not 1 <= p.directory_peers_max <= 512:
+            raise ConfigError("peers.directory_peers_max", "must be 1..512")
+        if p.directory_entries_max < 1 or not p.fallback_asks_per_s > 0:
+            key = "directory_entries_max" if p.directory_entries_max < 1 else "fallback_asks_per_s"
+            raise ConfigError(f"peers.{key}", "must be > 0")
+        if p.keep_fetched not in ("second", "always"):
+            raise ConfigError("peers.keep_fetched", "must be second or always")
+        if not p.borrow_s > 0:
+            raise ConfigError("peers.borrow_s", "must be > 0")
         for key in ("deadline_ms", "fetch_timeout_ms", "fetch_inflight_max", "queue_max"):
             if getattr(p, key) < 1:
                 raise ConfigError(f"peers.{key}", "must be >= 1")

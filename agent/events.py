@@ -26,14 +26,22 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
 import msgspec
 import zmq
 
-from kvnode.agent.replay import END_SEQ, ReplayLimits, ReplayRing, ReplayServer
+from kvnode.agent.replay import (
+    END_SEQ,
+    SNAP_ARENA,
+    SNAP_STORAGE,
+    Change,
+    ReplayLimits,
+    ReplayRing,
+    ReplayServer,
+)
 
 if TYPE_CHECKING:
     from kvnode.agent.config import Config
@@ -170,7 +178,8 @@ class EventPublisher:
     def _open(self, endpoint: str, replay_endpoint: str, hwm: int, limits: ReplayLimits) -> None:
         self._pub.setsockopt(zmq.LINGER, 0)
         self._pub.setsockopt(zmq.SNDHWM, hwm)
-        self._attach(self._pub, endpoint, bind=is_bind_endpoint(endpoint))
+        self._pub_bound = is_bind_endpoint(endpoint)
+        self._attach(self._pub, endpoint, bind=self._pub_bound)
         self.endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT) or endpoint
         self.replay_endpoint = ""
         if replay_endpoint:
@@ -183,7 +192,9 @@ class EventPublisher:
                 sock.close(0)
                 raise
             self.replay_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-            self._replay = ReplayServer(sock, self.ring, self._topic, limits)
+            self._replay = ReplayServer(
+                sock, self.ring, self._topic, limits, snapshots=self._snapshot_payloads
+            )
             self._replay.start()
 
     def _attach(self, sock: zmq.Socket, endpoint: str, bind: bool) -> None:
@@ -220,6 +231,12 @@ class EventPublisher:
             self._auth.start()
             self._auth.configure_curve_callback(ZAP_DOMAIN, curve.ring)
         use_curve(sock, curve, server=True)
+
+    def _snapshot_payloads(self, items: list[tuple[bytes, int]]) -> Iterator[bytes]:
+        """Replay thread: the announced state, encoded batch by batch as it is sent."""
+        encoder = msgspec.msgpack.Encoder()
+        for batch in snapshot_batches(items, time.time(), self.block_size):
+            yield encoder.encode(batch)
 
     # -- events (queued until flush) -----------------------------------------------
     def stored(
@@ -274,7 +291,7 @@ class EventPublisher:
         payload = self._encoder.encode(batch)
         seq = self._seq
         self._seq += 1
-        self.ring.append(seq, payload)
+        self.ring.append(seq, payload, changes_of(batch.events))
         try:
             self._pub.send_multipart([self._topic, seq.to_bytes(8, "big"), payload], zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # a PUB socket drops rather than block; count the rest
@@ -287,6 +304,14 @@ class EventPublisher:
     def sockets(self) -> list[zmq.Socket]:
         """Sockets the loop should poll: none (replays have their own thread)."""
         return []
+
+    def tcp_ports(self) -> tuple[int, int]:
+        """(PUB, replay) ports when both are bound on tcp, for peers' subscribers;
+        (0, 0) otherwise (a collector endpoint or ipc: peers cannot follow it)."""
+        pub, rep = self.endpoint, self.replay_endpoint
+        if not (self._pub_bound and pub.startswith("tcp://") and rep.startswith("tcp://")):
+            return 0, 0
+        return int(pub.rsplit(":", 1)[1]), int(rep.rsplit(":", 1)[1])
 
     def reload_keys(self) -> None:
         """SIGHUP: the authorized directory again (a key rotation)."""
@@ -316,6 +341,36 @@ class EventPublisher:
         if self._own_ctx:
             self._ctx.term()
             self._own_ctx = False
+
+
+def changes_of(events: Sequence[Event]) -> list[Change]:
+    """What a batch does to the set of announced (key, medium) pairs, in order."""
+    out: list[Change] = []
+    for ev in events:
+        if isinstance(ev, AllBlocksCleared):
+            out.append((b"", 0, False))
+            continue
+        bit = SNAP_ARENA if ev.medium == MEDIUM_CPU else SNAP_STORAGE
+        on = isinstance(ev, BlockStored)
+        out.extend((k, bit, on) for k in ev.block_hashes if isinstance(k, bytes))
+    return out
+
+
+def snapshot_batches(
+    items: Sequence[tuple[bytes, int]], ts: float, block_size: int
+) -> Iterator[KVEventBatch]:
+    """A publisher's announced state as batches: ``AllBlocksCleared``, then one
+    ``BlockStored`` per (key, medium) with no tokens (a snapshot keeps keys only)."""
+    events: list[Event] = [AllBlocksCleared()]
+    for key, bits in items:
+        for bit, medium in ((SNAP_ARENA, MEDIUM_CPU), (SNAP_STORAGE, MEDIUM_STORAGE)):
+            if bits & bit:
+                events.append(BlockStored([key], None, [], block_size, None, medium, None))
+        if len(events) >= BATCH_EVENTS_MAX:
+            yield KVEventBatch(ts=ts, events=events)
+            events = []
+    if events:
+        yield KVEventBatch(ts=ts, events=events)
 
 
 def use_curve(sock: zmq.Socket, curve: Curve, server: bool) -> None:
@@ -358,7 +413,9 @@ __all__ = [
     "END_SEQ",
     "EventPublisher",
     "KVEventBatch",
+    "changes_of",
     "events_curve",
+    "snapshot_batches",
     "events_need_curve",
     "use_curve",
 ]

@@ -18,6 +18,11 @@ agent is bounded, and every refusal is counted:
   slot until its queued bytes are gone (it read them or disconnected).
 - ``requester_bytes_per_s`` per requester (a burst of one second's worth).
 
+A request from a sequence number older than the ring (history that left it) is answered
+with a snapshot: ``AllBlocksCleared`` and one ``BlockStored`` per key the publisher still
+announces (no tokens), all numbered as the last batch they include, then the ring from
+there (at most ``SNAPSHOTS_MAX`` at once).
+
 Everything here runs on the replay thread, which owns the socket; the loop thread only
 appends to the ring. Bytes held for requesters: at most ``requesters_max *
 requester_bytes_max`` beyond the ring's own ``bytes_max``, and only while they hold it.
@@ -30,7 +35,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +50,7 @@ SENDS_PER_TURN_MAX = 64  # batches sent to one requester before the next one's t
 POLL_MS_MAX = 100  # the thread notices stop() at least this often
 REQUESTS_PER_POLL_MAX = 256  # requests read before serving the replays under way
 TIDY_INTERVAL_S = 1.0  # idle requesters are forgotten this often
+SNAPSHOTS_MAX = 4  # snapshots being sent at once (each holds a copy of the state)
 
 
 def release_free_heap() -> None:
@@ -71,9 +77,16 @@ class ReplayLimits:
             raise ValueError("replay rates and stall_s must be > 0")
 
 
+SNAP_ARENA = 1  # what the publisher has announced of a key (bits of ReplayRing.state)
+SNAP_STORAGE = 2
+Change = tuple[bytes, int, bool]  # key (b"": all), SNAP_* bit, set (True) or cleared
+
+
 class ReplayRing:
-    """The batches kept for replay, bounded in count and bytes. Appended by the loop
-    thread, read by the replay thread: every access holds the lock (short: no I/O)."""
+    """The batches kept for replay, bounded in count and bytes, and what the batches
+    so far add up to (``state``: key -> SNAP_* bits, as announced), so a requester whose
+    history left the ring gets a snapshot instead. Appended by the loop thread, read by
+    the replay thread: every access holds the lock (short: no I/O)."""
 
     def __init__(self, batches_max: int, bytes_max: int) -> None:
         self.batches_max = batches_max
@@ -83,9 +96,32 @@ class ReplayRing:
         self._first_seq = 0  # seq of _items[0]
         self.nbytes = 0
         self.evicted = 0
+        self.state: dict[bytes, int] = {}
 
-    def append(self, seq: int, payload: bytes) -> None:
+    def snapshot(self) -> tuple[int, list[tuple[bytes, int]]]:
+        """(the last sequence number the state includes, the state's items)."""
         with self._lock:
+            return self._first_seq + len(self._items) - 1, list(self.state.items())
+
+    def first(self) -> int:
+        with self._lock:
+            return self._first_seq
+
+    def append(self, seq: int, payload: bytes, changes: Sequence[Change] = ()) -> None:
+        """``changes``: what the batch does to the state, in order (key ``b""``: every
+        key cleared)."""
+        with self._lock:
+            st = self.state
+            for key, bit, on in changes:
+                if not key:
+                    st.clear()
+                    continue
+                m = st.get(key, 0)
+                m = (m | bit) if on else (m & ~bit)
+                if m:
+                    st[key] = m
+                else:
+                    st.pop(key, None)
             if not self._items:
                 self._first_seq = seq
             assert seq == self._first_seq + len(self._items), "batches are appended in order"
@@ -146,6 +182,7 @@ class _Requester:
     requests: _Bucket
     bytes_: _Bucket
     cursor: int = -1  # next seq to send; -1: no replay under way
+    snapshot: Iterator[bytes] | None = None  # payloads sent (as seq cursor - 1) first
     end: int = 0  # the replay ends before this seq
     progress_at: float = 0.0  # last time a byte of ours left or was sent
     sent: deque[tuple[zmq.MessageTracker, int]] = field(default_factory=deque)
@@ -162,7 +199,7 @@ class _Requester:
 COUNTERS = (
     "replays", "replays_done", "replay_batches", "replay_bytes", "bad_replays",
     "replay_refused", "replay_rate_limited", "replay_superseded", "replay_stalled",
-    "replay_gone",
+    "replay_gone", "replay_snapshots",
 )  # fmt: skip
 
 
@@ -176,8 +213,10 @@ class ReplayServer(threading.Thread):
         topic: bytes,
         limits: ReplayLimits,
         clock: Callable[[], float] = time.monotonic,
+        snapshots: Callable[[list[tuple[bytes, int]]], Iterator[bytes]] | None = None,
     ) -> None:
         super().__init__(name="kvnode-replay", daemon=True)
+        self.snapshots = snapshots  # the ring's state as encoded batches
         self._sock = sock
         self.ring = ring
         self.topic = topic
@@ -240,8 +279,21 @@ class ReplayServer(threading.Thread):
             return
         if r.cursor >= 0:
             self.counters["replay_superseded"] += 1
+        start = max(int.from_bytes(frames[2], "big", signed=True), 0)
+        r.snapshot = None
+        first = self.ring.first()
+        if start < first and self.snapshots is not None:
+            # History that left the ring: the state it added up to instead.
+            if sum(1 for q in self._requesters.values() if q.snapshot) >= SNAPSHOTS_MAX:
+                self.counters["replay_refused"] += 1
+                r.cursor = -1
+                return
+            last, items = self.ring.snapshot()
+            r.snapshot = self.snapshots(items)
+            start = last + 1
+            self.counters["replay_snapshots"] += 1
         self.counters["replays"] += 1
-        r.cursor = max(int.from_bytes(frames[2], "big", signed=True), 0)
+        r.cursor = start
         r.end = self.ring.end()
         r.progress_at = now
 
@@ -296,6 +348,10 @@ class ReplayServer(threading.Thread):
             r.cursor = -1
             return
         for _ in range(SENDS_PER_TURN_MAX):
+            if r.snapshot is not None:
+                if not self._send_snapshot(r, now):
+                    return
+                continue
             if r.cursor >= r.end:
                 if self._send(r, [b"", b"", END_SEQ, b""], 0, now):
                     r.cursor = -1
@@ -316,6 +372,26 @@ class ReplayServer(threading.Thread):
             r.cursor = seq + 1
             self.counters["replay_batches"] += 1
             self.counters["replay_bytes"] += n
+
+    def _send_snapshot(self, r: _Requester, now: float) -> bool:
+        """The snapshot's next batch, numbered as the last batch it includes. False:
+        wait (budget) or stop (sent all: the ring follows)."""
+        assert r.snapshot is not None
+        if r.sent and r.queued_bytes >= self.limits.requester_bytes_max:
+            return False
+        payload = next(r.snapshot, None)
+        if payload is None:
+            r.snapshot = None
+            return True
+        r.bytes_.take(min(len(payload), r.bytes_.burst), now)  # snapshots are rare
+        seq = (r.cursor - 1).to_bytes(8, "big", signed=True)
+        if not self._send(r, [b"", self.topic, seq, payload], len(payload), now):
+            r.snapshot = None  # the requester is gone or stuck: it asks again
+            r.cursor = -1
+            return False
+        self.counters["replay_batches"] += 1
+        self.counters["replay_bytes"] += len(payload)
+        return True
 
     def _send(self, r: _Requester, frames: list[bytes], n: int, now: float) -> bool:
         """Send one message to ``r``; the last frame zero-copy with a tracker when it

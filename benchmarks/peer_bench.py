@@ -12,7 +12,12 @@ measured in the same run, interleaved with what it is compared to:
   frames (request, then one multipart reply, received zero-copy). Both with and without
   CURVE, the peer path against the reference with the same security;
 - lookup: 64 keys asked of 8 peers (CURVE) until every answer is in, against one raw
-  DEALER/ROUTER echo of a 64-key frame; p50 and p99 over the rounds.
+  DEALER/ROUTER echo of a 64-key frame; p50 and p99 over the rounds;
+- directory: a real agent process follows 8, then 64, peers' KV-event streams (CURVE;
+  the peers are in this process: a PeerServer and an EventPublisher each) and answers
+  lookups of 64 keys its directory places at a peer (PENDING at once, one targeted ask
+  to that peer, no fan-out), in turns with lookups of 64 keys in its own arena:
+  ``local_lookup_p50_us``, ``directory_lookup_p50_us_8``, ``directory_lookup_p50_us_64``.
 
 Figures are medians over the repeats (with min and max). ``--budget-s`` bounds the run:
 repeats stop early when it is spent.
@@ -37,9 +42,13 @@ import zmq
 import zmq.auth
 
 from kvnode.agent.cache import Cache
+from kvnode.agent.events import MEDIUM_CPU, EventPublisher
 from kvnode.agent.index import Index
 from kvnode.agent.peers import Curve, PeerManager, PeerServer, new_node_id
+from kvnode.errors import KVNodeError
 from kvnode.ipc.checksum import checksum
+from kvnode.ipc.client import AgentClient
+from kvnode.ipc.protocol import Lookup
 from kvnode.ipc.segment import Segment
 
 MiB = 1 << 20
@@ -330,6 +339,125 @@ def measure_lookup(curve: Curve, rounds: int, deadline: float) -> dict[str, Any]
     }
 
 
+# -- the directory: a miss answered from replayed events, not by asking ---------------
+class Holder:
+    """A peer the directory follows, in this process: a PeerServer (answers where its
+    stream is, and "do you have" from an empty index) and an EventPublisher announcing
+    ``keys`` (replayed to the agent when it subscribes)."""
+
+    def __init__(self, curve: Curve, keys: list[bytes]) -> None:
+        self.cache = Cache(Index(64 * 1024, 4096, "lru"))
+        self.events = EventPublisher(HOST, replay_endpoint=HOST, curve=curve)
+        self.server = PeerServer(self.cache, bytearray(64 * 1024), HOST, curve, new_node_id(),
+                                 events_ports=self.events.tcp_ports())  # fmt: skip
+        for k in keys:
+            self.events.stored(k, None, [], MEDIUM_CPU)
+        self.events.flush()
+
+    def close(self) -> None:
+        self.server.close()
+        self.events.close()
+
+
+def _agent(root: Path, curve_dir: Path, seeds: list[str], inflight: int) -> tuple[Any, AgentClient]:
+    import subprocess
+    import sys
+
+    runtime = root / "agent"
+    runtime.mkdir(mode=0o700)
+    cmd = [
+        sys.executable,
+        "-m",
+        "kvnode",
+        "agent",
+        "--runtime-dir",
+        str(runtime),
+        "--cpu-bytes",
+        "64MiB",
+        "--log-level",
+        "warning",
+        "--set",
+        f"peers.curve_secret_key={curve_dir / 'keys' / 'fleet.key_secret'}",
+        "--set",
+        f"peers.curve_authorized_dir={curve_dir / 'authorized'}",
+        "--set",
+        f"peers.seeds={','.join(seeds)}",
+        "--set",
+        "arena.prefault=false",
+        "--set",
+        f"peers.fetch_inflight_max={inflight}",
+        "--set",
+        "peers.deadline_ms=2000",
+    ]
+    # fmt: skip (asks are answered after the lookups they follow: room for all of them)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    end = time.monotonic() + WAIT_S_MAX
+    while True:
+        c = AgentClient(runtime, name="peer-bench", timeout_s=10.0)
+        try:
+            c.stats()
+            return proc, c
+        except KVNodeError:
+            c.close()
+            if proc.poll() is not None or time.monotonic() > end:
+                raise RuntimeError("agent did not start") from None
+            time.sleep(0.1)
+
+
+def measure_directory(tmp: Path, curve: Curve, peers: int, rounds: int) -> dict[str, Any]:
+    """A real agent follows ``peers`` in-process holders' event streams; lookups of 64
+    keys its directory places at one holder (answered PENDING at once, one targeted
+    ask) against lookups of 64 keys in its own arena, in turns."""
+    keys = [[os.urandom(16) for _ in range(LOOKUP_KEYS)] for _ in range(rounds + 5)]
+    per_peer: list[list[bytes]] = [[] for _ in range(peers)]
+    for r, ks in enumerate(keys):
+        per_peer[r % peers].extend(ks)
+    holders = [Holder(curve, ks) for ks in per_peer]
+    root = tmp / f"dir{peers}"
+    root.mkdir()
+    proc, c = _agent(root, tmp, [h.server.endpoint for h in holders], len(keys) * LOOKUP_KEYS)
+    local = [os.urandom(16) for _ in range(LOOKUP_KEYS)]
+    local_us: list[float] = []
+    dir_us: list[float] = []
+    try:
+        with serving([h.server for h in holders]):
+            end = time.monotonic() + WAIT_S_MAX * 4
+            while True:
+                d = c.stats()["peers"].get("directory", {})
+                if d.get("peers_synced") == peers and d.get("entries") == len(keys) * LOOKUP_KEYS:
+                    break
+                if time.monotonic() > end:
+                    raise RuntimeError(f"directory never filled: {d}")
+                time.sleep(0.1)
+            for _, slot in c.reserve(local, [4096] * LOOKUP_KEYS):
+                c.write(slot, bytes(4096))  # type: ignore[arg-type]
+            c.commit(local, [0] * LOOKUP_KEYS)
+            for i, ks in enumerate(keys):
+                t0 = time.perf_counter()
+                hit = c.lookup(local)
+                t1 = time.perf_counter()
+                got = c.lookup(ks)
+                t2 = time.perf_counter()
+                if i >= 5:
+                    local_us.append((t1 - t0) * 1e6)
+                    dir_us.append((t2 - t1) * 1e6)
+                assert all(s == Lookup.HIT for s in hit), hit
+                assert all(s == Lookup.PENDING for s in got), c.stats()["peers"]
+            asked = sum(h.server.stats()["have_requests"] for h in holders)
+            d = c.stats()["peers"]["directory"]
+    finally:
+        c.close()
+        proc.terminate()
+        proc.wait(30)
+        for h in holders:
+            h.close()
+    return {"peers": peers, "rounds": len(dir_us), "local_p50_us": round(_pct(local_us, 50), 1),
+            "directory_p50_us": round(_pct(dir_us, 50), 1),
+            "directory_p99_us": round(_pct(dir_us, 99), 1),
+            "peer_asks_per_lookup": round(asked / len(keys), 2),
+            "directory_entries": d.get("entries")}  # fmt: skip
+
+
 def _pct(xs: list[float], p: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, int(len(s) * p / 100))]
@@ -376,6 +504,13 @@ def main() -> int:
         out["fetch_ratio_min"] = min(v["ratio"] for v in fetch.values())
         out["fetch_ratio_target"] = 0.8
         out["lookup"] = measure_lookup(curve, args.lookup_rounds, time.monotonic() + per_part)
+        d8 = measure_directory(Path(tmp), curve, 8, args.lookup_rounds)
+        d64 = measure_directory(Path(tmp), curve, 64, args.lookup_rounds)
+        out["directory"] = {"8": d8, "64": d64}
+        out["local_lookup_p50_us"] = d64["local_p50_us"]
+        out["directory_lookup_p50_us_8"] = d8["directory_p50_us"]
+        out["directory_lookup_p50_us_64"] = d64["directory_p50_us"]
+        out["directory_64_over_local"] = round(d64["directory_p50_us"] / d64["local_p50_us"], 2)
     out["elapsed_s"] = round(time.monotonic() - start, 1)
     print(json.dumps(out))
     return 0

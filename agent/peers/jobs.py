@@ -19,6 +19,9 @@ class Query:
     best: str = ""  # endpoint holding the longest prefix
     sizes: list[int] = field(default_factory=list)  # of that prefix
     promoting: set[bytes] = field(default_factory=set)  # keys a peer's lower tier is promoting
+    targets: list[str] = field(default_factory=list)  # peers to ask ([]: every peer)
+    holder: str = ""  # the one peer the directory named as holding the keys
+    answered: set[str] = field(default_factory=set)  # peers whose answer was read
     done: bool = False
 
 

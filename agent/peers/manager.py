@@ -20,12 +20,15 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from kvnode.agent.cache import Cache
-from kvnode.agent.index import Outcome
+from kvnode.agent.index import Outcome, State
 from kvnode.agent.peers.arena import arena_view, copy_into, split_extents
+from kvnode.agent.peers.directory import Directory
 from kvnode.agent.peers.jobs import Fetch, Fetched, Job, Query
 from kvnode.agent.peers.keys import Curve
 from kvnode.agent.peers.network import Network
+from kvnode.agent.peers.replicas import Replicas
 from kvnode.agent.peers.seeds import Resolver
+from kvnode.agent.peers.subscriber import Subscriber
 from kvnode.agent.peers.wire import PEER_KEYS_MAX
 from kvnode.agent.tiers.format import ChunkMeta
 
@@ -58,7 +61,11 @@ class PeerManager:
         peer_bytes_max: int = 128 << 20,
         bench_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        directory: Directory | None = None,
+        replicas: Replicas | None = None,
     ) -> None:
+        self.directory = directory
+        self.replicas = replicas if replicas is not None else Replicas("always")
         self.cache = cache
         self.index = cache.index  # read only: every change goes through the cache
         self._arena = arena_view(arena)
@@ -86,6 +93,8 @@ class PeerManager:
                 "negative_hits",
                 "peer_busy",
                 "direct_fetches",
+                "directory_routed",
+                "directory_misses",
             ),
             0,
         )
@@ -93,13 +102,23 @@ class PeerManager:
                             fetch_timeout_ms / 1000, queue_max, min(fetch_bytes_max,
                             peer_bytes_max), clock, bench_s)  # fmt: skip
         self._net.start()
+        self._events: Subscriber | None = None
+        if directory is not None:
+            self._events = Subscriber(curve, wake, clock)
+            self._events.start()
         self._resolver: Resolver | None = None
         self._has_seeds = bool(seeds)
         if any(s.startswith("dns:") for s in seeds):
-            self._resolver = Resolver(seeds, resolve_interval_s, self._net.set_endpoints)
+            self._resolver = Resolver(seeds, resolve_interval_s, self._set_endpoints)
             self._resolver.start()
         else:
-            self._net.set_endpoints(set(seeds))
+            self._set_endpoints(set(seeds))
+
+    def _set_endpoints(self, endpoints: set[str]) -> None:
+        """Any thread (the resolver's): the peers to fetch from and to follow."""
+        self._net.set_endpoints(endpoints)
+        if self._events is not None:
+            self._events.set_endpoints(endpoints)
 
     # -- network thread side ----------------------------------------------------------------
     def _done(self, job: Job) -> None:
@@ -122,7 +141,7 @@ class PeerManager:
     def set_seeds(self, seeds: Sequence[str]) -> None:
         """Replace ``tcp://`` endpoints at runtime (tests, SIGHUP without dns: seeds)."""
         self._has_seeds = bool(seeds)
-        self._net.set_endpoints(set(seeds))
+        self._set_endpoints(set(seeds))
 
     # -- lookups -----------------------------------------------------------------------------
     def on_lookup_miss(self, keys: Sequence[bytes], parent: bytes | None = None) -> set[bytes]:
@@ -138,7 +157,15 @@ class PeerManager:
         if len(fresh) > room:
             self.counters["dropped"] += len(fresh) - max(room, 0)
             fresh, parents = fresh[: max(room, 0)], parents[: max(room, 0)]
-        if fresh and self._net.submit(Query(fresh, parents)):
+        targets: list[str] = []
+        holder = ""
+        if fresh and self.directory is not None:
+            route = self.directory.route(fresh, self._net.load)
+            fresh, parents, targets = fresh[: route.n], parents[: route.n], route.ask
+            if not route.fallback:
+                self.counters["directory_routed" if targets else "directory_misses"] += 1
+                holder = targets[0] if targets else ""
+        if fresh and self._net.submit(Query(fresh, parents, targets=targets, holder=holder)):
             self.counters["queries"] += 1
             for k in fresh:
                 self._pending[k] = "asking"
@@ -221,6 +248,10 @@ class PeerManager:
         plan a fetch from the best answer of each lookup, land the bytes of finished
         fetches. Returns the chunks landed."""
         landed: list[Fetched] = []
+        if self._events is not None:
+            self._apply_events()
+        if len(self.replicas):
+            self._return_borrowed()
         while self._outbox:
             job = self._outbox.popleft()
             if isinstance(job, Query):
@@ -229,9 +260,48 @@ class PeerManager:
                 landed.extend(self._land(job))
         return landed
 
+    def _return_borrowed(self) -> None:
+        """Borrowed copies whose time is up go, unless a reader holds them now."""
+        for key in self.replicas.due():
+            e = self.index.entries.get(key)
+            if e is None or e.state is not State.COMMITTED:
+                continue  # evicted or dropped already
+            if e.pins:
+                self.replicas.again(key)
+            elif self.cache.drop(key):
+                self.replicas.counters["returned"] += 1
+
+    def _apply_events(self) -> None:
+        """What the peers' event streams said since the last poll, into the directory."""
+        assert self._events is not None and self.directory is not None
+        d = self.directory
+        for u in self._events.take():
+            if u.kind == "stored":
+                d.stored(u.endpoint, u.keys, u.tier)
+            elif u.kind == "removed":
+                d.removed(u.endpoint, u.keys, u.tier)
+            elif u.kind == "reset":
+                d.reset(u.endpoint)
+            elif u.kind in ("synced", "unsynced"):
+                d.set_synced(u.endpoint, u.kind == "synced")
+            elif u.kind == "nostream":
+                d.set_nostream(u.endpoint)
+            elif u.kind == "add":
+                d.add_peer(u.endpoint)
+            elif u.kind == "remove":
+                d.remove_peer(u.endpoint)
+
     def _plan(self, q: Query) -> None:
         for k in q.keys:
             self._pending.pop(k, None)
+        answered = self.directory is not None and q.holder in q.answered
+        if answered:
+            # The holder the directory named answered: what it does not have is forgotten
+            # (announced, then evicted before its removal reached us), and the directory,
+            # not the negative TTL, says where to ask next (another holder, or nobody).
+            run = len(q.sizes) if q.best == q.holder else 0
+            if run < len(q.keys):
+                self.directory.forget(q.holder, q.keys[run:])  # type: ignore[union-attr]
         f = self._prefix(q) if q.best and not self._closing else None
         if f is not None and not self._net.submit(f):
             self._settle(f)
@@ -243,7 +313,8 @@ class PeerManager:
         # A key a peer is promoting is asked again on the next lookup; the others wait
         # out the negative TTL, so a connector polling PENDING soon sees MISS.
         taken = set(f.keys) if f is not None else set()
-        self._remember_miss(k for k in q.keys if k not in taken and k not in q.promoting)
+        if not answered:
+            self._remember_miss(k for k in q.keys if k not in taken and k not in q.promoting)
 
     def _prefix(self, q: Query) -> Fetch | None:
         """The part of the best peer's prefix that fits the bytes in flight, in all and
@@ -294,6 +365,7 @@ class PeerManager:
                 self.cache.release(key)
                 failed.append(key)
                 continue
+            self.replicas.landed(key)
             landed.append(Fetched(key, f.parents[i], f.tokens[i], f.sizes[i]))
             self.counters["fetched"] += 1
             self.counters["fetched_bytes"] += f.sizes[i]
@@ -329,6 +401,9 @@ class PeerManager:
         out["peer_bytes_inflight_max"] = max(self._peer_bytes.values(), default=0)
         out["negative_keys"] = len(self._negative)
         out["peers"] = self._net.snapshot()
+        out["replicas"] = {**self.replicas.counters, "borrowed_now": len(self.replicas)}
+        if self.directory is not None and self._events is not None:
+            out["directory"] = {**self.directory.stats(), **self._events.snapshot()}
         return out
 
     def close(self) -> None:
@@ -338,6 +413,11 @@ class PeerManager:
         if self._resolver is not None:
             self._resolver.stop()
             self._resolver.join(CLOSE_JOIN_S)
+        if self._events is not None:
+            self._events.stop()
+            self._events.join(CLOSE_JOIN_S)
+            if not self._events.is_alive():
+                self._events.close_fds()
         self._net.stop()
         self._net.join(CLOSE_JOIN_S)
         if self._net.is_alive():

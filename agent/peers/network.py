@@ -134,6 +134,11 @@ class Network(threading.Thread):
             self._rebuild = True
         self._wake()
 
+    def load(self, endpoint: str) -> int:
+        """Requests outstanding to a peer (any thread: a racy read is fine here)."""
+        link = self.links.get(endpoint)
+        return len(link.outstanding) if link is not None else 0
+
     def snapshot(self) -> dict[str, dict[str, Any]]:
         with self._lock:
             stats = list(self.peer_stats.items())
@@ -300,7 +305,10 @@ class Network(threading.Thread):
     def _start_query(self, q: Query, now: float) -> None:
         q.deadline = now + self.deadline_s
         keys = q.keys
-        for link in self.links.values():
+        links = list(self.links.values())
+        if q.targets:  # the directory named who holds them: ask only those
+            links = [lk for ep in q.targets if (lk := self.links.get(ep)) is not None]
+        for link in links:
             if not link.usable(now):
                 continue
             if len(link.outstanding) >= self.queue_max:
@@ -399,9 +407,10 @@ class Network(threading.Thread):
             link.fail(now, "errors")
             return
         link.ok(now - q.started)
+        q.answered.add(link.endpoint)
         run = 0
         for state, size in zip(rep.states, rep.sizes):
-            if state != Have.ARENA or not 0 < size <= self.recv_bytes_max:
+            if state not in (Have.ARENA, Have.STORED) or not 0 < size <= self.recv_bytes_max:
                 break
             run += 1
         link.stats.inc("hits", run)

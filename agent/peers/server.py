@@ -11,10 +11,11 @@ the index's one writer). Checksums travel with them.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Union
 
 import zmq
 
@@ -22,6 +23,7 @@ from kvnode.agent.cache import Cache
 from kvnode.agent.index import Entry, State
 from kvnode.agent.peers.arena import arena_view
 from kvnode.agent.peers.keys import Curve
+from kvnode.agent.peers.lower import DiskRead, LowerReads
 from kvnode.agent.peers.wire import (
     REQUEST_BYTES_MAX,
     ZAP_DOMAIN,
@@ -31,6 +33,8 @@ from kvnode.agent.peers.wire import (
     Have,
     HaveRep,
     HaveReq,
+    InfoRep,
+    InfoReq,
     decode_request,
     encode,
 )
@@ -68,6 +72,22 @@ class Send:
 
 # True: a promotion of the key into the arena is already under way (local demand
 # started it). Answered from what is known: a peer's question never starts I/O here.
+DISK_WAIT_S = 1.0  # a reply waits this long for its disk reads, then goes without them
+Part = Union[tuple[list[memoryview], int, int, list[int]], "DiskRead", None]
+
+
+@dataclass(slots=True, eq=False)
+class Parked:
+    """A fetch reply waiting for disk reads (``parts``: per key, arena views with size,
+    checksum and tokens, a DiskRead, or None)."""
+
+    ident: bytes
+    m: FetchReq
+    parts: list[Part]
+    pinned: list[bytes]
+    deadline: float
+
+
 LowerHas = Callable[[bytes], bool]
 
 
@@ -86,7 +106,14 @@ class PeerServer:
         lower_has: LowerHas | None = None,
         serve_bytes_max: int = 512 << 20,
         serve_peer_bytes_max: int = 128 << 20,
+        events_ports: tuple[int, int] = (0, 0),
+        disk: LowerReads | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.events_ports = events_ports  # (PUB, replay) on tcp, told to subscribers
+        self.disk = disk  # this node's disk tier, read for peers off the loop
+        self._clock = clock
+        self._parked: deque[Parked] = deque()
         self.cache = cache
         self.index = cache.index  # read only
         self._arena = arena_view(arena)
@@ -100,7 +127,7 @@ class PeerServer:
         self.bytes_inflight = 0
         self.counters = dict.fromkeys(
             ("have_requests", "have_keys", "fetch_requests", "served_keys", "served_bytes",
-             "busy", "peer_busy", "bad_frames", "errors"), 0,
+             "served_from_disk", "busy", "peer_busy", "bad_frames", "errors"), 0,
         )  # fmt: skip
         self.ctx = zmq.Context()
         self.auth: Any = None
@@ -165,6 +192,9 @@ class PeerServer:
         try:
             if isinstance(msg, HaveReq):
                 self._on_have(ident, msg)
+            elif isinstance(msg, InfoReq):
+                rep = InfoRep(msg.rid, self.node_id, *self.events_ports)
+                self.socket.send_multipart([ident, encode(rep)], zmq.NOBLOCK)
             else:
                 self._on_fetch(ident, msg)
         except zmq.ZMQError as exc:  # an operating error on one reply: counted, loop goes on
@@ -185,6 +215,9 @@ class PeerServer:
             if e is not None:
                 states.append(Have.ARENA)
                 sizes.append(e.size)
+            elif self.disk is not None and (size := self.disk.size_of(key)):
+                states.append(Have.STORED)  # fetchable now: read from disk when asked
+                sizes.append(size)
             elif self.lower_has is not None and self._lower_has(key):
                 states.append(Have.PENDING)
                 sizes.append(0)
@@ -204,24 +237,74 @@ class PeerServer:
 
     def _on_fetch(self, ident: bytes, m: FetchReq) -> None:
         self.counters["fetch_requests"] += 1
-        rep = FetchRep(m.rid, self.node_id, [], [], [], [])
-        payload: list[memoryview] = []
         pinned: list[bytes] = []
+        parts: list[Part] = []
         for key in m.keys:
             views = self._pin_for_send(key, pinned, ident)
-            if views is None:
+            if views is not None:
+                e = self.index.entries[key]
+                tokens = e.meta.token_ids() if e.meta is not None else []
+                # the writer's checksum, unchanged (0: unverified)
+                parts.append((views, e.size, e.checksum, tokens))
+            else:
+                parts.append(self._read_from_disk(key, ident))
+        reply = Parked(ident, m, parts, pinned, self._clock() + DISK_WAIT_S)
+        if any(isinstance(p, DiskRead) for p in parts):
+            self._parked.append(reply)  # sent by poll() once the disk reads are done
+        else:
+            self._reply(reply)
+
+    def _read_from_disk(self, key: bytes, peer: bytes) -> Part:
+        """A key a peer asked for that is on this node's disk: read it for the peer,
+        within the serve budgets (in all and per connection). None: not held (or not
+        now)."""
+        if self.disk is None:
+            return None
+        size = self.disk.size_of(key)
+        if not size:
+            return None
+        if self.bytes_inflight + size > self.serve_bytes_max:
+            self.counters["busy"] += 1
+            return None
+        held = self._by_peer.get(peer, 0)
+        if held + size > self.serve_peer_bytes_max:
+            self.counters["peer_busy"] += 1
+            return None
+        r = self.disk.submit(key, size)
+        if r is not None:
+            self.bytes_inflight += size
+            self._by_peer[peer] = held + size
+        return r
+
+    def _reply(self, p: Parked) -> None:
+        """Send a fetch reply: arena bytes zero-copy (pinned), disk bytes from their
+        buffers, each with its writer's checksum; an unread key as not held."""
+        rep = FetchRep(p.m.rid, self.node_id, [], [], [], [])
+        payload: list[Any] = []
+        held = 0  # bytes of the serve budget this reply holds until its frames are gone
+        for part in p.parts:
+            sent: tuple[list[Any], int, int, list[int]] | None = None
+            if isinstance(part, DiskRead):
+                held += part.size
+                if part.done and part.ok:
+                    sent = ([memoryview(part.buf)], part.size, part.checksum, part.tokens)
+                    self.counters["served_from_disk"] += 1
+            elif part is not None:
+                sent = part
+                held += part[1]
+            if sent is None:
                 rep.sizes.append(0)
                 rep.checksums.append(0)
                 rep.frames.append(0)
                 rep.tokens.append([])
                 continue
-            e = self.index.entries[key]
-            rep.sizes.append(e.size)
-            rep.checksums.append(e.checksum)  # the writer's, unchanged (0: unverified)
+            views, size, csum, tokens = sent
+            rep.sizes.append(size)
+            rep.checksums.append(csum)
             rep.frames.append(len(views))
-            rep.tokens.append(e.meta.token_ids() if e.meta is not None else [])
+            rep.tokens.append(tokens)
             payload.extend(views)
-        self._send_pinned(ident, rep, payload, pinned)
+        self._send_pinned(p.ident, rep, payload, p.pinned, held)
 
     def _pin_for_send(
         self, key: bytes, pinned: list[bytes], peer: bytes
@@ -247,16 +330,24 @@ class PeerServer:
         return [self._arena[off : off + n] for off, n in e.extents(self.index.page_bytes)]
 
     def _send_pinned(
-        self, ident: bytes, rep: FetchRep, payload: list[memoryview], pinned: list[bytes]
+        self,
+        ident: bytes,
+        rep: FetchRep,
+        payload: list[memoryview],
+        pinned: list[bytes],
+        held: int,
     ) -> None:
-        """Zero-copy out of the arena. Every payload frame is tracked (not only the
-        last, which is all ``send_multipart`` reports): the pins go when libzmq has let
-        go of every frame, whether it sent or dropped them."""
+        """Zero-copy out of the arena (and disk buffers). Every payload frame is
+        tracked (not only the last, which is all ``send_multipart`` reports): the pins
+        and the ``held`` budget go when libzmq has let go of every frame, whether it
+        sent or dropped them."""
         frames = [zmq.Frame(v, copy=False, track=True) for v in payload]
         nbytes = sum(len(v) for v in payload)
-        if pinned:
-            tracker = zmq.MessageTracker(*frames)
-            self._sends.append(Send(tracker, pinned, nbytes, ident))
+        send = Send(zmq.MessageTracker(*frames), pinned, held, ident)
+        if frames:
+            self._sends.append(send)
+        else:
+            self._unpin(send)
         self.socket.send_multipart([ident, encode(rep), *frames], zmq.NOBLOCK, copy=False)
         self.counters["served_keys"] += len(pinned)
         self.counters["served_bytes"] += nbytes
@@ -272,8 +363,29 @@ class PeerServer:
             self._by_peer.pop(s.peer, None)
 
     # -- housekeeping -----------------------------------------------------------------
+    def _finish_parked(self) -> None:
+        """Replies waiting for disk reads: sent once every read is done, or at their
+        deadline with what was read (the rest answered as not held)."""
+        if self.disk is not None:
+            self.disk.take_done()  # DiskRead.done is set by the reader itself
+        now = self._clock()
+        keep: deque[Parked] = deque()
+        for p in self._parked:
+            reads = [x for x in p.parts if isinstance(x, DiskRead)]
+            if all(r.done for r in reads) or now >= p.deadline:
+                try:
+                    self._reply(p)
+                except zmq.ZMQError as exc:
+                    self.counters["errors"] += 1
+                    log.debug("peer reply not sent: %s", exc)
+            else:
+                keep.append(p)
+        self._parked = keep
+
     def poll(self) -> int:
         """Unpin entries whose bytes ZeroMQ has released. Returns replies finished."""
+        if self._parked:
+            self._finish_parked()
         keep: deque[Send] = deque()
         done = 0
         for s in self._sends:  # one pass: a tracker read once is acted on once
@@ -286,18 +398,27 @@ class PeerServer:
         return done
 
     def busy(self) -> bool:
-        return bool(self._sends)
+        return bool(self._sends or self._parked)
 
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.counters)
         out["refused"] = self.curve.ring.refused if self.curve is not None else 0
         out["admitted"] = self.curve.ring.allowed if self.curve is not None else 0
         out["sends_inflight"] = len(self._sends)
+        out["replies_waiting_for_disk"] = len(self._parked)
+        if self.disk is not None:
+            out.update(self.disk.stats())
         out["bytes_inflight"] = self.bytes_inflight
         return out
 
     def close(self) -> None:
         """Close the socket (ZeroMQ drops what it still holds), then give back pins."""
+        if self.disk is not None:
+            self.disk.stop()
+        for p in self._parked:
+            for key in p.pinned:
+                self.cache.unpin(key)
+        self._parked.clear()
         self._teardown()
         for s in self._sends:
             self._unpin(s)

@@ -41,6 +41,7 @@ class Have:
     ABSENT = 0
     ARENA = 1  # committed in the peer's arena: fetchable now
     PENDING = 2  # a lower tier of the peer is promoting it: ask again soon
+    STORED = 3  # on the peer's disk: fetchable now (read from there when asked)
 
 
 class PeerMsg(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, tag_field="t"):
@@ -55,6 +56,12 @@ class HaveReq(PeerMsg, tag=1):
 class FetchReq(PeerMsg, tag=2):
     rid: _Rid
     keys: _Keys
+
+
+class InfoReq(PeerMsg, tag=3):
+    """Where is your KV-event stream? (asked by a directory subscriber)"""
+
+    rid: _Rid
 
 
 class HaveRep(PeerMsg, tag=64):
@@ -76,13 +83,24 @@ class FetchRep(PeerMsg, tag=65):
     tokens: Annotated[list[_Tokens], Meta(max_length=PEER_KEYS_MAX)] = []  # [] = not known
 
 
+class InfoRep(PeerMsg, tag=66):
+    """The ports of this agent's event PUB and replay sockets on the host the asker
+    reached it at (0: none on tcp), and its generation (``node``): a new one means the
+    agent restarted and everything it announced before is gone."""
+
+    rid: _Rid
+    node: _Node
+    events_port: Annotated[int, Meta(ge=0, le=65535)] = 0
+    replay_port: Annotated[int, Meta(ge=0, le=65535)] = 0
+
+
 class ErrorRep(PeerMsg, tag=127):
     rid: _Rid
     message: Annotated[str, Meta(max_length=256)]
 
 
-PeerRequest = Union[HaveReq, FetchReq]
-PeerReply = Union[HaveRep, FetchRep, ErrorRep]
+PeerRequest = Union[HaveReq, FetchReq, InfoReq]
+PeerReply = Union[HaveRep, FetchRep, InfoRep, ErrorRep]
 _requests = Codec(PEER_PROTOCOL_VERSION, PeerRequest, "peer request")
 _replies = Codec(PEER_PROTOCOL_VERSION, PeerReply, "peer reply")
 
@@ -91,12 +109,12 @@ def encode(msg: PeerMsg) -> bytes:
     return _requests.encode(msg)
 
 
-def decode_request(frame: bytes | memoryview) -> HaveReq | FetchReq:
+def decode_request(frame: bytes | memoryview) -> HaveReq | FetchReq | InfoReq:
     """Any bytes at all: a bounded request, or ``ProtocolError``."""
     return _requests.decode(frame)  # type: ignore[no-any-return]
 
 
-def decode_reply(frame: bytes | memoryview) -> HaveRep | FetchRep | ErrorRep:
+def decode_reply(frame: bytes | memoryview) -> HaveRep | FetchRep | InfoRep | ErrorRep:
     return _replies.decode(frame)  # type: ignore[no-any-return]
 
 
@@ -117,6 +135,8 @@ __all__ = [
     "Have",
     "HaveRep",
     "HaveReq",
+    "InfoRep",
+    "InfoReq",
     "decode_reply",
     "decode_request",
     "encode",
