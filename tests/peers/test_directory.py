@@ -384,7 +384,6 @@ def test_agents_route_a_miss_to_one_holder_and_re_announce_after_a_restart(
         _until(lambda: cc.stats()["peers"]["directory"]["entries"] >= 1, "c follows a too")
         _until(lambda: cb.lookup(fresh) == [Lookup.HIT], lambda: cb.stats()["peers"])
         assert cb.get(fresh[0]) == data[0]
-        assert cc.lookup(keys[:1]) in ([Lookup.HIT], [Lookup.PENDING])  # b holds them now
     finally:
         for c in (ca, cb, cc):
             c.close()
