@@ -321,6 +321,29 @@ _PEER_SERVER = {
     "sends_inflight": ("peer_sends_inflight", "gauge", "Sends to peers not yet completed."),
     "bytes_inflight": ("peer_send_inflight_bytes", "gauge", "Arena bytes pinned for sends."),
 }
+_DIRECTORY = {
+    "entries": ("peer_directory_chunks", "gauge", "Chunks the directory places at peers."),
+    "bytes_estimate": ("peer_directory_bytes", "gauge", "Estimated memory of the directory."),
+    "peers_synced": ("peer_directory_streams_synced", "gauge", "Peers' event streams in sync."),
+    "routed": ("peer_directory_routed_total", "counter", "Misses sent to the one holder named."),
+    "no_holder": ("peer_directory_no_holder_total", "counter", "Misses no peer holds: no message."),
+    "fallback": (
+        "peer_directory_fallback_asks_total",
+        "counter",
+        "Misses asked of resyncing peers.",
+    ),
+    "fallback_limited": (
+        "peer_directory_fallback_refused_total",
+        "counter",
+        "Misses not asked: over peers.fallback_asks_per_s.",
+    ),
+    "entries_dropped": (
+        "peer_directory_dropped_total",
+        "counter",
+        "Announced chunks not kept: peers.directory_entries_max reached.",
+    ),
+    "resyncs": ("peer_directory_resyncs_total", "counter", "Peers' event streams resynced."),
+}
 _EVENTS = {
     "events": ("events_published_total", "counter", "KV events published."),
     "batches": ("events_batches_total", "counter", "KV event batches published."),
@@ -367,6 +390,9 @@ def _render_peers(f: _Families, peers: Mapping[str, Any], server: Mapping[str, A
             f.add(f"peer_{key}_total", "counter", help_text, p.get(key), labels)
     for key, (family, kind, help_text) in _PEER_SERVER.items():
         f.add(family, kind, help_text, server.get(key))
+    directory = peers.get("directory") or {}
+    for key, (family, kind, help_text) in _DIRECTORY.items():
+        f.add(family, kind, help_text, directory.get(key))
 
 
 def _render_events(f: _Families, events: Mapping[str, Any]) -> None:

@@ -80,6 +80,17 @@ def sample_stats(scale: int = 1) -> dict[str, Any]:
                     "late": 0,
                 }
             },
+            "directory": {
+                "entries": 10 * scale,
+                "bytes_estimate": 2100 * scale,
+                "peers_synced": 1,
+                "routed": scale,
+                "no_holder": scale,
+                "fallback": 0,
+                "fallback_limited": 0,
+                "entries_dropped": 0,
+                "resyncs": 0,
+            },
         },
         "peers_server": {
             "served_keys": scale,
