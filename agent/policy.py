@@ -17,6 +17,7 @@ from typing import Protocol
 GHOST_FACTOR = 16  # ghost keys remembered per cached entry and list (ARC keeps 1)
 GHOST_MAX = 1 << 17  # ... and at most this many per list (both: about 40 MiB)
 T2_SHARE_STEP = 0.03  # see PrefixPolicy._admit
+KIDS_COMPACT = 64  # a parent's child list is compacted at each power of two past this
 
 
 class EvictionPolicy(Protocol):
@@ -165,9 +166,11 @@ class PrefixPolicy:
         self._b2: OrderedDict[bytes, None] = OrderedDict()
         self._orphans: OrderedDict[bytes, None] = OrderedDict()
         self._parent: dict[bytes, bytes] = {}  # cached chunk -> its cached parent
-        # cached parent -> children linked to it (a set: a client may give one parent
-        # any number of children, and each leaves in O(1))
-        self._kids: dict[bytes, set[bytes]] = {}
+        # cached parent -> children linked to it: the one child itself (most chunks
+        # have one; no container to allocate), else a list, appended only. A child
+        # that left stays listed (its _parent link is gone) until the list is
+        # compacted or the parent leaves, so a link and a departure cost O(1).
+        self._kids: dict[bytes, bytes | list[bytes]] = {}
         self._p = 0.0  # ARC's target size of t1
         self._c = 0  # entries cached at most so far: ARC's capacity, learned
         self._ghost_max = ghost_max
@@ -177,14 +180,26 @@ class PrefixPolicy:
         self.insert_many([key], [parent])
 
     def insert_many(self, keys: list[bytes], parents: list[bytes | None]) -> None:
+        t1, t2, b1, b2 = self._t1, self._t2, self._b1, self._b2
         for key in reversed(keys):  # deepest first: the cold end gets the tail
-            self._admit(key)
-        kids, cached = self._kids, self._in
+            if key in b1 or key in b2:
+                self._admit(key)
+            elif key not in t2:
+                t1[key] = None  # the common case, inline: never seen (or seen long ago)
+        kids, link = self._kids, self._parent
         for key, parent in zip(keys, parents):
-            if parent and cached(parent):
-                self._parent[key] = parent
-                kids.setdefault(parent, set()).add(key)
-        n = len(self._t1) + len(self._t2)
+            if parent and (parent in t1 or parent in t2):
+                link[key] = parent
+                sib = kids.get(parent)
+                if sib is None:
+                    kids[parent] = key
+                elif isinstance(sib, bytes):
+                    kids[parent] = [sib, key]
+                else:
+                    sib.append(key)
+                    if len(sib) > KIDS_COMPACT and len(sib) & (len(sib) - 1) == 0:
+                        sib[:] = [k for k in sib if link.get(k) == parent]
+        n = len(t1) + len(t2)
         if n > self._c:
             self._c = n
 
@@ -204,13 +219,11 @@ class PrefixPolicy:
             self._ghost(self._b2, key)
         else:
             return
-        self._orphans.pop(key, None)
-        parent = self._parent.pop(key, None)
-        if parent is not None:
-            sib = self._kids.get(parent)
-            if sib is not None:
-                sib.discard(key)
-        self._orphan_kids(key)
+        if self._orphans:
+            self._orphans.pop(key, None)
+        self._parent.pop(key, None)
+        if key in self._kids:
+            self._orphan_kids(key)
 
     def candidates(self) -> Iterator[bytes]:
         yield from self._orphans
@@ -248,22 +261,26 @@ class PrefixPolicy:
 
     def _ghost(self, ghosts: OrderedDict[bytes, None], key: bytes) -> None:
         ghosts[key] = None
-        limit = min(max(self._c, 1) * GHOST_FACTOR, self._ghost_max)
-        while len(ghosts) > limit:
-            ghosts.popitem(last=False)
+        if len(ghosts) > self._c * GHOST_FACTOR or len(ghosts) > self._ghost_max:
+            limit = min(max(self._c, 1) * GHOST_FACTOR, self._ghost_max)
+            while len(ghosts) > limit:
+                ghosts.popitem(last=False)
 
     def _orphan_kids(self, key: bytes) -> None:
         """``key`` left: its cached descendants can no longer be reached."""
-        stack = list(self._kids.pop(key, ()))
-        orphans = self._orphans
+        kids, orphans, link = self._kids, self._orphans, self._parent
+        stack = [key]
         while stack:
-            kid = stack.pop()
-            self._parent.pop(kid, None)
-            if self._in(kid) and kid not in orphans:
+            parent = stack.pop()
+            children = kids.pop(parent, None)
+            if children is None:
+                continue
+            for kid in [children] if isinstance(children, bytes) else children:
+                if link.get(kid) != parent:
+                    continue  # left already
+                del link[kid]
                 orphans[kid] = None
-            more = self._kids.pop(kid, None)
-            if more:
-                stack.extend(more)
+                stack.append(kid)
 
 
 POLICIES = ("prefix", "s3fifo", "lru")
