@@ -3,7 +3,7 @@
 A fetched chunk is a copy of something the fleet already holds. Keeping every copy
 fills each node with the others' chunks and shrinks what the fleet holds in all (on the
 Mooncake conversation trace, 10 nodes of 6,000 blocks: 0.27 hit ratio keeping every
-copy, 0.35 keeping a copy only when it is fetched a second time, against 0.36 for one
+copy, 0.34 keeping a copy only when it is fetched a second time, against 0.36 for one
 pooled cache of the same size). So, with ``mode = "second"``: the first time a chunk is
 fetched it is *borrowed*: readable for ``borrow_s`` (the connector loads it at once),
 then dropped unless a reader holds it; its key is remembered (``ghosts_max`` keys), and
