@@ -53,7 +53,7 @@ CLOSE_JOIN_S = 5.0  # how long close() waits for running I/O (it may be writing 
 # have room, using at most this share of each queue (the rest is kept for copies that
 # eviction hands over), so eviction finds them clean.
 WRITE_BEHIND_QUEUE_SHARE = 0.5
-DIRTY_MAX = 1 << 20  # committed chunks waiting for write-behind; the oldest are skipped
+DIRTY_MAX = 1 << 16  # committed chunks waiting for write-behind; the oldest are skipped
 UNSAVED_LOG_INTERVAL_S = 60.0  # at most one warning per interval about unsaved evictions
 
 
