@@ -281,11 +281,11 @@ class TierManager:
             self._mark_saved(e)
 
     def _mark_saved(self, e: Entry) -> None:
-        """``e`` is clean once every write-back tier that takes it has it."""
+        """``e`` is clean once every write-back tier has it: a tier that does not admit
+        it yet (``s3.admit_min_hits``) may by the time it is evicted, and eviction is
+        where it gets its copy then."""
         saved = all(
-            t.store.size_of(e.key) is not None
-            for t in self.tiers
-            if t.write_policy == "write_back" and self._admitted(t, e)
+            t.store.size_of(e.key) is not None for t in self.tiers if t.write_policy == "write_back"
         )
         self.cache.set_saved(e, saved)
 

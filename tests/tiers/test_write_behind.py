@@ -46,3 +46,19 @@ def test_what_the_disk_never_saw_is_counted_and_logged(arena, tmp_path, caplog):
     assert unsaved > 0
     lines = [r.getMessage() for r in caplog.records if "before the lower tiers" in r.getMessage()]
     assert len(lines) == 1 and f"{unsaved} " in lines[0], lines  # one line per interval
+
+
+def test_a_chunk_s3_admits_later_still_gets_its_copy_at_eviction(arena, tmp_path):
+    from kvnode.agent.tiers.memory import MemoryStore
+
+    disk, s3 = _disk(tmp_path), MemoryStore(64 * MiB, name="s3")
+    h = Harness(arena, {"disk": disk, "s3": s3}, **{"s3.admit_min_hits": "2"})
+    data = blob(1)
+    assert h.put(key(0), data) is Status.OK
+    h.settle()  # write-behind: on disk; S3 does not take it yet (no hits)
+    assert disk.size_of(key(0)) == MiB and s3.size_of(key(0)) is None
+    for _ in range(2):
+        assert h.lookup(key(0)) is Lookup.HIT  # now S3 wants it
+    h.evict_all()
+    h.settle()
+    assert s3.size_of(key(0)) == MiB
