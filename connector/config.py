@@ -41,8 +41,8 @@ class ConnectorConfig:
     keys_per_call_max: int = 4096  # keys in one lookup/pin/reserve message
     chunks_per_step_max: int = 4096  # chunks one step may load or save (bounds the work)
     # Who moves the bytes: "agent" (the agent, through the worker's exported cache),
-    # "worker" (the worker copies through the mapped arena), "auto" (agent where the
-    # export succeeds on the CPU backend; worker on GPUs until agent mode is verified there).
+    # "worker" (the worker copies through the mapped arena), "auto" (worker mode for now:
+    # connector.AUTO_AGENT_ON_CPU says why; on GPUs until agent mode is verified there).
     transfer: str = "auto"
 
     def __post_init__(self) -> None:

@@ -46,7 +46,7 @@ from kvnode.connector.metadata import (
 from kvnode.connector.namespace import group_namespaces, model_identity, rank_namespaces
 from kvnode.connector.scheduler import SchedulerSide
 from kvnode.connector.stats import KVNodeStats
-from kvnode.connector.worker import WorkerSide
+from kvnode.connector.worker import WorkerSide, WorkerStats
 from kvnode.kernels.hostmem import ArenaMapping
 
 if TYPE_CHECKING:
@@ -61,8 +61,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvnode.connector")
 LOG_INTERVAL_S = 60.0
-EVENTS_QUEUED_MAX = 100_000
-AUTO_AGENT_ON_CPU = False  # transfer "auto" on the CPU backend: agent mode where exported  # stored-chunk events waiting for vLLM's take_events
+EVENTS_QUEUED_MAX = 100_000  # stored-chunk events waiting for vLLM's take_events
+# transfer "auto" on the CPU backend. Worker mode until agent mode measures faster there:
+# on a 2-core machine shared with other work, agent mode's saves left the forward pass
+# (save_wait_share 0.04) but its loads were slower (vs_apc 1.26 against 1.02), the
+# agent's threads waiting for a core. Flip where cores are not oversubscribed.
+AUTO_AGENT_ON_CPU = False
 
 
 def _share_vllm_logging() -> None:
@@ -299,15 +303,14 @@ class KVNodeConnector(KVConnectorBase_V1, SupportsHMA):
             agent.track(meta.saves)
         if meta.agent_down or not meta.saves:
             return
-        if agent is None:
-            self._worker.save(meta.saves)
-            return
         t0 = time.perf_counter()
-        if agent.ready():
+        if agent is not None and agent.ready():
             agent.save(meta.saves)  # returns once handed over; blocks held until done
         else:
-            self._worker.save(meta.saves)
-        agent.stats.save_wait_s += time.perf_counter() - t0
+            self._worker.save(meta.saves)  # copies now
+        stats = getattr(self._worker, "stats", None)
+        if isinstance(stats, WorkerStats):
+            stats.save_wait_s += time.perf_counter() - t0
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         """Preempted requests' blocks go back to vLLM before this step's forward
