@@ -7,7 +7,7 @@ connector does on the node a request is routed to: look the chain up (waiting wh
 blocks are PENDING, as the connector polls), pin and release the leading hits, reserve,
 write and commit the rest with their parents. Routing: round robin (default), or
 ``--route affinity`` (a cache-aware router's guess: the node it last sent the longest
-prefix to, else the next in turn).
+prefix to when that prefix is longer than one block, else the next in turn).
 
 Twice: peers off (node-local caches), then peers on (CURVE, every agent follows every
 other's KV events into its directory; a local miss fetches from one holder). The
@@ -45,6 +45,7 @@ DEFAULT_TRACE = next(
     REPO.parent / "shared" / "data" / TRACE_NAME,
 )  # fmt: skip
 PENDING_WAIT_S = 2.0  # a request waits at most this long for a peer's blocks
+AFFINITY_BLOCKS_MIN = 2  # a prefix this long (blocks) or longer sends a request to its node
 Trace = list[list[int]]
 
 
@@ -236,11 +237,15 @@ class Cluster:
             i = turn % len(self.nodes)
             turn += 1
             if self.args.route == "affinity":
-                for b in reversed(ids):
-                    if b in sent:
-                        i = sent[b]
-                        turn -= 1
-                        break
+                # The node last sent the longest known prefix, when it is more than the
+                # first block (a system prompt every request shares would send all
+                # requests to one node); else the next in turn.
+                n = 0
+                while n < len(ids) and ids[n] in sent:
+                    n += 1
+                if n >= AFFINITY_BLOCKS_MIN:
+                    i = sent[ids[n - 1]]
+                    turn -= 1
                 for b in ids:
                     sent[b] = i
             c = self.nodes[i].client
