@@ -295,5 +295,22 @@ def test_an_export_with_a_wrong_probe_is_refused(big_agent: AgentProcess) -> Non
         bad = lambda r, cid, g: P.JobReq(r, cid, g, path.export_id, True, 0, 1, [], [])  # noqa: E731
         with pytest.raises(Exception, match="no such export"):
             c._call(bad)
+        # The export's own client: block ids beyond the cache, lists that disagree and
+        # partial saves are refused before anything is pinned, reserved or copied.
+        key, eid = bytes(16), path.export_id
+        forged = [
+            lambda r, cid, g: P.JobReq(r, cid, g, eid, True, 0, 1, [key], [[BLOCKS]]),
+            lambda r, cid, g: P.JobReq(r, cid, g, eid, True, 0, 1, [key], [[0], [1]]),
+            lambda r, cid, g: P.JobReq(r, cid, g, eid, False, 0, 1, [key], [[0]]),
+            lambda r, cid, g: P.JobReq(
+                r, cid, g, eid, True, 9999 % P.JOB_SLOTS_MAX, 1, [key], [[0]]
+            ),
+        ]
+        for make in forged:
+            with pytest.raises(Exception, match="agent error"):
+                path.link.call(lambda cl, m=make: cl._call(m))
+        s = big_agent_stats(big_agent)
+        assert s["arena"]["pinned"] == 0 and s["arena"]["reserved"] == 0
+        assert s["transfers"]["agent"]["jobs"] == 0
     finally:
         c.close()
