@@ -220,7 +220,9 @@ def test_wrong_sizes_are_rejected_and_the_peer_benched(
     assert b.manager is not None
     peer = b.manager.stats()["peers"][liar.endpoint]
     if peer["benched"] == 0:  # the probe's fetch (short too) may still be on its way
-        assert b.manager.on_lookup_miss([_key(3)]) == {_key(3)}
+        # Asked unless the probe's answer benched the peer in the meantime: either way the
+        # bench must follow.
+        assert b.manager.on_lookup_miss([_key(3)]) in ({_key(3)}, set())
         assert pump([b], lambda: b.manager.stats()["peers"][liar.endpoint]["benched"] > 0)  # type: ignore[union-attr]
     assert pump([b], lambda: not b.manager.busy())  # type: ignore[union-attr]
     peer = b.manager.stats()["peers"][liar.endpoint]
@@ -272,7 +274,9 @@ def test_a_reply_larger_than_asked_benches_the_peer_and_cuts_its_link(
     _wait_connected(b, [flood.endpoint])
     assert b.manager is not None
     if b.manager.stats()["peers"][flood.endpoint]["oversized"] == 0:  # probe still on its way
-        assert b.manager.on_lookup_miss([_key(3)]) == {_key(3)}
+        # Asked unless the probe's reply benched the peer meanwhile (a race with the
+        # network thread): either way the oversized reply must be counted.
+        assert b.manager.on_lookup_miss([_key(3)]) in ({_key(3)}, set())
         assert pump([b], lambda: b.manager.stats()["peers"][flood.endpoint]["oversized"] > 0)  # type: ignore[union-attr]
     assert pump([b], lambda: not b.manager.busy())  # type: ignore[union-attr]
     peer = b.manager.stats()["peers"][flood.endpoint]
