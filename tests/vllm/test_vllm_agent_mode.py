@@ -285,3 +285,27 @@ def test_an_agent_that_may_not_attach_leaves_the_worker_copying(
     finally:
         agent.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_openai_server_in_agent_mode(make_agent: Any, tiny_model: str, tmp_path: Path) -> None:
+    """vLLM's OpenAI server (its multi-process engine: the worker is a process of its
+    own) saves through the agent, and a second server is served from it."""
+    from vllm_harness import ApiServer
+
+    agent = make_agent()
+    extra = _agent_extra(agent)
+    outs = []
+    for name in ("agent-api-first", "agent-api-second"):
+        server = ApiServer(tiny_model, extra, tmp_path / f"{name}.log")
+        try:
+            outs.append(server.complete(A, MAX_TOKENS))
+        finally:
+            server.close()
+        if not outs[1:]:
+            _wait_for(lambda: _transfers(agent)["agent"]["save_chunks"] >= 4)
+    first, second = outs
+    cached = [(o["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") for o in outs]
+    assert cached[0] in (0, None) and cached[1] == 4 * C, cached
+    assert second["choices"][0]["text"] == first["choices"][0]["text"]
+    t = _transfers(agent)
+    assert t["agent"]["load_chunks"] >= 4 and t["worker"]["save_bytes"] == 0, t
