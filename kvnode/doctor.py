@@ -120,8 +120,14 @@ def check_shm(cfg: Config) -> Iterator[Finding]:
         yield Finding(WARN, "arena.cpu_bytes", f"cannot tell the free space of {SHM_DIR}")
         return
     running = agent_running(cfg) is not None
-    if running:  # its arena is already counted as used
-        yield Finding(OK, "arena.cpu_bytes", f"{format_size(need)} held by the running agent")
+    if running:  # its arena is already counted as used; its size is the segment's, not
+        # this configuration's (the agent may have been started with other flags)
+        try:
+            held = os.stat(os.path.join(SHM_DIR, cfg.segment_name.lstrip("/"))).st_size
+            what = f"{format_size(held)} in {SHM_DIR}"
+        except OSError:
+            what = "its arena"
+        yield Finding(OK, "arena.cpu_bytes", f"the running agent holds {what}")
     elif free < need:
         yield Finding(FAIL, "arena.cpu_bytes",
                       f"the arena and its index need {format_size(need)}; {SHM_DIR} has "

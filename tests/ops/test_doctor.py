@@ -101,6 +101,10 @@ def test_a_running_agent_is_checked_not_its_ports(tmp_path: Path) -> None:
     assert metrics["level"] == "ok" and "running agent" in metrics["text"]
     (alive,) = _about(got, "agent")
     assert alive["level"] == "ok" and "answers" in alive["text"]
+    # The arena the running agent really holds (started with its own --cpu-bytes), not the
+    # size this configuration would ask for.
+    (arena,) = _about(got, "arena.cpu_bytes")
+    assert arena["level"] == "ok" and "running agent holds 64.0MiB" in arena["text"], arena
     assert all(f["level"] != "FAIL" for f in got), got
     assert code == 0
 
