@@ -72,7 +72,9 @@ def test_holding_predicted_routing_ids_does_not_abort_the_agent(runtime_dir: Pat
     anon: list[zmq.Socket] = []
     endpoint = f"ipc://{runtime_dir / 'agent.sock'}"
     try:
-        for rid in predicted_ids(t0 - 2, t1):
+        # At least four candidate seconds (640 ids), also when the agent started within
+        # the second it was launched in.
+        for rid in predicted_ids(t0 - 3, t1):
             d = ctx.socket(zmq.DEALER)
             d.setsockopt(zmq.LINGER, 0)
             d.setsockopt(zmq.ROUTING_ID, rid)
