@@ -27,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -38,46 +37,13 @@ from kvnode.ipc.client import AgentClient, Status
 from kvnode.ipc.protocol import Lookup
 
 REPO = Path(__file__).resolve().parent.parent
-TRACE_NAME = "mooncake_conversation_trace.jsonl"
-DEFAULT_TRACE = next(
-    (p for p in (REPO.parent / "shared" / "data" / TRACE_NAME,
-                 REPO.parent.parent / "shared" / "data" / TRACE_NAME) if p.exists()),
-    REPO.parent / "shared" / "data" / TRACE_NAME,
-)  # fmt: skip
+sys.path.insert(0, str(REPO / "benchmarks"))
+# One trace reader and one offline LRU for every benchmark (the pooled reference here is
+# the same LRU trace_bench compares policies against).
+from trace_bench import DEFAULT_TRACE, Trace, load_trace, sim_lru  # noqa: E402
+
 PENDING_WAIT_S = 2.0  # a request waits at most this long for a peer's blocks
 AFFINITY_BLOCKS_MIN = 2  # a prefix this long (blocks) or longer sends a request to its node
-Trace = list[list[int]]
-
-
-def load_trace(path: Path, limit: int | None) -> Trace:
-    out: Trace = []
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                out.append([int(x) for x in json.loads(line)["hash_ids"]])
-            if limit is not None and len(out) >= limit:
-                break
-    return out
-
-
-def sim_lru(trace: Trace, cap: int) -> float:
-    """Leading-block hit ratio of one LRU cache of ``cap`` blocks."""
-    c: OrderedDict[int, None] = OrderedDict()
-    hits = total = 0
-    for ids in trace:
-        n = 0
-        while n < len(ids) and ids[n] in c:
-            n += 1
-        hits += n
-        total += len(ids)
-        for b in ids[:n]:
-            c.move_to_end(b)
-        for b in ids[n:]:
-            if b not in c:
-                if len(c) >= cap:
-                    c.popitem(last=False)
-                c[b] = None
-    return hits / total
 
 
 def free_port() -> int:
