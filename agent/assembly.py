@@ -20,7 +20,7 @@ from kvnode.agent.cache import Cache
 from kvnode.agent.config import Config
 from kvnode.agent.handlers import Handlers
 from kvnode.agent.index import Index
-from kvnode.agent.movers.service import Transfers
+from kvnode.agent.movers.service import MoverOptions, Transfers
 from kvnode.agent.published import PublishedIndex
 from kvnode.agent.stats import Stats
 from kvnode.ipc.segment import Segment
@@ -117,7 +117,7 @@ def _build(
     if cache.tiers is not None:
         closers.append(("tiers", cache.tiers.close))
     fleet = _fleet(cfg, cache, arena, wake, events, closers)
-    transfers = Transfers(cache, arena.view, wake)
+    transfers = Transfers(cache, arena.view, wake, MoverOptions(cfg.agent.cpu_copy_threads))
     closers.append(("transfers", transfers.close))
     handlers = Handlers(cfg, cache, stats, fleet, transfers.table)
     return Parts(index, cache, handlers, published, fleet, transfers)

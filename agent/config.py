@@ -142,6 +142,9 @@ class AgentSection:
     request_bytes_max: int = field(default=parse_size("16MiB"), metadata={"kind": "size"})
     batch_keys_max: int = 65536
     shutdown_flush_s: float = 20.0
+    # Threads the CPU mover copies with in agent mode (cross-memory attach pins every
+    # page it copies: one core reaches about half of memcpy's rate).
+    cpu_copy_threads: int = 2
 
 
 @dataclass(slots=True)
@@ -309,6 +312,8 @@ class Config:
                 raise ConfigError(f"agent.{key}", "must be >= 1")
         if a.pin_ttl_s <= 0:
             raise ConfigError("agent.pin_ttl_s", "must be > 0")
+        if not 1 <= a.cpu_copy_threads <= 64:
+            raise ConfigError("agent.cpu_copy_threads", "must be between 1 and 64")
         if ar.page_bytes < 4096 or ar.page_bytes & (ar.page_bytes - 1):
             raise ConfigError("arena.page_bytes", "must be a power of two >= 4096")
         if ar.cpu_bytes < 16 * ar.page_bytes:

@@ -65,6 +65,8 @@ def _path(runtime_dir: str, kv: dict[str, torch.Tensor]) -> Any:
     path = AgentPath(link, w)
     if not path.ready():
         raise RuntimeError("export refused")
+    if path.hugepages is not None:  # the steady state: the cache on huge pages
+        path.hugepages.done.wait(60)
     return path
 
 
@@ -93,11 +95,13 @@ def saver(runtime_dir: str, n: int, reps: int, per_job: int, conn: Any) -> None:
             path.track(step)
             path.save(step)
         want = {rid for step in steps for rid in step}
-        done: set[str] = set()
-        while done != want:
-            done |= path.finished(want)
-            time.sleep(50e-6)  # as a vLLM step would: never a hot spin beside the copy
+        # The worker sleeps while the agent copies (a worker that polls its progress
+        # page in a tight loop takes a core from the copy on a small machine).
+        path.wait_saves()
+        done = path.finished(want)
         conn.send(time.perf_counter() - t0)
+        if done != want:
+            raise RuntimeError(f"saves not finished: {sorted(want - done)}")
     conn.send(dict(path.stats.take()))
 
 
@@ -197,7 +201,9 @@ def _run(rd: str, args: Any, n: int, chunk_bytes: int, agent: Any) -> int:
     saves, loads, refs, checked = [], [], [], True
     memcpy = Memcpy(n)
     for _ in range(args.reps):
+        time.sleep(0.05)  # the agent has settled the last loads: memcpy runs alone
         refs.append(memcpy.run())
+        time.sleep(0.05)
         s_here.send("go")
         saves.append(s_here.recv())
         time.sleep(0.05)  # the agent commits on its loop

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from kvnode.connector.export import NotExportable, consent, forward_order, layer_exports
+from kvnode.connector.hugepages import Collapse
 from kvnode.connector.scheduler import ChunkOp
 from kvnode.errors import KVNodeError
 from kvnode.ipc import progress as PG
@@ -94,6 +95,11 @@ class AgentPath:
         self._lock = threading.Lock()
         self._order = order
         self._gpu: Any = None  # GPU caches: kvnode.kernels.gpuexport.GpuExport
+        # A CPU cache on huge pages: the agent's cross-memory attach copies at
+        # memcpy's rate over them (connector/hugepages.py); in the background.
+        self.hugepages: Collapse | None = None
+        if worker.on_cpu:
+            self.hugepages = Collapse(_storage_ranges(worker.layers)).start()
 
     # ------------------------------------------------------------------ export
     def ready(self) -> bool:
@@ -426,8 +432,20 @@ class AgentPath:
         return out
 
     def close(self) -> None:
+        if self.hugepages is not None:
+            self.hugepages.stop()
         if self._saves:
             self.wait_saves()
         if self._agent_pidfd >= 0:
             os.close(self._agent_pidfd)
             self._agent_pidfd = -1
+
+
+def _storage_ranges(layers: Iterable[Any]) -> list[tuple[int, int]]:
+    """(address, bytes) of the allocations under the layers' caches (layers that
+    share one allocation name it once)."""
+    out = set()
+    for layer in layers:
+        storage = layer.kv.untyped_storage()
+        out.add((int(storage.data_ptr()), int(storage.nbytes())))
+    return sorted(out)

@@ -8,8 +8,10 @@ arena extents and the export's blocks, layer by layer, in the export's layer ord
 A ``Mover`` knows one kind of device: it checks it can reach an export (``attach``)
 and moves one job's bytes (``run``). Each mover gets one ``CopyThread``, so the
 agent's ZeroMQ loop never waits on a copy: the loop books the arena side (pins,
-reservations) and hands the job over; the thread copies, checksums and reports; the
-loop settles the job (commit, unpin) when the thread hands it back.
+reservations) and hands the job over; the thread copies and checksums; the loop
+settles the job (commit, unpin) when the thread hands it back. A load's outcome is
+reported into the worker by the thread (the loop only unpins after); a save's by the
+loop after the commit, so a worker told "saved" is never ahead of a lookup.
 """
 
 from __future__ import annotations
@@ -135,6 +137,13 @@ class Mover(ABC):
         return
 
 
+def report(mover: Mover, job: Job) -> None:
+    try:
+        mover.report(job)
+    except Exception:
+        log.exception("reporting a job's outcome failed")
+
+
 class CopyThread:
     """One device's copy thread: runs jobs in order, hands each back through
     ``on_done`` (called on this thread; it must only queue and wake the loop)."""
@@ -171,10 +180,8 @@ class CopyThread:
                 log.exception("mover %s failed a job", self.mover.device)
                 job.fail(f"internal error: {exc}")
             job.copy_s = time.perf_counter() - t0
-            try:
-                self.mover.report(job)
-            except Exception:
-                log.exception("reporting a job's outcome failed")
+            if job.load:  # a save is reported by the loop, once its entries are committed
+                report(self.mover, job)
             self._on_done(job)
 
     def close(self, timeout_s: float = 5.0) -> None:

@@ -6,25 +6,29 @@ need ptrace rights over the worker: the same uid (and, under Yama's ``ptrace_sco
 1, the worker's ``prctl(PR_SET_PTRACER, agent_pid)``), or ``CAP_SYS_PTRACE``.
 
 A layer's blocks become remote iovecs directly (consecutive blocks merge into one),
-the arena extents of the chunks local ones: no staging buffer on either side. Saves
-read each layer of every chunk of a job in one call, then checksum what landed in
-the arena (the agent is the writer, so the checksum is its). Loads verify each chunk
-in the arena against its writer's checksum first, then write layer by layer, each
-layer followed by its progress byte, so the worker's attention for layer i runs
-while layer i+1 is copied.
+the arena extents of the chunks local ones: no staging buffer on either side. The
+kernel pins every page it copies, which holds one core to about half of memcpy's
+rate on small pages, so the worker backs its cache with huge pages
+(``connector/hugepages.py``) and ``threads`` cores copy a save at once, each a run of
+the job's chunks. Saves read layer by layer and checksum what landed in the arena
+(the agent is the writer, so the checksum is its). Loads verify each chunk in the
+arena against its writer's checksum on one thread while the others write the layers,
+each layer followed by its progress byte once every chunk is verified, so the
+worker's attention for layer i runs while layer i+1 is copied.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import logging
 import os
-import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import xxhash
@@ -37,6 +41,7 @@ log = logging.getLogger("kvnode.agent")
 
 IOV_MAX = 1024  # UIO_MAXIOV: iovecs per system call on either side
 Piece = tuple[int, int]  # (address, bytes)
+T = TypeVar("T")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _vm_fn = {}
@@ -55,10 +60,6 @@ def available() -> bool:
     return len(_vm_fn) == 2
 
 
-def _iovecs(pieces: Sequence[Piece]) -> np.ndarray:
-    return np.array(pieces, dtype=np.uint64).reshape(-1, 2)
-
-
 def transfer(pid: int, local: Sequence[Piece], remote: Sequence[Piece], write: bool) -> int:
     """Copy ``remote`` (the worker's memory) into ``local`` (ours), or the reverse
     when ``write``. Both lists cover the same number of bytes; any number of pieces
@@ -66,9 +67,9 @@ def transfer(pid: int, local: Sequence[Piece], remote: Sequence[Piece], write: b
     the errno, or on a short copy (a remote range not mapped)."""
     fn = _vm_fn["process_vm_writev" if write else "process_vm_readv"]
     moved = 0
-    for loc, rem, nbytes in batches(local, remote):
-        liov, riov = _iovecs(loc), _iovecs(rem)
-        got = fn(pid, liov.ctypes.data, len(liov), riov.ctypes.data, len(riov), 0)
+    for loc, rem, nbytes in _pairs(local, remote):
+        liov, riov = _iovec_array(loc), _iovec_array(rem)
+        got = fn(pid, liov, len(loc), riov, len(rem), 0)
         if got < 0:
             err = ctypes.get_errno()
             raise MoverError(f"{'process_vm_writev' if write else 'process_vm_readv'} pid "
@@ -77,6 +78,26 @@ def transfer(pid: int, local: Sequence[Piece], remote: Sequence[Piece], write: b
             raise MoverError(f"short copy with pid {pid}: {got} of {nbytes} bytes")
         moved += got
     return moved
+
+
+def _pairs(
+    local: Sequence[Piece], remote: Sequence[Piece]
+) -> Iterable[tuple[Sequence[Piece], Sequence[Piece], int]]:
+    """``batches``, without the work where the lists pair up already (the common
+    case: one arena extent against one run of blocks)."""
+    if len(local) == len(remote) and 0 < len(local) < IOV_MAX:
+        total = 0
+        for (_, ln), (_, rn) in zip(local, remote):
+            if ln != rn:
+                return batches(local, remote)
+            total += ln
+        return ((local, remote, total),)
+    return batches(local, remote)
+
+
+def _iovec_array(pieces: Sequence[Piece]) -> ctypes.Array[ctypes.c_uint64]:
+    flat = [x for piece in pieces for x in piece]
+    return (ctypes.c_uint64 * len(flat))(*flat)
 
 
 def batches(
@@ -152,16 +173,24 @@ def extent_pieces(
 
 
 class CpuMover(Mover):
-    """Cross-memory attach. ``arena``: the agent's mapping of the arena segment."""
+    """Cross-memory attach. ``arena``: the agent's mapping of the arena segment.
 
-    device = "cpu"
+    ``threads`` copy at once (the copy thread and ``threads - 1`` helpers): the
+    kernel copies a cross-memory attach at about half of memcpy's rate on one core,
+    as it pins every page it touches, so a second core brings it near memcpy's."""
 
-    def __init__(self, arena: memoryview) -> None:
+    def __init__(self, arena: memoryview, threads: int = 2) -> None:
         if not available():
             raise MoverError("process_vm_readv/process_vm_writev are not in this libc")
         self.view = arena
         self.addr = int(np.frombuffer(arena, dtype=np.uint8).ctypes.data)
-        # Checksums run beside the copies (xxhash lets go of the GIL, as do the copies).
+        self.threads = max(1, int(threads))
+        # Copies and checksums let go of the GIL: these run beside the copy thread.
+        self._pool = (
+            ThreadPoolExecutor(self.threads - 1, thread_name_prefix="kvnode-mover-cpu")
+            if self.threads > 1
+            else None
+        )
         self._helper = ThreadPoolExecutor(1, thread_name_prefix="kvnode-mover-cpu-sum")
 
     # ------------------------------------------------------------------ attach
@@ -204,73 +233,113 @@ class CpuMover(Mover):
         if time.monotonic() > job.deadline:
             raise MoverError("job deadline passed")
 
+    def _groups(self, work: list[ChunkWork], threads: int) -> list[list[ChunkWork]]:
+        """The chunks split into one run of neighbours per copying thread."""
+        n = min(threads, len(work))
+        if n <= 1:
+            return [work] if work else []
+        step, extra = divmod(len(work), n)
+        out, at = [], 0
+        for i in range(n):
+            size = step + (1 if i < extra else 0)
+            out.append(work[at : at + size])
+            at += size
+        return out
+
+    def _parallel(
+        self, fn: Callable[[list[ChunkWork]], T], groups: list[list[ChunkWork]]
+    ) -> list[T]:
+        """``fn`` over every group at once: the first on this thread, the others on
+        the helpers. Every group has ended when this returns (a failure included)."""
+        futures = [self._pool.submit(fn, g) for g in groups[1:]] if self._pool else []
+        try:
+            first = [fn(groups[0])] if groups else []
+        finally:
+            errors = [f.exception() for f in futures]
+        for exc in errors:
+            if exc is not None:
+                raise exc
+        return first + [f.result() for f in futures]
+
     def _save(self, job: Job) -> None:
-        """Each layer of every chunk in one read; a helper thread checksums the layers
-        already read (in payload order) while the next one is read."""
+        """Every thread takes a run of the job's chunks through all layers, in the
+        export's (forward) order, one read a layer. Each chunk's checksum is fed in
+        payload order, as soon as the layers before in payload order are read (right
+        after the read where forward and payload order agree: names sort as numbers
+        below ten layers)."""
         ex = job.export
         work = [c for c in job.chunks if c.status == PG.CHUNK_PENDING]
-        read = {layer.name: threading.Event() for layer in ex.layers}
-        hashing = self._helper.submit(self._hash_saved, ex, work, read)
-        try:
+        payload = sorted(ex.layers, key=lambda x: x.payload_offset)
+        rank = {layer.name: i for i, layer in enumerate(payload)}
+
+        def save_group(group: list[ChunkWork]) -> tuple[list[int], int]:
+            hashers = [xxhash.xxh3_64() for _ in group]
+            read = [False] * len(payload)
+            hashed = moved = 0
             for layer in ex.layers:
                 self._check(job)
+                read[rank[layer.name]] = True
+                ready: list[Layer] = []
+                while hashed < len(payload) and read[hashed]:
+                    ready.append(payload[hashed])
+                    hashed += 1
                 local: list[Piece] = []
                 remote: list[Piece] = []
-                for c in work:
+                for c in group:
                     span = len(c.blocks) * layer.block_nbytes
                     extent_pieces(self.addr, c.extents, layer.payload_offset, span, local)
                     block_pieces(layer, c.blocks, remote)
-                job.moved_bytes += transfer(ex.pid, local, remote, write=False)
-                read[layer.name].set()
-        finally:
-            for ev in read.values():
-                ev.set()  # a failed read: the helper stops waiting (its sums go unused)
-            sums = hashing.result()
+                moved += transfer(ex.pid, local, remote, write=False)
+                for c, h in zip(group, hashers):
+                    for done in ready:
+                        self._hash_layer(h, c, done)
+            return [h.intdigest() or 1 for h in hashers], moved
+
+        results = self._parallel(save_group, self._groups(work, self.threads))
+        sums = [value for values, _ in results for value in values]
+        job.moved_bytes += sum(moved for _, moved in results)
         for c, value in zip(work, sums):
             c.checksum = value
             c.status = PG.CHUNK_OK
 
-    def _hash_saved(
-        self, ex: Export, work: list[ChunkWork], read: dict[str, threading.Event]
-    ) -> list[int]:
-        """Checksums of the chunks' entries, fed layer by layer in payload order as
-        the copy thread reports each layer read."""
-        hashers = [xxhash.xxh3_64() for _ in work]
-        for layer in sorted(ex.layers, key=lambda x: x.payload_offset):
-            read[layer.name].wait()
-            for c, h in zip(work, hashers):
-                pieces: list[Piece] = []
-                extent_pieces(
-                    0, c.extents, layer.payload_offset, len(c.blocks) * layer.block_nbytes, pieces
-                )
-                for off, n in pieces:
-                    h.update(self.view[off : off + n])
-        return [h.intdigest() or 1 for h in hashers]
+    def _hash_layer(self, h: Any, c: ChunkWork, layer: Layer) -> None:
+        pieces: list[Piece] = []
+        extent_pieces(
+            0, c.extents, layer.payload_offset, len(c.blocks) * layer.block_nbytes, pieces
+        )
+        for off, n in pieces:
+            h.update(self.view[off : off + n])
 
     def _load(self, job: Job) -> None:
-        """Verify every chunk (on the helper thread) while the layers are written; a
-        layer's progress byte goes out only once every chunk of the job is verified,
-        so the worker never takes unverified bytes as loaded. A chunk that fails is
-        reported bad and vLLM recomputes it (as when worker mode's check fails)."""
+        """Verify every chunk (on the helper thread) while the layers are written, one
+        layer at a time by every copying thread; a layer's progress byte goes out only
+        once every chunk of the job is verified, so the worker never takes unverified
+        bytes as loaded. A chunk that fails is reported bad and vLLM recomputes it (as
+        when worker mode's check fails)."""
         ex = job.export
         pending = [c for c in job.chunks if c.status == PG.CHUNK_PENDING]
         verifying = self._helper.submit(self._verify, pending)
+        groups = self._groups(pending, max(1, self.threads - 1))  # one verifies
         slot = ex.slot_address(job.slot)
         seq = bytes([job.seq])
         unannounced: list[int] = []
         verified = False
+
+        def write_group(layer: Layer, group: list[ChunkWork]) -> int:
+            local: list[Piece] = []
+            remote: list[Piece] = []
+            for c in group:
+                start = layer.payload_offset + c.block_offset * layer.block_nbytes
+                n = len(c.blocks) * layer.block_nbytes
+                extent_pieces(self.addr, c.extents, start, n, local)
+                block_pieces(layer, c.blocks, remote)
+            return transfer(ex.pid, local, remote, write=True) if local else 0
+
         try:
             for i, layer in enumerate(ex.layers):
                 self._check(job)
-                local: list[Piece] = []
-                remote: list[Piece] = []
-                for c in pending:
-                    start = layer.payload_offset + c.block_offset * layer.block_nbytes
-                    n = len(c.blocks) * layer.block_nbytes
-                    extent_pieces(self.addr, c.extents, start, n, local)
-                    block_pieces(layer, c.blocks, remote)
-                if local:
-                    job.moved_bytes += transfer(ex.pid, local, remote, write=True)
+                moved = self._parallel(functools.partial(write_group, layer), groups)
+                job.moved_bytes += sum(moved)
                 unannounced.append(i)
                 if not verified and verifying.done():
                     verified = self._verified(job, pending, verifying.result(), slot)
@@ -329,11 +398,12 @@ class CpuMover(Mover):
             (slot + PG.DONE, 1),
         ]
         fn = _vm_fn["process_vm_writev"]
-        liov, riov = _iovecs(local), _iovecs(remote)
-        if fn(ex.pid, liov.ctypes.data, 3, riov.ctypes.data, 3, 0) < 0:
+        if fn(ex.pid, _iovec_array(local), 3, _iovec_array(remote), 3, 0) < 0:
             log.debug("job outcome not reported to pid %d: errno %d", ex.pid, ctypes.get_errno())
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         self._helper.shutdown(wait=True)
 
 

@@ -24,7 +24,16 @@ from kvnode.agent.cache import Cache
 from kvnode.agent.clients import Client
 from kvnode.agent.handlers import ClientError
 from kvnode.agent.index import AGENT_OWNER, Outcome
-from kvnode.agent.movers.base import ChunkWork, CopyThread, Export, Job, Layer, Mover, MoverError
+from kvnode.agent.movers.base import (
+    ChunkWork,
+    CopyThread,
+    Export,
+    Job,
+    Layer,
+    Mover,
+    MoverError,
+    report,
+)
 from kvnode.agent.movers.exports import ExportRegistry
 from kvnode.ipc import progress as PG
 from kvnode.ipc import protocol as P
@@ -34,8 +43,14 @@ log = logging.getLogger("kvnode.agent")
 JOB_DEADLINE_S = 30.0  # no byte of a job is written into a worker after this
 JOBS_INFLIGHT_MAX = 4096  # jobs queued or copying, all devices together
 
+
+@dataclass(frozen=True, slots=True)
+class MoverOptions:
+    cpu_threads: int = 2  # agent.cpu_copy_threads
+
+
 # Movers by device kind ("cpu", "cuda", ...): a factory given the arena's mapping.
-MoverFactory = Callable[[memoryview], Mover]
+MoverFactory = Callable[[memoryview, MoverOptions], Mover]
 _FACTORIES: dict[str, MoverFactory] = {}
 
 
@@ -44,16 +59,16 @@ def register_mover(kind: str, factory: MoverFactory) -> None:
     _FACTORIES[kind] = factory
 
 
-def _cpu_factory(arena: memoryview) -> Mover:
+def _cpu_factory(arena: memoryview, options: MoverOptions) -> Mover:
     from kvnode.agent.movers.cpu import CpuMover
 
-    return CpuMover(arena)
+    return CpuMover(arena, options.cpu_threads)
 
 
 register_mover("cpu", _cpu_factory)
 
 
-def _gpu_factory(arena: memoryview) -> Mover:
+def _gpu_factory(arena: memoryview, options: MoverOptions) -> Mover:
     try:  # torch and triton: imported only once a GPU worker exports
         from kvnode.agent.movers.gpu import GpuMover
     except ImportError as exc:
@@ -89,9 +104,16 @@ class TransferCounters:
 
 
 class Transfers:
-    def __init__(self, cache: Cache, arena: memoryview, wake: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        cache: Cache,
+        arena: memoryview,
+        wake: Callable[[], None],
+        options: MoverOptions | None = None,
+    ) -> None:
         self.cache = cache
         self.arena = arena
+        self.options = options or MoverOptions()
         self.page_bytes = cache.index.page_bytes
         self.wake = wake
         self.exports = ExportRegistry()
@@ -160,7 +182,7 @@ class Transfers:
         if factory is None:
             raise Refusal(f"this agent has no mover for {device!r} devices")
         try:
-            mover = factory(self.arena)
+            mover = factory(self.arena, self.options)
         except (MoverError, OSError, RuntimeError) as exc:
             raise Refusal(f"the {device} mover cannot start: {exc}") from exc
         thread = self._threads[device] = CopyThread(mover, self._handed_back)
@@ -241,11 +263,9 @@ class Transfers:
                 self.counters.save_no_space += 1
 
     def _finish_here(self, job: Job, thread: CopyThread) -> None:
-        """A job that goes to no copy thread: report it now, settle it now."""
-        try:
-            thread.mover.report(job)
-        except Exception:
-            log.exception("reporting a job's outcome failed")
+        """A job that goes to no copy thread: settle it now (and report it)."""
+        if job.load:
+            report(thread.mover, job)
         self._settle(job)
 
     def _handed_back(self, job: Job) -> None:
@@ -273,6 +293,9 @@ class Transfers:
         else:
             ctr.save_copy_s += job.copy_s
             self._settle_save(job)
+            thread = self._threads.get(job.export.device)
+            if thread is not None:  # committed first: "saved" is never ahead of a lookup
+                report(thread.mover, job)
 
     def _settle_load(self, job: Job) -> None:
         ctr = self.counters
@@ -299,6 +322,9 @@ class Transfers:
             [job.parents[c.index] for c in ok] if job.parents else [],
             [job.tokens[c.index] for c in ok] if job.tokens else [],
         )
+        for c, out in zip(ok, outs):
+            if out is not Outcome.OK:  # dropped while copied: the worker is told
+                c.status = PG.CHUNK_FAILED
         n = sum(1 for o in outs if o is Outcome.OK)
         self.counters.save_chunks += n
         self.counters.save_bytes += n * job.export.chunk_nbytes
@@ -406,4 +432,4 @@ def _own_pid_ns() -> int:
     return pid_namespace()
 
 
-__all__ = ["JOB_DEADLINE_S", "Refusal", "Transfers", "register_mover"]
+__all__ = ["JOB_DEADLINE_S", "MoverOptions", "Refusal", "Transfers", "register_mover"]

@@ -126,13 +126,15 @@ def big_agent(tmp_path: Path) -> Iterator[AgentProcess]:
         a.stop()
 
 
-def _cache(seed: int, blocks: int = BLOCKS, head: int = HEAD) -> dict[str, torch.Tensor]:
+def _cache(
+    seed: int, blocks: int = BLOCKS, head: int = HEAD, layers: int = LAYERS
+) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {
         f"model.layers.{i}.self_attn.attn": torch.randn(
             blocks, HEADS, BLOCK_SIZE, 2 * head, generator=g
         )
-        for i in range(LAYERS)
+        for i in range(layers)
     }
 
 
@@ -207,6 +209,58 @@ def test_saved_by_one_process_loaded_by_another_every_byte(big_agent: AgentProce
     t = big_agent_stats(big_agent)["transfers"]
     assert t["agent"]["save_chunks"] == 6 and t["agent"]["load_chunks"] == 6
     assert t["worker"]["save_bytes"] == 0
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_many_layers_any_copy_threads_checksums_match_worker_mode(
+    tmp_path: Path, threads: int
+) -> None:
+    """12 layers: the chunk format orders layers by name (1, 10, 11, 2, ...) and the
+    agent copies in forward order (0, 1, 2, ...), so each chunk's checksum is fed out
+    of copy order; saves split over ``threads`` copying threads. A worker-mode load
+    checks every chunk against the agent's checksum: any slip is a load error."""
+    agent = AgentProcess(
+        tmp_path / "run", cpu_bytes="256MiB", env={"KVNODE_AGENT_CPU_COPY_THREADS": str(threads)}
+    ).start()
+    try:
+        rd = str(agent.runtime_dir)
+        src = _cache(9, layers=12)
+        _, p1 = _path(rd, src)
+        _save(p1, _ops(7, 0, tag=9))  # 7 chunks: uneven runs per thread
+        assert p1.stats.save_chunks == 7
+        dst = {k: torch.zeros_like(v) for k, v in src.items()}
+        w2, _ = _path(rd, dst)
+        w2.load(_ops(7, 28, tag=9))
+        assert w2.take_load_errors() == set()
+        assert w2.stats.checksum_errors == 0
+        for k in src:
+            assert torch.equal(src[k][: 7 * BPC], dst[k][28 : 28 + 7 * BPC]), k
+    finally:
+        agent.stop()
+
+
+def test_a_save_reported_finished_is_found_by_the_next_lookup(big_agent: AgentProcess) -> None:
+    """Once the worker hears its save ended, every process finds the chunks: the agent
+    commits a save's entries before it writes the job's outcome into the worker."""
+    from kvnode.ipc.client import AgentClient
+    from kvnode.ipc.protocol import Lookup
+
+    rd = str(big_agent.runtime_dir)
+    _, p1 = _path(rd, _cache(4))
+    other = AgentClient(rd, name="other-process", timeout_s=5.0, heartbeat=False)
+    try:
+        for round_ in range(40):
+            ops = _ops(2, 0, tag=100 + round_)
+            assert p1.ready()
+            p1.track(ops)
+            p1.save(ops)
+            deadline = time.monotonic() + 30
+            while not p1.finished(set(ops)):  # as vLLM's step loop: poll, no sleep
+                assert time.monotonic() < deadline
+            keys = [op.keys[0] for op in ops["r"]]
+            assert other.lookup(keys) == [Lookup.HIT] * len(keys), round_
+    finally:
+        other.close()
 
 
 def test_a_missing_chunk_is_a_load_error_from_that_chunk_on(big_agent: AgentProcess) -> None:
