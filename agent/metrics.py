@@ -431,6 +431,7 @@ def _render_transfers(f: _Families, transfers: Mapping[str, Any]) -> None:
         )
     for key, help_text in (
         ("jobs", "Save and load jobs handed to the agent."),
+        ("layerwise_jobs", "Saves handed over during the forward pass, copied layer by layer."),
         ("jobs_failed", "Jobs that failed (worker gone, deadline, copy error)."),
         ("checksum_errors", "Chunks that failed their checksum before the agent loaded them."),
         ("exports_refused", "Exports the agent could not reach (the worker copies itself)."),

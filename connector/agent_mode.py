@@ -9,9 +9,13 @@ without a system call:
 - loads: ``wait_for_layer(i)`` waits for layer i's byte only, so attention on layer i
   runs while layer i+1 is copied; chunk outcomes (missing, failed checksum) become
   vLLM load errors, recomputed from the first bad block;
-- saves: ``wait_for_save`` returns once the job is handed over; the request's blocks
-  stay with it (``request_finished`` answered True) until the agent reports the copy
-  done, and ``finished`` names it to vLLM only then.
+- saves: on the CPU they are handed over at the forward pass's first
+  ``save_kv_layer``, and the worker marks each layer computed in the job's slot as
+  vLLM names it, so the agent copies layer i while layer i+1 computes
+  (``wait_for_save`` marks every layer and returns); elsewhere ``wait_for_save``
+  hands them over whole. The request's blocks stay with it (``request_finished``
+  answered True) until the agent reports the copy done, and ``finished`` names it
+  to vLLM only then.
 
 Never a stuck request, never a block freed while the agent may still touch it: a job
 ends when the agent reports it, when the agent refuses it, when the agent process
@@ -95,6 +99,8 @@ class AgentPath:
         self._lock = threading.Lock()
         self._order = order
         self._gpu: Any = None  # GPU caches: kvnode.kernels.gpuexport.GpuExport
+        self._layer_step: list[_Job] | None = None  # this step's layer-wise saves
+        self._layer_handed = False  # this step's saves went to the agent layer-wise
         # A CPU cache on huge pages: the agent's cross-memory attach copies at
         # memcpy's rate over them (connector/hugepages.py); in the background.
         self.hugepages: Collapse | None = None
@@ -203,7 +209,9 @@ class AgentPath:
                 job.outcome = PG.RESULT_FAILED
 
     # ------------------------------------------------------------------ jobs
-    def _submit(self, load: bool, items: list[tuple[str, ChunkOp]]) -> list[_Job]:
+    def _submit(
+        self, load: bool, items: list[tuple[str, ChunkOp]], layerwise: bool = False
+    ) -> list[_Job]:
         """Hand ``items`` over as jobs of at most ``JOB_CHUNKS_MAX`` chunks; a job that
         cannot be handed over is failed at once."""
         jobs: list[_Job] = []
@@ -223,7 +231,7 @@ class AgentPath:
             if slot < 0:
                 job.outcome = PG.RESULT_FAILED
                 continue
-            make = self._request(load, [op for _, op in part], slot, seq)
+            make = self._request(load, [op for _, op in part], slot, seq, layerwise)
             on_reply = functools.partial(self._replied, slot, seq)
             try:
                 self.link.call(lambda c, m=make, cb=on_reply: c.job(m, cb))
@@ -233,7 +241,7 @@ class AgentPath:
         return jobs
 
     def _request(
-        self, load: bool, ops: list[ChunkOp], slot: int, seq: int
+        self, load: bool, ops: list[ChunkOp], slot: int, seq: int, layerwise: bool = False
     ) -> Callable[[int, int, int], P.JobReq]:
         """The job's request, built for whichever registration sends it."""
         rank, eid = self.worker.rank, self.export_id
@@ -246,7 +254,7 @@ class AgentPath:
         parents = [op.parents[rank] if op.parents else b"" for op in ops]
         tokens = [list(op.tokens) for op in ops]
         return lambda r, c, g: P.JobReq(
-            r, c, g, eid, False, slot, seq, keys, blocks, [], groups, parents, tokens
+            r, c, g, eid, False, slot, seq, keys, blocks, [], groups, parents, tokens, layerwise
         )
 
     def _replied(self, slot: int, seq: int, rep: Any) -> None:
@@ -372,17 +380,56 @@ class AgentPath:
         while len(self._save_reqs) > TRACKED_REQUESTS_MAX:
             self._save_reqs.pop(next(iter(self._save_reqs)))
 
-    def save(self, saves: dict[str, list[ChunkOp]]) -> None:
+    def save(self, saves: dict[str, list[ChunkOp]], layerwise: bool = False) -> list[_Job]:
+        """Hand the step's saves over (``layerwise``: before the forward pass has
+        written them; ``save_layer`` then marks each layer computed)."""
         items = [(rid, op) for rid, ops in saves.items() for op in ops]
         if not items:
-            return
-        for job in self._submit(False, items):
+            return []
+        jobs = self._submit(False, items, layerwise)
+        for job in jobs:
             for rid in {rid for rid, _ in job.ops}:
                 self._save_reqs[rid] = self._save_reqs.get(rid, 0) + 1
             if job.slot >= 0:
                 self._saves[job.slot] = job
             else:
                 self._ended_save(job)
+        return jobs
+
+    def save_layer(self, name: str, saves: dict[str, list[ChunkOp]]) -> None:
+        """``save_kv_layer``: the forward pass has written layer ``name``. The step's
+        saves go to the agent at its first layer, so the agent copies layer i while
+        layer i+1 computes; each layer is marked in the jobs' slots as it is done."""
+        i = self.layer_pos.get(name)
+        if i is None:
+            return
+        if self._layer_step is None:  # the step's first layer
+            self.begin_layers(saves)
+        at = PG.computed_byte(self.num_layers, i)
+        for job in self._layer_step:
+            self.page[job.slot, at] = job.seq
+
+    def begin_layers(self, saves: dict[str, list[ChunkOp]]) -> None:
+        """Hand the step's saves over before any layer is computed (the agent waits
+        for each layer's mark). Not ready: they are saved whole in ``wait_for_save``
+        (in worker mode when the agent cannot take them)."""
+        self._layer_step, self._layer_handed = [], False
+        if not saves or not self.ready():
+            return
+        self.track(saves)
+        self._layer_step = [j for j in self.save(saves, layerwise=True) if j.slot >= 0]
+        self._layer_handed = True
+
+    def end_layers(self) -> bool:
+        """``wait_for_save``: every layer is computed now (a layer vLLM never named
+        included). True when this step's saves went over layer by layer."""
+        jobs, self._layer_step = self._layer_step, None
+        if jobs is None or not self._layer_handed:
+            return False
+        lo = PG.computed_byte(self.num_layers, 0)
+        for job in jobs:
+            self.page[job.slot, lo : lo + self.num_layers] = job.seq
+        return True
 
     def _reap_saves(self) -> None:
         if self._saves and self._agent_gone():

@@ -289,7 +289,25 @@ class KVNodeConnector(KVConnectorBase_V1, SupportsHMA):
         attn_metadata: AttentionMetadata,
         **kwargs: Any,
     ) -> None:
-        return  # whole chunks are saved after the forward pass, in wait_for_save
+        """Agent mode on the CPU: the step's saves go to the agent at the first layer
+        and each layer is marked computed as vLLM names it, so the agent copies layer
+        i while layer i+1 computes. Elsewhere whole chunks are saved after the
+        forward pass, in ``wait_for_save``."""
+        agent = self._agent
+        meta = self._connector_metadata
+        if (
+            agent is None
+            or not agent.worker.on_cpu
+            or not isinstance(meta, KVNodeConnectorMetadata)
+        ):
+            return
+        if meta.agent_down or not meta.saves:
+            return
+        t0 = time.perf_counter()
+        agent.save_layer(layer_name, meta.saves)
+        stats = getattr(self._worker, "stats", None)
+        if isinstance(stats, WorkerStats):
+            stats.save_layer_s += time.perf_counter() - t0
 
     def wait_for_save(self) -> None:
         meta = self._connector_metadata
@@ -302,9 +320,13 @@ class KVNodeConnector(KVConnectorBase_V1, SupportsHMA):
             agent.finish_loads()  # load errors are collected after this call
             agent.track(meta.saves)
         if meta.agent_down or not meta.saves:
+            if agent is not None:
+                agent.end_layers()
             return
         t0 = time.perf_counter()
-        if agent is not None and agent.ready():
+        if agent is not None and agent.end_layers():
+            pass  # handed over layer by layer during the forward pass
+        elif agent is not None and agent.ready():
             agent.save(meta.saves)  # returns once handed over; blocks held until done
         else:
             self._worker.save(meta.saves)  # copies now

@@ -64,6 +64,7 @@ class WorkerStats(Counters):
     save_errors: int = 0
     save_stale: int = 0  # chunks not committed: the arena was remapped since their reserve
     save_wait_s: float = 0.0  # time the forward pass spent in wait_for_save
+    save_layer_s: float = 0.0  # ... and in save_kv_layer (agent mode: handing saves over)
 
 
 @dataclass(frozen=True, slots=True)

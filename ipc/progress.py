@@ -12,6 +12,9 @@ A slot, ``slot_bytes`` long (``slot_bytes(num_layers)``)::
     [1]            result: RESULT_OK or RESULT_FAILED (valid once done)
     [8 .. 8+L)     layer i: the job's seq once layer i is moved (loads: readable)
     [8+L .. +C)    chunk c: its CHUNK_* outcome (valid once done; loads: once layer 0 is)
+    [8+L+C .. +L)  computed i: written by the worker, not the agent: the job's seq once
+                   the forward pass has written layer i (layer-wise saves: the agent
+                   copies layer i only after it reads this byte)
 
 Every byte is written whole (single-byte stores cannot tear) and carries the job's
 ``seq`` (1..255, per slot), so a byte left from the slot's previous job never reads as
@@ -39,7 +42,7 @@ CHUNK_CODES_MAX = CHUNK_FAILED
 def slot_bytes(num_layers: int) -> int:
     """Bytes of one slot for a cache of ``num_layers`` layers, 64-byte aligned so
     neighbouring slots never share a cache line."""
-    raw = HEADER_BYTES + num_layers + JOB_CHUNKS_MAX
+    raw = HEADER_BYTES + 2 * num_layers + JOB_CHUNKS_MAX
     return (raw + 63) // 64 * 64
 
 
@@ -49,3 +52,7 @@ def layer_byte(layer: int) -> int:
 
 def chunk_byte(num_layers: int, chunk: int) -> int:
     return HEADER_BYTES + num_layers + chunk
+
+
+def computed_byte(num_layers: int, layer: int) -> int:
+    return HEADER_BYTES + num_layers + JOB_CHUNKS_MAX + layer

@@ -244,7 +244,7 @@ class JobReq(_Msg, tag=13):
     cache's ``blocks`` (per key, the chunk's block ids; a load's ``offsets`` give each
     key's first block inside the stored entry). ``slot``/``seq`` name the worker's
     progress slot the agent reports into. Saves carry groups, parents and tokens like
-    a commit."""
+    a commit; a ``layerwise`` save is copied layer by layer as the worker computes."""
 
     rid: Rid
     client_id: ClientId
@@ -263,6 +263,9 @@ class JobReq(_Msg, tag=13):
         list[Annotated[bytes, Meta(max_length=KEY_BYTES)]], Meta(max_length=JOB_CHUNKS_MAX)
     ] = []
     tokens: Annotated[list[Tokens], Meta(max_length=JOB_CHUNKS_MAX)] = []
+    # A save handed over while the forward pass runs: the agent copies layer i once
+    # the worker has marked it computed in the job's slot (``progress.computed_byte``).
+    layerwise: bool = False
 
 
 # ---------------------------------------------------------------- operators

@@ -23,12 +23,14 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvnode.ipc import progress as PG
 
 log = logging.getLogger("kvnode.agent")
 
 JOBS_QUEUED_MAX = 256  # jobs waiting for one device's copy thread
+PARKED_POLL_S = (20e-6, 500e-6)  # parked layer-wise saves: first and longest poll wait
 
 
 class MoverError(Exception):
@@ -95,7 +97,11 @@ class Job:
     tokens: list[list[int]] = field(default_factory=list)
     failed: str = ""  # why the whole job failed ("" when it did not)
     moved_bytes: int = 0
-    copy_s: float = 0.0
+    copy_s: float = 0.0  # time its mover spent on it (not the time it waited parked)
+    layerwise: bool = False  # a save copied as the worker's forward pass computes
+    layer: int = 0  # layer-wise saves: the next layer (export order) to copy
+    computed: int = 0  # layer-wise saves: layers the worker has marked computed
+    state: Any = None  # the mover's own state of a job it parked
 
     def fail(self, why: str) -> None:
         self.failed = self.failed or why
@@ -108,6 +114,7 @@ class Mover(ABC):
     """Moves bytes between the arena and one kind of device's exported caches."""
 
     device: str = ""
+    layerwise_saves = False  # copies a save's layers as the worker marks them computed
 
     @abstractmethod
     def attach(self, export: Export, probe: int, nonce: bytes) -> str:
@@ -115,10 +122,15 @@ class Mover(ABC):
         why not (the worker then copies itself)."""
 
     @abstractmethod
-    def run(self, job: Job) -> None:
+    def run(self, job: Job) -> bool:
         """Move the job's bytes, layer by layer, reporting into its progress slot;
         set each chunk's status (and a save's checksums). Raises nothing: a failure
-        is recorded on the job (``job.fail``)."""
+        is recorded on the job (``job.fail``). False: a layer-wise save stopped at a
+        layer the worker has not computed yet (run it again once ``ready``)."""
+
+    def ready(self, job: Job) -> bool:
+        """Whether a parked layer-wise save can go on (its next layer is computed)."""
+        return True
 
     @abstractmethod
     def report(self, job: Job) -> None:
@@ -146,12 +158,18 @@ def report(mover: Mover, job: Job) -> None:
 
 class CopyThread:
     """One device's copy thread: runs jobs in order, hands each back through
-    ``on_done`` (called on this thread; it must only queue and wake the loop)."""
+    ``on_done`` (called on this thread; it must only queue and wake the loop).
+
+    A layer-wise save that reaches a layer its worker has not computed is parked:
+    the thread takes the jobs queued behind it (a load another worker's forward pass
+    waits for must never wait for this one's) and goes back to it once the layer is
+    marked, polling with a backoff of ``PARKED_POLL_S``."""
 
     def __init__(self, mover: Mover, on_done: Callable[[Job], None]) -> None:
         self.mover = mover
         self._on_done = on_done
         self._queue: queue.Queue[Job | None] = queue.Queue(JOBS_QUEUED_MAX)
+        self._parked: list[Job] = []
         self._thread = threading.Thread(
             target=self._run, name=f"kvnode-mover-{mover.device}", daemon=True
         )
@@ -166,20 +184,56 @@ class CopyThread:
         return True
 
     def depth(self) -> int:
-        return self._queue.qsize()
+        return self._queue.qsize() + len(self._parked)
+
+    def _next(self) -> Job | None:
+        """A queued job first, else a parked one that can go on (or must end: its
+        worker gone or its deadline passed, which its run then reports); None when
+        the thread is to stop."""
+        wait = PARKED_POLL_S[0]
+        while True:
+            try:
+                return self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            now = time.monotonic()
+            for job in self._parked:
+                if not job.export.alive or now > job.deadline or self._ready(job):
+                    self._parked.remove(job)
+                    return job
+            if not self._parked:
+                return self._queue.get()
+            try:
+                return self._queue.get(timeout=wait)
+            except queue.Empty:
+                wait = min(2 * wait, PARKED_POLL_S[1])
+
+    def _ready(self, job: Job) -> bool:
+        try:
+            return self.mover.ready(job)
+        except Exception:
+            log.exception("mover %s failed to poll a parked job", self.mover.device)
+            return True  # its run fails it
 
     def _run(self) -> None:
         while True:
-            job = self._queue.get()
+            job = self._next()
             if job is None:
+                for parked in self._parked:  # the agent stops: nothing more is copied
+                    parked.fail("the agent is stopping")
+                    self._on_done(parked)
                 return
             t0 = time.perf_counter()
             try:
-                self.mover.run(job)
+                finished = self.mover.run(job)
             except Exception as exc:  # a bug in a mover must not kill the thread
                 log.exception("mover %s failed a job", self.mover.device)
                 job.fail(f"internal error: {exc}")
-            job.copy_s = time.perf_counter() - t0
+                finished = True
+            job.copy_s += time.perf_counter() - t0
+            if not finished and not job.failed:
+                self._parked.append(job)
+                continue
             if job.load:  # a save is reported by the loop, once its entries are committed
                 report(self.mover, job)
             self._on_done(job)

@@ -42,6 +42,7 @@ log = logging.getLogger("kvnode.agent")
 IOV_MAX = 1024  # UIO_MAXIOV: iovecs per system call on either side
 Piece = tuple[int, int]  # (address, bytes)
 T = TypeVar("T")
+E = TypeVar("E")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _vm_fn = {}
@@ -134,6 +135,20 @@ def batches(
         yield loc, rem, nbytes
 
 
+def runs(items: list[E], n: int) -> list[list[E]]:
+    """``items`` split into at most ``n`` runs of neighbours, as even as can be."""
+    n = min(n, len(items))
+    if n <= 1:
+        return [items] if items else []
+    step, extra = divmod(len(items), n)
+    out, at = [], 0
+    for i in range(n):
+        size = step + (1 if i < extra else 0)
+        out.append(items[at : at + size])
+        at += size
+    return out
+
+
 def _add(pieces: list[Piece], addr: int, n: int) -> None:
     if pieces:
         last_addr, last_n = pieces[-1]
@@ -172,12 +187,39 @@ def extent_pieces(
         raise MoverError(f"entry of {pos} bytes has no payload bytes [{start}, {end})")
 
 
+class _SaveState:
+    """A save in progress: its chunks, their checksums so far, which layers are read
+    and how far each chunk's checksum has been fed (payload order)."""
+
+    def __init__(self, mover: CpuMover, job: Job) -> None:
+        self.work = [c for c in job.chunks if c.status == PG.CHUNK_PENDING]
+        self.hashers = [xxhash.xxh3_64() for _ in self.work]
+        pairs = list(zip(self.work, self.hashers))
+        self.groups = runs(pairs, mover.threads)
+        self.payload = sorted(job.export.layers, key=lambda x: x.payload_offset)
+        self._rank = {layer.name: i for i, layer in enumerate(self.payload)}
+        self._read = [False] * len(self.payload)
+        self._hashed = 0
+
+    def read(self, layer: Layer) -> list[Layer]:
+        """``layer`` is about to be read: the layers whose checksum turn comes now."""
+        self._read[self._rank[layer.name]] = True
+        due: list[Layer] = []
+        while self._hashed < len(self.payload) and self._read[self._hashed]:
+            due.append(self.payload[self._hashed])
+            self._hashed += 1
+        return due
+
+
 class CpuMover(Mover):
     """Cross-memory attach. ``arena``: the agent's mapping of the arena segment.
 
     ``threads`` copy at once (the copy thread and ``threads - 1`` helpers): the
     kernel copies a cross-memory attach at about half of memcpy's rate on one core,
     as it pins every page it touches, so a second core brings it near memcpy's."""
+
+    device = "cpu"
+    layerwise_saves = True
 
     def __init__(self, arena: memoryview, threads: int = 2) -> None:
         if not available():
@@ -218,14 +260,31 @@ class CpuMover(Mover):
         return ""
 
     # ------------------------------------------------------------------ jobs
-    def run(self, job: Job) -> None:
+    def run(self, job: Job) -> bool:
         try:
             if job.load:
                 self._load(job)
             else:
-                self._save(job)
+                return self._save(job)
         except MoverError as exc:
             job.fail(str(exc))
+        return True
+
+    def ready(self, job: Job) -> bool:
+        """A parked layer-wise save: read the worker's computed bytes (one call)."""
+        ex = job.export
+        nl = len(ex.layers)
+        marks = bytearray(nl)
+        at = ex.slot_address(job.slot) + PG.computed_byte(nl, 0)
+        try:
+            transfer(ex.pid, [(_addr(marks), nl)], [(at, nl)], write=False)
+        except MoverError:
+            return True  # its run finds out what is wrong (worker gone) and fails it
+        n = 0
+        while n < nl and marks[n] == job.seq:
+            n += 1
+        job.computed = n
+        return n > job.layer
 
     def _check(self, job: Job) -> None:
         if not job.export.alive:
@@ -233,22 +292,7 @@ class CpuMover(Mover):
         if time.monotonic() > job.deadline:
             raise MoverError("job deadline passed")
 
-    def _groups(self, work: list[ChunkWork], threads: int) -> list[list[ChunkWork]]:
-        """The chunks split into one run of neighbours per copying thread."""
-        n = min(threads, len(work))
-        if n <= 1:
-            return [work] if work else []
-        step, extra = divmod(len(work), n)
-        out, at = [], 0
-        for i in range(n):
-            size = step + (1 if i < extra else 0)
-            out.append(work[at : at + size])
-            at += size
-        return out
-
-    def _parallel(
-        self, fn: Callable[[list[ChunkWork]], T], groups: list[list[ChunkWork]]
-    ) -> list[T]:
+    def _parallel(self, fn: Callable[[list[E]], T], groups: list[list[E]]) -> list[T]:
         """``fn`` over every group at once: the first on this thread, the others on
         the helpers. Every group has ended when this returns (a failure included)."""
         futures = [self._pool.submit(fn, g) for g in groups[1:]] if self._pool else []
@@ -261,46 +305,52 @@ class CpuMover(Mover):
                 raise exc
         return first + [f.result() for f in futures]
 
-    def _save(self, job: Job) -> None:
-        """Every thread takes a run of the job's chunks through all layers, in the
-        export's (forward) order, one read a layer. Each chunk's checksum is fed in
-        payload order, as soon as the layers before in payload order are read (right
-        after the read where forward and payload order agree: names sort as numbers
-        below ten layers)."""
+    def _save(self, job: Job) -> bool:
+        """Layer by layer in the export's (forward) order, each layer read by every
+        copying thread at once, one call a thread for its run of the job's chunks.
+        Each chunk's checksum is fed in payload order, as soon as the layers before in
+        payload order are read (right after the read where forward and payload order
+        agree: names sort as numbers below ten layers). A layer-wise save stops at a
+        layer the worker has not marked computed (False) and goes on from there when
+        run again."""
         ex = job.export
-        work = [c for c in job.chunks if c.status == PG.CHUNK_PENDING]
-        payload = sorted(ex.layers, key=lambda x: x.payload_offset)
-        rank = {layer.name: i for i, layer in enumerate(payload)}
-
-        def save_group(group: list[ChunkWork]) -> tuple[list[int], int]:
-            hashers = [xxhash.xxh3_64() for _ in group]
-            read = [False] * len(payload)
-            hashed = moved = 0
-            for layer in ex.layers:
-                self._check(job)
-                read[rank[layer.name]] = True
-                ready: list[Layer] = []
-                while hashed < len(payload) and read[hashed]:
-                    ready.append(payload[hashed])
-                    hashed += 1
-                local: list[Piece] = []
-                remote: list[Piece] = []
-                for c in group:
-                    span = len(c.blocks) * layer.block_nbytes
-                    extent_pieces(self.addr, c.extents, layer.payload_offset, span, local)
-                    block_pieces(layer, c.blocks, remote)
-                moved += transfer(ex.pid, local, remote, write=False)
-                for c, h in zip(group, hashers):
-                    for done in ready:
-                        self._hash_layer(h, c, done)
-            return [h.intdigest() or 1 for h in hashers], moved
-
-        results = self._parallel(save_group, self._groups(work, self.threads))
-        sums = [value for values, _ in results for value in values]
-        job.moved_bytes += sum(moved for _, moved in results)
-        for c, value in zip(work, sums):
-            c.checksum = value
+        st = job.state
+        if st is None:
+            st = job.state = _SaveState(self, job)
+        while job.layer < len(ex.layers):
+            if job.layerwise and job.layer >= job.computed and not self.ready(job):
+                self._check(job)  # a worker gone or a deadline passed ends the wait
+                return False
+            self._check(job)
+            layer = ex.layers[job.layer]
+            ready = st.read(layer)
+            moved = self._parallel(
+                functools.partial(self._save_layer, job, layer, ready), st.groups
+            )
+            job.moved_bytes += sum(moved)
+            job.layer += 1
+        for c, h in zip(st.work, st.hashers):
+            c.checksum = h.intdigest() or 1
             c.status = PG.CHUNK_OK
+        job.state = None
+        return True
+
+    def _save_layer(
+        self, job: Job, layer: Layer, ready: list[Layer], group: list[tuple[ChunkWork, Any]]
+    ) -> int:
+        """One thread's share of a layer: read its chunks' blocks into their entries
+        in one call, then feed each chunk's checksum the layers now due."""
+        local: list[Piece] = []
+        remote: list[Piece] = []
+        for c, _ in group:
+            span = len(c.blocks) * layer.block_nbytes
+            extent_pieces(self.addr, c.extents, layer.payload_offset, span, local)
+            block_pieces(layer, c.blocks, remote)
+        moved = transfer(job.export.pid, local, remote, write=False)
+        for c, h in group:
+            for done in ready:
+                self._hash_layer(h, c, done)
+        return moved
 
     def _hash_layer(self, h: Any, c: ChunkWork, layer: Layer) -> None:
         pieces: list[Piece] = []
@@ -319,7 +369,7 @@ class CpuMover(Mover):
         ex = job.export
         pending = [c for c in job.chunks if c.status == PG.CHUNK_PENDING]
         verifying = self._helper.submit(self._verify, pending)
-        groups = self._groups(pending, max(1, self.threads - 1))  # one verifies
+        groups = runs(pending, max(1, self.threads - 1))  # one thread verifies
         slot = ex.slot_address(job.slot)
         seq = bytes([job.seq])
         unannounced: list[int] = []

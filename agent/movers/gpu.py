@@ -89,8 +89,9 @@ class GpuMover(CpuMover):
     ``direct`` (``kvnode.kernels.gpumove``)."""
 
     def __init__(self, arena: memoryview, device: str = "cuda", route: str = "staging") -> None:
-        super().__init__(arena)  # cross-memory attach: the probe and the progress page
+        super().__init__(arena, threads=1)  # cross-memory attach: the probe and the progress page
         self.device = device
+        self.layerwise_saves = False
         self.route = route
         # Registered on the first job, on the copy thread: a large arena takes seconds,
         # which the agent's loop must not wait for.
@@ -208,7 +209,9 @@ class GpuMover(CpuMover):
             _Registration.release()
 
     # ------------------------------------------------------------------ jobs
-    def run(self, job: Job) -> None:
+    def run(self, job: Job) -> bool:
+        """Whole saves only (the worker records its stream's event at the end of the
+        forward pass): ``layerwise`` jobs are refused for GPU exports."""
         if not self._acquired:
             self._acquired = True
             self.registered = self._register(self._arena)
@@ -222,6 +225,7 @@ class GpuMover(CpuMover):
             job.fail(str(exc))
         except (RuntimeError, ValueError) as exc:  # CUDA errors, refused jobs (CopyError)
             job.fail(f"GPU copy failed: {exc}")
+        return True
 
     def _save_gpu(self, job: Job, opened: Opened) -> None:
         work = [c for c in job.chunks if c.status == PG.CHUNK_PENDING]

@@ -91,6 +91,7 @@ class TransferCounters:
     jobs: int = 0
     jobs_failed: int = 0
     jobs_refused: int = 0  # too many in flight, or a device queue full
+    layerwise_jobs: int = 0  # saves handed over during the forward pass
     save_chunks: int = 0
     save_bytes: int = 0
     save_exists: int = 0
@@ -211,15 +212,22 @@ class Transfers:
         if self.inflight >= JOBS_INFLIGHT_MAX:
             self.counters.jobs_refused += 1
             return P.Error(m.rid, P.ErrCode.TOO_MANY_KEYS, "too many jobs in flight")
+        thread = self._threads[ex.device]
+        if m.layerwise and (m.load or not thread.mover.layerwise_saves):
+            return P.Error(
+                m.rid, P.ErrCode.BAD_FRAME, f"no layer-wise {'loads' if m.load else 'saves'} "
+                f"for {ex.device} exports",
+            )  # fmt: skip
         n = len(m.keys)
         job = Job(ex, m.load, m.slot, m.seq, [], bytearray(n), time.monotonic() + JOB_DEADLINE_S)
+        job.layerwise = m.layerwise
+        self.counters.layerwise_jobs += m.layerwise
         if m.load:
             self._pin(job, m)
         else:
             self._reserve(job, m)
         self.counters.jobs += 1
         self.inflight += 1
-        thread = self._threads[ex.device]
         if not job.chunks:
             self._finish_here(job, thread)
         elif not thread.submit(job):

@@ -325,6 +325,109 @@ def test_worker_killed_mid_transfer_leaks_nothing(big_agent: AgentProcess, load:
         assert s["arena"]["entries"] == t["save_chunks"]
 
 
+# ---------------------------------------------------------------- layer-wise saves
+def _wait_done(path: Any, rids: set[str], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.finished(rids):
+        assert time.monotonic() < deadline, "the save never ended"
+        time.sleep(0.001)
+
+
+def test_a_layerwise_save_copies_each_layer_only_once_it_is_marked_computed(
+    big_agent: AgentProcess,
+) -> None:
+    """The agent gets the save before the forward pass has written the later layers:
+    what it stores for layer i is what the cache holds when the worker marks layer i,
+    not before; and the job does not end while a layer is unmarked."""
+    rd = str(big_agent.runtime_dir)
+    kv = _cache(11)
+    _, p1 = _path(rd, kv)
+    ops = _ops(3, 0, tag=40)
+    names = sorted(kv, key=lambda n: p1.layer_pos[n])
+    assert p1.ready()
+    for name in names[:2]:  # "computed" before the hand-over
+        p1.save_layer(name, ops)
+    time.sleep(0.2)  # the agent copies layers 0 and 1, then waits for layer 2
+    assert not p1.finished(set(ops)) and p1._saves, "ended before every layer was marked"
+    for name in names[2:]:  # the forward pass writes the later layers only now
+        kv[name].mul_(-1.0).add_(3.0)
+        p1.save_layer(name, ops)
+        time.sleep(0.02)
+    assert p1.end_layers()
+    _wait_done(p1, set(ops))
+    assert p1.stats.save_chunks == 3 and p1.stats.save_errors == 0
+    dst = {k: torch.zeros_like(v) for k, v in kv.items()}
+    w2, _ = _path(rd, dst)
+    w2.load(_ops(3, 20, tag=40))
+    assert w2.take_load_errors() == set()  # the agent's checksum covers what it read
+    for k in kv:
+        assert torch.equal(kv[k][: 3 * BPC], dst[k][20 : 20 + 3 * BPC]), k
+
+
+def test_a_parked_layerwise_save_never_holds_up_another_workers_load(
+    big_agent: AgentProcess,
+) -> None:
+    """Worker A's save waits for A's forward pass (no layer marked); worker B's load,
+    queued behind it on the same copy thread, is served meanwhile: with tensor
+    parallelism A's forward pass may itself wait for B's."""
+    rd = str(big_agent.runtime_dir)
+    src = _cache(12)
+    _, p0 = _path(rd, src)
+    _save(p0, _ops(4, 0, tag=50))
+    _, pa = _path(rd, _cache(13))
+    a_ops = _ops(2, 0, tag=51)
+    pa.begin_layers(a_ops)  # nothing marked: parked at layer 0
+    assert pa._layer_handed
+    pa.link.call(lambda c: c.flush(1.0))
+    time.sleep(0.1)
+    dst = {k: torch.zeros_like(v) for k, v in src.items()}
+    _, pb = _path(rd, dst)
+    t0 = time.monotonic()
+    assert _load(pb, _ops(4, 16, tag=50)) == set()
+    assert time.monotonic() - t0 < 10, "the load waited for the parked save"
+    for k in src:
+        assert torch.equal(src[k][: 4 * BPC], dst[k][16 : 16 + 4 * BPC]), k
+    assert not pa.finished(set(a_ops))
+    for name in pa.layer_pos:
+        pa.save_layer(name, a_ops)
+    assert pa.end_layers()
+    _wait_done(pa, set(a_ops))
+    assert pa.stats.save_chunks == 2
+
+
+def _parked_worker(runtime_dir: str, ready: Any) -> None:
+    """Hands over a layer-wise save, marks one layer, and dies."""
+    kv = _cache(14)
+    _, path = _path(runtime_dir, kv)
+    ops = _ops(3, 0, tag=60)
+    path.save_layer(next(iter(path.layer_pos)), ops)
+    path.link.call(lambda c: c.flush(0.5))
+    ready.set()
+    time.sleep(0.3)  # the agent copies layer 0 and parks
+    os._exit(0)
+
+
+def test_a_worker_that_dies_in_its_forward_pass_leaves_no_save_behind(
+    big_agent: AgentProcess,
+) -> None:
+    rd = str(big_agent.runtime_dir)
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    proc = ctx.Process(target=_parked_worker, args=(rd, ready))
+    proc.start()
+    proc.join(60)
+    assert ready.is_set()
+    deadline = time.monotonic() + 20
+    while True:
+        s = big_agent_stats(big_agent)
+        t = s["transfers"]["agent"]
+        if t["jobs_inflight"] == 0 and s["arena"]["reserved"] == 0 and not t["exporting_workers"]:
+            break
+        assert time.monotonic() < deadline, s
+        time.sleep(0.05)
+    assert s["arena"]["entries"] == 0 and t["jobs_failed"] >= 1
+
+
 def test_an_export_with_a_wrong_probe_is_refused(big_agent: AgentProcess) -> None:
     from kvnode.ipc import protocol as P
     from kvnode.ipc.client import AgentClient

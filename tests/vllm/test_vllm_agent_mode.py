@@ -110,6 +110,8 @@ def test_two_processes_share_the_agent_in_agent_mode(
     assert t["agent"]["save_chunks"] == 6, t  # A's 4 chunks and E's 2, moved by the agent
     assert t["worker"]["save_bytes"] == 0, t  # no worker copied a byte itself
     assert t["agent"]["exporting_workers"] == 0, t  # the process is gone, so is its export
+    # vLLM named each layer as its forward pass wrote it: the saves went over then.
+    assert t["agent"]["layerwise_jobs"] == t["agent"]["jobs"] >= 2, t
 
     keys_e = chunk_keys(_namespace(tiny_model), E, C)
     _corrupt(agent, keys_e[1])
