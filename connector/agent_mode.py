@@ -406,7 +406,7 @@ class AgentPath:
         if self._layer_step is None:  # the step's first layer
             self.begin_layers(saves)
         at = PG.computed_byte(self.num_layers, i)
-        for job in self._layer_step:
+        for job in self._layer_step or ():
             self.page[job.slot, at] = job.seq
 
     def begin_layers(self, saves: dict[str, list[ChunkOp]]) -> None:
