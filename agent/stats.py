@@ -34,10 +34,12 @@ class LatencyRing:
         self._pos = (self._pos + 1) % len(self._buf)
         self.count += 1
 
-    def summary(self) -> dict[str, float]:
+    def summary(self) -> dict[str, float | None]:
+        """Quantiles in µs of the recent samples; None (JSON null) with no samples,
+        never a 0.0 that reads as an instant answer."""
         n = min(self.count, len(self._buf))
         if n == 0:
-            return {"p50": 0.0, "p90": 0.0, "p99": 0.0, "count": 0}
+            return {"p50": None, "p90": None, "p99": None, "count": 0}
         data = sorted(self._buf[:n])
 
         def q(p: float) -> float:
@@ -59,5 +61,5 @@ class Stats:
     def observe(self, op: str, seconds: float) -> None:
         self.latency[op].add(seconds * 1e6)
 
-    def latency_summary(self) -> dict[str, dict[str, float]]:
+    def latency_summary(self) -> dict[str, dict[str, float | None]]:
         return {op: ring.summary() for op, ring in self.latency.items()}

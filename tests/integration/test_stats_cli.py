@@ -28,6 +28,9 @@ def test_json_reflects_stores_and_reads(agent: AgentProcess, client: AgentClient
     assert s["counters"]["commits"] == 1 and s["counters"]["bytes_out"] == 5000
     assert s["arena"]["entries"] == 1 and s["clients"] >= 1
     assert set(s["latency_us"]) >= {"lookup", "reserve", "commit", "pin", "release"}
+    # put reserved: a measured time. Nothing was looked up: null, not an instant 0.0.
+    assert s["latency_us"]["reserve"]["count"] >= 1 and s["latency_us"]["reserve"]["p50"] > 0
+    assert s["latency_us"]["lookup"] == {"p50": None, "p90": None, "p99": None, "count": 0}
 
 
 def test_check_exit_status(agent: AgentProcess, tmp_path: Path) -> None:
