@@ -17,8 +17,10 @@ from this run, on this machine:
   the ratio within a round (each round runs both, back to back, order alternating).
 - ``save_wait_share``: the time the forward pass spent inside ``wait_for_save`` over
   the saves' copy time (agent mode: the agent's copy threads' time on saves; worker
-  mode: the worker's own save time, so about 1). ``--transfer agent|worker`` picks
-  who moves the bytes (the connector's ``kvnode.transfer``);
+  mode: the worker's own save time, so about 1). ``save_handover_share`` adds the
+  time spent in ``save_kv_layer`` (where agent mode on the CPU hands the saves over
+  and marks layers). ``--transfer agent|worker`` picks who moves the bytes (the
+  connector's ``kvnode.transfer``);
 - ``nohit_short_throughput_ratio``: the same for many short unique prompts at once
   (``--short-tokens`` 128, ``--short-batch`` 64 in flight per round), where the
   connector's per-request and per-step costs show rather than the prefill's. Prompts
@@ -286,6 +288,7 @@ def parent(a: argparse.Namespace) -> dict[str, Any]:
     med = statistics.median
     cold, apc, kv = med(r["cold"]), med(r["apc"]), med(r["kvnode"])
     wait_s = sum(t.get("save_wait_s", 0.0) for t in r["totals"])
+    layer_s = sum(t.get("save_layer_s", 0.0) for t in r["totals"])
     agent_t = r["agent"][0]
     if a.transfer == "agent":
         copy_s = agent_t.get("agent", {}).get("save_copy_s", 0.0)
@@ -301,6 +304,9 @@ def parent(a: argparse.Namespace) -> dict[str, Any]:
         "speedup": round(cold / kv, 2),
         "save_wait_share": round(wait_s / copy_s, 4) if copy_s else None,
         "save_wait_s": round(wait_s, 4),
+        # Agent mode on the CPU hands saves over inside save_kv_layer: that time counted too.
+        "save_handover_share": round((wait_s + layer_s) / copy_s, 4) if copy_s else None,
+        "save_layer_s": round(layer_s, 4),
         "save_copy_s": round(copy_s, 4),
         "agent_save_bytes": agent_t.get("agent", {}).get("save_bytes"),
         "agent_load_bytes": agent_t.get("agent", {}).get("load_bytes"),
