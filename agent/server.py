@@ -327,8 +327,9 @@ class Agent:
                 self._drain_socket(first_ready=False)
 
     def _poll_timeout_ms(self) -> int:
+        # Transfers need no short timer: a copy thread wakes the loop when it hands a
+        # job back (a save in flight lasts a whole forward pass on the CPU).
         busy = self.cache.busy() or (self.fleet is not None and self.fleet.busy())
-        busy = busy or (self.transfers is not None and self.transfers.busy())
         return 5 if busy else _POLL_MS_MAX
 
     def _guard(self, fn: Callable[[], Any]) -> None:

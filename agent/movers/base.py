@@ -30,7 +30,9 @@ from kvnode.ipc import progress as PG
 log = logging.getLogger("kvnode.agent")
 
 JOBS_QUEUED_MAX = 256  # jobs waiting for one device's copy thread
-PARKED_POLL_S = (20e-6, 500e-6)  # parked layer-wise saves: first and longest poll wait
+# Parked layer-wise saves: first and longest poll wait. A layer of a prefill takes
+# milliseconds; a tighter poll takes the cores the forward pass computes on.
+PARKED_POLL_S = (50e-6, 2e-3)
 
 
 class MoverError(Exception):

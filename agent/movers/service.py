@@ -286,9 +286,6 @@ class Transfers:
         while self._done:
             self._settle(self._done.popleft())
 
-    def busy(self) -> bool:
-        return self.inflight > 0
-
     def _settle(self, job: Job) -> None:
         self.inflight -= 1
         ctr = self.counters
