@@ -30,9 +30,10 @@ from kvnode.ipc import progress as PG
 log = logging.getLogger("kvnode.agent")
 
 JOBS_QUEUED_MAX = 256  # jobs waiting for one device's copy thread
-# Parked layer-wise saves: first and longest poll wait. A layer of a prefill takes
-# milliseconds; a tighter poll takes the cores the forward pass computes on.
-PARKED_POLL_S = (50e-6, 2e-3)
+# Parked layer-wise saves: first and longest poll wait, doubling while the worker
+# computes. A layer of a prefill takes milliseconds to seconds: each poll is a thread
+# wake-up and a system call taken from the cores the forward pass computes on.
+PARKED_POLL_S = (100e-6, 20e-3)
 
 
 class MoverError(Exception):
