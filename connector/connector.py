@@ -62,10 +62,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvnode.connector")
 LOG_INTERVAL_S = 60.0
 EVENTS_QUEUED_MAX = 100_000  # stored-chunk events waiting for vLLM's take_events
-# transfer "auto" on the CPU backend. Worker mode until agent mode measures faster there:
-# on a 2-core machine shared with other work, agent mode's saves left the forward pass
-# (save_wait_share 0.04) but its loads were slower (vs_apc 1.26 against 1.02), the
-# agent's threads waiting for a core. Flip where cores are not oversubscribed.
+# transfer "auto" on the CPU backend. Worker mode until agent mode measures faster there.
+# On a quiet 2-core machine (benchmarks/vllm_ttft.py, 12 rounds, back to back) agent
+# mode took the saves out of the forward pass (save_wait_share 0.003 against 1.0) and
+# met the TTFT targets (speedup 22.9, vs_apc 1.04), but worker mode served hits as fast
+# (22.1, 0.99) and kept more no-hit throughput (0.99 against 0.97-0.98): on 2 cores the
+# agent's copies take cycles from vLLM's own threads. Flip where the agent has a core.
 AUTO_AGENT_ON_CPU = False
 
 
