@@ -271,20 +271,26 @@ class CpuMover(Mover):
         return True
 
     def ready(self, job: Job) -> bool:
-        """A parked layer-wise save: read the worker's computed bytes (one call)."""
+        """Whether a parked layer-wise save can go on: its next layer is marked
+        computed (or reading the marks failed: its run then fails it)."""
+        try:
+            return self._computed(job) > job.layer
+        except MoverError:
+            return True
+
+    def _computed(self, job: Job) -> int:
+        """Read the worker's computed marks (one call): how many layers, from the
+        first, the forward pass has written for this job."""
         ex = job.export
         nl = len(ex.layers)
         marks = bytearray(nl)
         at = ex.slot_address(job.slot) + PG.computed_byte(nl, 0)
-        try:
-            transfer(ex.pid, [(_addr(marks), nl)], [(at, nl)], write=False)
-        except MoverError:
-            return True  # its run finds out what is wrong (worker gone) and fails it
+        transfer(ex.pid, [(_addr(marks), nl)], [(at, nl)], write=False)
         n = 0
         while n < nl and marks[n] == job.seq:
             n += 1
-        job.computed = n
-        return n > job.layer
+        job.computed = max(job.computed, n)
+        return job.computed
 
     def _check(self, job: Job) -> None:
         if not job.export.alive:
@@ -306,8 +312,8 @@ class CpuMover(Mover):
         return first + [f.result() for f in futures]
 
     def _save(self, job: Job) -> bool:
-        """Layer by layer in the export's (forward) order, each layer read by every
-        copying thread at once, one call a thread for its run of the job's chunks.
+        """Layer by layer in the export's (forward) order, every copying thread taking
+        a run of the job's chunks through the layers, one call a layer.
         Each chunk's checksum is fed in payload order, as soon as the layers before in
         payload order are read (right after the read where forward and payload order
         agree: names sort as numbers below ten layers). A layer-wise save stops at a
@@ -318,38 +324,42 @@ class CpuMover(Mover):
         if st is None:
             st = job.state = _SaveState(self, job)
         while job.layer < len(ex.layers):
-            if job.layerwise and job.layer >= job.computed and not self.ready(job):
-                self._check(job)  # a worker gone or a deadline passed ends the wait
-                return False
-            self._check(job)
-            layer = ex.layers[job.layer]
-            ready = st.read(layer)
-            moved = self._parallel(
-                functools.partial(self._save_layer, job, layer, ready), st.groups
-            )
+            self._check(job)  # a worker gone or a deadline passed ends the job
+            if job.layerwise and job.layer >= job.computed and self._computed(job) <= job.layer:
+                return False  # parked until the forward pass marks the next layer
+            end = min(job.computed, len(ex.layers)) if job.layerwise else len(ex.layers)
+            # Every layer that can be read now, in one go a thread (no wait per layer).
+            plan = [(layer, st.read(layer)) for layer in ex.layers[job.layer : end]]
+            moved = self._parallel(functools.partial(self._save_layers, job, plan), st.groups)
             job.moved_bytes += sum(moved)
-            job.layer += 1
+            job.layer = end
         for c, h in zip(st.work, st.hashers):
             c.checksum = h.intdigest() or 1
             c.status = PG.CHUNK_OK
         job.state = None
         return True
 
-    def _save_layer(
-        self, job: Job, layer: Layer, ready: list[Layer], group: list[tuple[ChunkWork, Any]]
+    def _save_layers(
+        self,
+        job: Job,
+        plan: list[tuple[Layer, list[Layer]]],
+        group: list[tuple[ChunkWork, Any]],
     ) -> int:
-        """One thread's share of a layer: read its chunks' blocks into their entries
-        in one call, then feed each chunk's checksum the layers now due."""
-        local: list[Piece] = []
-        remote: list[Piece] = []
-        for c, _ in group:
-            span = len(c.blocks) * layer.block_nbytes
-            extent_pieces(self.addr, c.extents, layer.payload_offset, span, local)
-            block_pieces(layer, c.blocks, remote)
-        moved = transfer(job.export.pid, local, remote, write=False)
-        for c, h in group:
-            for done in ready:
-                self._hash_layer(h, c, done)
+        """One thread's share of some layers: per layer, read its chunks' blocks into
+        their entries in one call, then feed each chunk's checksum the layers due."""
+        moved = 0
+        for layer, due in plan:
+            self._check(job)
+            local: list[Piece] = []
+            remote: list[Piece] = []
+            for c, _ in group:
+                span = len(c.blocks) * layer.block_nbytes
+                extent_pieces(self.addr, c.extents, layer.payload_offset, span, local)
+                block_pieces(layer, c.blocks, remote)
+            moved += transfer(job.export.pid, local, remote, write=False)
+            for c, h in group:
+                for done in due:
+                    self._hash_layer(h, c, done)
         return moved
 
     def _hash_layer(self, h: Any, c: ChunkWork, layer: Layer) -> None:
