@@ -82,6 +82,7 @@ _M64 = (1 << 64) - 1
 
 # header word indices
 _MAGIC, _VERSION, _CAPACITY, _GENERATION, _HSEQ, _ACTIVE = 0, 1, 2, 3, 4, 5
+_U64 = (1 << 64) - 1
 _LOWER, _CLOSED, _HEARTBEAT, _PROBE_MAX, _PID, _PID_NS = 6, 7, 8, 9, 10, 11
 _HEADER_WORDS = HEADER_BYTES // 8
 
@@ -301,12 +302,12 @@ class ShmIndexWriter:
         """Seqlocked store: odd seq, fingerprint, even seq, in that order."""
         i = self._base() + slot
         w = self._w
-        seq = w[i]
-        w[i] = seq + 1
+        busy, done = _seqlock_steps(w[i])
+        w[i] = busy
         fence()
         w[i + self.capacity] = fp
         fence()
-        w[i] = seq + 2
+        w[i] = done
 
     # ------------------------------------------------------------------ rebuild
     def _rebuild(self) -> None:
@@ -330,14 +331,14 @@ class ShmIndexWriter:
         table[0] += np.uint64(2)  # seqs only grow: a slot never repeats a version
         table[1] = new_fp
         w = self._w
-        hseq = w[_HSEQ]
+        busy, done = _seqlock_steps(w[_HSEQ])
         fence()  # the new table before the flip
-        w[_HSEQ] = hseq + 1
+        w[_HSEQ] = busy
         fence()
         w[_ACTIVE] = target
         w[_PROBE_MAX] = probe_max
         fence()
-        w[_HSEQ] = hseq + 2
+        w[_HSEQ] = done
         self._active = target
         self._where = dict(zip(fps.tolist(), slots.tolist(), strict=True))
         self.tombstones = 0
@@ -622,12 +623,20 @@ def _retire(name: str) -> None:
 
 
 def _mark_closed(words: Any) -> None:
-    hseq = words[_HSEQ]
-    words[_HSEQ] = hseq + 1
+    busy, done = _seqlock_steps(words[_HSEQ])
+    words[_HSEQ] = busy
     fence()
     words[_CLOSED] = 1
     fence()
-    words[_HSEQ] = hseq + 2
+    words[_HSEQ] = done
+
+
+def _seqlock_steps(seq: int) -> tuple[int, int]:
+    """The odd (writing) and next even (written) values after ``seq``, modulo 2**64.
+    The segment is shared memory: whatever word is found there (another writer of
+    the agent's group may have scribbled on it) gives two storable values."""
+    base = int(seq) & ~1 & _U64
+    return (base + 1) & _U64, (base + 2) & _U64
 
 
 def _open(name: str) -> mmap.mmap:

@@ -185,3 +185,30 @@ def test_fence_is_callable_from_many_threads() -> None:
     for t in threads:
         t.join()
     assert errors == []
+
+
+@pytest.mark.parametrize("seq", [(1 << 64) - 1, (1 << 64) - 2, (1 << 64) - 3])
+def test_a_header_seq_at_the_top_of_its_range_wraps_for_the_writer(seq: int) -> None:
+    """Found by the property test above: a header seq scribbled to 2**64-1 made the
+    writer's next flip and its close raise (the word cannot hold seq + 1)."""
+    n = f"/kvnode-test-hostile-{uuid.uuid4().hex[:12]}"
+    w = ShmIndexWriter(n, 256)
+    keys = [os.urandom(16) for _ in range(50)]
+    try:
+        buf, words = hostile_view(n)
+        try:
+            words[4] = seq  # _HSEQ
+            for k in keys:
+                w.insert(k)
+            w.replace_all(keys[:10])  # a rebuild: the header seqlock turns over
+            r = ShmIndexReader(n)
+            try:
+                assert r.contains_many(keys[:10]).all()
+            finally:
+                r.close()
+            assert words[4] % 2 == 0  # even again: readers see a stable header
+        finally:
+            words.release()
+            buf.close()
+    finally:
+        w.close()
