@@ -299,6 +299,29 @@ def _dying_worker(runtime_dir: str, load: bool, ready: Any) -> None:
     os._exit(0)
 
 
+def _after_dying_worker(
+    agent: AgentProcess, target: Any, args: tuple[Any, ...], exports_left: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run ``target(*args, ready)`` in a process that dies after setting ``ready``,
+    then wait until the agent holds nothing for it: no job, pin or reservation, and
+    ``exports_left`` exporting workers. Returns the agent's stats and its transfers."""
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    proc = ctx.Process(target=target, args=(*args, ready))
+    proc.start()
+    proc.join(60)
+    assert ready.is_set()
+    deadline = time.monotonic() + 20
+    while True:
+        s = big_agent_stats(agent)
+        t = s["transfers"]["agent"]
+        idle = t["jobs_inflight"] == 0 and s["arena"]["pinned"] == 0 and s["arena"]["reserved"] == 0
+        if idle and t["exporting_workers"] == exports_left:
+            return s, t
+        assert time.monotonic() < deadline, s
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("load", [False, True])
 def test_worker_killed_mid_transfer_leaks_nothing(big_agent: AgentProcess, load: bool) -> None:
     rd = str(big_agent.runtime_dir)
@@ -306,21 +329,7 @@ def test_worker_killed_mid_transfer_leaks_nothing(big_agent: AgentProcess, load:
         kv = _cache(4, blocks=512, head=1024)
         _, p = _path(rd, kv)
         _save(p, _ops(16, 0, tag=9))
-    ctx = mp.get_context("spawn")
-    ready = ctx.Event()
-    proc = ctx.Process(target=_dying_worker, args=(rd, load, ready))
-    proc.start()
-    proc.join(60)
-    assert ready.is_set()
-    deadline = time.monotonic() + 20
-    while True:
-        s = big_agent_stats(big_agent)
-        t = s["transfers"]["agent"]
-        idle = t["jobs_inflight"] == 0 and s["arena"]["pinned"] == 0 and s["arena"]["reserved"] == 0
-        if idle and t["exporting_workers"] == (1 if load else 0):
-            break
-        assert time.monotonic() < deadline, s
-        time.sleep(0.05)
+    s, t = _after_dying_worker(big_agent, _dying_worker, (rd, load), 1 if load else 0)
     if not load:  # what was committed was copied whole (checksummed by the agent)
         assert s["arena"]["entries"] == t["save_chunks"]
 
@@ -410,21 +419,7 @@ def _parked_worker(runtime_dir: str, ready: Any) -> None:
 def test_a_worker_that_dies_in_its_forward_pass_leaves_no_save_behind(
     big_agent: AgentProcess,
 ) -> None:
-    rd = str(big_agent.runtime_dir)
-    ctx = mp.get_context("spawn")
-    ready = ctx.Event()
-    proc = ctx.Process(target=_parked_worker, args=(rd, ready))
-    proc.start()
-    proc.join(60)
-    assert ready.is_set()
-    deadline = time.monotonic() + 20
-    while True:
-        s = big_agent_stats(big_agent)
-        t = s["transfers"]["agent"]
-        if t["jobs_inflight"] == 0 and s["arena"]["reserved"] == 0 and not t["exporting_workers"]:
-            break
-        assert time.monotonic() < deadline, s
-        time.sleep(0.05)
+    s, t = _after_dying_worker(big_agent, _parked_worker, (str(big_agent.runtime_dir),), 0)
     assert s["arena"]["entries"] == 0 and t["jobs_failed"] >= 1
 
 
