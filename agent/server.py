@@ -41,7 +41,7 @@ from kvnode.agent.stats import Stats
 from kvnode.agent.tenants import Tenants, parse_shares
 from kvnode.errors import ProtocolError
 from kvnode.ipc import protocol as P
-from kvnode.ipc.process import pid_namespace
+from kvnode.ipc.process import drain_pipe, pid_namespace
 from kvnode.ipc.segment import Segment
 
 log = logging.getLogger("kvnode.agent")
@@ -341,11 +341,7 @@ class Agent:
             log.exception("%s failed", getattr(fn, "__qualname__", "loop step"))
 
     def _drain_wake(self) -> None:
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except (BlockingIOError, OSError):
-            pass
+        drain_pipe(self._wake_r)
 
     def _drain_socket(self, first_ready: bool = True) -> None:
         sock = self.sock

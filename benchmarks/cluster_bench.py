@@ -33,14 +33,14 @@ from typing import Any
 import zmq.auth
 
 from kvnode.errors import KVNodeError
-from kvnode.ipc.client import AgentClient, Status
+from kvnode.ipc.client import AgentClient
 from kvnode.ipc.protocol import Lookup
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 # One trace reader and one offline LRU for every benchmark (the pooled reference here is
 # the same LRU trace_bench compares policies against).
-from trace_bench import DEFAULT_TRACE, Trace, load_trace, sim_lru  # noqa: E402
+from trace_bench import DEFAULT_TRACE, Trace, load_trace, pin_prefix, sim_lru, store_missing  # noqa: E402
 
 PENDING_WAIT_S = 2.0  # a request waits at most this long for a peer's blocks
 AFFINITY_BLOCKS_MIN = 2  # a prefix this long (blocks) or longer sends a request to its node
@@ -172,27 +172,12 @@ class Cluster:
             states = states[:p] + c.lookup(keys[p:n]) + states[n:]
         if waited:
             self.fetch_s.append(time.perf_counter() - t0)
-        got = 0
-        if n:
-            for st, _ in c.pin(keys[:n]):
-                if st != Status.OK:
-                    break
-                got += 1
-            c.release(keys[:n], wait=False)
+        got = pin_prefix(c, keys[:n])
         rest = keys[got:]
         if rest:
             parents = [keys[got - 1] if got else b""] + keys[got:-1]
             payload = bytes(self.args.entry_bytes)
-            want, want_parents = [], []
-            for k, p, (st, slot) in zip(
-                rest, parents, c.reserve(rest, [self.args.entry_bytes] * len(rest))
-            ):
-                if st == Status.OK and slot is not None:
-                    c.write(slot, payload)
-                    want.append(k)
-                    want_parents.append(p)
-            if want:
-                c.commit_async(want, parents=want_parents)
+            store_missing(c, rest, parents, self.args.entry_bytes, payload)
         return got
 
     def replay(self, trace: Trace) -> dict[str, Any]:

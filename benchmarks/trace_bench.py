@@ -334,13 +334,7 @@ def replay(
                 break
             time.sleep(0.001)  # a promotion from disk is under way: ask again
             states = c.lookup(keys[:n])
-        got = 0
-        if n:
-            for st, _ in c.pin(keys[:n]):
-                if st != Status.OK:
-                    break
-                got += 1
-            c.release(keys[:n], wait=False)
+        got = pin_prefix(c, keys[:n])
         lower += sum(1 for s in first[:got] if s == Lookup.PENDING)
         hits += got
         if hot is not None:
@@ -349,14 +343,7 @@ def replay(
         rest, parents = keys[got:], [keys[got - 1] if got else b""] + keys[got:-1]
         if not rest:
             continue
-        want, want_parents = [], []
-        for k, p, (st, slot) in zip(rest, parents, c.reserve(rest, [entry_bytes] * len(rest))):
-            if st == Status.OK and slot is not None:
-                c.write(slot, payload)
-                want.append(k)
-                want_parents.append(p)
-        if want:
-            c.commit_async(want, parents=want_parents)
+        store_missing(c, rest, parents, entry_bytes, payload)
     c.flush()
     out = {"hit_ratio": hits / total, "arena_hit_ratio": round((hits - lower) / total, 4)}
     if lower:
@@ -364,6 +351,35 @@ def replay(
     if hot is not None and hot_total:
         out["hot_hit_ratio"] = hot_hits / hot_total
     return out
+
+
+def pin_prefix(c: Any, keys: list[bytes]) -> int:
+    """Pin ``keys`` (as a connector would before loading) and let them go: how many
+    from the first the agent still had (one may be evicted between lookup and pin)."""
+    if not keys:
+        return 0
+    got = 0
+    for st, _ in c.pin(keys):
+        if st != Status.OK:
+            break
+        got += 1
+    c.release(keys, wait=False)
+    return got
+
+
+def store_missing(
+    c: Any, keys: list[bytes], parents: list[bytes], entry_bytes: int, payload: Any
+) -> None:
+    """Save what was computed, as the connector does after a prefill: reserve, write
+    and commit (without waiting) the keys the agent gave room for."""
+    want, want_parents = [], []
+    for k, p, (st, slot) in zip(keys, parents, c.reserve(keys, [entry_bytes] * len(keys))):
+        if st == Status.OK and slot is not None:
+            c.write(slot, payload)
+            want.append(k)
+            want_parents.append(p)
+    if want:
+        c.commit_async(want, parents=want_parents)
 
 
 def _leading_found(states: list[int]) -> int:

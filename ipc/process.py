@@ -38,3 +38,12 @@ def start_time_s(pid: int) -> float:
         return int(fields[19]) / _CLK_TCK  # field 22, starttime
     except (IndexError, ValueError):
         return 0.0
+
+
+def drain_pipe(fd: int) -> None:
+    """Read a non-blocking wake-up pipe empty (its bytes only say "look again")."""
+    try:
+        while os.read(fd, 4096):
+            pass
+    except OSError:  # BlockingIOError: empty now
+        pass

@@ -38,6 +38,7 @@ from kvnode.agent.peers.wire import (
 )
 from kvnode.errors import ProtocolError
 from kvnode.ipc.checksum import checksum
+from kvnode.ipc.process import drain_pipe
 
 log = logging.getLogger("kvnode.peers")
 
@@ -174,11 +175,7 @@ class Network(threading.Thread):
             self._start(job, now)
         events = dict(self._poller.poll(self._timeout_ms()))
         if self._wake_r in events:
-            try:
-                while os.read(self._wake_r, 4096):
-                    pass
-            except BlockingIOError:
-                pass
+            drain_pipe(self._wake_r)
         for sock in events:
             link = self._by_socket.get(sock)  # type: ignore[call-overload]
             if link is not None:

@@ -42,6 +42,7 @@ from kvnode.agent.peers.keys import Curve
 from kvnode.agent.peers.wire import InfoRep, InfoReq, decode_reply, encode
 from kvnode.agent.replay import END_SEQ
 from kvnode.errors import ProtocolError
+from kvnode.ipc.process import drain_pipe
 
 log = logging.getLogger("kvnode.peers.directory")
 
@@ -165,11 +166,7 @@ class Subscriber(threading.Thread):
             self._reconcile(wanted)
         ready = dict(self._poller.poll(POLL_MS_MAX))
         if self._wake_r in ready:
-            try:
-                while os.read(self._wake_r, 4096):
-                    pass
-            except BlockingIOError:
-                pass
+            drain_pipe(self._wake_r)
         for sock in ready:
             p = self._by_sock.get(sock)  # type: ignore[call-overload]
             if p is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from kvnode.agent.peers import Curve
 from kvnode.agent.peers.lower import LowerReads
@@ -19,6 +20,19 @@ KEY = b"\x07" * 16
 OTHER = b"\x08" * 16
 
 
+def _disk_server_and_fetcher(curve: Curve, store: DiskStore, nodes: list[Node]) -> Any:
+    """Node a serves peers from its arena and from ``store``; node b fetches from a."""
+    a = Node(curve)
+    assert a.server is not None
+    a.server.disk = LowerReads(store, a.woken.set)
+    a.server.disk.start()
+    nodes.append(a)
+    b = Node(curve, seeds=[a.endpoint], serve=False, deadline_ms=500)
+    nodes.append(b)
+    assert b.manager is not None
+    return a, b, b.manager
+
+
 def test_a_disk_only_key_is_fetched_by_a_peer_byte_exact(
     tmp_path: Path, fleet: dict[str, str], nodes: list[Node]
 ) -> None:
@@ -27,17 +41,9 @@ def test_a_disk_only_key_is_fetched_by_a_peer_byte_exact(
     data = os.urandom(300_000)
     writer_csum = checksum([memoryview(data)])
     assert store.put(KEY, SlotBuffers.of(bytearray(data)), writer_csum)
-    a = Node(curve)
-    assert a.server is not None
-    a.server.disk = LowerReads(store, a.woken.set)
-    a.server.disk.start()
+    a, b, m = _disk_server_and_fetcher(curve, store, nodes)
     resident = os.urandom(5000)
     a.put(OTHER, resident)  # in a's arena: served from there, in the same reply
-    nodes.append(a)
-    b = Node(curve, seeds=[a.endpoint], serve=False, deadline_ms=500)
-    nodes.append(b)
-    m = b.manager
-    assert m is not None
     _wait_connected(b, [a.endpoint], [a])
     assert m.on_lookup_miss([OTHER, KEY]) == {OTHER, KEY}
     assert pump(nodes, lambda: b.read(KEY) is not None), (m.stats(), a.server.stats())
@@ -57,15 +63,7 @@ def test_a_disk_read_that_fails_is_a_miss_for_the_peer(
     data = os.urandom(100_000)
     assert store.put(KEY, SlotBuffers.of(bytearray(data)), checksum([memoryview(data)]))
     path = Path(store.path_of(KEY))
-    a = Node(curve)
-    assert a.server is not None
-    a.server.disk = LowerReads(store, a.woken.set)
-    a.server.disk.start()
-    nodes.append(a)
-    b = Node(curve, seeds=[a.endpoint], serve=False, deadline_ms=500)
-    nodes.append(b)
-    m = b.manager
-    assert m is not None
+    a, b, m = _disk_server_and_fetcher(curve, store, nodes)
     raw = bytearray(path.read_bytes())
     raw[-1] ^= 0xFF  # the file rots after the disk index was built
     path.write_bytes(bytes(raw))
