@@ -9,12 +9,13 @@ A layer's blocks become remote iovecs directly (consecutive blocks merge into on
 the arena extents of the chunks local ones: no staging buffer on either side. The
 kernel pins every page it copies, which holds one core to about half of memcpy's
 rate on small pages, so the worker backs its cache with huge pages
-(``connector/hugepages.py``) and ``threads`` cores copy a save at once, each a run of
-the job's chunks. Saves read layer by layer and checksum what landed in the arena
-(the agent is the writer, so the checksum is its). Loads verify each chunk in the
-arena against its writer's checksum on one thread while the others write the layers,
-each layer followed by its progress byte once every chunk is verified, so the
-worker's attention for layer i runs while layer i+1 is copied.
+(``connector/hugepages.py``) and ``threads`` cores copy a job at once, each a run of
+its chunks. Saves read a few chunks at a time, every readable layer in one call, and
+checksum what landed in the arena while it is still in the cache (the agent is the writer, so the checksum is
+its). Loads verify every chunk in the arena against its writer's checksum first (each
+thread its run), tell the worker the verdicts, then write the good chunks layer by
+layer, each layer followed by its progress byte once every thread has written it, so
+the worker's attention for layer i runs while layer i+1 is copied.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import errno
 import functools
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +42,10 @@ from kvnode.ipc.checksum import checksum
 log = logging.getLogger("kvnode.agent")
 
 IOV_MAX = 1024  # UIO_MAXIOV: iovecs per system call on either side
+# Bytes one thread copies in a call before it checksums them (saves): large enough
+# that a call's fixed cost is small, small enough that the checksum reads the bytes
+# from the cache rather than from memory.
+BATCH_BYTES = 2 << 20
 Piece = tuple[int, int]  # (address, bytes)
 T = TypeVar("T")
 E = TypeVar("E")
@@ -211,6 +217,50 @@ class _SaveState:
         return due
 
 
+class _Load:
+    """A load as its threads run it. The last to finish verifying tells the worker
+    the chunks' verdicts; the last to write a layer writes its progress byte (so no
+    layer byte ever goes ahead of the verdicts)."""
+
+    def __init__(self, mover: CpuMover, job: Job, threads: int) -> None:
+        self.mover, self.job = mover, job
+        self.threads = threads
+        self.slot = job.export.slot_address(job.slot)
+        self.counts = [0] * len(job.export.layers)
+        self.verifying = threads
+        self.failed = False
+        self._lock = threading.Lock()
+        self._seq = bytes([job.seq])
+
+    def verified(self) -> None:
+        with self._lock:
+            self.verifying -= 1
+            last = self.verifying == 0
+        if last:
+            self.tell_verdicts()
+
+    def tell_verdicts(self) -> None:
+        self.mover._check(self.job)  # never a byte into a worker past its deadline
+        job = self.job
+        for c in job.chunks:
+            job.outcomes[c.index] = c.status
+        nl = len(job.export.layers)
+        self.mover._write_bytes(job.export, self.slot + PG.chunk_byte(nl, 0), bytes(job.outcomes))
+
+    def written(self, layer: int) -> None:
+        with self._lock:
+            self.counts[layer] += 1
+            last = self.counts[layer] == self.threads
+        if last:
+            self.announce((layer,))
+
+    def announce(self, layers: Iterable[int]) -> None:
+        self.mover._check(self.job)
+        ex = self.job.export
+        for i in layers:
+            self.mover._write_bytes(ex, self.slot + PG.layer_byte(i), self._seq)
+
+
 class CpuMover(Mover):
     """Cross-memory attach. ``arena``: the agent's mapping of the arena segment.
 
@@ -233,7 +283,6 @@ class CpuMover(Mover):
             if self.threads > 1
             else None
         )
-        self._helper = ThreadPoolExecutor(1, thread_name_prefix="kvnode-mover-cpu-sum")
 
     # ------------------------------------------------------------------ attach
     def attach(self, export: Export, probe: int, nonce: bytes) -> str:
@@ -345,71 +394,86 @@ class CpuMover(Mover):
         plan: list[tuple[Layer, list[Layer]]],
         group: list[tuple[ChunkWork, Any]],
     ) -> int:
-        """One thread's share of some layers: per layer, read its chunks' blocks into
-        their entries in one call, then feed each chunk's checksum the layers due."""
+        """One thread's share of some layers: a few of its chunks at a time (about
+        ``BATCH_BYTES``), every layer of the plan in one call, then each of those
+        chunks' checksum fed the layers due while the bytes are still in the cache."""
+        layers = [layer for layer, _ in plan]
+        due = [d for _, ds in plan for d in ds]
+        per_chunk = sum(layer.block_nbytes for layer in layers) * len(group[0][0].blocks)
+        step = max(1, BATCH_BYTES // max(1, per_chunk))
         moved = 0
-        for layer, due in plan:
+        for at in range(0, len(group), step):
             self._check(job)
+            sub = group[at : at + step]
             local: list[Piece] = []
             remote: list[Piece] = []
-            for c, _ in group:
-                span = len(c.blocks) * layer.block_nbytes
-                extent_pieces(self.addr, c.extents, layer.payload_offset, span, local)
-                block_pieces(layer, c.blocks, remote)
+            for c, _ in sub:
+                for layer in layers:
+                    span = len(c.blocks) * layer.block_nbytes
+                    extent_pieces(self.addr, c.extents, layer.payload_offset, span, local)
+                    block_pieces(layer, c.blocks, remote)
             moved += transfer(job.export.pid, local, remote, write=False)
-            for c, h in group:
-                for done in due:
-                    self._hash_layer(h, c, done)
+            if due:
+                for c, h in sub:
+                    self._hash_layers(h, c, due)
         return moved
 
-    def _hash_layer(self, h: Any, c: ChunkWork, layer: Layer) -> None:
+    def _hash_layers(self, h: Any, c: ChunkWork, layers: list[Layer]) -> None:
+        """Feed ``h`` the arena bytes of ``layers`` (consecutive in payload order) of
+        chunk ``c``: neighbouring regions merge, so a whole entry is one update."""
         pieces: list[Piece] = []
-        extent_pieces(
-            0, c.extents, layer.payload_offset, len(c.blocks) * layer.block_nbytes, pieces
-        )
-        for off, n in pieces:
-            h.update(self.view[off : off + n])
+        n = len(c.blocks)
+        for layer in layers:
+            extent_pieces(0, c.extents, layer.payload_offset, n * layer.block_nbytes, pieces)
+        for off, ln in pieces:
+            h.update(self.view[off : off + ln])
 
     def _load(self, job: Job) -> None:
-        """Verify every chunk (on the helper thread) while the layers are written, one
-        layer at a time by every copying thread; a layer's progress byte goes out only
-        once every chunk of the job is verified, so the worker never takes unverified
-        bytes as loaded. A chunk that fails is reported bad and vLLM recomputes it (as
-        when worker mode's check fails)."""
+        """Every copying thread takes a run of the job's chunks: it verifies them
+        against their writers' checksums, then writes the good ones layer by layer.
+        The last thread to finish verifying tells the worker every chunk's verdict
+        (before any layer byte); a layer's progress byte goes out once every thread
+        has written it, so the worker's attention for layer i runs while layer i+1 is
+        copied. A chunk that fails is never written: it is reported bad and vLLM
+        recomputes it (as when worker mode's check fails)."""
         ex = job.export
         pending = [c for c in job.chunks if c.status == PG.CHUNK_PENDING]
-        verifying = self._helper.submit(self._verify, pending)
-        groups = runs(pending, max(1, self.threads - 1))  # one thread verifies
-        slot = ex.slot_address(job.slot)
-        seq = bytes([job.seq])
-        unannounced: list[int] = []
-        verified = False
+        groups = runs(pending, self.threads)
+        state = _Load(self, job, len(groups))
+        moved = self._parallel(functools.partial(self._load_run, job, state), groups)
+        job.moved_bytes += sum(moved)
+        if not groups:  # nothing to copy: the verdicts, and every layer is as loaded as it gets
+            state.tell_verdicts()
+            state.announce(range(len(ex.layers)))
 
-        def write_group(layer: Layer, group: list[ChunkWork]) -> int:
-            local: list[Piece] = []
-            remote: list[Piece] = []
-            for c in group:
-                start = layer.payload_offset + c.block_offset * layer.block_nbytes
-                n = len(c.blocks) * layer.block_nbytes
-                extent_pieces(self.addr, c.extents, start, n, local)
-                block_pieces(layer, c.blocks, remote)
-            return transfer(ex.pid, local, remote, write=True) if local else 0
-
+    def _load_run(self, job: Job, state: _Load, group: list[ChunkWork]) -> int:
+        """One thread's run of chunks: verify, then every layer in the export's order
+        (one call a layer), each layer counted done for the announcement."""
+        ex = job.export
+        moved = 0
         try:
+            for c, code in zip(group, self._verify(group)):
+                c.status = code
+            state.verified()
+            good = [c for c in group if c.status == PG.CHUNK_OK]
             for i, layer in enumerate(ex.layers):
                 self._check(job)
-                moved = self._parallel(functools.partial(write_group, layer), groups)
-                job.moved_bytes += sum(moved)
-                unannounced.append(i)
-                if not verified and verifying.done():
-                    verified = self._verified(job, pending, verifying.result(), slot)
-                if verified:
-                    self._announce(job, slot, unannounced, seq)
-            if not verified:
-                verified = self._verified(job, pending, verifying.result(), slot)
-            self._announce(job, slot, unannounced, seq)
-        finally:
-            verifying.result()  # the helper is done before the job is handed back
+                if state.failed:
+                    raise MoverError("another copy thread of the job failed")
+                if good:
+                    local: list[Piece] = []
+                    remote: list[Piece] = []
+                    for c in good:
+                        start = layer.payload_offset + c.block_offset * layer.block_nbytes
+                        n = len(c.blocks) * layer.block_nbytes
+                        extent_pieces(self.addr, c.extents, start, n, local)
+                        block_pieces(layer, c.blocks, remote)
+                    moved += transfer(ex.pid, local, remote, write=True)
+                state.written(i)
+        except BaseException:
+            state.failed = True
+            raise
+        return moved
 
     def _verify(self, chunks: list[ChunkWork]) -> list[int]:
         return [
@@ -418,23 +482,6 @@ class CpuMover(Mover):
             else PG.CHUNK_BAD
             for c in chunks
         ]
-
-    def _verified(self, job: Job, pending: list[ChunkWork], codes: list[int], slot: int) -> bool:
-        """Record the chunks' verdicts and tell the worker (before any layer byte)."""
-        self._check(job)
-        for c, code in zip(pending, codes):
-            c.status = code
-        for c in job.chunks:
-            job.outcomes[c.index] = c.status
-        nl = len(job.export.layers)
-        self._write_bytes(job.export, slot + PG.chunk_byte(nl, 0), bytes(job.outcomes))
-        return True
-
-    def _announce(self, job: Job, slot: int, layers: list[int], seq: bytes) -> None:
-        self._check(job)
-        for i in layers:
-            self._write_bytes(job.export, slot + PG.layer_byte(i), seq)
-        layers.clear()
 
     def _write_bytes(self, ex: Export, addr: int, data: bytes) -> None:
         buf = bytearray(data)
@@ -464,7 +511,6 @@ class CpuMover(Mover):
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
-        self._helper.shutdown(wait=True)
 
 
 def _addr(buf: bytearray) -> int:

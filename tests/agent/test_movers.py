@@ -239,6 +239,48 @@ def test_many_layers_any_copy_threads_checksums_match_worker_mode(
         agent.stop()
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_chunk_that_fails_its_checksum_is_never_written_into_the_worker(
+    tmp_path: Path, threads: int
+) -> None:
+    """A chunk whose arena bytes no longer match its checksum is reported bad before
+    any layer is announced, and its blocks in the worker keep what they held; the
+    chunks before it load (vLLM recomputes from the bad one on), with any number of
+    copying threads (the bad chunk in another thread's run than the first)."""
+    from kvnode.ipc.client import AgentClient
+
+    agent = AgentProcess(
+        tmp_path / "run", cpu_bytes="256MiB", env={"KVNODE_AGENT_CPU_COPY_THREADS": str(threads)}
+    ).start()
+    try:
+        rd = str(agent.runtime_dir)
+        src = _cache(11)
+        _, p1 = _path(rd, src)
+        _save(p1, _ops(6, 0, tag=21))
+        bad = _ops(6, 0, tag=21)["r"][4].keys[0]
+        c = AgentClient(rd, name="scribbler", timeout_s=5.0, heartbeat=False)
+        try:
+            [(_, slot)] = c.pin([bad])
+            assert slot is not None
+            view = c.views(slot)[0]
+            view[100] ^= 0xFF  # one byte of layer 0 of chunk 4
+            c.release([bad])
+        finally:
+            c.close()
+        dst = {k: torch.full_like(v, 7.0) for k, v in src.items()}
+        w2, p2 = _path(rd, dst)
+        ops = _ops(6, 32, tag=21)
+        errors = _load(p2, ops)
+        assert errors == {b for op in ops["r"][4:] for b in op.block_ids}
+        for k in src:
+            assert torch.equal(src[k][: 4 * BPC], dst[k][32 : 32 + 4 * BPC]), k
+            bad_blocks = dst[k][32 + 4 * BPC : 32 + 5 * BPC]
+            assert bool((bad_blocks == 7.0).all()), f"{k}: the bad chunk was written"
+        assert big_agent_stats(agent)["transfers"]["agent"]["checksum_errors"] == 1
+    finally:
+        agent.stop()
+
+
 def test_a_save_reported_finished_is_found_by_the_next_lookup(big_agent: AgentProcess) -> None:
     """Once the worker hears its save ended, every process finds the chunks: the agent
     commits a save's entries before it writes the job's outcome into the worker."""
