@@ -159,8 +159,9 @@ class KVNodeConnector(KVConnectorBase_V1, SupportsHMA):
             self._model_dtype = str(mc.dtype).removeprefix("torch.")
         else:
             # The client owns the arena mapping; these hooks follow each (re)mapping
-            # (populate, register for DMA), agent restarts included.
-            self._arena = ArenaMapping()
+            # (populate, register for DMA), agent restarts included. A worker whose
+            # bytes the agent is to move readies it only if it falls back to copying.
+            self._arena = ArenaMapping(lazy=self._agent_moves(vllm_config))
             self._link = AgentLink(
                 default_client_factory(
                     self.cfg.runtime_dir,
@@ -219,6 +220,14 @@ class KVNodeConnector(KVConnectorBase_V1, SupportsHMA):
             self._worker.chunk_nbytes,
             transfer if transfer == "worker" else "agent (where the export succeeds)",
         )
+
+    def _agent_moves(self, vllm_config: VllmConfig) -> bool:
+        """Whether this worker is to export (``_transfer_mode`` gives "agent"), as far
+        as it is known before the KV cache is: by the config and vLLM's device."""
+        if self.cfg.transfer == "agent":
+            return True
+        device = getattr(getattr(vllm_config, "device_config", None), "device_type", "")
+        return self.cfg.transfer == "auto" and AUTO_AGENT_ON_CPU and str(device) == "cpu"
 
     def _transfer_mode(self, worker: WorkerSide) -> str:
         """Who may move this worker's bytes. Agent mode runs on the CPU backend (cross-

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -99,6 +100,11 @@ class ArenaMapping:
     grants slots (pin/reserve) and after it: equal values mean the slots belong to the
     current mapping. ``use(epoch)`` then holds the mapping for the copies; an unmap
     waits until they are done, so nothing is unregistered or unmapped under a copy.
+
+    ``lazy``: a worker whose bytes the agent moves (agent mode) copies nothing itself
+    unless it falls back to worker mode, so its mapping is populated and registered
+    at its first ``use`` instead of at every (re)mapping (populating a large arena
+    costs each worker page tables; registering it, seconds of pinning on a GPU).
     """
 
     def __init__(
@@ -106,22 +112,29 @@ class ArenaMapping:
         register: Callable[[object], Any] = register_host_memory,
         unregister: Callable[[Any], None] = unregister_host_memory,
         prepare: Callable[[object], None] = populate,
+        lazy: bool = False,
     ) -> None:
         self._register = register
         self._unregister = unregister
         self._prepare = prepare
+        self.lazy = lazy
         self._lock = threading.RLock()
+        self._buf: object = None  # mapped, not populated or registered yet (lazy)
         self._view: memoryview | None = None
         self._handle: Any = None
         self.epoch = 0
 
     def on_map(self, buf: object) -> None:
-        """The client mapped ``buf`` (a new generation's arena): make it ready."""
-        self._prepare(buf)
-        handle = self._register(buf)
+        """The client mapped ``buf`` (a new generation's arena): make it ready (or,
+        when lazy, note it for the first ``use``)."""
+        handle = None
+        if not self.lazy:
+            self._prepare(buf)
+            handle = self._register(buf)
         with self._lock:
             self._view = memoryview(buf).cast("B")  # type: ignore[arg-type]
             self._handle = handle
+            self._buf = buf if self.lazy else None
             self.epoch += 1
 
     def on_unmap(self, buf: object) -> None:
@@ -132,6 +145,7 @@ class ArenaMapping:
         with self._lock:
             view, self._view = self._view, None
             handle, self._handle = self._handle, None
+            self._buf = None
             if handle is not None:
                 self._unregister(handle)
             if view is not None:
@@ -146,4 +160,13 @@ class ArenaMapping:
         with self._lock:
             if self._view is None or self.epoch != epoch:
                 raise StaleMapping(f"arena remapped (epoch {epoch} -> {self.epoch})")
+            if self._buf is not None:  # lazy: the first copy of this mapping readies it
+                buf, self._buf = self._buf, None
+                t0 = time.perf_counter()
+                self._prepare(buf)
+                self._handle = self._register(buf)
+                log.info(
+                    "kvnode: arena of %d bytes readied for worker-mode copies in %.2f s",
+                    len(self._view), time.perf_counter() - t0,
+                )  # fmt: skip
             yield self._view

@@ -302,3 +302,50 @@ def test_slots_granted_by_a_registration_made_after_the_epoch_are_given_back(
         assert _held(rd) == (0, 0), "reservations of the new registration were kept"
     finally:
         link.close()
+
+
+def test_a_lazy_mapping_is_readied_only_by_a_worker_mode_copy(
+    agent_dir: list[AgentProcess],
+) -> None:
+    """Agent mode: the worker neither populates nor registers the arena while the
+    agent moves its bytes; its first worker-mode copy (a fallback) readies the
+    mapping once, every byte right; after an agent restart the new mapping waits
+    again, and is unregistered while still mapped when it goes."""
+    from kvnode.connector.agent_mode import AgentPath
+
+    rec = Recorder()
+    prepared: list[int] = []
+    arena = ArenaMapping(
+        register=rec.register, unregister=rec.unregister,
+        prepare=lambda b: prepared.append(id(b)), lazy=True,
+    )  # fmt: skip
+    link = make_link(agent_dir[0].runtime_dir, arena)
+    try:
+        src = caches(3)
+        w = WorkerSide(link, 0, NUM_BLOCKS, BS, BPC, arena=arena)
+        w.register(src)
+        path = AgentPath(link, w)
+        assert path.ready()  # exported: the agent moves this worker's bytes
+        ops = {"r": [ChunkOp(i, (key(60, i),), (2 * i, 2 * i + 1)) for i in range(3)]}
+        path.track(ops)
+        path.save(ops)
+        path.wait_saves()
+        assert path.finished(set(ops)) == {"r"}
+        assert rec.events == [] and prepared == []  # agent mode never readied the mapping
+        dst = caches(4)
+        w2 = WorkerSide(link, 0, NUM_BLOCKS, BS, BPC, arena=arena)
+        w2.register(dst)
+        w2.load({"r": [ChunkOp(i, (key(60, i),), (40 + 2 * i, 41 + 2 * i)) for i in range(3)]})
+        assert w2.take_load_errors() == set()
+        for n in src:
+            assert torch.equal(src[n][:6], dst[n][40:46]), n
+        assert [e[0] for e in rec.events] == ["register"] and len(prepared) == 1
+        w2.load({"r": [ChunkOp(0, (key(60, 0),), (50, 51))]})
+        assert len(rec.events) == 1 and len(prepared) == 1  # once per mapping
+        restart(agent_dir)
+        until(lambda: reach(client_of(link)), "the link did not register again")
+        assert [e[0] for e in rec.events] == ["register", "unregister"]
+        assert all(mapped for _, _, mapped in rec.events)  # unregistered before the unmap
+        assert len(prepared) == 1  # the new mapping waits for a worker-mode copy again
+    finally:
+        link.close()
