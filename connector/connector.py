@@ -207,7 +207,10 @@ class KVNodeConnector(KVConnectorBase_V1, SupportsHMA):
         transfer = self._transfer_mode(self._worker)
         if transfer == "agent":
             self._agent = AgentPath(self._link, self._worker)
-            self._agent.ready()  # export now if the agent is there (not in a step)
+            if not self._agent.ready():  # export now if the agent is there (not in a step)
+                # Refused (or no agent yet): this worker copies, so ready the arena
+                # here rather than in its first step.
+                self._arena.ready_now()
         self._handshake = KVNodeHandshake(
             cache.layout, cache.block_shape, cache.dtype, transfer=transfer
         )

@@ -160,13 +160,23 @@ class ArenaMapping:
         with self._lock:
             if self._view is None or self.epoch != epoch:
                 raise StaleMapping(f"arena remapped (epoch {epoch} -> {self.epoch})")
-            if self._buf is not None:  # lazy: the first copy of this mapping readies it
-                buf, self._buf = self._buf, None
-                t0 = time.perf_counter()
-                self._prepare(buf)
-                self._handle = self._register(buf)
-                log.info(
-                    "kvnode: arena of %d bytes readied for worker-mode copies in %.2f s",
-                    len(self._view), time.perf_counter() - t0,
-                )  # fmt: skip
+            self._ready_locked()  # lazy: the first copy of this mapping readies it
             yield self._view
+
+    def ready_now(self) -> None:
+        """Ready a lazy mapping now (a worker that will copy itself after all), not
+        at its first copy."""
+        with self._lock:
+            self._ready_locked()
+
+    def _ready_locked(self) -> None:
+        if self._buf is None or self._view is None:
+            return
+        buf, self._buf = self._buf, None
+        t0 = time.perf_counter()
+        self._prepare(buf)
+        self._handle = self._register(buf)
+        log.info(
+            "kvnode: arena of %d bytes readied for worker-mode copies in %.2f s",
+            len(self._view), time.perf_counter() - t0,
+        )  # fmt: skip

@@ -347,5 +347,9 @@ def test_a_lazy_mapping_is_readied_only_by_a_worker_mode_copy(
         assert [e[0] for e in rec.events] == ["register", "unregister"]
         assert all(mapped for _, _, mapped in rec.events)  # unregistered before the unmap
         assert len(prepared) == 1  # the new mapping waits for a worker-mode copy again
+        arena.ready_now()  # a worker that learns it will copy readies it at once
+        arena.ready_now()
+        assert [e[0] for e in rec.events] == ["register", "unregister", "register"]
+        assert len(prepared) == 2 and rec.buffers[-1] is client_of(link).buffer
     finally:
         link.close()
