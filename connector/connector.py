@@ -63,11 +63,11 @@ log = logging.getLogger("kvnode.connector")
 LOG_INTERVAL_S = 60.0
 EVENTS_QUEUED_MAX = 100_000  # stored-chunk events waiting for vLLM's take_events
 # transfer "auto" on the CPU backend. Worker mode until agent mode measures faster there.
-# On a quiet 2-core machine (benchmarks/vllm_ttft.py, 12 rounds, two pairs back to
-# back) agent mode took the saves out of the forward pass (save_wait_share 0.003
-# against 1.0) and met the TTFT targets, but was not faster: vs_apc 1.04/1.06 against
-# 0.99/1.06, no-hit throughput 0.97-1.02 against 0.99-1.00 (docs/connector.md). On 2
-# cores the agent's copies take cycles from vLLM's own threads.
+# On a quiet 2-core machine (benchmarks/vllm_ttft.py, 12 rounds, four pairs back to
+# back) agent mode took the saves out of the forward pass (save_wait_share 0.002-0.003
+# against 1.0) and its no-hit throughput was no worse (median 1.00 against 0.98), but
+# its hits were slower (vs_apc median 1.06 against 1.01; docs/connector.md). On 2
+# cores the agent's copy threads wait for a core behind vLLM's own threads.
 AUTO_AGENT_ON_CPU = False
 
 
