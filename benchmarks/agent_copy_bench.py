@@ -7,6 +7,10 @@ Prints one JSON object. The reference is a memcpy of the same bytes (numpy, from
 same cache layout into a touched buffer and back), measured in the same run between
 the repeats. Figures are medians over the repeats with min and max; ``ratio`` is the
 agent's throughput over memcpy's (save + load bytes over save + load time).
+
+``--mover-only``: the same jobs through the agent's CPU mover driven in this process
+(no agent loop, no ZeroMQ, no index), against one worker process's cache: how fast
+the mover itself copies here, to set against the whole agent's figure.
 """
 
 from __future__ import annotations
@@ -166,7 +170,10 @@ def main() -> int:
     ap.add_argument("--chunks", type=int, default=32)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--chunks-per-job", type=int, default=8, help="chunks one vLLM step moves")
+    ap.add_argument("--mover-only", action="store_true", help="the mover alone (see above)")
     args = ap.parse_args()
+    if args.mover_only:
+        return mover_only(args)
     n = args.chunks
     chunk_bytes = LAYERS * BPC * HEADS * BLOCK_SIZE * 2 * HEAD * 4
     arena = max(256 << 20, 2 * n * chunk_bytes)
@@ -239,6 +246,87 @@ def _run(rd: str, args: Any, n: int, chunk_bytes: int, agent: Any) -> int:
     }
     print(json.dumps(out))
     return 0 if checked else 1
+
+
+def holder(n: int, conn: Any) -> None:
+    """A worker process for ``--mover-only``: a cache on huge pages and a progress
+    page, held until told to go."""
+    import ctypes
+
+    from kvnode.connector.hugepages import Collapse
+
+    kv = _cache(n * BPC, seed=1)
+    page = bytearray(1 << 16)
+    ranges = [(t.data_ptr(), t.numel() * t.element_size()) for t in kv.values()]
+    collapse = Collapse(ranges).start()
+    collapse.done.wait(60)
+    page_addr = ctypes.addressof((ctypes.c_char * len(page)).from_buffer(page))
+    conn.send((os.getpid(), [t.data_ptr() for t in kv.values()], page_addr))
+    conn.recv()
+
+
+def mover_only(args: Any) -> int:
+    import mmap
+
+    from kvnode.agent.movers.base import ChunkWork, Export, Job, Layer
+    from kvnode.agent.movers.cpu import CpuMover
+    from kvnode.ipc import progress as PG
+
+    n, per_job = args.chunks, args.chunks_per_job
+    ctx = mp.get_context("spawn")
+    here, there = ctx.Pipe()
+    p = ctx.Process(target=holder, args=(n, there))
+    p.start()
+    try:
+        pid, bases, page = here.recv()
+        block = HEADS * BLOCK_SIZE * 2 * HEAD * 4
+        chunk = LAYERS * BPC * block
+        arena = mmap.mmap(-1, n * chunk, flags=mmap.MAP_SHARED)  # shared memory, as the arena
+        np.frombuffer(arena, dtype=np.uint8)[:] = 1
+        layers = tuple(
+            Layer(f"l{i}", base, n * BPC, block, block, ((0, block),), i * BPC * block)
+            for i, base in enumerate(bases)
+        )  # fmt: skip
+        ex = Export(1, 1, "cpu", pid, layers, page, 8, PG.slot_bytes(LAYERS), chunk, BPC)
+        mover = CpuMover(memoryview(arena), int(os.environ.get("KVNODE_AGENT_CPU_COPY_THREADS", 2)))
+        sums: dict[int, int] = {}
+        times: dict[str, list[float]] = {"save": [], "load": []}
+        refs = []
+        memcpy = Memcpy(n)
+        for _ in range(args.reps):
+            refs.append(memcpy.run())
+            for kind in ("save", "load"):
+                t0 = time.perf_counter()
+                for first in range(0, n, per_job):
+                    work = [
+                        ChunkWork(b"%d" % c, tuple(range(BPC * c, BPC * (c + 1))),
+                                  [(c * chunk, chunk)], checksum=sums.get(c, 0), index=i)
+                        for i, c in enumerate(range(first, min(n, first + per_job)))
+                    ]  # fmt: skip
+                    job = Job(ex, kind == "load", 0, 1, work, bytearray(len(work)),
+                              time.monotonic() + 30)  # fmt: skip
+                    mover.run(job)
+                    if job.failed or any(c.status != PG.CHUNK_OK for c in work):
+                        raise RuntimeError(f"{kind} failed: {job.failed}")
+                    for c in work:
+                        sums[int(c.key)] = c.checksum
+                times[kind].append(time.perf_counter() - t0)
+        mover.close()
+    finally:
+        here.send("go")
+        p.join(30)
+    nbytes = n * chunk
+    gbps = [2 * nbytes / (s + lo) / 1e9 for s, lo in zip(times["save"], times["load"])]
+    ref = [2 * nbytes / r / 1e9 for r in refs]
+    print(json.dumps({
+        "bench": "agent_copy", "mode": "mover_only", "device": "cpu", "chunks": n,
+        "chunk_bytes": chunk, "chunks_per_job": per_job, "reps": args.reps,
+        "save_s": _stats(times["save"]), "load_s": _stats(times["load"]),
+        "mover_GBps": _stats(gbps), "memcpy_GBps": _stats(ref),
+        "ratio": statistics.median(gbps) / statistics.median(ref),
+        "checked": "every chunk against its checksum (the full bench checks every byte)",
+    }))  # fmt: skip
+    return 0
 
 
 if __name__ == "__main__":
