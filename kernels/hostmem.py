@@ -164,9 +164,10 @@ class ArenaMapping:
             yield self._view
 
     def ready_now(self) -> None:
-        """Ready a lazy mapping now (a worker that will copy itself after all), not
-        at its first copy."""
+        """A worker that copies itself after all: ready the mapping now, not at its
+        first copy, and every later mapping as it is made (eager from now on)."""
         with self._lock:
+            self.lazy = False
             self._ready_locked()
 
     def _ready_locked(self) -> None:

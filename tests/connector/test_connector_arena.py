@@ -351,5 +351,9 @@ def test_a_lazy_mapping_is_readied_only_by_a_worker_mode_copy(
         arena.ready_now()
         assert [e[0] for e in rec.events] == ["register", "unregister", "register"]
         assert len(prepared) == 2 and rec.buffers[-1] is client_of(link).buffer
+        restart(agent_dir)  # eager from then on: the next mapping is readied as it is made
+        until(lambda: len(rec.events) >= 5, "the client did not remap")
+        assert [e[0] for e in rec.events][3:] == ["unregister", "register"]
+        assert len(prepared) == 3
     finally:
         link.close()
