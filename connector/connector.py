@@ -263,6 +263,11 @@ class KVNodeConnector(KVConnectorBase_V1, SupportsHMA):
                 keep_stored=self._events_on,
             )
 
+        if self.cfg.transfer == "agent":
+            log.warning(
+                "kvnode: agent mode does not cover models with several KV cache groups; "
+                "the workers copy themselves (worker mode)"
+            )
         arena.ready_now()  # several groups: these workers copy themselves (no export)
         bpc = self.cfg.chunk_tokens // self.block_size
         workers, parts = build_group_workers(self._plan, kv_caches, make, bpc, self.block_size)
