@@ -33,6 +33,7 @@ import torch
 
 LAYERS, HEADS, BLOCK_SIZE, HEAD = 8, 4, 128, 64  # the bench model: 4 MiB per 256 tokens
 BPC = 2  # blocks per 256-token chunk
+BLOCK_BYTES = HEADS * BLOCK_SIZE * 2 * HEAD * 4  # float32
 
 
 def _cache(blocks: int, seed: int | None) -> dict[str, torch.Tensor]:
@@ -175,7 +176,7 @@ def main() -> int:
     if args.mover_only:
         return mover_only(args)
     n = args.chunks
-    chunk_bytes = LAYERS * BPC * HEADS * BLOCK_SIZE * 2 * HEAD * 4
+    chunk_bytes = LAYERS * BPC * BLOCK_BYTES
     arena = max(256 << 20, 2 * n * chunk_bytes)
     with tempfile.TemporaryDirectory(prefix="kvnode-copy-bench-") as tmp:
         rd = str(Path(tmp) / "run")
@@ -279,7 +280,7 @@ def mover_only(args: Any) -> int:
     p.start()
     try:
         pid, bases, page = here.recv()
-        block = HEADS * BLOCK_SIZE * 2 * HEAD * 4
+        block = BLOCK_BYTES
         chunk = LAYERS * BPC * block
         arena = mmap.mmap(-1, n * chunk, flags=mmap.MAP_SHARED)  # shared memory, as the arena
         np.frombuffer(arena, dtype=np.uint8)[:] = 1

@@ -225,26 +225,24 @@ class KVNodeConnector(KVConnectorBase_V1, SupportsHMA):
         )
 
     def _agent_moves(self, vllm_config: VllmConfig) -> bool:
-        """Whether this worker is to export (``_transfer_mode`` gives "agent"), as far
-        as it is known before the KV cache is: by the config and vLLM's device."""
-        if self.cfg.transfer == "agent":
-            return True
+        """Whether this worker is to export, as far as it is known before its KV cache
+        is: by the config and vLLM's device."""
         device = getattr(getattr(vllm_config, "device_config", None), "device_type", "")
-        return self.cfg.transfer == "auto" and AUTO_AGENT_ON_CPU and str(device) == "cpu"
+        return self._agent_wanted(str(device) == "cpu")
 
-    def _transfer_mode(self, worker: WorkerSide) -> str:
+    def _agent_wanted(self, on_cpu: bool) -> bool:
         """Who may move this worker's bytes. Agent mode runs on the CPU backend (cross-
         memory attach); on GPUs only when asked for by name (``auto`` keeps the worker
         copying until a GPU run has verified agent mode there)."""
         want = self.cfg.transfer
-        if want == "worker":
+        return want == "agent" or (want == "auto" and on_cpu and AUTO_AGENT_ON_CPU)
+
+    def _transfer_mode(self, worker: WorkerSide) -> str:
+        if not self._agent_wanted(worker.on_cpu):
             return "worker"
-        if not worker.on_cpu:
-            if want == "agent":  # asked for by name: GPU agent mode awaits a GPU run
-                log.warning("kvnode: agent mode on a GPU has not been verified on one yet")
-                return "agent"
-            return "worker"
-        return "agent" if want == "agent" or AUTO_AGENT_ON_CPU else "worker"
+        if not worker.on_cpu:  # asked for by name: GPU agent mode awaits a GPU run
+            log.warning("kvnode: agent mode on a GPU has not been verified on one yet")
+        return "agent"
 
     def _register_groups(self, kv_caches: dict[str, torch.Tensor], rank_index: int) -> None:
         """Several KV cache groups: a worker per group, each group's layout reported."""

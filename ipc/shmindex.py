@@ -82,7 +82,6 @@ _M64 = (1 << 64) - 1
 
 # header word indices
 _MAGIC, _VERSION, _CAPACITY, _GENERATION, _HSEQ, _ACTIVE = 0, 1, 2, 3, 4, 5
-_U64 = (1 << 64) - 1
 _LOWER, _CLOSED, _HEARTBEAT, _PROBE_MAX, _PID, _PID_NS = 6, 7, 8, 9, 10, 11
 _HEADER_WORDS = HEADER_BYTES // 8
 
@@ -635,8 +634,8 @@ def _seqlock_steps(seq: int) -> tuple[int, int]:
     """The odd (writing) and next even (written) values after ``seq``, modulo 2**64.
     The segment is shared memory: whatever word is found there (another writer of
     the agent's group may have scribbled on it) gives two storable values."""
-    base = int(seq) & ~1 & _U64
-    return (base + 1) & _U64, (base + 2) & _U64
+    base = int(seq) & ~1 & _M64
+    return (base + 1) & _M64, (base + 2) & _M64
 
 
 def _open(name: str) -> mmap.mmap:

@@ -11,8 +11,8 @@ kernel pins every page it copies, which holds one core to about half of memcpy's
 rate on small pages, so the worker backs its cache with huge pages
 (``connector/hugepages.py``) and ``threads`` cores copy a job at once, each a run of
 its chunks. Saves read a few chunks at a time, every readable layer in one call, and
-checksum what landed in the arena while it is still in the cache (the agent is the writer, so the checksum is
-its). Loads verify every chunk in the arena against its writer's checksum first (each
+checksum what landed in the arena while it is still in the cache (the agent is the
+writer, so the checksum is its). Loads verify every chunk in the arena against its writer's checksum first (each
 thread its run), tell the worker the verdicts, then write the good chunks layer by
 layer, each layer followed by its progress byte once every thread has written it, so
 the worker's attention for layer i runs while layer i+1 is copied.
@@ -361,8 +361,8 @@ class CpuMover(Mover):
         return first + [f.result() for f in futures]
 
     def _save(self, job: Job) -> bool:
-        """Layer by layer in the export's (forward) order, every copying thread taking
-        a run of the job's chunks through the layers, one call a layer.
+        """In the export's (forward) order, every copying thread taking a run of the
+        job's chunks through every layer that can be read now (``_save_layers``).
         Each chunk's checksum is fed in payload order, as soon as the layers before in
         payload order are read (right after the read where forward and payload order
         agree: names sort as numbers below ten layers). A layer-wise save stops at a
