@@ -38,16 +38,29 @@ def _curve(fleet: dict[str, Any], who: str = "") -> Curve:
     return Curve.load(fleet[f"{prefix}secret"], fleet[f"{prefix}authorized"])
 
 
+class _SlowRing:
+    """A key ring whose first answer comes ``delay_s`` late."""
+
+    def __init__(self, ring: Any, delay_s: float) -> None:
+        self.ring, self.delay_s = ring, delay_s
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        delay, self.delay_s = self.delay_s, 0
+        time.sleep(delay)
+        return bool(self.ring.callback(domain, key))
+
+
 class RawPeer:
     """A CURVE peer that misbehaves on purpose. ``mode``: "frozen" (accepts, never
     reads), "wrong_size" (claims keys, sends short payloads), "mute_fetch" (answers
-    lookups, never fetches), "flood" (answers a fetch with 150 frames more than asked)."""
+    lookups, never fetches), "flood" (answers a fetch with 150 frames more than asked).
+    ``handshake_delay_s`` holds up its first CURVE handshake (a slow or busy peer)."""
 
-    def __init__(self, curve: Curve, mode: str, size: int) -> None:
+    def __init__(self, curve: Curve, mode: str, size: int, handshake_delay_s: float = 0) -> None:
         self.ctx = zmq.Context()
         self.auth = ThreadAuthenticator(self.ctx)
         self.auth.start()
-        self.auth.configure_curve_callback(W.ZAP_DOMAIN, curve.ring)
+        self.auth.configure_curve_callback(W.ZAP_DOMAIN, _SlowRing(curve.ring, handshake_delay_s))
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.curve_secretkey, self.sock.curve_publickey = curve.secret, curve.public
         self.sock.curve_server = True
@@ -118,6 +131,18 @@ def _wait_connected(
         node.manager.on_lookup_miss(probe)
         pump([node, *others], lambda: not node.manager.busy(), timeout_s=1.0)  # type: ignore[union-attr]
     raise AssertionError(f"peers never answered: {node.manager.stats()['peers']}")
+
+
+def _wait_handshakes(
+    node: Node, endpoints: list[str], others: list[Node] = (), timeout_s: float = 10.0
+) -> None:
+    """Run the loops until the CURVE handshake with every endpoint has completed, sending
+    nothing (a peer that never answers is not asked, so it is not counted down)."""
+    assert node.manager is not None
+    ok = pump([node, *others], lambda: all(
+        node.manager.stats()["peers"].get(ep, {}).get("state") == "up"  # type: ignore[union-attr]
+        for ep in endpoints), timeout_s=timeout_s)  # fmt: skip
+    assert ok, f"handshakes never completed: {node.manager.stats()['peers']}"
 
 
 def test_committed_on_a_is_fetched_by_b_byte_exact(
@@ -342,11 +367,12 @@ def test_a_peers_question_starts_no_promotion(fleet: dict[str, Any], nodes: list
     assert not a.index.contains(_key(1)) and not b.index.contains(_key(1))
 
 
+@pytest.mark.parametrize("handshake_delay_s", [0, 1.0])
 def test_frozen_peer_costs_at_most_the_deadline(
-    fleet: dict[str, Any], nodes: list[Node], raw_peers: list[RawPeer]
+    fleet: dict[str, Any], nodes: list[Node], raw_peers: list[RawPeer], handshake_delay_s: float
 ) -> None:
     deadline_s = 0.1
-    frozen = RawPeer(_curve(fleet), "frozen", 0)
+    frozen = RawPeer(_curve(fleet), "frozen", 0, handshake_delay_s)
     raw_peers.append(frozen)
     a = Node(_curve(fleet))
     nodes.append(a)
@@ -355,15 +381,20 @@ def test_frozen_peer_costs_at_most_the_deadline(
     nodes.append(b)
     data = _data(5, 256 * KiB)
     a.put(_key(1), data)
-    _wait_connected(b, [a.endpoint], [a])
+    # Both handshakes first: a frozen peer still handshaking is not asked at all (counted
+    # unreachable), which is not the case under test.
+    _wait_handshakes(b, [frozen.endpoint, a.endpoint], [a])
     assert b.manager is not None
+    before = b.manager.stats()["peers"][frozen.endpoint]
     t0 = time.monotonic()
     assert b.manager.on_lookup_miss([_key(1)]) == {_key(1)}
     assert pump([a, b], lambda: len(b.landed) == 1)
     elapsed = time.monotonic() - t0
     assert b.read(_key(1)) == data
     assert elapsed < deadline_s + 0.5, elapsed  # the frozen peer held it up by the deadline
-    assert b.manager.stats()["peers"][frozen.endpoint]["timeouts"] >= 1
+    after = b.manager.stats()["peers"][frozen.endpoint]
+    assert after["lookups"] == before["lookups"] + 1  # the frozen peer was asked
+    assert after["timeouts"] == before["timeouts"] + 1  # and cost its deadline, once
     # Alone, the frozen peer turns a lookup into a miss within the deadline, every time.
     t0 = time.monotonic()
     assert b.manager.on_lookup_miss([_key(2)]) == {_key(2)}
