@@ -99,6 +99,7 @@ class TransferCounters:
     load_chunks: int = 0
     load_bytes: int = 0
     load_misses: int = 0
+    load_wrong_size: int = 0  # stored chunks of another size than the exporter's
     checksum_errors: int = 0
     save_copy_s: float = 0.0
     load_copy_s: float = 0.0
@@ -244,10 +245,14 @@ class Transfers:
                 job.outcomes[i] = PG.CHUNK_MISSING
                 self.counters.load_misses += 1
                 continue
-            w = ChunkWork(key, tuple(m.blocks[i]), e.extents(pb), offsets[i], e.checksum, i)
-            job.chunks.append(w)
-            if e.size != size:
-                w.status = PG.CHUNK_BAD  # not this cache's chunk format: never copied
+            if e.size != size:  # not this cache's chunk format: a miss for it, kept stored
+                self.cache.unpin(key)
+                job.outcomes[i] = PG.CHUNK_MISSING
+                self.counters.load_wrong_size += 1
+                continue
+            job.chunks.append(
+                ChunkWork(key, tuple(m.blocks[i]), e.extents(pb), offsets[i], e.checksum, i)
+            )
 
     def _reserve(self, job: Job, m: P.JobReq) -> None:
         size, pb = job.export.chunk_nbytes, self.page_bytes
@@ -306,9 +311,9 @@ class Transfers:
         ctr = self.counters
         for c in job.chunks:
             self.cache.unpin(c.key)
-            if c.status == PG.CHUNK_BAD:
-                ctr.checksum_errors += 1
-                self.cache.drop(c.key)
+            if c.status == PG.CHUNK_BAD:  # the arena's copy; a lower tier's was checked
+                ctr.checksum_errors += 1  # against the same checksum when written
+                self.cache.drop(c.key, lower_tiers=False)
             elif c.status == PG.CHUNK_OK and not job.failed:
                 ctr.load_chunks += 1
         ctr.load_bytes += job.moved_bytes

@@ -508,3 +508,79 @@ def test_an_export_with_a_wrong_probe_is_refused(big_agent: AgentProcess) -> Non
         assert s["transfers"]["agent"]["jobs"] == 0
     finally:
         c.close()
+
+
+def test_a_load_of_another_formats_chunk_leaves_it_stored(big_agent: AgentProcess) -> None:
+    """A worker whose chunks have another size (another layout, or a client naming
+    keys it did not save) gets a miss from that chunk on. The entry stays: an
+    ordinary client cannot drop what it did not write, and it is no checksum error."""
+    from kvnode.ipc.client import AgentClient
+
+    rd = str(big_agent.runtime_dir)
+    src = _cache(12)
+    _, p1 = _path(rd, src)
+    _save(p1, _ops(4, 0, tag=31))
+    other = {k: torch.zeros(BLOCKS, HEADS, BLOCK_SIZE, HEAD) for k in src}  # half the bytes
+    w2, p2 = _path(rd, other)
+    assert w2.chunk_nbytes != p1.worker.chunk_nbytes
+    ops = _ops(4, 8, tag=31)
+    assert _load(p2, ops) == {b for op in ops["r"] for b in op.block_ids}
+    assert all(bool((t == 0).all()) for t in other.values())
+    t = big_agent_stats(big_agent)["transfers"]["agent"]
+    assert t["checksum_errors"] == 0 and t["load_wrong_size"] == 4, t
+    c = AgentClient(rd, name="look", timeout_s=5.0, heartbeat=False)
+    try:
+        keys = [op.keys[0] for op in ops["r"]]
+        assert list(c.lookup(keys, promote=False)) == [1, 1, 1, 1]  # all still stored
+    finally:
+        c.close()
+    dst = {k: torch.zeros_like(v) for k, v in src.items()}
+    _, p3 = _path(rd, dst)
+    assert _load(p3, _ops(4, 20, tag=31)) == set()
+    for k in src:
+        assert torch.equal(src[k][: 4 * BPC], dst[k][20 : 20 + 4 * BPC]), k
+
+
+def test_a_chunk_that_fails_its_checksum_in_the_arena_is_served_again_from_disk(
+    tmp_path: Path,
+) -> None:
+    """The arena copy that fails its checksum is dropped; the disk's copy (checked
+    against the same checksum when written) is not: the next lookup promotes it and
+    the load gets every byte."""
+    from kvnode.ipc.client import AgentClient
+
+    disk = tmp_path / "disk"
+    agent = AgentProcess(tmp_path / "run", cpu_bytes="256MiB",
+                         env={"KVNODE_DISK_PATH": str(disk)}).start()  # fmt: skip
+    try:
+        rd = str(agent.runtime_dir)
+        src = _cache(13)
+        _, p1 = _path(rd, src)
+        _save(p1, _ops(3, 0, tag=41))
+        keys = [op.keys[0] for op in _ops(3, 0, tag=41)["r"]]
+        c = AgentClient(rd, name="scribbler", timeout_s=5.0, heartbeat=False)
+        try:
+            deadline = time.monotonic() + 20
+            while big_agent_stats(agent)["tiers"]["disk"]["entries"] < 3:  # written behind
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            [(_, slot)] = c.pin([keys[1]])
+            assert slot is not None
+            c.views(slot)[0][100] ^= 0xFF
+            c.release([keys[1]])
+            dst = {k: torch.zeros_like(v) for k, v in src.items()}
+            _, p2 = _path(rd, dst)
+            ops = _ops(3, 16, tag=41)
+            assert _load(p2, ops) == {b for op in ops["r"][1:] for b in op.block_ids}
+            assert big_agent_stats(agent)["transfers"]["agent"]["checksum_errors"] == 1
+            deadline = time.monotonic() + 20
+            while list(c.lookup(keys)) != [1, 1, 1]:  # promoted again from the disk
+                assert time.monotonic() < deadline, list(c.lookup(keys, promote=False))
+                time.sleep(0.05)
+        finally:
+            c.close()
+        assert _load(p2, ops) == set()
+        for k in src:
+            assert torch.equal(src[k][: 3 * BPC], dst[k][16 : 16 + 3 * BPC]), k
+    finally:
+        agent.stop()
