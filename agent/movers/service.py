@@ -11,6 +11,7 @@ copy threads (one per device, ``base.CopyThread``) never touch the index.
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import struct
@@ -49,14 +50,18 @@ class MoverOptions:
     cpu_threads: int = 2  # agent.cpu_copy_threads
 
 
-# Movers by device kind ("cpu", "cuda", ...): a factory given the arena's mapping.
+# Movers by device kind ("cpu", "cuda", ...): a factory given the arena's mapping, and
+# a check of the whole device name ("" when this node has that device, else why not),
+# made before a mover or a copy thread exists for it.
 MoverFactory = Callable[[memoryview, MoverOptions], Mover]
-_FACTORIES: dict[str, MoverFactory] = {}
+DeviceCheck = Callable[[str], str]
+_FACTORIES: dict[str, tuple[MoverFactory, DeviceCheck]] = {}
+DEVICES_MAX = 64  # devices (movers, each with its copy thread) one agent moves for
 
 
-def register_mover(kind: str, factory: MoverFactory) -> None:
-    """Make exports of ``kind`` devices ("cuda:0" is kind "cuda") movable."""
-    _FACTORIES[kind] = factory
+def register_mover(kind: str, factory: MoverFactory, check: DeviceCheck) -> None:
+    """Make exports of ``kind`` devices ("cuda:<uuid>" is kind "cuda") movable."""
+    _FACTORIES[kind] = (factory, check)
 
 
 def _cpu_factory(arena: memoryview, options: MoverOptions) -> Mover:
@@ -65,7 +70,11 @@ def _cpu_factory(arena: memoryview, options: MoverOptions) -> Mover:
     return CpuMover(arena, options.cpu_threads)
 
 
-register_mover("cpu", _cpu_factory)
+def _cpu_check(device: str) -> str:
+    return "" if device == "cpu" else f"{device!r} is not a device (the CPU is 'cpu')"
+
+
+register_mover("cpu", _cpu_factory, _cpu_check)
 
 
 def _gpu_factory(arena: memoryview, options: MoverOptions) -> Mover:
@@ -76,7 +85,31 @@ def _gpu_factory(arena: memoryview, options: MoverOptions) -> Mover:
     return GpuMover(arena)
 
 
-register_mover("cuda", _gpu_factory)  # "cuda:<uuid>": CUDA and ROCm (torch's "cuda")
+@functools.cache
+def _visible_gpus() -> tuple[frozenset[str], str]:
+    """The UUIDs of the GPUs this agent sees, once; or why it sees none."""
+    try:
+        from kvnode.kernels import ipchandle as H
+
+        return frozenset(H.device_uuids()), ""
+    except Exception as exc:  # no torch, or a CUDA/ROCm runtime that fails to start
+        return frozenset(), f"the agent cannot list its GPUs: {exc}"
+
+
+def _gpu_check(device: str) -> str:
+    uuid = device.partition(":")[2].strip().lower().removeprefix("gpu-")
+    if not uuid:
+        return f"{device!r} names no GPU (a GPU is 'cuda:<uuid>')"
+    seen, why = _visible_gpus()
+    if uuid not in seen:
+        return (
+            why
+            or f"GPU {uuid} is not visible to the agent (it sees: {', '.join(sorted(seen)) or 'none'})"
+        )
+    return ""
+
+
+register_mover("cuda", _gpu_factory, _gpu_check)  # "cuda:<uuid>": CUDA and ROCm (torch's "cuda")
 
 
 class Refusal(Exception):
@@ -180,9 +213,14 @@ class Transfers:
         thread = self._threads.get(device)
         if thread is not None:
             return thread
-        factory = _FACTORIES.get(kind)
-        if factory is None:
+        if kind not in _FACTORIES:
             raise Refusal(f"this agent has no mover for {device!r} devices")
+        factory, check = _FACTORIES[kind]
+        why = check(device)
+        if why:
+            raise Refusal(why)
+        if len(self._threads) >= DEVICES_MAX:
+            raise Refusal(f"this agent moves for {DEVICES_MAX} devices already")
         try:
             mover = factory(self.arena, self.options)
         except (MoverError, OSError, RuntimeError) as exc:

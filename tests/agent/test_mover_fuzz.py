@@ -1,0 +1,285 @@
+"""Agent mode against a hostile worker: exports and jobs that are mostly well formed
+with one field wrong, or random, sent to a real agent by a real client process whose
+exported memory has a hole in it (a page that cannot be read or written, as when a
+worker unmaps its cache mid-job). The agent answers every request (a reply or an error
+reply, never silence), stays up, leaks no pin or reservation once the client is gone,
+and moves a clean worker's chunks byte for byte afterwards."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvnode.agent.movers.exports import EXPORTS_PER_CLIENT_MAX
+from kvnode.errors import KVNodeError
+from kvnode.ipc import progress as PG
+from kvnode.ipc import protocol as P
+from kvnode.ipc.client import AgentClient
+from tests.agent.test_movers import _cache, _load, _ops, _path, _save, big_agent_stats
+from tests.conftest import AgentProcess
+
+EXPORTS, JOBS = 300, 1500
+PAGE = mmap.PAGESIZE
+SCRATCH = 64 * PAGE  # what the hostile exports name; the agent may write anywhere in it
+HOLE = 40 * PAGE  # one page of it that cannot be read or written
+UNMAPPED = (8, 1 << 46)  # user addresses nothing is mapped at
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[AgentProcess]:
+    a = AgentProcess(tmp_path / "run", cpu_bytes="64MiB").start()
+    try:
+        yield a
+    finally:
+        a.stop()
+
+
+@dataclass
+class Accepted:
+    export_id: int
+    blocks: int  # the fewest blocks of any layer
+    bpc: int
+    slots: int
+
+
+class Scratch:
+    """Anonymous memory with one page made unreadable and unwritable."""
+
+    def __init__(self) -> None:
+        self.map = mmap.mmap(-1, SCRATCH)
+        self.base = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        assert libc.mprotect(self.base + HOLE, PAGE, 0) == 0  # PROT_NONE
+
+
+def _export(
+    rng: random.Random, s: Scratch, probe: Any, nonce: bytes, mutate: bool = True,
+    device: str = "cpu",
+) -> tuple[Any, Accepted]:  # fmt: skip
+    """A consistent CPU export of 1-4 layers inside the scratch memory (some spanning
+    the hole between their first and last block, which the agent's probe does not
+    see), then, one time in three, one field made wrong."""
+    nl, bpc = rng.randrange(1, 5), rng.randrange(1, 5)
+    bn = rng.choice([64, 256, 1024])
+    stride = rng.choice([bn, 2 * bn, PAGE])
+    nb = rng.randrange(bpc, 33)
+    layers, payload = [], 0
+    for i in range(nl):
+        parts = [(0, bn)] if rng.random() < 0.5 else [(0, bn // 2), (bn, bn // 2)]
+        span = (nb - 1) * stride + 2 * bn
+        base = s.base + rng.randrange(0, SCRATCH - span, 16)
+        layers.append([f"model.layers.{i}.self_attn.attn", base, nb, stride, bn, parts, payload])
+        payload += bpc * bn
+    fields: dict[str, Any] = {
+        "device": device, "progress": s.base + rng.randrange(0, 8) * PAGE, "slots": 4,
+        "slot_bytes": PG.slot_bytes(nl), "chunk": payload, "probe": probe, "nonce": nonce,
+    }  # fmt: skip
+    if mutate and rng.random() < 0.33:
+        what = rng.randrange(9)
+        layer = rng.choice(layers)
+        if what == 0:
+            layer[1] = rng.choice(UNMAPPED)  # a layer nowhere
+        elif what == 1:
+            layer[1] = s.base + HOLE  # a layer's first block in the hole
+        elif what == 2:
+            layer[6] += 1  # its payload overlaps the next layer's or leaves the chunk
+        elif what == 3:
+            layer[5] = [(0, bn), (0, bn)]  # parts do not add up to block_nbytes
+        elif what == 4:
+            fields["chunk"] += rng.choice([-1, 1, bn])
+        elif what == 5:
+            fields["progress"] = rng.choice([*UNMAPPED, s.base + HOLE])  # never reported
+        elif what == 6:
+            fields["slot_bytes"] = 8
+        elif what == 7:
+            fields["nonce"] = os.urandom(P.PROBE_BYTES)  # not what the probe holds
+        else:
+            fields["device"] = rng.choice(["cpu:1", "tpu", "cuda:nothing"])
+    exports = [P.LayerExport(*x) for x in layers]  # type: ignore[arg-type]
+    f = fields
+    make = lambda r, cid, g: P.ExportReq(  # noqa: E731
+        r, cid, g, f["device"], exports, f["progress"], f["slots"], f["slot_bytes"],
+        f["chunk"], f["probe"], f["nonce"],
+    )  # fmt: skip
+    return make, Accepted(0, nb, bpc, 4)
+
+
+def _job(rng: random.Random, ex: Accepted, keys: list[bytes]) -> tuple[Any, list[bytes]]:
+    """A job the export could have sent, then, one time in four, one field wrong.
+    Keys repeat within a job and name chunks of other exports' sizes."""
+    load = rng.random() < 0.5
+    n = rng.randrange(1, 9)
+    ks = [rng.choice(keys) if keys and rng.random() < 0.6 else os.urandom(16) for _ in range(n)]
+    if n > 1 and rng.random() < 0.3:
+        ks[1] = ks[0]
+    blocks, offsets = [], []
+    for _ in range(n):
+        if load:
+            off = rng.randrange(ex.bpc)
+            blocks.append(
+                [rng.randrange(ex.blocks) for _ in range(rng.randrange(1, ex.bpc - off + 1))]
+            )
+            offsets.append(off)
+        else:
+            blocks.append([rng.randrange(ex.blocks) for _ in range(ex.bpc)])
+    if not load or rng.random() < 0.5:
+        offsets = []
+    slot, seq, eid = rng.randrange(ex.slots), rng.randrange(1, 256), ex.export_id
+    layerwise = not load and rng.random() < 0.2
+    parents = [os.urandom(16) for _ in range(n)] if rng.random() < 0.3 else []
+    if rng.random() < 0.25:
+        what = rng.randrange(6)
+        if what == 0:
+            blocks[0] = [ex.blocks]  # beyond the cache
+        elif what == 1:
+            blocks.append([0])  # lists that disagree
+        elif what == 2:
+            slot = ex.slots  # beyond its slots
+        elif what == 3:
+            layerwise = True  # layer-wise loads do not exist
+        elif what == 4:
+            blocks[0] = []
+        else:
+            offsets = [ex.bpc] * n
+    make = lambda r, cid, g: P.JobReq(r, cid, g, eid, load, slot, seq, ks, blocks,  # noqa: E731
+                                      offsets, [], parents, [], layerwise)  # fmt: skip
+    return make, [] if load else ks
+
+
+def _answer(c: AgentClient, make: Any) -> Any:
+    """One request: its reply, or the error reply's exception (never a timeout)."""
+    try:
+        return c._call(make, timeout_s=10.0, retry=False)
+    except KVNodeError as exc:
+        assert "timed out" not in str(exc).lower(), exc
+        return exc
+
+
+def test_hostile_exports_and_jobs_stop_nothing_and_leak_nothing(agent: AgentProcess) -> None:
+    rng = random.Random(20261206)
+    rd = str(agent.runtime_dir)
+    src = _cache(3)
+    _w, path = _path(rd, src)
+    _save(path, _ops(6, 0, tag=7))  # chunks of the clean worker's size, in the arena
+    keys = [bytes([7, i]) * 8 for i in range(6)]
+    s = Scratch()
+    probe = ctypes.create_string_buffer(P.PROBE_BYTES)
+    accepted: list[Accepted] = []
+    c = AgentClient(agent.runtime_dir, name="hostile", timeout_s=10.0, heartbeat=False)
+    c.connect()
+    client_id = c.client_id
+    try:
+        for e in range(EXPORTS):
+            nonce = os.urandom(P.PROBE_BYTES)
+            ctypes.memmove(probe, nonce, P.PROBE_BYTES)
+            make, ex = _export(rng, s, ctypes.addressof(probe), nonce)
+            try:
+                eid, _gen, why = c.export(make)
+            except KVNodeError as exc:
+                assert "timed out" not in str(exc).lower(), exc
+                eid, why = 0, str(exc)
+            if eid:
+                ex.export_id = eid
+                accepted = [*accepted, ex][-EXPORTS_PER_CLIENT_MAX:]  # older ones displaced
+            else:
+                assert why, "a refused export says why"
+            for _ in range(JOBS // EXPORTS if accepted else 0):
+                make, saved = _job(rng, rng.choice(accepted), keys)
+                if isinstance(_answer(c, make), P.StatusRep) and saved:
+                    keys = (keys + saved)[-64:]  # later loads name what this one saved
+            if e % 50 == 0:
+                assert agent.proc is not None and agent.proc.poll() is None, agent.log()
+        assert c.client_id == client_id, "a well-formed job made the client register again"
+        mid = big_agent_stats(agent)["transfers"]["agent"]
+    finally:
+        c.close()
+    assert agent.proc is not None and agent.proc.poll() is None, agent.log()
+    assert mid["jobs"] >= JOBS // 2, mid  # most jobs reached the copy threads
+    assert mid["jobs_failed"] >= 1, mid  # the hole: a job failed, counted, nothing stopped
+    assert mid["exports_refused"] >= EXPORTS // 10 and mid["exports"] >= EXPORTS // 2, mid
+    assert "Traceback" not in agent.log(), agent.log()[-4000:]
+    # Once the hostile client is gone its exports die and its jobs end (parked
+    # layer-wise saves included): nothing pinned or reserved stays behind.
+    deadline = time.monotonic() + 45
+    while True:
+        st = big_agent_stats(agent)
+        t = st["transfers"]["agent"]
+        if st["arena"]["pinned"] == 0 and st["arena"]["reserved"] == 0 and t["jobs_inflight"] == 0:
+            break
+        assert time.monotonic() < deadline, (st["arena"], t)
+        time.sleep(0.2)
+    # Fresh workers still save and load byte for byte through the same agent.
+    src2 = _cache(4)
+    dst = {k: v.clone().zero_() for k, v in src2.items()}
+    _w2, p2 = _path(rd, src2)
+    _w3, p3 = _path(rd, dst)
+    _save(p2, _ops(4, 16, tag=9))
+    assert _load(p3, _ops(4, 40, tag=9)) == set()
+    for k in src2:
+        assert bool((src2[k][16:32] == dst[k][40:56]).all()), k
+
+
+def _threads(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def test_device_names_cannot_multiply_copy_threads(agent: AgentProcess) -> None:
+    """A device is a real one of this node: "cpu", or "cuda:<uuid>" of a GPU the agent
+    sees. Any other name is refused with the reason, and starts no copy thread (a
+    client naming a thousand devices must not get a thousand threads)."""
+    rng = random.Random(7)
+    s = Scratch()
+    probe = ctypes.create_string_buffer(P.PROBE_BYTES)
+    assert agent.proc is not None
+    c = AgentClient(agent.runtime_dir, name="devices", timeout_s=10.0, heartbeat=False)
+    c.connect()
+    try:
+
+        def export(device: str) -> tuple[int, str]:
+            nonce = os.urandom(P.PROBE_BYTES)
+            ctypes.memmove(probe, nonce, P.PROBE_BYTES)
+            make, _ = _export(rng, s, ctypes.addressof(probe), nonce, False, device)
+            eid, _gen, why = c.export(make)
+            return eid, why
+
+        assert export("cpu")[0]  # the one CPU device: its copy thread starts once
+        before = _threads(agent.proc.pid)
+        names = [f"cpu:{i}" for i in range(40)] + [
+            f"cuda:{os.urandom(16).hex()}" for _ in range(40)
+        ]
+        names += ["cuda", "cuda:", "cuda:0", "CPU", " cpu", "cpu\x00", "tpu:0"]
+        for name in names:
+            eid, why = export(name)
+            assert eid == 0, name
+            assert why, name
+        assert _threads(agent.proc.pid) <= before + 2, (before, _threads(agent.proc.pid))
+        assert export("cpu")[0]
+        devices = big_agent_stats(agent)["transfers"]["agent"]["devices"]
+        assert set(devices) == {"cpu"}, devices
+    finally:
+        c.close()
+    assert agent.proc.poll() is None, agent.log()
+
+
+def test_a_gpu_device_is_named_by_a_uuid_the_agent_sees(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvnode.agent.movers import service
+
+    seen = frozenset({"7f2b0000-1111-2222-3333-444455556666"})
+    monkeypatch.setattr(service, "_visible_gpus", lambda: (seen, ""))
+    assert service._gpu_check("cuda:7f2b0000-1111-2222-3333-444455556666") == ""
+    assert service._gpu_check("cuda:GPU-7F2B0000-1111-2222-3333-444455556666") == ""
+    assert "not visible" in service._gpu_check("cuda:00000000-1111-2222-3333-444455556666")
+    assert "names no GPU" in service._gpu_check("cuda:")
+    monkeypatch.setattr(service, "_visible_gpus", lambda: (frozenset(), "no CUDA runtime"))
+    assert service._gpu_check("cuda:7f2b0000-1111-2222-3333-444455556666") == "no CUDA runtime"
+    assert service._cpu_check("cpu") == "" and service._cpu_check("cpu:0")
