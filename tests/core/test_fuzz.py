@@ -16,7 +16,7 @@ from tests.conftest import AgentProcess
 
 FRAMES_MIN = 10_000
 V = bytes([P.PROTOCOL_VERSION])
-TAGS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+TAGS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 20]
 
 
 def _bad_utf8(rng: random.Random) -> bytes:
