@@ -38,6 +38,7 @@ from kvnode.agent.movers.base import (
 from kvnode.agent.movers.exports import ExportRegistry
 from kvnode.ipc import progress as PG
 from kvnode.ipc import protocol as P
+from kvnode.kernels import ipchandle as H  # no torch until a GPU is asked about
 
 log = logging.getLogger("kvnode.agent")
 
@@ -89,15 +90,13 @@ def _gpu_factory(arena: memoryview, options: MoverOptions) -> Mover:
 def _visible_gpus() -> tuple[frozenset[str], str]:
     """The UUIDs of the GPUs this agent sees, once; or why it sees none."""
     try:
-        from kvnode.kernels import ipchandle as H
-
         return frozenset(H.device_uuids()), ""
     except Exception as exc:  # no torch, or a CUDA/ROCm runtime that fails to start
         return frozenset(), f"the agent cannot list its GPUs: {exc}"
 
 
 def _gpu_check(device: str) -> str:
-    uuid = device.partition(":")[2].strip().lower().removeprefix("gpu-")
+    uuid = H.normalize_uuid(device.partition(":")[2])
     if not uuid:
         return f"{device!r} names no GPU (a GPU is 'cuda:<uuid>')"
     seen, why = _visible_gpus()

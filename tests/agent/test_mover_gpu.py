@@ -22,6 +22,7 @@ from kvnode.agent.movers.base import ChunkWork, Export, Job, Layer, MoverError  
 from kvnode.ipc import progress as PG  # noqa: E402
 from kvnode.ipc.checksum import checksum  # noqa: E402
 from kvnode.kernels import detect_layout, gather  # noqa: E402
+from kvnode.kernels import ipchandle as H  # noqa: E402
 from kvnode.kernels.plan import segments  # noqa: E402
 
 pytestmark = pytest.mark.skipif(find_spec("triton") is None, reason="needs triton")
@@ -196,16 +197,24 @@ def test_a_real_agent_refuses_gpu_handles_it_cannot_open(tmp_path: Path) -> None
         nonce = os.urandom(P.PROBE_BYTES)
         probe = np.frombuffer(bytearray(nonce), dtype=np.uint8)
         layer = P.LayerExport("layers.0", 1 << 40, 8, 4096, 4096, [(0, 4096)], 0)
+        # A GPU the agent does not see is refused before any handle is read; on a GPU
+        # machine, the handles of its own GPU are checked.
+        seen = torch.cuda.is_available()
+        uuid = H.normalize_uuid(torch.cuda.get_device_properties(0).uuid) if seen else "0000"
         for handles, why in [
             ([b"junk"] * 3, "malformed"),
             ([b"junk"], "handles for 1 layers"),
         ]:
             req = lambda r, cid, g, h=handles: P.ExportReq(  # noqa: E731
-                r, cid, g, "cuda:0000", [layer], int(page.ctypes.data), 4, page.shape[1],
+                r, cid, g, f"cuda:{uuid}", [layer], int(page.ctypes.data), 4, page.shape[1],
                 4 * 4096, int(probe.ctypes.data), bytes(probe), h,
             )  # fmt: skip
             eid, _gen, reason = c.export(req)
-            assert eid == 0 and why in reason, reason
+            assert eid == 0 and (why if seen else "is not visible") in reason, reason
+        assert c.export(lambda r, cid, g: P.ExportReq(
+            r, cid, g, "cuda:0000", [layer], int(page.ctypes.data), 4, page.shape[1],
+            4 * 4096, int(probe.ctypes.data), bytes(probe), [b"junk"] * 3,
+        ))[2].startswith("GPU 0000 is not visible")  # fmt: skip
         assert c.stats()["transfers"]["agent"]["exporting_workers"] == 0
     finally:
         c.close()
