@@ -297,16 +297,29 @@ class CpuMover(Mover):
         answer = bytearray(nonce[::-1])
         try:
             transfer(pid, [(_addr(answer), len(answer))], [(probe, len(answer))], write=True)
-            for layer in export.layers:  # every layer's first and last block reachable
-                ends: list[Piece] = []
-                block_pieces(layer, (0, layer.num_blocks - 1), ends)
-                one = bytearray(1)
-                probe_pieces = [(a, 1) for a, _ in ends] + [(a + n - 1, 1) for a, n in ends]
-                for piece in probe_pieces:
-                    transfer(pid, [(_addr(one), 1)], [piece], write=False)
+            self._reach_layers(pid, export.layers)
         except MoverError as exc:
             return _why_not(pid, str(exc))
         return ""
+
+    @staticmethod
+    def _reach_layers(pid: int, layers: Sequence[Layer]) -> None:
+        """Read one byte at each end of every layer's first and last block: in one
+        call for the whole export (its loop time does not grow with the layers a
+        client names), then, when that falls short, piece by piece for the error."""
+        pieces: list[Piece] = []
+        for layer in layers:
+            ends: list[Piece] = []
+            block_pieces(layer, (0, layer.num_blocks - 1), ends)
+            pieces += [(a, 1) for a, _ in ends] + [(a + n - 1, 1) for a, n in ends]
+        got = bytearray(len(pieces))
+        try:
+            transfer(pid, [(_addr(got), len(got))], pieces, write=False)
+        except MoverError:
+            one = bytearray(1)
+            for piece in pieces:
+                transfer(pid, [(_addr(one), 1)], [piece], write=False)
+            raise
 
     # ------------------------------------------------------------------ jobs
     def run(self, job: Job) -> bool:
