@@ -7,6 +7,9 @@ Prints one JSON object. The reference is a memcpy of the same bytes (numpy, from
 same cache layout into a touched buffer and back), measured in the same run between
 the repeats. Figures are medians over the repeats with min and max; ``ratio`` is the
 agent's throughput over memcpy's (save + load bytes over save + load time).
+``lookup_ms_*``: another client's lookup round trips (one every 3 ms) while the agent
+is idle (1 s, before the repeats: the reference) and during the repeats, when the
+copy threads are busy: how long the loop keeps clients waiting behind copies.
 
 ``--mover-only``: the same jobs through the agent's CPU mover driven in this process
 (no agent loop, no ZeroMQ, no index), against one worker process's cache: how fast
@@ -92,6 +95,7 @@ def _ops(n: int, first: int, rep: int, per_job: int) -> list[dict[str, list[Any]
 def saver(runtime_dir: str, n: int, reps: int, per_job: int, conn: Any) -> None:
     kv = _cache(n * BPC, seed=1)
     path = _path(runtime_dir, kv)
+    conn.send("ready")
     for rep in range(reps):
         conn.recv()
         t0 = time.perf_counter()
@@ -114,6 +118,7 @@ def loader(runtime_dir: str, n: int, reps: int, per_job: int, conn: Any) -> None
     kv = _cache(n * BPC, seed=None)
     path = _path(runtime_dir, kv)
     want = _cache(n * BPC, seed=1)
+    conn.send("ready")
     for rep in range(reps):
         conn.recv()
         for t in kv.values():
@@ -128,6 +133,32 @@ def loader(runtime_dir: str, n: int, reps: int, per_job: int, conn: Any) -> None
         errors = path.take_load_errors()
         same = not errors and all(torch.equal(kv[k], want[k]) for k in kv)
         conn.send((elapsed, same))
+
+
+def prober(runtime_dir: str, conn: Any) -> None:
+    """Another client's lookups, one every 3 ms, while told to run: their round-trip
+    times in ms (the agent's loop answering while its copy threads are busy, or idle)."""
+    from kvnode.ipc.client import AgentClient
+
+    c = AgentClient(runtime_dir, name="copy-bench-probe", timeout_s=10.0, heartbeat=False)
+    c.connect()
+    keys = [os.urandom(16) for _ in range(8)]
+    while conn.recv() == "go":
+        times: list[float] = []
+        while not conn.poll():
+            t0 = time.perf_counter()
+            c.lookup(keys, promote=False)
+            times.append((time.perf_counter() - t0) * 1e3)
+            time.sleep(0.003)
+        conn.recv()
+        conn.send(times)
+    c.close()
+
+
+def _percentiles(ms: list[float]) -> dict[str, float]:
+    ms = sorted(ms)
+    at = lambda q: round(ms[min(len(ms) - 1, int(len(ms) * q))], 3)  # noqa: E731
+    return {"n": len(ms), "p50": at(0.5), "p90": at(0.9), "p99": at(0.99)}
 
 
 class Memcpy:
@@ -204,10 +235,19 @@ def _run(rd: str, args: Any, n: int, chunk_bytes: int, agent: Any) -> int:
     l_here, l_there = ctx.Pipe()
     ps = ctx.Process(target=saver, args=(rd, n, args.reps, args.chunks_per_job, s_there))
     pl = ctx.Process(target=loader, args=(rd, n, args.reps, args.chunks_per_job, l_there))
+    p_here, p_there = ctx.Pipe()
+    pp = ctx.Process(target=prober, args=(rd, p_there))
     ps.start()
     pl.start()
+    pp.start()
     saves, loads, refs, checked = [], [], [], True
     memcpy = Memcpy(n)
+    assert s_here.recv() == "ready" and l_here.recv() == "ready"
+    p_here.send("go")  # lookups while the agent is idle: the reference
+    time.sleep(1.0)
+    p_here.send("stop")
+    idle_ms = p_here.recv()
+    p_here.send("go")  # lookups while the repeats copy
     for _ in range(args.reps):
         time.sleep(0.05)  # the agent has settled the last loads: memcpy runs alone
         refs.append(memcpy.run())
@@ -219,9 +259,13 @@ def _run(rd: str, args: Any, n: int, chunk_bytes: int, agent: Any) -> int:
         elapsed, same = l_here.recv()
         loads.append(elapsed)
         checked = checked and same
+    p_here.send("stop")
+    busy_ms = p_here.recv()
+    p_here.send("end")
     save_stats = s_here.recv()
     ps.join(30)
     pl.join(30)
+    pp.join(30)
     agent_side = _agent_stats(rd)
     nbytes = n * chunk_bytes
     agent_gbps = [2 * nbytes / (s + lo) / 1e9 for s, lo in zip(saves, loads)]
@@ -244,6 +288,8 @@ def _run(rd: str, args: Any, n: int, chunk_bytes: int, agent: Any) -> int:
         "agent_save_copy_s": agent_side.get("save_copy_s"),
         "agent_load_copy_s": agent_side.get("load_copy_s"),
         "agent_jobs": agent_side.get("jobs"),
+        "lookup_ms_idle": _percentiles(idle_ms),
+        "lookup_ms_during_copies": _percentiles(busy_ms),
     }
     print(json.dumps(out))
     return 0 if checked else 1
