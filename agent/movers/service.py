@@ -44,6 +44,7 @@ log = logging.getLogger("kvnode.agent")
 
 JOB_DEADLINE_S = 30.0  # no byte of a job is written into a worker after this
 JOBS_INFLIGHT_MAX = 4096  # jobs queued or copying, all devices together
+JOBS_PER_CLIENT_MAX = P.JOB_SLOTS_MAX  # of which one client's (a worker: its slots)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +154,7 @@ class Transfers:
         self.exports = ExportRegistry()
         self.counters = TransferCounters()
         self.inflight = 0
+        self._inflight_by_client: dict[int, int] = {}  # jobs queued or copying per client
         self._threads: dict[str, CopyThread] = {}
         self._done: deque[Job] = deque()  # appended by copy threads, drained by the loop
         self._refusals_logged: set[str] = set()
@@ -247,9 +249,11 @@ class Transfers:
         if ex is None:
             return P.Error(m.rid, P.ErrCode.UNKNOWN_CLIENT, "no such export for this client")
         _check_job(ex, m)
-        if self.inflight >= JOBS_INFLIGHT_MAX:
+        mine = self._inflight_by_client.get(c.client_id, 0)
+        if self.inflight >= JOBS_INFLIGHT_MAX or mine >= JOBS_PER_CLIENT_MAX:
             self.counters.jobs_refused += 1
-            return P.Error(m.rid, P.ErrCode.TOO_MANY_KEYS, "too many jobs in flight")
+            who = "" if self.inflight >= JOBS_INFLIGHT_MAX else " for this client"
+            return P.Error(m.rid, P.ErrCode.TOO_MANY_KEYS, f"too many jobs in flight{who}")
         thread = self._threads[ex.device]
         if m.layerwise and (m.load or not thread.mover.layerwise_saves):
             return P.Error(
@@ -266,6 +270,7 @@ class Transfers:
             self._reserve(job, m)
         self.counters.jobs += 1
         self.inflight += 1
+        self._inflight_by_client[c.client_id] = mine + 1
         if not job.chunks:
             self._finish_here(job, thread)
         elif not thread.submit(job):
@@ -330,6 +335,10 @@ class Transfers:
 
     def _settle(self, job: Job) -> None:
         self.inflight -= 1
+        owner = job.export.client_id
+        left = self._inflight_by_client.pop(owner, 0) - 1
+        if left > 0:
+            self._inflight_by_client[owner] = left
         ctr = self.counters
         if job.failed:
             ctr.jobs_failed += 1

@@ -283,3 +283,55 @@ def test_a_gpu_device_is_named_by_a_uuid_the_agent_sees(monkeypatch: pytest.Monk
     monkeypatch.setattr(service, "_visible_gpus", lambda: (frozenset(), "no CUDA runtime"))
     assert service._gpu_check("cuda:7f2b0000-1111-2222-3333-444455556666") == "no CUDA runtime"
     assert service._cpu_check("cpu") == "" and service._cpu_check("cpu:0")
+
+
+@pytest.fixture
+def roomy_agent(tmp_path: Path) -> Iterator[AgentProcess]:
+    a = AgentProcess(tmp_path / "run", cpu_bytes="256MiB").start()
+    try:
+        yield a
+    finally:
+        a.stop()
+
+
+def test_one_client_cannot_take_every_job_the_agent_runs(roomy_agent: AgentProcess) -> None:
+    """Layer-wise saves whose layers are never marked computed stay in flight until
+    their deadline. One client may hold at most ``JOB_SLOTS_MAX`` jobs: the next is
+    refused with the reason, another worker's jobs still run, and once the flooding
+    client is gone every job ends and nothing stays reserved (the arena has room for
+    its reservations, a page each: bytes are bounded by namespace quotas, not here)."""
+    agent = roomy_agent
+    rd = str(agent.runtime_dir)
+    small = _cache(5, layers=1, head=8)  # 8 KiB chunks
+    _w, flood = _path(rd, small)
+    assert flood.ready()
+    eid, bpc = flood.export_id, 4
+
+    def job(i: int) -> Any:
+        keys, blocks = [os.urandom(16)], [list(range(bpc))]
+        return lambda r, cid, g: P.JobReq(r, cid, g, eid, False, i % flood.slots, 1, keys,
+                                          blocks, [], [], [], [], True)  # fmt: skip
+
+    for i in range(P.JOB_SLOTS_MAX):
+        rep = flood.link.call(lambda cl, i=i: _answer(cl, job(i)))
+        assert isinstance(rep, P.StatusRep), (i, rep)
+    refused = flood.link.call(lambda cl: _answer(cl, job(0)))
+    assert isinstance(refused, KVNodeError) and "in flight" in str(refused), refused
+    t = big_agent_stats(agent)["transfers"]["agent"]
+    assert t["jobs_inflight"] == P.JOB_SLOTS_MAX and t["jobs_refused"] >= 1, t
+    # Another worker is not held up by them.
+    src = _cache(6)
+    _w2, other = _path(rd, src)
+    _save(other, _ops(2, 0, tag=3))
+    dst = {k: v.clone().zero_() for k, v in src.items()}
+    _w3, p3 = _path(rd, dst)
+    assert _load(p3, _ops(2, 8, tag=3)) == set()
+    flood.link.close()  # the flooding client goes: its parked saves end, unsaved
+    deadline = time.monotonic() + 20
+    while True:
+        s = big_agent_stats(agent)
+        t = s["transfers"]["agent"]
+        if t["jobs_inflight"] == 0 and s["arena"]["reserved"] == 0:
+            break
+        assert time.monotonic() < deadline, (t, s["arena"])
+        time.sleep(0.1)
