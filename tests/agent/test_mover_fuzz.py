@@ -12,9 +12,7 @@ import mmap
 import os
 import random
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -32,15 +30,6 @@ PAGE = mmap.PAGESIZE
 SCRATCH = 64 * PAGE  # what the hostile exports name; the agent may write anywhere in it
 HOLE = 40 * PAGE  # one page of it that cannot be read or written
 UNMAPPED = (8, 1 << 46)  # user addresses nothing is mapped at
-
-
-@pytest.fixture
-def agent(tmp_path: Path) -> Iterator[AgentProcess]:
-    a = AgentProcess(tmp_path / "run", cpu_bytes="64MiB").start()
-    try:
-        yield a
-    finally:
-        a.stop()
 
 
 @dataclass
@@ -165,7 +154,8 @@ def _answer(c: AgentClient, make: Any) -> Any:
         return exc
 
 
-def test_hostile_exports_and_jobs_stop_nothing_and_leak_nothing(agent: AgentProcess) -> None:
+def test_hostile_exports_and_jobs_stop_nothing_and_leak_nothing(big_agent: AgentProcess) -> None:
+    agent = big_agent
     rng = random.Random(20261206)
     rd = str(agent.runtime_dir)
     src = _cache(3)
@@ -233,10 +223,11 @@ def _threads(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/task"))
 
 
-def test_device_names_cannot_multiply_copy_threads(agent: AgentProcess) -> None:
+def test_device_names_cannot_multiply_copy_threads(big_agent: AgentProcess) -> None:
     """A device is a real one of this node: "cpu", or "cuda:<uuid>" of a GPU the agent
     sees. Any other name is refused with the reason, and starts no copy thread (a
     client naming a thousand devices must not get a thousand threads)."""
+    agent = big_agent
     rng = random.Random(7)
     s = Scratch()
     probe = ctypes.create_string_buffer(P.PROBE_BYTES)
@@ -285,22 +276,13 @@ def test_a_gpu_device_is_named_by_a_uuid_the_agent_sees(monkeypatch: pytest.Monk
     assert service._cpu_check("cpu") == "" and service._cpu_check("cpu:0")
 
 
-@pytest.fixture
-def roomy_agent(tmp_path: Path) -> Iterator[AgentProcess]:
-    a = AgentProcess(tmp_path / "run", cpu_bytes="256MiB").start()
-    try:
-        yield a
-    finally:
-        a.stop()
-
-
-def test_one_client_cannot_take_every_job_the_agent_runs(roomy_agent: AgentProcess) -> None:
+def test_one_client_cannot_take_every_job_the_agent_runs(big_agent: AgentProcess) -> None:
     """Layer-wise saves whose layers are never marked computed stay in flight until
     their deadline. One client may hold at most ``JOB_SLOTS_MAX`` jobs: the next is
     refused with the reason, another worker's jobs still run, and once the flooding
-    client is gone every job ends and nothing stays reserved (the arena has room for
-    its reservations, a page each: bytes are bounded by namespace quotas, not here)."""
-    agent = roomy_agent
+    client is gone every job ends and nothing stays reserved (the 256 MiB arena has
+    room for its reservations, a page each: bytes are bounded by namespace quotas)."""
+    agent = big_agent
     rd = str(agent.runtime_dir)
     small = _cache(5, layers=1, head=8)  # 8 KiB chunks
     _w, flood = _path(rd, small)

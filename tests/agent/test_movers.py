@@ -7,7 +7,6 @@ import multiprocessing as mp
 import os
 import random
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -117,15 +116,6 @@ def test_cross_memory_attach_reads_and_writes_another_process() -> None:
 
 
 # ---------------------------------------------------------------- through an agent
-@pytest.fixture
-def big_agent(tmp_path: Path) -> Iterator[AgentProcess]:
-    a = AgentProcess(tmp_path / "run", cpu_bytes="256MiB").start()
-    try:
-        yield a
-    finally:
-        a.stop()
-
-
 def _cache(
     seed: int, blocks: int = BLOCKS, head: int = HEAD, layers: int = LAYERS
 ) -> dict[str, torch.Tensor]:
