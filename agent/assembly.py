@@ -119,7 +119,7 @@ def _build(
     fleet = _fleet(cfg, cache, arena, wake, events, closers)
     transfers = Transfers(cache, arena.view, wake, MoverOptions(cfg.agent.cpu_copy_threads))
     closers.append(("transfers", transfers.close))
-    handlers = Handlers(cfg, cache, stats, fleet, transfers.table)
+    handlers = Handlers(cfg, cache, stats, fleet, transfers.table, arena.view)
     return Parts(index, cache, handlers, published, fleet, transfers)
 
 

@@ -14,9 +14,10 @@ from kvnode.agent.admin import Admin
 from kvnode.agent.cache import Cache
 from kvnode.agent.clients import Client
 from kvnode.agent.config import Config
-from kvnode.agent.index import Entry, Outcome
+from kvnode.agent.index import Entry, Outcome, State
 from kvnode.agent.stats import Stats
 from kvnode.ipc import protocol as P
+from kvnode.ipc.checksum import checksum
 
 if TYPE_CHECKING:
     from kvnode.agent.fleet import Fleet
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvnode.agent")
 
 HIT, PENDING = int(P.Lookup.HIT), int(P.Lookup.PENDING)
+CORRUPT_CHECKS_MAX = 16  # entries one ordinary client's drop has checked, at most
 
 # Index outcomes on the wire (the values agree, but the mapping is explicit).
 _WIRE_STATUS = {
@@ -56,7 +58,9 @@ class Handlers:
         stats: Stats,
         fleet: Fleet | None = None,
         more: dict[type, Handler] | None = None,  # other modules' messages (agent mode)
+        arena: memoryview | None = None,  # the arena's bytes (checksums of drops)
     ) -> None:
+        self.arena = arena
         self.cfg = cfg
         self.cache = cache
         self.stats = stats
@@ -262,8 +266,33 @@ class Handlers:
         return P.Ok(m.rid)
 
     def drop(self, c: Client, m: P.DropReq) -> Any:
-        """An operator's request (kvnode cache drop): refused for ordinary clients."""
+        """An operator's request (kvnode cache drop). An ordinary client (a worker whose
+        copy failed its checksum) drops only arena copies the agent finds corrupt
+        itself, never on its word alone; with none among its keys it is refused."""
         self._limit(len(m.keys))
+        if not self.admin.operators.allowed(c) and self._drop_corrupt(m.keys) > 0:
+            return P.Ok(m.rid)
         self.admin.refuse_unless_operator(c)
         self.admin.drop(m.keys)
         return P.Ok(m.rid)
+
+    def _drop_corrupt(self, keys: list[bytes]) -> int:
+        """Drop the arena copy (lower tiers checked theirs when written) of each of the
+        first ``CORRUPT_CHECKS_MAX`` keys whose bytes no longer match its committed
+        checksum. Returns how many."""
+        if self.arena is None:
+            return 0
+        n = 0
+        for key in keys[:CORRUPT_CHECKS_MAX]:
+            e = self.cache.index.entries.get(key)
+            if e is None or e.state is not State.COMMITTED or not e.checksum:
+                continue
+            views = [self.arena[o : o + ln] for o, ln in e.extents(self.page_bytes)]
+            if checksum(views) == e.checksum:
+                continue
+            self.cache.drop(key, lower_tiers=False)
+            self.stats.inc("corrupt_dropped")
+            log.warning("entry %s failed its checksum in the arena: its arena copy is dropped "
+                        "(a client's copy found it)", key.hex())  # fmt: skip
+            n += 1
+        return n

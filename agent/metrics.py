@@ -67,6 +67,7 @@ _COUNTER_HELP = {
     "tokens_in": "Tokens in the chunks clients committed (prefilled by vLLM, then stored).",
     "tokens_out": "Tokens in the chunks clients pinned to load (served instead of prefilled).",
     "refused_admin": "Operators' requests (drop, kvnode cache) refused to ordinary clients.",
+    "corrupt_dropped": "Arena copies a client found corrupt, checked and dropped by the agent.",
     "refused_pins": "Pins refused: the client held agent.client_pins_max.",
     "refused_leases": "Reservations refused: the client held agent.client_leases_max.",
     "expired_pins": "Pins held longer than agent.pin_ttl_s, released by the agent.",

@@ -238,3 +238,49 @@ def test_drop_a_namespace(tmp_path: Path) -> None:
     finally:
         c.close()
         agent.stop()
+
+
+@needs_root
+def test_an_ordinary_client_drops_only_an_entry_that_fails_its_checksum(shared_dir: Path) -> None:
+    """A worker whose copy of an entry failed its checksum asks for it to be dropped
+    (the connector does). The agent checks the arena bytes itself: a corrupt arena copy
+    is dropped (the disk's copy stays and is served again), an intact one is refused
+    as any drop from an ordinary client is."""
+    run, disk = shared_dir / "run", shared_dir / "disk"
+    sets = [f"agent.group={NOBODY}", f"disk.path={disk}", "disk.write_policy=write_through"]
+    agent = AgentProcess(run, args=[x for s in sets for x in ("--set", s)]).start()
+    admin = AgentClient(run, name="operator", timeout_s=3.0)
+    try:
+        data = {k: os.urandom(8192) for k in KEYS[:2]}
+        for k, v in data.items():
+            assert admin.put(k, v) == P.Status.OK
+        tiers = lambda: admin.stats()["tiers"]  # noqa: E731
+        _wait(lambda: tiers()["disk"]["entries"] == 2)
+        [(_, slot)] = admin.pin(KEYS[:1])
+        admin.views(slot)[0][5] ^= 0xFF  # a stray write into the arena copy of KEYS[0]
+        admin.release(KEYS[:1])
+
+        def drops() -> dict[str, Any]:
+            c = AgentClient(run, name="vllm-like", timeout_s=3.0, heartbeat=False)
+            out: dict[str, Any] = {}
+            try:
+                for name, key in (("intact", KEYS[1]), ("corrupt", KEYS[0])):
+                    try:
+                        c.drop([key])
+                        out[name] = "dropped"
+                    except Exception as exc:
+                        out[name] = getattr(exc, "code", repr(exc))
+            finally:
+                c.close()
+            return out
+
+        got = as_nobody(drops)
+        assert got == {"intact": int(P.ErrCode.NOT_PERMITTED), "corrupt": "dropped"}, got
+        assert admin.lookup(KEYS[:2], promote=False) == [P.Lookup.MISS, P.Lookup.HIT]
+        assert admin.stats()["counters"]["corrupt_dropped"] == 1
+        assert tiers()["disk"]["entries"] == 2  # the disk's copy of KEYS[0] stays
+        _wait(lambda: admin.lookup(KEYS[:1]) == [P.Lookup.HIT])  # promoted from disk
+        assert admin.get(KEYS[0]) == data[KEYS[0]]
+    finally:
+        admin.close()
+        agent.stop()
