@@ -17,7 +17,7 @@ from kvnode.agent.config import Config
 from kvnode.agent.index import Entry, Outcome, State
 from kvnode.agent.stats import Stats
 from kvnode.ipc import protocol as P
-from kvnode.ipc.checksum import checksum
+from kvnode.ipc.checksum import checksum_extents
 
 if TYPE_CHECKING:
     from kvnode.agent.fleet import Fleet
@@ -287,8 +287,7 @@ class Handlers:
             e = self.cache.index.entries.get(key)
             if e is None or e.state is not State.COMMITTED or not e.checksum:
                 continue
-            views = [self.arena[o : o + ln] for o, ln in e.extents(self.page_bytes)]
-            if checksum(views) == e.checksum:
+            if checksum_extents(self.arena, e.extents(self.page_bytes)) == e.checksum:
                 continue
             self.cache.drop(key, lower_tiers=False)
             self.stats.inc("corrupt_dropped")

@@ -24,4 +24,10 @@ def checksum(parts: Any) -> int:
     return xxhash.xxh3_64_intdigest(parts) or 1
 
 
-__all__ = ["NO_CHECKSUM", "checksum"]
+def checksum_extents(view: Any, extents: Any) -> int:
+    """The checksum of the bytes ``view[off : off + n]`` for each ``(off, n)`` of
+    ``extents``, in order (an arena entry's pages)."""
+    return checksum([view[off : off + n] for off, n in extents])
+
+
+__all__ = ["NO_CHECKSUM", "checksum", "checksum_extents"]

@@ -37,7 +37,7 @@ import xxhash
 
 from kvnode.agent.movers.base import ChunkWork, Export, Job, Layer, Mover, MoverError
 from kvnode.ipc import progress as PG
-from kvnode.ipc.checksum import checksum
+from kvnode.ipc.checksum import checksum_extents
 
 log = logging.getLogger("kvnode.agent")
 
@@ -422,14 +422,19 @@ class CpuMover(Mover):
             remote: list[Piece] = []
             for c, _ in sub:
                 for layer in layers:
-                    span = len(c.blocks) * layer.block_nbytes
-                    extent_pieces(self.addr, c.extents, layer.payload_offset, span, local)
-                    block_pieces(layer, c.blocks, remote)
+                    self._pieces(c, layer, local, remote)
             moved += transfer(job.export.pid, local, remote, write=False)
             if due:
                 for c, h in sub:
                     self._hash_layers(h, c, due)
         return moved
+
+    def _pieces(self, c: ChunkWork, layer: Layer, local: list[Piece], remote: list[Piece]) -> None:
+        """Chunk ``c``'s part of ``layer``: its arena bytes (from the entry's block
+        ``c.block_offset``, 0 for saves) against the worker's blocks, appended."""
+        start = layer.payload_offset + c.block_offset * layer.block_nbytes
+        extent_pieces(self.addr, c.extents, start, len(c.blocks) * layer.block_nbytes, local)
+        block_pieces(layer, c.blocks, remote)
 
     def _hash_layers(self, h: Any, c: ChunkWork, layers: list[Layer]) -> None:
         """Feed ``h`` the arena bytes of ``layers`` (consecutive in payload order) of
@@ -477,10 +482,7 @@ class CpuMover(Mover):
                     local: list[Piece] = []
                     remote: list[Piece] = []
                     for c in good:
-                        start = layer.payload_offset + c.block_offset * layer.block_nbytes
-                        n = len(c.blocks) * layer.block_nbytes
-                        extent_pieces(self.addr, c.extents, start, n, local)
-                        block_pieces(layer, c.blocks, remote)
+                        self._pieces(c, layer, local, remote)
                     moved += transfer(ex.pid, local, remote, write=True)
                 state.written(i)
         except BaseException:
@@ -491,7 +493,7 @@ class CpuMover(Mover):
     def _verify(self, chunks: list[ChunkWork]) -> list[int]:
         return [
             PG.CHUNK_OK
-            if c.checksum and checksum([self.view[o : o + n] for o, n in c.extents]) == c.checksum
+            if c.checksum and checksum_extents(self.view, c.extents) == c.checksum
             else PG.CHUNK_BAD
             for c in chunks
         ]

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from kvnode.agent.movers.base import ChunkWork, Export, Job, Layer, MoverError
 from kvnode.agent.movers.cpu import CpuMover, _addr, _why_not, transfer
 from kvnode.ipc import progress as PG
-from kvnode.ipc.checksum import checksum
+from kvnode.ipc.checksum import checksum_extents
 from kvnode.kernels import ipchandle as H
 
 if TYPE_CHECKING:  # torch and the copier are imported off the loop, where copies run
@@ -234,14 +234,14 @@ class GpuMover(CpuMover):
         job.moved_bytes += opened.copier.save(opened.layers, _copies(work), ready=opened.ready)
         log.debug("saved %d chunks in %.3f ms", len(work), (time.perf_counter() - t0) * 1e3)
         for c in work:
-            c.checksum = checksum([self.view[off : off + n] for off, n in c.extents])
+            c.checksum = checksum_extents(self.view, c.extents)
             c.status = PG.CHUNK_OK
 
     def _load_gpu(self, job: Job, opened: Opened) -> None:
         ex = job.export
         for c in job.chunks:  # the writer's checksum, before a byte reaches the worker
             if c.status == PG.CHUNK_PENDING:
-                got = checksum([self.view[off : off + n] for off, n in c.extents])
+                got = checksum_extents(self.view, c.extents)
                 c.status = PG.CHUNK_OK if c.checksum and got == c.checksum else PG.CHUNK_BAD
         for c in job.chunks:
             job.outcomes[c.index] = c.status
