@@ -21,6 +21,7 @@ import queue
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -135,6 +136,11 @@ class Mover(ABC):
         """Whether a parked layer-wise save can go on (its next layer is computed)."""
         return True
 
+    def ready_many(self, jobs: list[Job]) -> list[bool]:
+        """``ready`` of each parked save, in order (a mover reads the marks of one
+        export's jobs in one go)."""
+        return [self.ready(job) for job in jobs]
+
     @abstractmethod
     def report(self, job: Job) -> None:
         """Write the job's final outcome (chunk codes, result, done) into its slot.
@@ -166,13 +172,17 @@ class CopyThread:
     A layer-wise save that reaches a layer its worker has not computed is parked:
     the thread takes the jobs queued behind it (a load another worker's forward pass
     waits for must never wait for this one's) and goes back to it once the layer is
-    marked, polling with a backoff of ``PARKED_POLL_S``."""
+    marked, polling with a backoff of ``PARKED_POLL_S``: each poll asks the mover
+    about every parked job at once (``ready_many``: one system call per export on the
+    CPU, however many jobs a client parks), and the jobs it finds able to go on are
+    run one after another before the next poll."""
 
     def __init__(self, mover: Mover, on_done: Callable[[Job], None]) -> None:
         self.mover = mover
         self._on_done = on_done
         self._queue: queue.Queue[Job | None] = queue.Queue(JOBS_QUEUED_MAX)
         self._parked: list[Job] = []
+        self._going: deque[Job] = deque()  # parked jobs the last poll found able to go on
         self._thread = threading.Thread(
             target=self._run, name=f"kvnode-mover-{mover.device}", daemon=True
         )
@@ -187,7 +197,7 @@ class CopyThread:
         return True
 
     def depth(self) -> int:
-        return self._queue.qsize() + len(self._parked)
+        return self._queue.qsize() + len(self._parked) + len(self._going)
 
     def _next(self) -> Job | None:
         """A queued job first, else a parked one that can go on (or must end: its
@@ -199,11 +209,10 @@ class CopyThread:
                 return self._queue.get_nowait()
             except queue.Empty:
                 pass
-            now = time.monotonic()
-            for job in self._parked:
-                if not job.export.alive or now > job.deadline or self._ready(job):
-                    self._parked.remove(job)
-                    return job
+            if not self._going and self._parked:
+                self._poll_parked()
+            if self._going:
+                return self._going.popleft()
             if not self._parked:
                 return self._queue.get()
             try:
@@ -211,18 +220,31 @@ class CopyThread:
             except queue.Empty:
                 wait = min(2 * wait, PARKED_POLL_S[1])
 
-    def _ready(self, job: Job) -> bool:
+    def _poll_parked(self) -> None:
+        """Move the parked jobs that can go on (their layer marked) or must end (their
+        worker gone or their deadline passed, which their run then reports) to
+        ``_going``."""
+        now = time.monotonic()
+        waiting: list[Job] = []
+        for job in self._parked:
+            if not job.export.alive or now > job.deadline:
+                self._going.append(job)
+            else:
+                waiting.append(job)
         try:
-            return self.mover.ready(job)
+            ready = self.mover.ready_many(waiting)
         except Exception:
-            log.exception("mover %s failed to poll a parked job", self.mover.device)
-            return True  # its run fails it
+            log.exception("mover %s failed to poll its parked jobs", self.mover.device)
+            ready = [True] * len(waiting)  # their runs fail them
+        self._parked = []
+        for job, go in zip(waiting, ready):
+            (self._going if go else self._parked).append(job)
 
     def _run(self) -> None:
         while True:
             job = self._next()
             if job is None:
-                for parked in self._parked:  # the agent stops: nothing more is copied
+                for parked in [*self._going, *self._parked]:  # the agent stops: no more copies
                     parked.fail("the agent is stopping")
                     self._on_done(parked)
                 return

@@ -340,6 +340,48 @@ class CpuMover(Mover):
         except MoverError:
             return True
 
+    def ready_many(self, jobs: list[Job]) -> list[bool]:
+        """``ready`` of every parked save, the marks of one export's jobs read in one
+        call (a client that parks a thousand saves costs a poll one system call, not a
+        thousand); an export whose read fails is asked job by job (whose runs then
+        fail)."""
+        by_export: dict[int, list[int]] = {}
+        for i, job in enumerate(jobs):
+            by_export.setdefault(id(job.export), []).append(i)
+        out = [True] * len(jobs)
+        for idx in by_export.values():
+            mine = [jobs[i] for i in idx]
+            try:
+                got = self._computed_many(mine)
+            except MoverError:
+                got = [self._computed_or_fail(job) for job in mine]
+            for i, job, n in zip(idx, mine, got):
+                out[i] = n > job.layer
+        return out
+
+    def _computed_or_fail(self, job: Job) -> int:
+        try:
+            return self._computed(job)
+        except MoverError:
+            return len(job.export.layers)  # its run fails it
+
+    def _computed_many(self, jobs: list[Job]) -> list[int]:
+        """``_computed`` of jobs of one export, in one call."""
+        ex = jobs[0].export
+        nl = len(ex.layers)
+        marks = bytearray(nl * len(jobs))
+        remote = [(ex.slot_address(job.slot) + PG.computed_byte(nl, 0), nl) for job in jobs]
+        transfer(ex.pid, [(_addr(marks), len(marks))], remote, write=False)
+        out = []
+        for k, job in enumerate(jobs):
+            at = k * nl
+            n = 0
+            while n < nl and marks[at + n] == job.seq:
+                n += 1
+            job.computed = max(job.computed, n)
+            out.append(job.computed)
+        return out
+
     def _computed(self, job: Job) -> int:
         """Read the worker's computed marks (one call): how many layers, from the
         first, the forward pass has written for this job."""

@@ -574,3 +574,66 @@ def test_a_chunk_that_fails_its_checksum_in_the_arena_is_served_again_from_disk(
             assert torch.equal(src[k][: 3 * BPC], dst[k][16 : 16 + 3 * BPC]), k
     finally:
         agent.stop()
+
+
+def test_parked_saves_of_one_export_cost_one_system_call_a_poll(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client that parks hundreds of layer-wise saves (no layer ever marked) makes
+    the copy thread read their marks in one call a poll, not one a job; once the
+    layers are marked every save ends, its checksum that of the bytes at the time."""
+    import ctypes
+    import mmap
+    import threading
+
+    import xxhash
+
+    from kvnode.agent.movers.base import ChunkWork, CopyThread, Export, Job, Layer
+    from kvnode.ipc import progress as PG
+
+    n, nl, bn = 300, 2, 256
+    calls = [0]
+    real = cpu._vm_fn["process_vm_readv"]
+
+    def counting(*args: Any) -> int:
+        calls[0] += 1
+        return int(real(*args))
+
+    monkeypatch.setitem(cpu._vm_fn, "process_vm_readv", counting)
+    arena = mmap.mmap(-1, n * nl * bn)
+    cache = (ctypes.c_char * (nl * bn)).from_buffer(bytearray(os.urandom(nl * bn)))
+    page = (ctypes.c_char * (n * PG.slot_bytes(nl))).from_buffer(bytearray(n * PG.slot_bytes(nl)))
+    base, progress = ctypes.addressof(cache), ctypes.addressof(page)
+    layers = tuple(Layer(f"l{i}", base + i * bn, 1, bn, bn, ((0, bn),), i * bn) for i in range(nl))
+    ex = Export(1, 1, "cpu", os.getpid(), layers, progress, n, PG.slot_bytes(nl), nl * bn, 1)
+    done: list[Job] = []
+    all_done = threading.Event()
+
+    def on_done(job: Job) -> None:
+        done.append(job)
+        if len(done) == n:
+            all_done.set()
+
+    thread = CopyThread(cpu.CpuMover(memoryview(arena), threads=1), on_done)
+    try:
+        for i in range(n):
+            work = [ChunkWork(b"k%d" % i, (0,), [(i * nl * bn, nl * bn)])]
+            job = Job(ex, False, i, 7, work, bytearray(1), time.monotonic() + 30, layerwise=True)
+            while not thread.submit(job):  # the queue holds 256: the thread parks them
+                time.sleep(0.001)
+        time.sleep(0.3)  # every job has run once and parked
+        assert thread.depth() == n and not done
+        before = calls[0]
+        time.sleep(0.4)  # the thread polls the parked jobs, backing off up to 20 ms
+        polls = calls[0] - before
+        assert 1 <= polls < n // 10, f"{polls} cross-memory reads to poll {n} parked saves"
+        marks = memoryview(page).cast("B")
+        for i in range(n):
+            for layer in range(nl):
+                marks[i * PG.slot_bytes(nl) + PG.computed_byte(nl, layer)] = 7
+        assert all_done.wait(10), f"{len(done)} of {n} saves ended"
+    finally:
+        thread.close()
+    want = xxhash.xxh3_64(bytes(cache)).intdigest() or 1
+    assert all(not j.failed and j.chunks[0].checksum == want for j in done)
+    assert all(arena[i * nl * bn : (i + 1) * nl * bn] == bytes(cache) for i in range(n))
