@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvnode.agent.config import Config
 from kvnode.agent.index import Entry, State
+from kvnode.agent.logs import Throttled
 from kvnode.ipc import protocol as P
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from kvnode.agent.stats import Stats
 
 log = logging.getLogger("kvnode.agent")
+LOG_EVERY_S = 10.0  # refusals of operators' requests: at most one line this often
 
 _UCRED = struct.Struct("3i")  # pid, uid, gid
 _NO_LOCK = contextlib.nullcontext()
@@ -101,16 +103,19 @@ class Admin:
         self.cache = cache
         self.stats = stats
         self.operators = Operators(cfg, peer_credentials)
+        self._refusals_log = Throttled(LOG_EVERY_S)
 
     def refuse_unless_operator(self, c: Client) -> None:
         from kvnode.agent.handlers import ClientError
 
         if not self.operators.allowed(c):
             self.stats.inc("refused_admin")
-            log.warning(
-                "refused an operator's request from client %x (pid %d): not the agent's "
-                "user, root or agent.admin_group", c.client_id, c.pid,
-            )  # fmt: skip
+            held = self._refusals_log.due()
+            if held is not None:
+                log.warning(
+                    "refused an operator's request from client %x (pid %d): not the agent's "
+                    "user, root or agent.admin_group%s", c.client_id, c.pid, Throttled.note(held),
+                )  # fmt: skip
             raise ClientError(P.ErrCode.NOT_PERMITTED, "operators only (agent.admin_group)")
 
     # -- requests ---------------------------------------------------------------------

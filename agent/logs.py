@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import IO
 
@@ -116,3 +118,28 @@ def set_level(level: str | int) -> str:
 
 def current_level() -> str:
     return logging.getLevelName(logging.getLogger().level).lower()
+
+
+class Throttled:
+    """A log line any local client can cause at will (a refused request, say): the
+    first goes out at once, then at most one every ``every_s``, each saying how many
+    were held back before it. The counters count every one."""
+
+    def __init__(self, every_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every_s = every_s
+        self.clock = clock
+        self._last: float | None = None
+        self._held = 0
+
+    def due(self) -> int | None:
+        """None: hold this line back; else log it, saying how many were held back."""
+        now = self.clock()
+        if self._last is not None and now - self._last < self.every_s:
+            self._held += 1
+            return None
+        held, self._held, self._last = self._held, 0, now
+        return held
+
+    @staticmethod
+    def note(held: int) -> str:
+        return f" ({held} more since the last such line)" if held else ""

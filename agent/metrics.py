@@ -68,6 +68,9 @@ _COUNTER_HELP = {
     "tokens_out": "Tokens in the chunks clients pinned to load (served instead of prefilled).",
     "refused_admin": "Operators' requests (drop, kvnode cache) refused to ordinary clients.",
     "corrupt_dropped": "Arena copies a client found corrupt, checked and dropped by the agent.",
+    "corrupt_check_bytes": "Arena bytes the agent checksummed for ordinary clients' drops.",
+    "corrupt_checks_skipped": "Entries of ordinary clients' drops left unchecked: the "
+    "agent's budget for such checks was spent.",
     "refused_pins": "Pins refused: the client held agent.client_pins_max.",
     "refused_leases": "Reservations refused: the client held agent.client_leases_max.",
     "expired_pins": "Pins held longer than agent.pin_ttl_s, released by the agent.",

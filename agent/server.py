@@ -408,9 +408,9 @@ class Agent:
             self._guard(self.fleet.flush)
 
     def _expire_leases(self) -> None:
-        for e in self.cache.expire_leases():
-            self.stats.inc("expired_leases")
-            log.warning("reservation of %s by client %x expired", e.key.hex(), e.owner)
+        expired = [(e.owner, e.key) for e in self.cache.expire_leases()]
+        self.stats.inc("expired_leases", len(expired))
+        _log_expired("reservation", expired)
         self._expire_pins()
 
     def _expire_pins(self) -> None:
@@ -419,9 +419,9 @@ class Agent:
         keep an entry from eviction for as long as it lives. A reader still copying
         after that long is protected by its checksum of the copy, not by the pin."""
         before = self.clock() - self.cfg.agent.pin_ttl_s
-        for owner, key, n in self.cache.expire_pins(before):
-            self.stats.inc("expired_pins", n)
-            log.warning("pin of %s by client %x expired (%d)", key.hex(), owner, n)
+        expired = self.cache.expire_pins(before)
+        self.stats.inc("expired_pins", sum(n for _, _, n in expired))
+        _log_expired("pin", [(owner, key) for owner, key, _ in expired])
 
     def _reclaim(self, c: Client, why: str) -> None:
         if self.transfers is not None:
@@ -611,3 +611,20 @@ def _safe(fn: Callable[[], Any]) -> None:
         fn()
     except Exception:
         log.exception("hook %s failed", getattr(fn, "__name__", fn))
+
+
+EXPIRED_LOG_CLIENTS_MAX = 8  # clients named per housekeeping pass for expired holds
+
+
+def _log_expired(what: str, expired: list[tuple[int, bytes]]) -> None:
+    """One line per client whose reservations (or pins) expired in this pass, naming
+    the first key, and at most ``EXPIRED_LOG_CLIENTS_MAX`` such lines: a client holding
+    thousands of keys it never commits is a few lines, not thousands."""
+    by_owner: dict[int, list[bytes]] = {}
+    for owner, key in expired:
+        by_owner.setdefault(owner, []).append(key)
+    for owner, keys in list(by_owner.items())[:EXPIRED_LOG_CLIENTS_MAX]:
+        more = f" and {len(keys) - 1} more" if len(keys) > 1 else ""
+        log.warning("%s of %s%s by client %x expired", what, keys[0].hex(), more, owner)
+    if len(by_owner) > EXPIRED_LOG_CLIENTS_MAX:
+        log.warning("%ss of %d more clients expired", what, len(by_owner) - EXPIRED_LOG_CLIENTS_MAX)

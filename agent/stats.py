@@ -17,7 +17,7 @@ COUNTERS = (
     "orphan_evictions", "orphan_bytes", "quota_refused",
     "refused_pins", "refused_leases", "expired_pins",
     "refused_admin", "tokens_in", "tokens_out", "refused_connections", "listener_pauses",
-    "corrupt_dropped",
+    "corrupt_dropped", "corrupt_check_bytes", "corrupt_checks_skipped",
 )  # fmt: skip
 LATENCY_OPS = ("lookup", "reserve", "commit", "pin", "release")
 
