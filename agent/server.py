@@ -26,6 +26,7 @@ from kvnode.agent.config import Config, format_size
 from kvnode.agent.connections import Connections
 from kvnode.agent.handlers import ClientError, Handlers
 from kvnode.agent.index import AGENT_OWNER, Index
+from kvnode.agent.logs import Throttled
 from kvnode.agent.movers.service import Transfers
 from kvnode.agent.published import PublishedIndex
 
@@ -51,6 +52,7 @@ _POLL_MS_MAX = 100
 _LEASE_CHECK_S = 1.0
 _PUBLISH_STEP = 16  # index changes published between looks at the request queue
 _TICK_S = 0.002  # housekeeping at least this far apart while requests keep coming
+ERROR_LOG_EVERY_S = 10.0  # a request kind that hit a bug: its traceback at most this often
 
 
 class StopRequested(Exception):
@@ -64,6 +66,7 @@ class Agent:
         self.runtime_dir = cfg.runtime_dir
         self.generation = int.from_bytes(os.urandom(6), "little") or 1
         self.stats = Stats()
+        self._error_logs: dict[str, Throttled] = {}
         self.registry = ClientRegistry(self.generation, pid_namespace())
         self.runtime = RuntimeDir(cfg)
         self._running = False
@@ -479,7 +482,11 @@ class Agent:
             return P.Error(msg.rid, exc.code, exc.message)
         except Exception as exc:  # a bug: count it, answer, keep serving
             self.stats.inc("errors")
-            log.exception("handling %s failed", type(msg).__name__)
+            name = type(msg).__name__
+            throttle = self._error_logs.setdefault(name, Throttled(ERROR_LOG_EVERY_S))
+            held = throttle.due()
+            if held is not None:  # a client that found a bug cannot fill the log with it
+                log.exception("handling %s failed%s", name, Throttled.note(held))
             return P.Error(msg.rid, P.ErrCode.INTERNAL, f"internal error: {exc}"[:200])
 
     def _hello(self, identity: bytes, payload: zmq.Frame, m: P.Hello) -> Any:

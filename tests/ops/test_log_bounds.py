@@ -94,3 +94,49 @@ def test_refusals_and_drop_checks_of_an_ordinary_client_are_bounded(shared_dir: 
     finally:
         admin.close()
         agent.stop()
+
+
+def test_throttled_lines_say_how_many_were_held_back() -> None:
+    from kvnode.agent.logs import Throttled
+
+    now = [100.0]
+    t = Throttled(10.0, clock=lambda: now[0])
+    assert t.due() == 0  # the first goes out
+    assert [t.due() for _ in range(5)] == [None] * 5
+    now[0] += 9.9
+    assert t.due() is None
+    now[0] += 0.2
+    assert t.due() == 6 and Throttled.note(6) == " (6 more since the last such line)"
+    now[0] += 10.0
+    assert t.due() == 0 and Throttled.note(0) == ""
+
+
+def test_a_request_that_hits_a_bug_logs_its_traceback_once_per_interval(
+    tmp_path: Path, caplog: Any
+) -> None:
+    """A client that found a bug (a handler raising) and sends the request in a loop
+    gets an INTERNAL error each time, counted; the traceback is logged once, not once
+    a request."""
+    import logging
+
+    from kvnode.agent.config import load_config
+    from kvnode.agent.server import Agent
+
+    agent = Agent(load_config(env={}, overrides={"agent.runtime_dir": str(tmp_path / "run")}))
+
+    class Registry:
+        def authenticate(self, *args: Any) -> Any:
+            return object()
+
+    def broken(c: Any, m: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    agent.registry = Registry()  # type: ignore[assignment]
+    handlers = type("H", (), {"table": {P.LookupReq: broken}})()
+    agent.parts = type("Parts", (), {"handlers": handlers})()  # type: ignore[assignment]
+    msg = P.LookupReq(1, 1, 1, [b"k" * 16])
+    with caplog.at_level(logging.ERROR, logger="kvnode.agent"):
+        replies = [agent._dispatch(b"id", msg) for _ in range(50)]
+    assert all(r.code == P.ErrCode.INTERNAL for r in replies)
+    assert agent.stats.counters["errors"] == 50
+    assert sum("handling LookupReq failed" in r.getMessage() for r in caplog.records) == 1
