@@ -233,9 +233,11 @@ class CopyThread:
                 waiting.append(job)
         try:
             ready = self.mover.ready_many(waiting)
+            if len(ready) != len(waiting):
+                raise RuntimeError(f"{len(ready)} answers for {len(waiting)} parked jobs")
         except Exception:
             log.exception("mover %s failed to poll its parked jobs", self.mover.device)
-            ready = [True] * len(waiting)  # their runs fail them
+            ready = [True] * len(waiting)  # their runs fail them (none is lost)
         self._parked = []
         for job, go in zip(waiting, ready):
             (self._going if go else self._parked).append(job)
