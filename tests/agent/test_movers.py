@@ -637,3 +637,48 @@ def test_parked_saves_of_one_export_cost_one_system_call_a_poll(
     want = xxhash.xxh3_64(bytes(cache)).intdigest() or 1
     assert all(not j.failed and j.chunks[0].checksum == want for j in done)
     assert all(arena[i * nl * bn : (i + 1) * nl * bn] == bytes(cache) for i in range(n))
+
+
+def test_a_parked_job_is_never_lost_by_a_mover_that_answers_its_poll_short() -> None:
+    """A mover whose ``ready_many`` answers for fewer jobs than asked (a bug) must not
+    make the copy thread forget the others: every parked job runs again and ends."""
+    import threading
+
+    from kvnode.agent.movers.base import CopyThread, Export, Job, Mover
+
+    class Short(Mover):
+        device = "cpu"
+
+        def __init__(self) -> None:
+            self.runs: dict[int, int] = {}
+
+        def attach(self, export: Export, probe: int, nonce: bytes) -> str:
+            return ""
+
+        def run(self, job: Job) -> bool:
+            self.runs[job.slot] = self.runs.get(job.slot, 0) + 1
+            return self.runs[job.slot] > 1  # parks the first time
+
+        def ready_many(self, jobs: list[Job]) -> list[bool]:
+            return [True] * (len(jobs) // 2)
+
+        def report(self, job: Job) -> None:
+            return
+
+    ex = Export(1, 1, "cpu", os.getpid(), (), 0, 8, 64, 0, 1)
+    done: list[Job] = []
+    all_done = threading.Event()
+
+    def on_done(job: Job) -> None:
+        done.append(job)
+        if len(done) == 6:
+            all_done.set()
+
+    thread = CopyThread(Short(), on_done)
+    try:
+        for slot in range(6):
+            thread.submit(Job(ex, False, slot, 1, [], bytearray(), time.monotonic() + 30))
+        assert all_done.wait(5), f"{len(done)} of 6 parked jobs ended"
+    finally:
+        thread.close()
+    assert sorted(j.slot for j in done) == list(range(6))
