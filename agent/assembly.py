@@ -117,7 +117,14 @@ def _build(
     if cache.tiers is not None:
         closers.append(("tiers", cache.tiers.close))
     fleet = _fleet(cfg, cache, arena, wake, events, closers)
-    transfers = Transfers(cache, arena.view, wake, MoverOptions(cfg.agent.cpu_copy_threads))
+    transfers = Transfers(
+        cache,
+        arena.view,
+        wake,
+        MoverOptions(
+            cfg.agent.cpu_copy_threads, cfg.agent.client_leases_max, cfg.agent.client_pins_max
+        ),
+    )
     closers.append(("transfers", transfers.close))
     handlers = Handlers(cfg, cache, stats, fleet, transfers.table, arena.view)
     return Parts(index, cache, handlers, published, fleet, transfers)

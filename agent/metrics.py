@@ -439,6 +439,11 @@ def _render_transfers(f: _Families, transfers: Mapping[str, Any]) -> None:
         ("jobs_failed", "Jobs that failed (worker gone, deadline, copy error)."),
         ("checksum_errors", "Chunks that failed their checksum before the agent loaded them."),
         ("exports_refused", "Exports the agent could not reach (the worker copies itself)."),
+        (
+            "refused_share",
+            "Chunks of jobs refused past the client's agent.client_leases_max "
+            "or agent.client_pins_max.",
+        ),
     ):
         f.add(f"agent_{key}_total", "counter", help_text, agent.get(key))
     f.add(

@@ -50,6 +50,10 @@ JOBS_PER_CLIENT_MAX = P.JOB_SLOTS_MAX  # of which one client's (a worker: its sl
 @dataclass(frozen=True, slots=True)
 class MoverOptions:
     cpu_threads: int = 2  # agent.cpu_copy_threads
+    # A client's shares (agent.client_leases_max, agent.client_pins_max) count the
+    # chunks its agent-mode saves have reserved and its loads have pinned too.
+    client_leases_max: int = 65536
+    client_pins_max: int = 65536
 
 
 # Movers by device kind ("cpu", "cuda", ...): a factory given the arena's mapping, and
@@ -133,6 +137,7 @@ class TransferCounters:
     load_bytes: int = 0
     load_misses: int = 0
     load_wrong_size: int = 0  # stored chunks of another size than the exporter's
+    refused_share: int = 0  # chunks past the client's client_leases_max / client_pins_max
     checksum_errors: int = 0
     save_copy_s: float = 0.0
     load_copy_s: float = 0.0
@@ -155,6 +160,8 @@ class Transfers:
         self.counters = TransferCounters()
         self.inflight = 0
         self._inflight_by_client: dict[int, int] = {}  # jobs queued or copying per client
+        # Chunks in flight per client: reserved by its saves, pinned by its loads.
+        self._chunks_by_client: tuple[dict[int, int], dict[int, int]] = ({}, {})
         self._threads: dict[str, CopyThread] = {}
         self._done: deque[Job] = deque()  # appended by copy threads, drained by the loop
         self._refusals_logged: set[str] = set()
@@ -264,10 +271,17 @@ class Transfers:
         job = Job(ex, m.load, m.slot, m.seq, [], bytearray(n), time.monotonic() + JOB_DEADLINE_S)
         job.layerwise = m.layerwise
         self.counters.layerwise_jobs += m.layerwise
+        room = self._room(c.client_id, m.load)
+        if room < n:  # past the client's share: the last chunks are refused, counted
+            self.counters.refused_share += n - room
+            for i in range(room, n):
+                job.outcomes[i] = PG.CHUNK_MISSING if m.load else PG.CHUNK_NO_SPACE
         if m.load:
-            self._pin(job, m)
+            self._pin(job, m, room)
         else:
-            self._reserve(job, m)
+            self._reserve(job, m, room)
+        held = self._chunks_by_client[m.load]
+        held[c.client_id] = held.get(c.client_id, 0) + len(job.chunks)
         self.counters.jobs += 1
         self.inflight += 1
         self._inflight_by_client[c.client_id] = mine + 1
@@ -279,10 +293,21 @@ class Transfers:
             self._finish_here(job, thread)
         return P.StatusRep(m.rid, [_wire_status(b) for b in job.outcomes])
 
-    def _pin(self, job: Job, m: P.JobReq) -> None:
+    def _room(self, client: int, load: bool) -> int:
+        """Chunks the client may still have pinned (loads) or reserved (saves): its
+        share less what it holds itself and what its jobs in flight hold for it."""
+        held = self.cache.held_by(client)
+        if load:
+            cap, own = self.options.client_pins_max, held.pins_held
+        else:
+            cap, own = self.options.client_leases_max, len(held.leases)
+        return max(0, cap - own - self._chunks_by_client[load].get(client, 0))
+
+    def _pin(self, job: Job, m: P.JobReq, room: int) -> None:
         pb, size = self.page_bytes, job.export.chunk_nbytes
         offsets = m.offsets or [0] * len(m.keys)
-        for i, (key, e) in enumerate(zip(m.keys, self.cache.pin_many(m.keys, AGENT_OWNER))):
+        keys = m.keys[:room]
+        for i, (key, e) in enumerate(zip(keys, self.cache.pin_many(keys, AGENT_OWNER))):
             if e is None:
                 job.outcomes[i] = PG.CHUNK_MISSING
                 self.counters.load_misses += 1
@@ -296,14 +321,15 @@ class Transfers:
                 ChunkWork(key, tuple(m.blocks[i]), e.extents(pb), offsets[i], e.checksum, i)
             )
 
-    def _reserve(self, job: Job, m: P.JobReq) -> None:
+    def _reserve(self, job: Job, m: P.JobReq, room: int) -> None:
         size, pb = job.export.chunk_nbytes, self.page_bytes
-        groups = m.groups or None
-        answers = self.cache.reserve_many(m.keys, size, AGENT_OWNER, groups)
+        keys = m.keys[:room]
+        groups = m.groups[:room] if m.groups else None
+        answers = self.cache.reserve_many(keys, size, AGENT_OWNER, groups) if keys else []
         if answers is None:
             answers = [
                 self.cache.reserve(k, size, AGENT_OWNER, groups[i] if groups else None)
-                for i, k in enumerate(m.keys)
+                for i, k in enumerate(keys)
             ]
         job.parents = list(m.parents)
         job.tokens = [list(t) for t in m.tokens]
@@ -339,6 +365,10 @@ class Transfers:
         left = self._inflight_by_client.pop(owner, 0) - 1
         if left > 0:
             self._inflight_by_client[owner] = left
+        held = self._chunks_by_client[job.load]
+        left = held.pop(owner, 0) - len(job.chunks)
+        if left > 0:
+            held[owner] = left
         ctr = self.counters
         if job.failed:
             ctr.jobs_failed += 1

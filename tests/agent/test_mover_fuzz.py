@@ -317,3 +317,51 @@ def test_one_client_cannot_take_every_job_the_agent_runs(big_agent: AgentProcess
             break
         assert time.monotonic() < deadline, (t, s["arena"])
         time.sleep(0.1)
+
+
+def test_agent_mode_chunks_count_against_the_clients_shares(tmp_path: Any) -> None:
+    """The agent reserves and pins for a client's jobs as itself; those chunks count
+    against the client's ``agent.client_leases_max`` and ``agent.client_pins_max`` as
+    its own reservations and pins do. Parked saves of 3 x 8 chunks against a share of
+    20: the last 4 are answered no-space (counted), 20 stay reserved. A load of 8 by a
+    client holding 16 pins of its own against 20: 4 load, 4 are misses."""
+    sets = ["agent.client_leases_max=20", "agent.client_pins_max=20"]
+    agent = AgentProcess(tmp_path / "run", cpu_bytes="256MiB",
+                         args=[x for s in sets for x in ("--set", s)]).start()  # fmt: skip
+    try:
+        rd = str(agent.runtime_dir)
+        small = _cache(40, layers=1, head=8)  # 8 KiB chunks
+        _w, flood = _path(rd, small)
+        assert flood.ready()
+        eid, bpc = flood.export_id, 4
+
+        def job(i: int) -> Any:
+            keys = [os.urandom(16) for _ in range(8)]
+            blocks = [list(range(bpc * k, bpc * (k + 1))) for k in range(8)]
+            return lambda r, cid, g: P.JobReq(r, cid, g, eid, False, i, 1, keys, blocks,
+                                              [], [], [], [], True)  # fmt: skip
+
+        codes = [flood.link.call(lambda cl, i=i: _answer(cl, job(i))).status for i in range(3)]
+        assert codes[:2] == [[int(P.Status.OK)] * 8] * 2, codes
+        assert codes[2] == [int(P.Status.OK)] * 4 + [int(P.Status.NO_SPACE)] * 4, codes
+        s = big_agent_stats(agent)
+        assert s["transfers"]["agent"]["refused_share"] == 4
+        assert s["arena"]["reserved"] == 20, s["arena"]
+        flood.link.close()  # its parked saves end, unsaved: the share is free again
+
+        src = _cache(6)
+        _w2, saver = _path(rd, src)
+        _save(saver, _ops(8, 0, tag=9))
+        mine = [os.urandom(16) for _ in range(16)]
+        dst = {k: v.clone().zero_() for k, v in src.items()}
+        _w3, loader = _path(rd, dst)
+        for k in mine:  # 16 pins of the loading client's own
+            loader.link.call(lambda cl, k=k: cl.put(k, b"x" * 4096))
+        got = loader.link.call(lambda cl: cl.pin(mine))
+        assert all(slot is not None for _, slot in got)
+        errors = _load(loader, _ops(8, 8, tag=9))
+        assert len(errors) > 0, "all 8 loaded past the client's pin share"
+        t = big_agent_stats(agent)["transfers"]["agent"]
+        assert t["refused_share"] == 8 and t["load_chunks"] == 4, t
+    finally:
+        agent.stop()

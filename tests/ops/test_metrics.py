@@ -144,6 +144,7 @@ def sample_stats(scale: int = 1) -> dict[str, Any]:
                 "jobs_failed": 1,
                 "checksum_errors": 0,
                 "exports_refused": 1,
+                "refused_share": 2,
                 "exporting_workers": 2,
                 "jobs_inflight": 0,
             },
