@@ -276,6 +276,23 @@ def test_a_gpu_device_is_named_by_a_uuid_the_agent_sees(monkeypatch: pytest.Monk
     assert service._cpu_check("cpu") == "" and service._cpu_check("cpu:0")
 
 
+def _small_export(rd: str, seed: int) -> tuple[Any, Any]:
+    """A worker exporting one layer of 8 KiB chunks (4 blocks each)."""
+    w, path = _path(rd, _cache(seed, layers=1, head=8))
+    assert path.ready()
+    return w, path
+
+
+def _parked_save(path: Any, slot: int, chunks: int, bpc: int = 4) -> Any:
+    """A layer-wise save of ``chunks`` new keys whose layers are never marked: the
+    agent parks it until its worker goes or its deadline passes."""
+    keys = [os.urandom(16) for _ in range(chunks)]
+    blocks = [list(range(bpc * k, bpc * (k + 1))) for k in range(chunks)]
+    eid = path.export_id
+    return lambda r, cid, g: P.JobReq(r, cid, g, eid, False, slot, 1, keys, blocks,
+                                      [], [], [], [], True)  # fmt: skip
+
+
 def test_one_client_cannot_take_every_job_the_agent_runs(big_agent: AgentProcess) -> None:
     """Layer-wise saves whose layers are never marked computed stay in flight until
     their deadline. One client may hold at most ``JOB_SLOTS_MAX`` jobs: the next is
@@ -284,15 +301,10 @@ def test_one_client_cannot_take_every_job_the_agent_runs(big_agent: AgentProcess
     room for its reservations, a page each: bytes are bounded by namespace quotas)."""
     agent = big_agent
     rd = str(agent.runtime_dir)
-    small = _cache(5, layers=1, head=8)  # 8 KiB chunks
-    _w, flood = _path(rd, small)
-    assert flood.ready()
-    eid, bpc = flood.export_id, 4
+    _w, flood = _small_export(rd, 5)
 
     def job(i: int) -> Any:
-        keys, blocks = [os.urandom(16)], [list(range(bpc))]
-        return lambda r, cid, g: P.JobReq(r, cid, g, eid, False, i % flood.slots, 1, keys,
-                                          blocks, [], [], [], [], True)  # fmt: skip
+        return _parked_save(flood, i % flood.slots, 1)
 
     for i in range(P.JOB_SLOTS_MAX):
         rep = flood.link.call(lambda cl, i=i: _answer(cl, job(i)))
@@ -330,18 +342,9 @@ def test_agent_mode_chunks_count_against_the_clients_shares(tmp_path: Any) -> No
                          args=[x for s in sets for x in ("--set", s)]).start()  # fmt: skip
     try:
         rd = str(agent.runtime_dir)
-        small = _cache(40, layers=1, head=8)  # 8 KiB chunks
-        _w, flood = _path(rd, small)
-        assert flood.ready()
-        eid, bpc = flood.export_id, 4
-
-        def job(i: int) -> Any:
-            keys = [os.urandom(16) for _ in range(8)]
-            blocks = [list(range(bpc * k, bpc * (k + 1))) for k in range(8)]
-            return lambda r, cid, g: P.JobReq(r, cid, g, eid, False, i, 1, keys, blocks,
-                                              [], [], [], [], True)  # fmt: skip
-
-        codes = [flood.link.call(lambda cl, i=i: _answer(cl, job(i))).status for i in range(3)]
+        _w, flood = _small_export(rd, 40)
+        saves = [_parked_save(flood, i, 8) for i in range(3)]
+        codes = [flood.link.call(lambda cl, j=j: _answer(cl, j)).status for j in saves]
         assert codes[:2] == [[int(P.Status.OK)] * 8] * 2, codes
         assert codes[2] == [int(P.Status.OK)] * 4 + [int(P.Status.NO_SPACE)] * 4, codes
         s = big_agent_stats(agent)
