@@ -7,11 +7,6 @@ copies at memcpy's rate (``benchmarks/agent_copy_bench.py``). So the worker asks
 kernel to back its cache with transparent huge pages: ``MADV_HUGEPAGE`` for pages
 faulted later and ``MADV_COLLAPSE`` (Linux 6.1) to turn the pages it has now into huge
 pages, on a background thread, a step at a time, so registration never waits for it.
-That thread runs at the lowest priority (nice 19): collapsing vLLM's 2 GiB CPU cache
-costs about half a second of a core, and at normal priority it took that from the
-forward pass of a fresh process's first requests (`vllm_ttft.py` in agent mode on 2
-cores: the first hit of each prompt 0.62 s instead of 0.14 s without the collapse;
-at nice 19, 0.16 s).
 
 Contents never change: the kernel copies the pages into huge pages while they stay
 readable and writable. Everything here is best effort: an older kernel, a kernel
@@ -31,7 +26,6 @@ log = logging.getLogger("kvnode.connector")
 
 HUGE = 2 << 20
 STEP = 64 << 20  # collapsed per system call: the thread lets others in between
-NICE = 19  # the collapse takes only the cycles nothing else wants
 MADV_HUGEPAGE = 14
 MADV_COLLAPSE = 25
 
@@ -67,7 +61,6 @@ class Collapse:
         self.collapsed = 0
         self.failed = 0
         self.why = ""
-        self.priority: int | None = None  # the thread's nice value, once it runs
         self.done = threading.Event()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="kvnode-hugepages", daemon=True)
@@ -83,12 +76,6 @@ class Collapse:
         self._stop = True
 
     def _run(self) -> None:
-        tid = threading.get_native_id()
-        try:  # only ever lowered: no privilege needed
-            os.setpriority(os.PRIO_PROCESS, tid, NICE)
-            self.priority = os.getpriority(os.PRIO_PROCESS, tid)
-        except OSError as exc:
-            log.debug("kvnode: the huge-page thread keeps its priority (%s)", exc)
         try:
             for addr, n in self.ranges:
                 if _libc.madvise(addr, n, MADV_HUGEPAGE) != 0:

@@ -3,7 +3,6 @@ madvise, contents unchanged."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -54,16 +53,3 @@ def test_collapse_of_memory_that_is_not_mapped_is_counted_not_raised() -> None:
     c = Collapse([(HUGE, 4 * HUGE)]).start()  # the first pages of the address space
     assert c.done.wait(10)
     assert c.collapsed == 0 and c.failed == 4 * HUGE and c.why
-
-
-def test_collapse_runs_at_the_lowest_priority_and_leaves_the_callers_alone() -> None:
-    """The collapse costs about half a second of a core per 2 GiB: it takes only what
-    nothing else wants (a fresh vLLM process's first requests were 4x slower while it
-    ran at normal priority on 2 cores). The thread that started it keeps its own."""
-    kv = torch.randn(4 * HUGE // 4)
-    addr, n = kv.untyped_storage().data_ptr(), kv.untyped_storage().nbytes()
-    before = os.getpriority(os.PRIO_PROCESS, 0)
-    c = Collapse([(addr, n)]).start()
-    assert c.done.wait(60)
-    assert c.priority == 19
-    assert os.getpriority(os.PRIO_PROCESS, 0) == before
