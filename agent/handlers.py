@@ -16,6 +16,7 @@ from kvnode.agent.clients import Client
 from kvnode.agent.config import Config
 from kvnode.agent.index import Entry, Outcome, State
 from kvnode.agent.logs import Throttled
+from kvnode.agent.replay import Bucket
 from kvnode.agent.stats import Stats
 from kvnode.ipc import protocol as P
 from kvnode.ipc.checksum import checksum_extents
@@ -66,8 +67,8 @@ class Handlers:
         arena: memoryview | None = None,  # the arena's bytes (checksums of drops)
     ) -> None:
         self.arena = arena
-        self._check_budget = float(CORRUPT_CHECK_BYTES_PER_S)
-        self._check_budget_at = time.monotonic()
+        rate = float(CORRUPT_CHECK_BYTES_PER_S)
+        self._check_budget = Bucket(rate, rate, rate, time.monotonic())
         self._corrupt_log = Throttled(LOG_EVERY_S)
         self.cfg = cfg
         self.cache = cache
@@ -290,21 +291,17 @@ class Handlers:
         checksum. Returns how many."""
         if self.arena is None:
             return 0
-        now = time.monotonic()
-        self._check_budget = min(
-            float(CORRUPT_CHECK_BYTES_PER_S),
-            self._check_budget + (now - self._check_budget_at) * CORRUPT_CHECK_BYTES_PER_S,
-        )
-        self._check_budget_at = now
+        budget = self._check_budget
+        budget.refill(time.monotonic())
         n = 0
         for key in keys[:CORRUPT_CHECKS_MAX]:
             e = self.cache.index.entries.get(key)
             if e is None or e.state is not State.COMMITTED or not e.checksum:
                 continue
-            if self._check_budget <= 0:
+            if budget.level <= 0:  # an entry larger than what is left is checked once
                 self.stats.inc("corrupt_checks_skipped")
                 continue
-            self._check_budget -= e.size
+            budget.level -= e.size
             self.stats.inc("corrupt_check_bytes", e.size)
             if checksum_extents(self.arena, e.extents(self.page_bytes)) == e.checksum:
                 continue

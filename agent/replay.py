@@ -152,7 +152,7 @@ class ReplayRing:
 
 
 @dataclass(slots=True)
-class _Bucket:
+class Bucket:
     """Token bucket: ``rate`` per second, at most ``burst`` saved."""
 
     rate: float
@@ -179,8 +179,8 @@ class _Bucket:
 @dataclass(slots=True, eq=False)
 class _Requester:
     ident: bytes
-    requests: _Bucket
-    bytes_: _Bucket
+    requests: Bucket
+    bytes_: Bucket
     cursor: int = -1  # next seq to send; -1: no replay under way
     snapshot: Iterator[bytes] | None = None  # payloads sent (as seq cursor - 1) first
     end: int = 0  # the replay ends before this seq
@@ -307,9 +307,9 @@ class ReplayServer(threading.Thread):
                 return None
         lim = self.limits
         burst = max(1.0, 2 * lim.requests_per_s)
-        reqs = _Bucket(lim.requests_per_s, burst, burst, now)
+        reqs = Bucket(lim.requests_per_s, burst, burst, now)
         rate = float(lim.requester_bytes_per_s)
-        r = _Requester(ident, reqs, _Bucket(rate, rate, rate, now), progress_at=now)
+        r = _Requester(ident, reqs, Bucket(rate, rate, rate, now), progress_at=now)
         self._requesters[ident] = r
         return r
 

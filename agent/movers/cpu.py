@@ -366,7 +366,8 @@ class CpuMover(Mover):
             return len(job.export.layers)  # its run fails it
 
     def _computed_many(self, jobs: list[Job]) -> list[int]:
-        """``_computed`` of jobs of one export, in one call."""
+        """``_computed`` of jobs of one export, in one call: each job's count of
+        layers, from the first, whose mark is its sequence byte."""
         ex = jobs[0].export
         nl = len(ex.layers)
         marks = bytearray(nl * len(jobs))
@@ -385,16 +386,7 @@ class CpuMover(Mover):
     def _computed(self, job: Job) -> int:
         """Read the worker's computed marks (one call): how many layers, from the
         first, the forward pass has written for this job."""
-        ex = job.export
-        nl = len(ex.layers)
-        marks = bytearray(nl)
-        at = ex.slot_address(job.slot) + PG.computed_byte(nl, 0)
-        transfer(ex.pid, [(_addr(marks), nl)], [(at, nl)], write=False)
-        n = 0
-        while n < nl and marks[n] == job.seq:
-            n += 1
-        job.computed = max(job.computed, n)
-        return job.computed
+        return self._computed_many([job])[0]
 
     def _check(self, job: Job) -> None:
         if not job.export.alive:

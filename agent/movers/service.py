@@ -362,13 +362,8 @@ class Transfers:
     def _settle(self, job: Job) -> None:
         self.inflight -= 1
         owner = job.export.client_id
-        left = self._inflight_by_client.pop(owner, 0) - 1
-        if left > 0:
-            self._inflight_by_client[owner] = left
-        held = self._chunks_by_client[job.load]
-        left = held.pop(owner, 0) - len(job.chunks)
-        if left > 0:
-            held[owner] = left
+        _count_down(self._inflight_by_client, owner, 1)
+        _count_down(self._chunks_by_client[job.load], owner, len(job.chunks))
         ctr = self.counters
         if job.failed:
             ctr.jobs_failed += 1
@@ -472,6 +467,13 @@ def _blocks_per_chunk(layers: tuple[Layer, ...], chunk_nbytes: int) -> int:
         if top + max(o + n for o, n in layer.parts) >= 1 << 63:
             raise Refusal(f"layer {layer.name}: addresses out of range")
     return bpc
+
+
+def _count_down(counts: dict[int, int], key: int, n: int) -> None:
+    """``counts[key] -= n``, the key gone at zero (a client's figures leave with it)."""
+    left = counts.pop(key, 0) - n
+    if left > 0:
+        counts[key] = left
 
 
 def _check_job(ex: Export, m: P.JobReq) -> None:
