@@ -98,7 +98,7 @@ def saver(runtime_dir: str, n: int, reps: int, per_job: int, conn: Any) -> None:
     conn.send("ready")
     for rep in range(reps):
         conn.recv()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         steps = _ops(n, 0, rep, per_job)
         for step in steps:
             path.track(step)
@@ -108,7 +108,7 @@ def saver(runtime_dir: str, n: int, reps: int, per_job: int, conn: Any) -> None:
         # page in a tight loop takes a core from the copy on a small machine).
         path.wait_saves()
         done = path.finished(want)
-        conn.send(time.perf_counter() - t0)
+        conn.send((time.perf_counter() - t0, time.process_time() - c0))
         if done != want:
             raise RuntimeError(f"saves not finished: {sorted(want - done)}")
     conn.send(dict(path.stats.take()))
@@ -123,16 +123,16 @@ def loader(runtime_dir: str, n: int, reps: int, per_job: int, conn: Any) -> None
         conn.recv()
         for t in kv.values():
             t.zero_()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for step in _ops(n, 0, rep, per_job):
             path.load(step)
             for name in path.layer_pos:
                 path.wait_for_layer(name)
             path.finish_loads()
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
         errors = path.take_load_errors()
         same = not errors and all(torch.equal(kv[k], want[k]) for k in kv)
-        conn.send((elapsed, same))
+        conn.send((elapsed, same, cpu))
 
 
 def prober(runtime_dir: str, conn: Any) -> None:
@@ -241,6 +241,7 @@ def _run(rd: str, args: Any, n: int, chunk_bytes: int, agent: Any) -> int:
     pl.start()
     pp.start()
     saves, loads, refs, checked = [], [], [], True
+    save_cpu, load_cpu = [], []
     memcpy = Memcpy(n)
     assert s_here.recv() == "ready" and l_here.recv() == "ready"
     p_here.send("go")  # lookups while the agent is idle: the reference
@@ -253,11 +254,14 @@ def _run(rd: str, args: Any, n: int, chunk_bytes: int, agent: Any) -> int:
         refs.append(memcpy.run())
         time.sleep(0.05)
         s_here.send("go")
-        saves.append(s_here.recv())
+        elapsed, cpu = s_here.recv()
+        saves.append(elapsed)
+        save_cpu.append(cpu)
         time.sleep(0.05)  # the agent commits on its loop
         l_here.send("go")
-        elapsed, same = l_here.recv()
+        elapsed, same, cpu = l_here.recv()
         loads.append(elapsed)
+        load_cpu.append(cpu)
         checked = checked and same
     p_here.send("stop")
     busy_ms = p_here.recv()
@@ -268,6 +272,7 @@ def _run(rd: str, args: Any, n: int, chunk_bytes: int, agent: Any) -> int:
     pp.join(30)
     agent_side = _agent_stats(rd)
     nbytes = n * chunk_bytes
+    jobs_per_rep = -(-n // args.chunks_per_job)
     agent_gbps = [2 * nbytes / (s + lo) / 1e9 for s, lo in zip(saves, loads)]
     ref_gbps = [2 * nbytes / r / 1e9 for r in refs]
     out = {
@@ -288,6 +293,11 @@ def _run(rd: str, args: Any, n: int, chunk_bytes: int, agent: Any) -> int:
         "agent_save_copy_s": agent_side.get("save_copy_s"),
         "agent_load_copy_s": agent_side.get("load_copy_s"),
         "agent_jobs": agent_side.get("jobs"),
+        # CPU time the worker processes spent (handing jobs over, waiting) per job
+        "worker_cpu_ms_per_job": {
+            "save": round(statistics.median(save_cpu) * 1e3 / jobs_per_rep, 3),
+            "load": round(statistics.median(load_cpu) * 1e3 / jobs_per_rep, 3),
+        },
         "lookup_ms_idle": _percentiles(idle_ms),
         "lookup_ms_during_copies": _percentiles(busy_ms),
     }

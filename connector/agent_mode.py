@@ -53,6 +53,9 @@ JOB_DEADLINE_S = 30.0  # the agent's deadline for a job (agent/movers/service.py
 DEADLINE_MARGIN_S = 5.0  # beyond it the worker gives a job up as failed
 TRACKED_REQUESTS_MAX = 65536
 _SLEEP_MIN_S, _SLEEP_MAX_S = 20e-6, 1e-3
+# Waiting on the wake eventfd: between wake-ups, the replies are read (a refused job
+# is never written to the page) first after this, then at doubling intervals.
+_WOKEN_POLL_S = (1e-3, 8e-3)
 
 
 @dataclass(slots=True, eq=False)
@@ -95,6 +98,10 @@ class AgentPath:
         self._finishing: set[str] = set()  # finished in vLLM, saves still running
         self._errors: set[int] = set()
         self._agent_pidfd = -1
+        # The agent adds to it after each progress write (a loaded layer, a job's
+        # end): waits sleep in poll on it instead of on a timer.
+        self._wake_fd = _eventfd()
+        self._wakes = False  # the agent serving now holds it
         self._replies: deque[tuple[int, int, bool]] = deque()  # (slot, seq, refused)
         self._lock = threading.Lock()
         self._order = order
@@ -151,9 +158,10 @@ class AgentPath:
         req = lambda r, c, g: P.ExportReq(  # noqa: E731
             r, c, g, device, layers, int(self.page.ctypes.data), self.slots, self.slot_bytes,
             int(self.worker.chunk_nbytes), int(self.probe.ctypes.data), nonce, handles,
+            self._wake_fd,
         )  # fmt: skip
         try:
-            export_id, gen, why = client.export(req)
+            export_id, gen, why, wakes = client.export(req)
         except BaseException:
             os.close(pidfd)
             raise
@@ -163,6 +171,7 @@ class AgentPath:
             os.close(pidfd)
             return self._refuse(gen, why)
         self._agent_pidfd = pidfd
+        self._wakes = wakes and self._wake_fd >= 0
         self.export_id, self.generation = export_id, gen
         self._refused = None
         log.info("kvnode: KV cache exported (%d layers): the agent moves the bytes", len(layers))
@@ -204,6 +213,7 @@ class AgentPath:
             os.close(self._agent_pidfd)
             self._agent_pidfd = -1
         self.export_id = 0
+        self._wakes = False
         for job in self._loads + list(self._saves.values()):
             if job.outcome < 0:
                 job.outcome = PG.RESULT_FAILED
@@ -287,6 +297,9 @@ class AgentPath:
 
     def _wait(self, done: Any) -> None:
         """Sleep-wait until ``done()``; an agent that exits ends every job."""
+        if self._wakes:
+            self._wait_woken(done)
+            return
         sleep = _SLEEP_MIN_S
         polls = 0
         while not done():
@@ -301,6 +314,31 @@ class AgentPath:
                     continue
             time.sleep(sleep)
             sleep = min(sleep * 2, _SLEEP_MAX_S)
+
+    def _wait_woken(self, done: Any) -> None:
+        """``_wait`` in poll on the wake eventfd and the agent's pidfd (its exit ends
+        every job at once): the agent's wake-up, not a timer, ends each sleep. The
+        eventfd is drained before ``done()`` is asked again, so a wake-up that comes
+        after the question is never lost; one left over from an earlier wait only
+        makes one more question. While no wake-up comes, the replies are read now and
+        then (a job the agent refused is never written to the page)."""
+        timeout = _WOKEN_POLL_S[0]
+        while not done():
+            fds = [self._wake_fd]
+            if self._agent_pidfd >= 0:
+                fds.append(self._agent_pidfd)
+            ready = select.select(fds, [], [], timeout)[0]
+            if self._wake_fd in ready:
+                _drain(self._wake_fd)
+                continue
+            if not ready:
+                timeout = min(2 * timeout, _WOKEN_POLL_S[1])
+                try:
+                    self.link.call(lambda c: c.poll_replies())
+                except KVNodeError:
+                    pass
+            if self._agent_gone():
+                self._lost_agent()
 
     def _end(self, job: _Job) -> None:
         """The job has ended: keep its chunk codes, give its slot back."""
@@ -486,6 +524,26 @@ class AgentPath:
         if self._agent_pidfd >= 0:
             os.close(self._agent_pidfd)
             self._agent_pidfd = -1
+        self._wakes = False
+        if self._wake_fd >= 0:
+            os.close(self._wake_fd)
+            self._wake_fd = -1
+
+
+def _eventfd() -> int:
+    """A non-blocking eventfd for the agent's wake-ups; -1 where there is none (the
+    waits then poll the page on a timer)."""
+    try:
+        return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    except (AttributeError, OSError):
+        return -1
+
+
+def _drain(fd: int) -> None:
+    try:
+        os.read(fd, 8)  # an eventfd's read takes its whole count
+    except OSError:  # BlockingIOError: drained already
+        pass
 
 
 def _storage_ranges(layers: Iterable[Any]) -> list[tuple[int, int]]:

@@ -561,14 +561,15 @@ class AgentClient:
             self._post(kind, make)
 
     # ------------------------------------------------------------------ agent mode
-    def export(self, make: Callable[[int, int, int], P.ExportReq]) -> tuple[int, int, str]:
+    def export(self, make: Callable[[int, int, int], P.ExportReq]) -> tuple[int, int, str, bool]:
         """Export a KV cache (``make(rid, client_id, generation)`` builds the request).
-        Returns (export id, the generation it belongs to, why refused): id 0 = refused."""
+        Returns (export id, the generation it belongs to, why refused, whether the
+        agent wakes the worker's eventfd): id 0 = refused."""
         with self._lock:
             rep = self._call(make, retry=False)
             if not isinstance(rep, P.ExportRep):
                 raise ProtocolError(f"unexpected reply to export: {type(rep).__name__}")
-            return rep.export_id, self._generation, rep.reason
+            return rep.export_id, self._generation, rep.reason, rep.wakes
 
     def job(
         self,

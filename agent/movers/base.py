@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvnode.agent.movers.process import WorkerProcess
 from kvnode.ipc import progress as PG
 
 log = logging.getLogger("kvnode.agent")
@@ -70,6 +71,16 @@ class Export:
     handles: tuple[bytes, ...] = ()  # device IPC handles (GPU movers)
     alive: bool = True  # False once the client is gone: jobs stop before their next layer
     state: object = None  # the mover's own per-export state (opened handles...)
+    proc: WorkerProcess | None = None  # its pidfd and wake eventfd (closed when dropped)
+
+    def exited(self) -> bool:
+        """Whether the worker process has exited: its pid may name another by now."""
+        return self.proc is not None and self.proc.exited()
+
+    def wake(self) -> None:
+        """Wake the worker to look at its progress page (it may be waiting on it)."""
+        if self.proc is not None:
+            self.proc.wake()
 
     def slot_address(self, slot: int) -> int:
         return self.progress + slot * self.slot_bytes
@@ -163,6 +174,7 @@ def report(mover: Mover, job: Job) -> None:
         mover.report(job)
     except Exception:
         log.exception("reporting a job's outcome failed")
+    job.export.wake()
 
 
 class CopyThread:

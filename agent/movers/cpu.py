@@ -259,6 +259,7 @@ class _Load:
         ex = self.job.export
         for i in layers:
             self.mover._write_bytes(ex, self.slot + PG.layer_byte(i), self._seq)
+        ex.wake()
 
 
 class CpuMover(Mover):
@@ -295,6 +296,8 @@ class CpuMover(Mover):
         if bytes(got) != nonce:
             return f"pid {pid} is not the process that exported (probe bytes differ)"
         answer = bytearray(nonce[::-1])
+        if export.exited():
+            return f"pid {pid} exited while it exported"
         try:
             transfer(pid, [(_addr(answer), len(answer))], [(probe, len(answer))], write=True)
             self._reach_layers(pid, export.layers)
@@ -389,8 +392,12 @@ class CpuMover(Mover):
         return self._computed_many([job])[0]
 
     def _check(self, job: Job) -> None:
+        """Before each write into the worker and after its reads: the worker is
+        still there (an exited one's pid may be another process's by now)."""
         if not job.export.alive:
             raise MoverError("the exporting worker is gone")
+        if job.export.exited():
+            raise MoverError("the exporting worker exited")
         if time.monotonic() > job.deadline:
             raise MoverError("job deadline passed")
 
@@ -429,6 +436,7 @@ class CpuMover(Mover):
             moved = self._parallel(functools.partial(self._save_layers, job, plan), st.groups)
             job.moved_bytes += sum(moved)
             job.layer = end
+        self._check(job)  # after the last read: every byte came from the worker
         for c, h in zip(st.work, st.hashers):
             c.checksum = h.intdigest() or 1
             c.status = PG.CHUNK_OK
@@ -538,7 +546,7 @@ class CpuMover(Mover):
 
     def report(self, job: Job) -> None:
         ex = job.export
-        if not ex.alive or time.monotonic() > job.deadline:
+        if not ex.alive or time.monotonic() > job.deadline or ex.exited():
             return  # the worker stopped waiting (or is gone): its slot may be reused
         for c in job.chunks:
             job.outcomes[c.index] = c.status

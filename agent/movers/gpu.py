@@ -254,6 +254,7 @@ class GpuMover(CpuMover):
         def layer_done(i: int) -> None:
             self._check(job)  # stops before the next layer of a worker that is gone
             self._write_bytes(ex, slot + PG.layer_byte(i), seq)
+            ex.wake()
 
         if not work:
             for i in range(len(ex.layers)):

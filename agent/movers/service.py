@@ -36,6 +36,7 @@ from kvnode.agent.movers.base import (
     report,
 )
 from kvnode.agent.movers.exports import ExportRegistry
+from kvnode.agent.movers.process import WorkerProcess
 from kvnode.ipc import progress as PG
 from kvnode.ipc import protocol as P
 from kvnode.kernels import ipchandle as H  # no torch until a GPU is asked about
@@ -172,12 +173,15 @@ class Transfers:
 
     # ------------------------------------------------------------------ exports
     def export(self, c: Client, m: P.ExportReq) -> Any:
+        ex: Export | None = None
         try:
             ex, thread = self._new_export(c, m)
             why = thread.mover.attach(ex, m.probe, m.nonce)
             if why:
                 raise Refusal(why)
         except Refusal as r:
+            if ex is not None and ex.proc is not None:
+                ex.proc.close()
             self.counters.exports_refused += 1
             msg = str(r)[:300]
             if msg not in self._refusals_logged and len(self._refusals_logged) < 64:
@@ -191,7 +195,8 @@ class Transfers:
             "client %x (pid %d) exported %d %s layers: agent mode",
             c.client_id, ex.pid, len(ex.layers), ex.device,
         )  # fmt: skip
-        return P.ExportRep(m.rid, ex.export_id)
+        wakes = ex.proc is not None and ex.proc.wake_fd >= 0
+        return P.ExportRep(m.rid, ex.export_id, "", wakes)
 
     def _new_export(self, c: Client, m: P.ExportReq) -> tuple[Export, CopyThread]:
         thread = self._thread(m.device)
@@ -210,9 +215,13 @@ class Transfers:
         bpc = _blocks_per_chunk(layers, m.chunk_nbytes)
         if m.slot_bytes < PG.slot_bytes(len(layers)):
             raise Refusal(f"progress slots of {m.slot_bytes} bytes are too small")
+        try:  # the registry's pidfd is checked against pid reuse since Hello
+            proc = WorkerProcess.open(pid, m.wake_fd, c.pidfd if c.pid == pid else -1)
+        except ProcessLookupError:
+            raise Refusal(f"pid {pid} exited while it exported") from None
         ex = Export(
             self.exports.new_id(), c.client_id, m.device, pid, layers, m.progress, m.slots,
-            m.slot_bytes, m.chunk_nbytes, bpc, tuple(m.handles),
+            m.slot_bytes, m.chunk_nbytes, bpc, tuple(m.handles), proc=proc,
         )  # fmt: skip
         return ex, thread
 
@@ -244,6 +253,8 @@ class Transfers:
                 thread.mover.detach(ex)
             except Exception:
                 log.exception("detaching export %x failed", ex.export_id)
+        if ex.proc is not None:  # its jobs stop at their next check (a closed one has exited)
+            ex.proc.close()
 
     def client_gone(self, client_id: int) -> None:
         """The client is gone: its exports die (copies stop before their next layer)."""
@@ -441,6 +452,9 @@ class Transfers:
             except Exception:
                 log.exception("closing the %s mover failed", thread.mover.device)
         self._threads.clear()
+        for ex in self.exports.values():
+            if ex.proc is not None:
+                ex.proc.close()
 
 
 def _wire_status(code: int) -> int:

@@ -174,7 +174,7 @@ def test_hostile_exports_and_jobs_stop_nothing_and_leak_nothing(big_agent: Agent
             ctypes.memmove(probe, nonce, P.PROBE_BYTES)
             make, ex = _export(rng, s, ctypes.addressof(probe), nonce)
             try:
-                eid, _gen, why = c.export(make)
+                eid, _gen, why, _ = c.export(make)
             except KVNodeError as exc:
                 assert "timed out" not in str(exc).lower(), exc
                 eid, why = 0, str(exc)
@@ -240,7 +240,7 @@ def test_device_names_cannot_multiply_copy_threads(big_agent: AgentProcess) -> N
             nonce = os.urandom(P.PROBE_BYTES)
             ctypes.memmove(probe, nonce, P.PROBE_BYTES)
             make, _ = _export(rng, s, ctypes.addressof(probe), nonce, False, device)
-            eid, _gen, why = c.export(make)
+            eid, _gen, why, _ = c.export(make)
             return eid, why
 
         assert export("cpu")[0]  # the one CPU device: its copy thread starts once

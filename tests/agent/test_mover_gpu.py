@@ -209,7 +209,7 @@ def test_a_real_agent_refuses_gpu_handles_it_cannot_open(tmp_path: Path) -> None
                 r, cid, g, f"cuda:{uuid}", [layer], int(page.ctypes.data), 4, page.shape[1],
                 4 * 4096, int(probe.ctypes.data), bytes(probe), h,
             )  # fmt: skip
-            eid, _gen, reason = c.export(req)
+            eid, _gen, reason, _ = c.export(req)
             assert eid == 0 and (why if seen else "is not visible") in reason, reason
         assert c.export(lambda r, cid, g: P.ExportReq(
             r, cid, g, "cuda:0000", [layer], int(page.ctypes.data), 4, page.shape[1],

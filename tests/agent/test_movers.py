@@ -472,7 +472,7 @@ def test_an_export_with_a_wrong_probe_is_refused(big_agent: AgentProcess) -> Non
             r, cid, g, "cpu", layers, int(path.page.ctypes.data), 4, path.slot_bytes,
             int(w.chunk_nbytes), int(path.probe.ctypes.data), nonce,
         )  # fmt: skip
-        eid, _gen, why = c.export(req)
+        eid, _gen, why, _ = c.export(req)
         assert eid == 0 and "probe" in why
         # A job naming another client's export is refused, nothing written.
         assert path.ready()
@@ -682,3 +682,115 @@ def test_a_parked_job_is_never_lost_by_a_mover_that_answers_its_poll_short() -> 
     finally:
         thread.close()
     assert sorted(j.slot for j in done) == list(range(6))
+
+
+def _held_memory(conn: Any) -> None:
+    """A process holding a 'cache' of two 256-byte layers and a progress page: it
+    sends their addresses, then their bytes whenever asked."""
+    from kvnode.ipc import progress as PG
+
+    cache = np.full(512, 0x5A, dtype=np.uint8)
+    page = np.zeros(PG.slot_bytes(2), dtype=np.uint8)
+    conn.send((os.getpid(), int(cache.ctypes.data), int(page.ctypes.data)))
+    while conn.recv() == "bytes?":
+        conn.send((bytes(cache), bytes(page)))
+
+
+def test_a_copy_never_reaches_a_process_that_took_an_exited_workers_pid() -> None:
+    """The worker exits and the kernel gives its pid to another process (of the same
+    user) before the agent has noticed: a copy addressed by pid would write the KV
+    into that process, or save its memory as KV. Held by pidfd, the export sees its
+    worker exited: the load writes nothing (not even a progress byte), the save
+    commits nothing. (The other process is stood in for by a live one whose pid the
+    export names, beside the pidfd of one that exited.)"""
+    import mmap
+    import subprocess
+
+    from kvnode.agent.movers.base import ChunkWork, Export, Job, Layer
+    from kvnode.agent.movers.process import WorkerProcess
+    from kvnode.ipc import progress as PG
+    from kvnode.ipc.checksum import checksum_extents
+
+    nl, bn = 2, 256
+    gone = subprocess.Popen(["sleep", "0.2"])
+    dead_pidfd = os.pidfd_open(gone.pid)
+    gone.wait()
+    ctx = mp.get_context("spawn")
+    here, there = ctx.Pipe()
+    other = ctx.Process(target=_held_memory, args=(there,))
+    other.start()
+    try:
+        pid, base, page = here.recv()
+        here.send("bytes?")
+        before = here.recv()
+        arena = mmap.mmap(-1, nl * bn)
+        arena[:] = os.urandom(nl * bn)
+        extents = [(0, nl * bn)]
+        layers = tuple(
+            Layer(f"l{i}", base + i * bn, 1, bn, bn, ((0, bn),), i * bn) for i in range(nl)
+        )
+        ex = Export(1, 1, "cpu", pid, layers, page, 1, PG.slot_bytes(nl), nl * bn, 1,
+                    proc=WorkerProcess(pid, dead_pidfd))  # fmt: skip
+        mover = cpu.CpuMover(memoryview(arena), threads=2)
+        try:
+            load = Job(ex, True, 0, 1, [ChunkWork(b"k", (0,), extents, 0,
+                       checksum_extents(memoryview(arena), extents))], bytearray(1),
+                       time.monotonic() + 30)  # fmt: skip
+            assert mover.run(load) and load.failed
+            assert "exited" in load.failed, load.failed
+            mover.report(load)
+            save = Job(ex, False, 0, 2, [ChunkWork(b"s", (0,), extents)], bytearray(1),
+                       time.monotonic() + 30)  # fmt: skip
+            assert mover.run(save) and save.failed
+            assert save.chunks[0].status == PG.CHUNK_FAILED
+        finally:
+            mover.close()
+            ex.proc.close()  # type: ignore[union-attr]
+        here.send("bytes?")
+        assert here.recv() == before  # neither the cache nor the progress page touched
+        here.send("done")
+    finally:
+        other.join(10)
+
+
+def test_the_agent_wakes_a_waiting_worker_instead_of_its_timer(
+    big_agent: AgentProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker waiting for its load's layers and its saves sleeps in poll on its
+    eventfd, which the agent (holding it through pidfd_getfd) adds to after each
+    progress write: no timer sleep at all, and about one wake-up per layer, where
+    the timer's backoff woke it many times a layer (and late by up to its step)."""
+    import threading
+
+    from kvnode.connector import agent_mode
+
+    sleeps = [0]
+    real_sleep = time.sleep
+
+    def counted_sleep(s: float) -> None:
+        if threading.current_thread() is threading.main_thread():
+            sleeps[0] += 1
+        real_sleep(s)
+
+    rd = str(big_agent.runtime_dir)
+    src = _cache(11)
+    _w, saver = _path(rd, src)
+    assert saver.ready() and saver._wakes, "the agent does not hold the worker's eventfd"
+    monkeypatch.setattr(agent_mode.time, "sleep", counted_sleep)
+    selects = [0]
+    real_select = agent_mode.select.select
+
+    def counted_select(*a: Any) -> Any:
+        selects[0] += 1
+        return real_select(*a)
+
+    monkeypatch.setattr(agent_mode.select, "select", counted_select)
+    _save(saver, _ops(4, 0, tag=11))
+    dst = {k: v.clone().zero_() for k, v in src.items()}
+    _w2, loader = _path(rd, dst)
+    assert loader.ready() and loader._wakes
+    selects[0] = sleeps[0] = 0
+    assert _load(loader, _ops(4, 16, tag=11)) == set()
+    assert all(torch.equal(dst[k][16:32], src[k][:16]) for k in src)
+    assert sleeps[0] == 0, f"{sleeps[0]} timer sleeps"
+    assert selects[0] <= 3 * LAYERS + 4, f"{selects[0]} wake-ups for {LAYERS} layers"
