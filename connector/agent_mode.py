@@ -29,6 +29,7 @@ import functools
 import logging
 import os
 import select
+import socket
 import threading
 import time
 from collections import deque
@@ -53,7 +54,7 @@ JOB_DEADLINE_S = 30.0  # the agent's deadline for a job (agent/movers/service.py
 DEADLINE_MARGIN_S = 5.0  # beyond it the worker gives a job up as failed
 TRACKED_REQUESTS_MAX = 65536
 _SLEEP_MIN_S, _SLEEP_MAX_S = 20e-6, 1e-3
-# Waiting on the wake eventfd: between wake-ups, the replies are read (a refused job
+# Waiting on the wake socket: between wake-ups, the replies are read (a refused job
 # is never written to the page) first after this, then at doubling intervals.
 _WOKEN_POLL_S = (1e-3, 8e-3)
 
@@ -98,10 +99,11 @@ class AgentPath:
         self._finishing: set[str] = set()  # finished in vLLM, saves still running
         self._errors: set[int] = set()
         self._agent_pidfd = -1
-        # The agent adds to it after each progress write (a loaded layer, a job's
-        # end): waits sleep in poll on it instead of on a timer.
-        self._wake_fd = _eventfd()
-        self._wakes = False  # the agent serving now holds it
+        # A datagram socket pair: the agent sends a byte on one end after each
+        # progress write (a loaded layer, a job's end); waits sleep in poll on the
+        # other instead of on a timer.
+        self._wake, self._wake_end = _socket_pair()
+        self._wakes = False  # the agent serving now holds its end
         self._replies: deque[tuple[int, int, bool]] = deque()  # (slot, seq, refused)
         self._lock = threading.Lock()
         self._order = order
@@ -158,7 +160,7 @@ class AgentPath:
         req = lambda r, c, g: P.ExportReq(  # noqa: E731
             r, c, g, device, layers, int(self.page.ctypes.data), self.slots, self.slot_bytes,
             int(self.worker.chunk_nbytes), int(self.probe.ctypes.data), nonce, handles,
-            self._wake_fd,
+            self._wake_end.fileno() if self._wake_end is not None else -1,
         )  # fmt: skip
         try:
             export_id, gen, why, wakes = client.export(req)
@@ -171,7 +173,7 @@ class AgentPath:
             os.close(pidfd)
             return self._refuse(gen, why)
         self._agent_pidfd = pidfd
-        self._wakes = wakes and self._wake_fd >= 0
+        self._wakes = wakes and self._wake is not None
         self.export_id, self.generation = export_id, gen
         self._refused = None
         log.info("kvnode: KV cache exported (%d layers): the agent moves the bytes", len(layers))
@@ -316,20 +318,22 @@ class AgentPath:
             sleep = min(sleep * 2, _SLEEP_MAX_S)
 
     def _wait_woken(self, done: Any) -> None:
-        """``_wait`` in poll on the wake eventfd and the agent's pidfd (its exit ends
+        """``_wait`` in poll on the wake socket and the agent's pidfd (its exit ends
         every job at once): the agent's wake-up, not a timer, ends each sleep. The
-        eventfd is drained before ``done()`` is asked again, so a wake-up that comes
+        socket is drained before ``done()`` is asked again, so a wake-up that comes
         after the question is never lost; one left over from an earlier wait only
         makes one more question. While no wake-up comes, the replies are read now and
         then (a job the agent refused is never written to the page)."""
         timeout = _WOKEN_POLL_S[0]
+        wake = self._wake
+        assert wake is not None
         while not done():
-            fds = [self._wake_fd]
+            fds = [wake.fileno()]
             if self._agent_pidfd >= 0:
                 fds.append(self._agent_pidfd)
             ready = select.select(fds, [], [], timeout)[0]
-            if self._wake_fd in ready:
-                _drain(self._wake_fd)
+            if fds[0] in ready:
+                _drain(wake)
                 continue
             if not ready:
                 timeout = min(2 * timeout, _WOKEN_POLL_S[1])
@@ -525,24 +529,31 @@ class AgentPath:
             os.close(self._agent_pidfd)
             self._agent_pidfd = -1
         self._wakes = False
-        if self._wake_fd >= 0:
-            os.close(self._wake_fd)
-            self._wake_fd = -1
+        for sock in (self._wake, self._wake_end):
+            if sock is not None:
+                sock.close()
+        self._wake = self._wake_end = None
 
 
-def _eventfd() -> int:
-    """A non-blocking eventfd for the agent's wake-ups; -1 where there is none (the
-    waits then poll the page on a timer)."""
+def _socket_pair() -> tuple[socket.socket | None, socket.socket | None]:
+    """(the end waits poll, the end the agent takes), non-blocking, made in this
+    process (the agent checks the pair's credentials are the worker's); (None,
+    None) where there is none (the waits then poll the page on a timer)."""
     try:
-        return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-    except (AttributeError, OSError):
-        return -1
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    except OSError:
+        return None, None
+    a.setblocking(False)
+    b.setblocking(False)
+    return a, b
 
 
-def _drain(fd: int) -> None:
+def _drain(sock: socket.socket) -> None:
+    """Read every wake-up byte queued (each only says "look again")."""
     try:
-        os.read(fd, 8)  # an eventfd's read takes its whole count
-    except OSError:  # BlockingIOError: drained already
+        while sock.recv(64):
+            pass
+    except OSError:  # BlockingIOError: drained
         pass
 
 

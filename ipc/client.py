@@ -564,7 +564,7 @@ class AgentClient:
     def export(self, make: Callable[[int, int, int], P.ExportReq]) -> tuple[int, int, str, bool]:
         """Export a KV cache (``make(rid, client_id, generation)`` builds the request).
         Returns (export id, the generation it belongs to, why refused, whether the
-        agent wakes the worker's eventfd): id 0 = refused."""
+        agent wakes the worker through its socket): id 0 = refused."""
         with self._lock:
             rep = self._call(make, retry=False)
             if not isinstance(rep, P.ExportRep):

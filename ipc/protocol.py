@@ -237,9 +237,10 @@ class ExportReq(_Msg, tag=12):
     probe: Addr
     nonce: Annotated[bytes, Meta(min_length=PROBE_BYTES, max_length=PROBE_BYTES)]
     handles: Annotated[list[bytes], Meta(max_length=EXPORT_LAYERS_MAX)] = []  # GPU IPC handles
-    # The worker's eventfd (its descriptor number), which the agent takes with
-    # pidfd_getfd and adds one to after each progress write the worker may wait for:
-    # -1, or an agent that cannot take it (``ExportRep.wakes`` false), and it polls.
+    # One end of a Unix datagram socket pair the worker made (its descriptor number),
+    # which the agent takes with pidfd_getfd and sends a byte on after each progress
+    # write the worker may wait for: -1, or an agent that cannot take it
+    # (``ExportRep.wakes`` false), and the worker polls its page on a timer.
     wake_fd: Annotated[int, Meta(ge=-1, le=1 << 30)] = -1
 
 
@@ -355,7 +356,7 @@ class ExportRep(_Msg, tag=70):
     rid: int
     export_id: int
     reason: str = ""
-    wakes: bool = False  # the agent holds the worker's wake eventfd
+    wakes: bool = False  # the agent holds the worker's wake socket
 
 
 class AdminRep(_Msg, tag=80):

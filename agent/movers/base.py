@@ -71,7 +71,7 @@ class Export:
     handles: tuple[bytes, ...] = ()  # device IPC handles (GPU movers)
     alive: bool = True  # False once the client is gone: jobs stop before their next layer
     state: object = None  # the mover's own per-export state (opened handles...)
-    proc: WorkerProcess | None = None  # its pidfd and wake eventfd (closed when dropped)
+    proc: WorkerProcess | None = None  # its pidfd and wake socket (closed when dropped)
 
     def exited(self) -> bool:
         """Whether the worker process has exited: its pid may name another by now."""

@@ -8,12 +8,16 @@ never reaches another process: writes are checked before (the worker lives, so i
 pid is its own), reads after (the bytes came from the worker if it was still alive
 once they had landed).
 
-``wake``: the worker's eventfd, taken from it with ``pidfd_getfd`` (the same ptrace
-rights as cross-memory attach). The copy thread adds one to it after each progress
-write the worker may be waiting for (a loaded layer, a job's end), so the worker
-sleeps in ``poll`` instead of waking on a timer to look at its progress page: on a
-small machine those wake-ups take the very cores the copies run on, and a timer
-wakes late by up to its last interval.
+``wake``: one end of a datagram socket pair the worker made, taken from it with
+``pidfd_getfd`` (the same ptrace rights as cross-memory attach). The copy thread
+sends one byte on it after each progress write the worker may be waiting for (a
+loaded layer, a job's end), so the worker sleeps in ``poll`` on the other end instead
+of waking on a timer to look at its progress page: on a small machine those
+wake-ups take the very cores the copies run on, and a timer wakes late by up to its
+last interval. A socket, because ``send(MSG_DONTWAIT)`` never blocks whatever the
+worker does to the descriptor: an eventfd's or a pipe's ``O_NONBLOCK`` belongs to
+the open file, which the worker shares and may make blocking again, then fill, and
+a copy thread blocked in ``write`` would hold up every worker's jobs.
 """
 
 from __future__ import annotations
@@ -22,13 +26,14 @@ import ctypes
 import logging
 import os
 import select
+import socket
+import struct
 import threading
 
 log = logging.getLogger("kvnode.agent")
 
 SYS_PIDFD_GETFD = 438  # the same number on every architecture (one table from 424 on)
-_EVENTFD_LINK = "anon_inode:[eventfd]"
-_ONE = (1).to_bytes(8, "little")
+_CRED = struct.Struct("3i")  # SO_PEERCRED: pid, uid, gid
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -45,15 +50,15 @@ def pidfd_getfd(pidfd: int, fd: int) -> int:
 
 
 class WorkerProcess:
-    """A pidfd and a wake eventfd of one exporting worker (either may be missing:
-    -1). Shared by the loop (which closes it when the export is dropped) and the copy
+    """A pidfd and a wake socket of one exporting worker (either may be missing).
+    Shared by the loop (which closes it when the export is dropped) and the copy
     threads (which ask ``exited`` and call ``wake``): a closed one reads as exited, and
     a descriptor is never used after it is closed (its number may be reused)."""
 
-    def __init__(self, pid: int, pidfd: int = -1, wake_fd: int = -1) -> None:
+    def __init__(self, pid: int, pidfd: int = -1, waker: socket.socket | None = None) -> None:
         self.pid = pid
         self.pidfd = pidfd
-        self.wake_fd = wake_fd
+        self.waker = waker
         self._lock = threading.Lock()
         self._closed = False
 
@@ -61,7 +66,8 @@ class WorkerProcess:
     def open(cls, pid: int, wake_fd: int = -1, pidfd: int = -1) -> WorkerProcess:
         """Hold process ``pid``: a dup of ``pidfd`` when given (the client registry's,
         checked against pid reuse at ``Hello``), else a new one; and the worker's
-        descriptor ``wake_fd`` when it names an eventfd. Raises ``ProcessLookupError``
+        descriptor ``wake_fd`` when it is a datagram socket pair the worker made
+        (``_waker_of``). Raises ``ProcessLookupError``
         when the process is gone. Without pidfds (old kernels, descriptors exhausted)
         the process is held by pid alone; without a usable wake descriptor the worker
         polls its page (it is told which)."""
@@ -74,8 +80,12 @@ class WorkerProcess:
             log.debug("no pidfd for pid %d (%s): copies are addressed by pid alone", pid, exc)
         proc = cls(pid, own)
         if wake_fd >= 0 and own >= 0:
-            proc.wake_fd = _eventfd_of(own, wake_fd)
+            proc.waker = _waker_of(own, wake_fd, pid)
         return proc
+
+    @property
+    def wakes(self) -> bool:
+        return self.waker is not None
 
     def exited(self) -> bool:
         """Whether the process has exited (its pid may name another one by now)."""
@@ -89,11 +99,11 @@ class WorkerProcess:
     def wake(self) -> None:
         """Tell the worker to look at its progress page (best effort)."""
         with self._lock:
-            if self._closed or self.wake_fd < 0:
+            if self._closed or self.waker is None:
                 return
             try:
-                os.write(self.wake_fd, _ONE)
-            except OSError:  # a full counter (never in practice): the worker's poll times out
+                self.waker.send(b"\x01", socket.MSG_DONTWAIT)
+            except OSError:  # full (the worker reads none): its poll times out and it looks
                 pass
 
     def close(self) -> None:
@@ -101,29 +111,38 @@ class WorkerProcess:
             if self._closed:
                 return
             self._closed = True
-            for fd in (self.pidfd, self.wake_fd):
-                if fd >= 0:
-                    try:
-                        os.close(fd)
-                    except OSError:
-                        pass
-            self.pidfd = self.wake_fd = -1
+            if self.pidfd >= 0:
+                try:
+                    os.close(self.pidfd)
+                except OSError:
+                    pass
+            if self.waker is not None:
+                self.waker.close()
+            self.pidfd, self.waker = -1, None
 
 
-def _eventfd_of(pidfd: int, fd: int) -> int:
-    """Our descriptor of the worker's ``fd`` when it is an eventfd, else -1 (a client
-    may name any of its descriptors: the agent writes only into an eventfd, never
-    blocks on it, and keeps nothing else)."""
+def _waker_of(pidfd: int, fd: int, pid: int) -> socket.socket | None:
+    """Our descriptor of the worker's ``fd`` when it is one end of a Unix datagram
+    socket pair that process ``pid`` made (its peer credentials are the worker's),
+    else None. A client may name any of its descriptors: the agent sends only on such
+    a socket (never to a logger or another peer as itself), never blocks on it, and
+    keeps nothing else."""
     try:
         got = pidfd_getfd(pidfd, fd)
     except OSError as exc:
         log.debug("the worker's wake descriptor %d is out of reach (%s): it polls", fd, exc)
-        return -1
+        return None
     try:
-        if os.readlink(f"/proc/self/fd/{got}") == _EVENTFD_LINK:
-            os.set_blocking(got, False)
-            return got
+        sock = socket.socket(fileno=got)
+    except OSError:  # not a socket
+        os.close(got)
+        return None
+    try:
+        if sock.family == socket.AF_UNIX and sock.type == socket.SOCK_DGRAM:
+            peer = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
+            if peer[0] == pid:
+                return sock
     except OSError:
         pass
-    os.close(got)
-    return -1
+    sock.close()
+    return None

@@ -195,7 +195,7 @@ class Transfers:
             "client %x (pid %d) exported %d %s layers: agent mode",
             c.client_id, ex.pid, len(ex.layers), ex.device,
         )  # fmt: skip
-        wakes = ex.proc is not None and ex.proc.wake_fd >= 0
+        wakes = ex.proc is not None and ex.proc.wakes
         return P.ExportRep(m.rid, ex.export_id, "", wakes)
 
     def _new_export(self, c: Client, m: P.ExportReq) -> tuple[Export, CopyThread]:

@@ -756,10 +756,10 @@ def test_a_copy_never_reaches_a_process_that_took_an_exited_workers_pid() -> Non
 def test_the_agent_wakes_a_waiting_worker_instead_of_its_timer(
     big_agent: AgentProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A worker waiting for its load's layers and its saves sleeps in poll on its
-    eventfd, which the agent (holding it through pidfd_getfd) adds to after each
-    progress write: no timer sleep at all, and about one wake-up per layer, where
-    the timer's backoff woke it many times a layer (and late by up to its step)."""
+    """A worker waiting for its load's layers sleeps in poll on its wake socket, on
+    which the agent (holding its other end through pidfd_getfd) sends a byte after
+    each progress write: no timer sleep at all, and about one wake-up per layer,
+    where the timer's backoff woke it many times a layer (and late by up to its step)."""
     import threading
 
     from kvnode.connector import agent_mode
@@ -775,8 +775,11 @@ def test_the_agent_wakes_a_waiting_worker_instead_of_its_timer(
     rd = str(big_agent.runtime_dir)
     src = _cache(11)
     _w, saver = _path(rd, src)
-    assert saver.ready() and saver._wakes, "the agent does not hold the worker's eventfd"
-    monkeypatch.setattr(agent_mode.time, "sleep", counted_sleep)
+    assert saver.ready() and saver._wakes, "the agent does not hold the worker's wake socket"
+    _save(saver, _ops(4, 0, tag=11))
+    dst = {k: v.clone().zero_() for k, v in src.items()}
+    _w2, loader = _path(rd, dst)
+    assert loader.ready() and loader._wakes
     selects = [0]
     real_select = agent_mode.select.select
 
@@ -784,13 +787,111 @@ def test_the_agent_wakes_a_waiting_worker_instead_of_its_timer(
         selects[0] += 1
         return real_select(*a)
 
+    monkeypatch.setattr(agent_mode.time, "sleep", counted_sleep)
     monkeypatch.setattr(agent_mode.select, "select", counted_select)
-    _save(saver, _ops(4, 0, tag=11))
-    dst = {k: v.clone().zero_() for k, v in src.items()}
-    _w2, loader = _path(rd, dst)
-    assert loader.ready() and loader._wakes
-    selects[0] = sleeps[0] = 0
     assert _load(loader, _ops(4, 16, tag=11)) == set()
+    monkeypatch.undo()
     assert all(torch.equal(dst[k][16:32], src[k][:16]) for k in src)
     assert sleeps[0] == 0, f"{sleeps[0]} timer sleeps"
     assert selects[0] <= 3 * LAYERS + 4, f"{selects[0]} wake-ups for {LAYERS} layers"
+
+
+def test_a_wake_descriptor_that_is_no_wake_socket_is_never_written(
+    big_agent: AgentProcess, tmp_path: Path
+) -> None:
+    """A client may name any of its descriptors as its wake socket: a full pipe (a
+    write would block the copy thread), a file (a write would change it), an
+    eventfd, its agent connection, a datagram socket connected to a logger (the agent
+    would speak to it as itself), one it does not have. The agent keeps only a
+    datagram socket pair its worker made: each export is taken (the worker then
+    polls on a timer), nothing is written anywhere, and jobs run."""
+    import socket
+
+    from kvnode.connector.export import layer_exports
+    from kvnode.ipc import protocol as P
+
+    rd = str(big_agent.runtime_dir)
+    w, path = _path(rd, _cache(21))
+    rfd, wfd = os.pipe()
+    os.set_blocking(wfd, False)
+    try:
+        while True:
+            os.write(wfd, b"x" * 4096)
+    except BlockingIOError:
+        pass
+    os.set_blocking(wfd, True)
+    f = open(tmp_path / "wake-file", "w+b")  # noqa: SIM115
+    f.write(b"unchanged")
+    f.flush()
+    logger = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    logger.bind(str(tmp_path / "log.sock"))
+    logger.setblocking(False)
+    to_logger = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    to_logger.connect(str(tmp_path / "log.sock"))
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    conn_fd = path.link.call(lambda c: c._sock.getsockopt(__import__("zmq").FD))
+    fds = (wfd, f.fileno(), efd, conn_fd, to_logger.fileno(), logger.fileno(), 1 << 20, -1)
+    try:
+        for fd in fds:
+            nonce = os.urandom(P.PROBE_BYTES)
+            path.probe[:] = np.frombuffer(nonce, dtype=np.uint8)
+            req = lambda r, cid, g, fd=fd, nonce=nonce: P.ExportReq(  # noqa: E731
+                r, cid, g, "cpu", layer_exports(w.layers), int(path.page.ctypes.data),
+                path.slots, path.slot_bytes, int(w.chunk_nbytes), int(path.probe.ctypes.data),
+                nonce, [], fd,
+            )  # fmt: skip
+            eid, _gen, why, wakes = path.link.call(lambda c, m=req: c.export(m))
+            assert eid and not why and not wakes, (fd, why, wakes)
+            path.export_id = eid
+            _save(path, _ops(1, 0, tag=fd % 251))  # moves bytes through this export
+        f.seek(0)
+        assert f.read() == b"unchanged"
+        assert len(os.read(rfd, 1 << 20)) > 0  # only our bytes in the pipe
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(efd)  # never added to
+        with pytest.raises(BlockingIOError):
+            logger.recv(64)  # the logger heard nothing
+    finally:
+        for x in (f, logger, to_logger):
+            x.close()
+        for fd in (rfd, wfd, efd):
+            os.close(fd)
+    t = big_agent_stats(big_agent)["transfers"]["agent"]
+    assert t["save_chunks"] >= len(fds), t
+
+
+def test_a_worker_that_never_reads_its_wake_socket_never_blocks_the_copy_thread(
+    big_agent: AgentProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that makes its wake socket blocking again (the file's flags are
+    shared with the agent's descriptor) and never reads it: once its queue is full a
+    plain send would block the copy thread forever, and every worker's jobs with it.
+    The agent sends with MSG_DONTWAIT: the load ends, and so does another worker's."""
+    from kvnode.connector import agent_mode
+
+    rd = str(big_agent.runtime_dir)
+    src = _cache(22)
+    _w, saver = _path(rd, src)
+    _save(saver, _ops(2, 0, tag=22))
+    dst = {k: v.clone().zero_() for k, v in src.items()}
+    _w2, loader = _path(rd, dst)
+    assert loader.ready() and loader._wakes
+    import socket
+
+    end = loader._wake_end
+    try:
+        while True:  # the queue full, as if the worker had read no wake-up in a while
+            end.send(b"\x01", socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        pass
+    end.setblocking(True)
+    monkeypatch.setattr(agent_mode, "_drain", lambda sock: None)  # never reads
+    assert _load(loader, _ops(2, 16, tag=22)) == set()
+    monkeypatch.undo()
+    assert all(torch.equal(dst[k][16:24], src[k][:8]) for k in src)
+    other = {k: v.clone().zero_() for k, v in src.items()}
+    _w3, third = _path(rd, other)
+    t0 = time.monotonic()
+    assert _load(third, _ops(2, 16, tag=22)) == set()
+    assert time.monotonic() - t0 < 10
+    assert all(torch.equal(other[k][16:24], src[k][:8]) for k in src)
