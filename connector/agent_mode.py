@@ -206,7 +206,7 @@ class AgentPath:
         fd = self._agent_pidfd
         if fd < 0:
             return True
-        return bool(select.select([fd], [], [], 0)[0])
+        return _readable([fd], 0.0) is not None
 
     def _lost_agent(self) -> None:
         """The agent this export was made to is gone or replaced: every job of it
@@ -331,11 +331,11 @@ class AgentPath:
             fds = [wake.fileno()]
             if self._agent_pidfd >= 0:
                 fds.append(self._agent_pidfd)
-            ready = select.select(fds, [], [], timeout)[0]
-            if fds[0] in ready:
+            ready = _readable(fds, timeout)
+            if ready == fds[0]:
                 _drain(wake)
                 continue
-            if not ready:
+            if ready is None:
                 timeout = min(2 * timeout, _WOKEN_POLL_S[1])
                 try:
                     self.link.call(lambda c: c.poll_replies())
@@ -546,6 +546,16 @@ def _socket_pair() -> tuple[socket.socket | None, socket.socket | None]:
     a.setblocking(False)
     b.setblocking(False)
     return a, b
+
+
+def _readable(fds: list[int], timeout_s: float) -> int | None:
+    """The first of ``fds`` readable within ``timeout_s`` (poll, not select: a vLLM
+    process may hold descriptors past select's 1,024), else None."""
+    p = select.poll()
+    for fd in fds:
+        p.register(fd, select.POLLIN)
+    ready = {fd for fd, _ in p.poll(timeout_s * 1e3)}
+    return next((fd for fd in fds if fd in ready), None)
 
 
 def _drain(sock: socket.socket) -> None:

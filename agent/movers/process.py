@@ -61,6 +61,11 @@ class WorkerProcess:
         self.waker = waker
         self._lock = threading.Lock()
         self._closed = False
+        # poll, not select: an agent serving many clients holds descriptors past
+        # select's 1,024
+        self._poll = select.poll()
+        if pidfd >= 0:
+            self._poll.register(pidfd, select.POLLIN)
 
     @classmethod
     def open(cls, pid: int, wake_fd: int = -1, pidfd: int = -1) -> WorkerProcess:
@@ -94,7 +99,7 @@ class WorkerProcess:
                 return True
             if self.pidfd < 0:
                 return False
-            return bool(select.select([self.pidfd], [], [], 0)[0])
+            return bool(self._poll.poll(0))
 
     def wake(self) -> None:
         """Tell the worker to look at its progress page (best effort)."""

@@ -781,14 +781,14 @@ def test_the_agent_wakes_a_waiting_worker_instead_of_its_timer(
     _w2, loader = _path(rd, dst)
     assert loader.ready() and loader._wakes
     selects = [0]
-    real_select = agent_mode.select.select
+    real_readable = agent_mode._readable
 
-    def counted_select(*a: Any) -> Any:
+    def counted_readable(*a: Any) -> Any:
         selects[0] += 1
-        return real_select(*a)
+        return real_readable(*a)
 
     monkeypatch.setattr(agent_mode.time, "sleep", counted_sleep)
-    monkeypatch.setattr(agent_mode.select, "select", counted_select)
+    monkeypatch.setattr(agent_mode, "_readable", counted_readable)
     assert _load(loader, _ops(4, 16, tag=11)) == set()
     monkeypatch.undo()
     assert all(torch.equal(dst[k][16:32], src[k][:16]) for k in src)
@@ -895,3 +895,58 @@ def test_a_worker_that_never_reads_its_wake_socket_never_blocks_the_copy_thread(
     assert _load(third, _ops(2, 16, tag=22)) == set()
     assert time.monotonic() - t0 < 10
     assert all(torch.equal(other[k][16:24], src[k][:8]) for k in src)
+
+
+def _high_fd(fd: int, at: int) -> int:
+    """``fd`` again as descriptor ``at`` (past select's FD_SETSIZE of 1,024)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft <= at:
+        if hard != resource.RLIM_INFINITY and hard <= at:
+            pytest.skip(f"descriptor limit {hard} leaves no room for descriptor {at}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (at + 64, hard))
+    return os.dup2(fd, at)
+
+
+def test_descriptors_past_1024_are_watched_by_the_agent_and_the_worker(
+    big_agent: AgentProcess,
+) -> None:
+    """An agent serving many clients holds more than 1,024 descriptors (it raises its
+    limit to 65,536), and so may a vLLM process: select() refuses a descriptor past
+    1,024 (ValueError), so a pidfd or a wake socket up there must still be watched.
+    The agent's side: an export's pidfd; the worker's: its wake socket and the
+    agent's pidfd, through a whole load."""
+    import socket
+    import subprocess
+
+    from kvnode.agent.movers.process import WorkerProcess
+
+    gone = subprocess.Popen(["sleep", "0.2"])
+    pidfd = os.pidfd_open(gone.pid)
+    high = _high_fd(pidfd, 1500)
+    os.close(pidfd)
+    proc = WorkerProcess(gone.pid, high)
+    try:
+        assert not proc.exited()
+        gone.wait()
+        assert proc.exited()
+    finally:
+        proc.close()
+
+    rd = str(big_agent.runtime_dir)
+    src = _cache(23)
+    _w, saver = _path(rd, src)
+    _save(saver, _ops(2, 0, tag=23))
+    dst = {k: v.clone().zero_() for k, v in src.items()}
+    _w2, loader = _path(rd, dst)
+    assert loader.ready() and loader._wakes
+    wake = loader._wake
+    loader._wake = socket.socket(fileno=_high_fd(wake.fileno(), 1501))
+    wake.close()
+    old = loader._agent_pidfd
+    loader._agent_pidfd = _high_fd(old, 1502)
+    os.close(old)
+    assert _load(loader, _ops(2, 16, tag=23)) == set()
+    assert all(torch.equal(dst[k][16:24], src[k][:8]) for k in src)
+    assert not loader._agent_gone()
