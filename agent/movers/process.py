@@ -8,7 +8,7 @@ never reaches another process: writes are checked before (the worker lives, so i
 pid is its own), reads after (the bytes came from the worker if it was still alive
 once they had landed).
 
-``wake``: one end of a datagram socket pair the worker made, taken from it with
+``waker``: one end of a datagram socket pair the worker made, taken from it with
 ``pidfd_getfd`` (the same ptrace rights as cross-memory attach). The copy thread
 sends one byte on it after each progress write the worker may be waiting for (a
 loaded layer, a job's end), so the worker sleeps in ``poll`` on the other end instead
