@@ -453,6 +453,13 @@ def _render_transfers(f: _Families, transfers: Mapping[str, Any]) -> None:
         agent.get("exporting_workers"),
     )
     f.add("agent_jobs_inflight", "gauge", "Jobs queued or copying.", agent.get("jobs_inflight"))
+    f.add(
+        "agent_exports_polling",
+        "gauge",
+        "Exporting workers the agent cannot wake (pidfd_getfd filtered or missing): "
+        "they poll their progress page on a timer.",
+        agent.get("exports_polling"),
+    )
 
 
 def render(stats: Mapping[str, Any]) -> str:

@@ -59,6 +59,7 @@ class WorkerProcess:
         self.pid = pid
         self.pidfd = pidfd
         self.waker = waker
+        self.why_no_waker = ""  # when the worker named a wake socket the agent could not take
         self._lock = threading.Lock()
         self._closed = False
         # poll, not select: an agent serving many clients holds descriptors past
@@ -84,8 +85,11 @@ class WorkerProcess:
         except (OSError, AttributeError) as exc:
             log.debug("no pidfd for pid %d (%s): copies are addressed by pid alone", pid, exc)
         proc = cls(pid, own)
-        if wake_fd >= 0 and own >= 0:
-            proc.waker = _waker_of(own, wake_fd, pid)
+        if wake_fd >= 0:
+            if own < 0:
+                proc.why_no_waker = "no pidfd for the worker"
+            else:
+                proc.waker, proc.why_no_waker = _waker_of(own, wake_fd, pid)
         return proc
 
     @property
@@ -126,28 +130,27 @@ class WorkerProcess:
             self.pidfd, self.waker = -1, None
 
 
-def _waker_of(pidfd: int, fd: int, pid: int) -> socket.socket | None:
+def _waker_of(pidfd: int, fd: int, pid: int) -> tuple[socket.socket | None, str]:
     """Our descriptor of the worker's ``fd`` when it is one end of a Unix datagram
     socket pair that process ``pid`` made (its peer credentials are the worker's),
-    else None. A client may name any of its descriptors: the agent sends only on such
-    a socket (never to a logger or another peer as itself), never blocks on it, and
-    keeps nothing else."""
+    else None and why not. A client may name any of its descriptors: the agent sends
+    only on such a socket (never to a logger or another peer as itself), never
+    blocks on it, and keeps nothing else."""
     try:
         got = pidfd_getfd(pidfd, fd)
     except OSError as exc:
-        log.debug("the worker's wake descriptor %d is out of reach (%s): it polls", fd, exc)
-        return None
+        return None, f"pidfd_getfd: {exc.strerror or exc}"
     try:
         sock = socket.socket(fileno=got)
-    except OSError:  # not a socket
+    except OSError:
         os.close(got)
-        return None
+        return None, "not a socket"
     try:
         if sock.family == socket.AF_UNIX and sock.type == socket.SOCK_DGRAM:
             peer = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
             if peer[0] == pid:
-                return sock
+                return sock, ""
     except OSError:
         pass
     sock.close()
-    return None
+    return None, "not a datagram socket pair the worker made"

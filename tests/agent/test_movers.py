@@ -794,6 +794,7 @@ def test_the_agent_wakes_a_waiting_worker_instead_of_its_timer(
     assert all(torch.equal(dst[k][16:32], src[k][:16]) for k in src)
     assert sleeps[0] == 0, f"{sleeps[0]} timer sleeps"
     assert selects[0] <= 3 * LAYERS + 4, f"{selects[0]} wake-ups for {LAYERS} layers"
+    assert _woken(big_agent, loader) == [True]
 
 
 def test_a_wake_descriptor_that_is_no_wake_socket_is_never_written(
@@ -851,6 +852,8 @@ def test_a_wake_descriptor_that_is_no_wake_socket_is_never_written(
             os.eventfd_read(efd)  # never added to
         with pytest.raises(BlockingIOError):
             logger.recv(64)  # the logger heard nothing
+        assert _woken(big_agent, path) == [False] * 4  # stats say they poll (4 a client)
+        assert big_agent_stats(big_agent)["transfers"]["agent"]["exports_polling"] >= 4
     finally:
         for x in (f, logger, to_logger):
             x.close()
@@ -950,3 +953,10 @@ def test_descriptors_past_1024_are_watched_by_the_agent_and_the_worker(
     assert _load(loader, _ops(2, 16, tag=23)) == set()
     assert all(torch.equal(dst[k][16:24], src[k][:8]) for k in src)
     assert not loader._agent_gone()
+
+
+def _woken(agent: AgentProcess, path: Any) -> list[bool]:
+    """``woken`` of each export of ``path``'s client, from the agent's stats."""
+    cid = f"{path.link.call(lambda c: c.client_id):x}"
+    workers = big_agent_stats(agent)["transfers"]["agent"]["workers"]
+    return [w["woken"] for w in workers if w["client"] == cid]

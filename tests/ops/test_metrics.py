@@ -147,6 +147,7 @@ def sample_stats(scale: int = 1) -> dict[str, Any]:
                 "refused_share": 2,
                 "exporting_workers": 2,
                 "jobs_inflight": 0,
+                "exports_polling": 1,
             },
             "worker": {"save_bytes": 1 << 20, "load_bytes": 2 << 20},
         },  # fmt: skip
@@ -178,6 +179,7 @@ def test_render_parses_with_types() -> None:
                   "kvnode_tier_used_bytes", "kvnode_tier_entries", "kvnode_tier_queue_depth"):  # fmt: skip
         assert fams[gauge].type == "gauge", gauge
     assert value(fams, "kvnode_clients") == 2
+    assert value(fams, "kvnode_agent_exports_polling") == 1
     assert value(fams, "kvnode_arena_capacity_bytes") == 1 << 26
     assert value(fams, "kvnode_info", version="0.1.0", policy="s3fifo") == 1
     # Every family has HELP and TYPE, exactly once.
