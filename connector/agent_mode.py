@@ -307,10 +307,7 @@ class AgentPath:
         while not done():
             polls += 1
             if polls % 16 == 0:
-                try:
-                    self.link.call(lambda c: c.poll_replies())
-                except KVNodeError:
-                    pass
+                self._poll_replies()
                 if self._agent_gone():
                     self._lost_agent()
                     continue
@@ -337,12 +334,16 @@ class AgentPath:
                 continue
             if ready is None:
                 timeout = min(2 * timeout, _WOKEN_POLL_S[1])
-                try:
-                    self.link.call(lambda c: c.poll_replies())
-                except KVNodeError:
-                    pass
+                self._poll_replies()
             if self._agent_gone():
                 self._lost_agent()
+
+    def _poll_replies(self) -> None:
+        """Read the agent's replies that have come (a refused job's error)."""
+        try:
+            self.link.call(lambda c: c.poll_replies())
+        except KVNodeError:
+            pass
 
     def _end(self, job: _Job) -> None:
         """The job has ended: keep its chunk codes, give its slot back."""

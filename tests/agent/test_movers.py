@@ -870,17 +870,12 @@ def test_a_worker_that_never_reads_its_wake_socket_never_blocks_the_copy_thread(
     shared with the agent's descriptor) and never reads it: once its queue is full a
     plain send would block the copy thread forever, and every worker's jobs with it.
     The agent sends with MSG_DONTWAIT: the load ends, and so does another worker's."""
+    import socket
+
     from kvnode.connector import agent_mode
 
     rd = str(big_agent.runtime_dir)
-    src = _cache(22)
-    _w, saver = _path(rd, src)
-    _save(saver, _ops(2, 0, tag=22))
-    dst = {k: v.clone().zero_() for k, v in src.items()}
-    _w2, loader = _path(rd, dst)
-    assert loader.ready() and loader._wakes
-    import socket
-
+    src, dst, loader = _saved_then_loader(rd, 22, 22)
     end = loader._wake_end
     try:
         while True:  # the queue full, as if the worker had read no wake-up in a while
@@ -938,12 +933,7 @@ def test_descriptors_past_1024_are_watched_by_the_agent_and_the_worker(
         proc.close()
 
     rd = str(big_agent.runtime_dir)
-    src = _cache(23)
-    _w, saver = _path(rd, src)
-    _save(saver, _ops(2, 0, tag=23))
-    dst = {k: v.clone().zero_() for k, v in src.items()}
-    _w2, loader = _path(rd, dst)
-    assert loader.ready() and loader._wakes
+    src, dst, loader = _saved_then_loader(rd, 23, 23)
     wake = loader._wake
     loader._wake = socket.socket(fileno=_high_fd(wake.fileno(), 1501))
     wake.close()
@@ -960,3 +950,16 @@ def _woken(agent: AgentProcess, path: Any) -> list[bool]:
     cid = f"{path.link.call(lambda c: c.client_id):x}"
     workers = big_agent_stats(agent)["transfers"]["agent"]["workers"]
     return [w["woken"] for w in workers if w["client"] == cid]
+
+
+def _saved_then_loader(rd: str, seed: int, tag: int) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """A worker saves 2 chunks (blocks 0-7) of a cache seeded ``seed``; another
+    exports an empty cache and is ready to load them (into blocks 16-23): (the
+    source cache, the loader's cache, the loader's path)."""
+    src = _cache(seed)
+    _w, saver = _path(rd, src)
+    _save(saver, _ops(2, 0, tag=tag))
+    dst = {k: v.clone().zero_() for k, v in src.items()}
+    _w2, loader = _path(rd, dst)
+    assert loader.ready() and loader._wakes
+    return src, dst, loader
