@@ -114,7 +114,7 @@ class AgentPath:
         # memcpy's rate over them (connector/hugepages.py); in the background.
         self.hugepages: Collapse | None = None
         if worker.on_cpu:
-            self.hugepages = Collapse(_storage_ranges(worker.layers)).start()
+            self.hugepages = Collapse(_storage_ranges(worker.layers), busy=self.copying).start()
 
     # ------------------------------------------------------------------ export
     def ready(self) -> bool:
@@ -344,6 +344,16 @@ class AgentPath:
             self.link.call(lambda c: c.poll_replies())
         except KVNodeError:
             pass
+
+    def copying(self) -> bool:
+        """Whether the agent may be copying for this worker now: a job handed over
+        and not reported done (read on the huge-page collapse's thread, without
+        changing anything)."""
+        page = self.page
+        for job in [*self._loads, *self._saves.values()]:
+            if job.outcome < 0 and job.slot >= 0 and page[job.slot, PG.DONE] != job.seq:
+                return True
+        return False
 
     def _end(self, job: _Job) -> None:
         """The job has ended: keep its chunk codes, give its slot back."""

@@ -963,3 +963,23 @@ def _saved_then_loader(rd: str, seed: int, tag: int) -> tuple[dict[str, Any], di
     _w2, loader = _path(rd, dst)
     assert loader.ready() and loader._wakes
     return src, dst, loader
+
+
+def test_the_collapse_knows_while_the_agent_copies_for_its_worker(
+    big_agent: AgentProcess,
+) -> None:
+    """What the huge-page collapse yields to (connector/hugepages.py): a job of this
+    worker handed over and not reported done. A layer-wise save parked for its
+    layers counts; once its layers are marked and the agent reports it, none does."""
+    _w, path = _path(str(big_agent.runtime_dir), _cache(24))
+    assert path.ready() and not path.copying()
+    assert path.hugepages is not None and path.hugepages._busy == path.copying
+    ops = _ops(2, 0, tag=24)
+    path.begin_layers(ops)  # the step's saves go over at its first layer
+    assert path._saves and path.copying()
+    assert path.end_layers()  # wait_for_save: every layer marked
+    deadline = time.monotonic() + 10
+    while path.copying():
+        assert time.monotonic() < deadline, "the save never ended"
+        time.sleep(0.005)
+    assert path.finished(set(ops)) == set(ops)

@@ -3,6 +3,7 @@ madvise, contents unchanged."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,58 @@ def test_collapse_of_memory_that_is_not_mapped_is_counted_not_raised() -> None:
     c = Collapse([(HUGE, 4 * HUGE)]).start()  # the first pages of the address space
     assert c.done.wait(10)
     assert c.collapsed == 0 and c.failed == 4 * HUGE and c.why
+
+
+def test_stripes_take_the_first_step_of_every_range_first() -> None:
+    from kvnode.connector.hugepages import stripes
+
+    a, b = 100 * HUGE, 300 * HUGE
+    got = stripes([(a, 5 * HUGE), (b, 2 * HUGE)], 2 * HUGE)
+    assert got == [
+        (a, 2 * HUGE), (b, 2 * HUGE),  # the lowest blocks of both layers first
+        (a + 2 * HUGE, 2 * HUGE),
+        (a + 4 * HUGE, HUGE),
+    ]  # fmt: skip
+    assert sum(n for _, n in got) == 7 * HUGE
+    assert stripes([], HUGE) == []
+
+
+def test_the_collapse_yields_to_the_agents_copies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the agent copies for the worker (``busy``), one step of the collapse at
+    most every ``BUSY_STEP_EVERY_S`` (each step holds the mmap lock the copies need);
+    once it does not, the rest at once. Real madvise is left out: the calls are
+    recorded (what the kernel does with them is the test above)."""
+    from kvnode.connector import hugepages as hp
+
+    calls: list[tuple[float, int, int]] = []
+
+    def record(addr: int, n: int, advice: int) -> int:
+        calls.append((time.monotonic(), addr, advice))
+        return 0
+
+    monkeypatch.setattr(hp, "_madvise", record)
+    busy = [True]
+    base = 100 * HUGE
+    c = Collapse([(base, 8 * HUGE), (base + 64 * HUGE, 8 * HUGE)], busy=lambda: busy[0], step=HUGE)
+    t0 = time.monotonic()
+    c.start()
+    time.sleep(0.6)
+    steps = [t for t, _, adv in calls if adv == hp.MADV_COLLAPSE]
+    # 0.6 s at one step per 0.25 s: the first at once, then at 0.25 and 0.5 s
+    assert 2 <= len(steps) <= 3, steps
+    assert all(b - a >= hp.BUSY_STEP_EVERY_S * 0.95 for a, b in zip(steps, steps[1:]))
+    assert not c.done.is_set()
+    busy[0] = False  # the copies end: the remaining 13 steps without waiting
+    assert c.done.wait(5)
+    assert time.monotonic() - t0 < 1.5
+    assert c.collapsed == 16 * HUGE and c.yielded_s > 0.3
+    order = [addr for _, addr, adv in calls if adv == hp.MADV_COLLAPSE]
+    assert order[:2] == [base, base + 64 * HUGE]  # striped: both ranges' first step
+
+
+def test_a_collapse_told_nothing_about_copies_runs_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvnode.connector import hugepages as hp
+
+    monkeypatch.setattr(hp, "_madvise", lambda addr, n, advice: 0)
+    c = Collapse([(100 * HUGE, 32 * HUGE)], step=HUGE).start()
+    assert c.done.wait(2) and c.collapsed == 32 * HUGE and c.yielded_s < 0.1
