@@ -14,6 +14,12 @@ copy threads are busy: how long the loop keeps clients waiting behind copies.
 ``--mover-only``: the same jobs through the agent's CPU mover driven in this process
 (no agent loop, no ZeroMQ, no index), against one worker process's cache: how fast
 the mover itself copies here, to set against the whole agent's figure.
+
+``--fresh``: loads into a fresh worker process with a vLLM-sized cache (2 GiB), from
+its export on, while its cache goes onto huge pages in the background (the first
+requests of a vLLM process that just started): ``fresh_load_ms`` per load of
+``--chunks-per-job`` chunks, against the same loads into a fresh worker whose
+collapse is off (the reference, in the same run).
 """
 
 from __future__ import annotations
@@ -56,7 +62,7 @@ def _fill(shape: tuple[int, ...], seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
 
-def _path(runtime_dir: str, kv: dict[str, torch.Tensor]) -> Any:
+def _path(runtime_dir: str, kv: dict[str, torch.Tensor], wait_collapse: bool = True) -> Any:
     from kvnode.connector.agent_mode import AgentPath
     from kvnode.connector.link import AgentLink, default_client_factory
     from kvnode.connector.worker import WorkerSide
@@ -73,7 +79,7 @@ def _path(runtime_dir: str, kv: dict[str, torch.Tensor]) -> Any:
     path = AgentPath(link, w)
     if not path.ready():
         raise RuntimeError("export refused")
-    if path.hugepages is not None:  # the steady state: the cache on huge pages
+    if path.hugepages is not None and wait_collapse:  # the steady state: on huge pages
         path.hugepages.done.wait(60)
     return path
 
@@ -203,10 +209,13 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--chunks-per-job", type=int, default=8, help="chunks one vLLM step moves")
     ap.add_argument("--mover-only", action="store_true", help="the mover alone (see above)")
+    ap.add_argument("--fresh", action="store_true", help="loads into a fresh worker (above)")
     args = ap.parse_args()
     if args.mover_only:
         return mover_only(args)
     n = args.chunks
+    if args.fresh:
+        n = args.chunks_per_job
     chunk_bytes = LAYERS * BPC * BLOCK_BYTES
     arena = max(256 << 20, 2 * n * chunk_bytes)
     with tempfile.TemporaryDirectory(prefix="kvnode-copy-bench-") as tmp:
@@ -217,19 +226,25 @@ def main() -> int:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         try:
+            if args.fresh:
+                return _fresh(rd, args, n, agent)
             return _run(rd, args, n, chunk_bytes, agent)
         finally:
             agent.send_signal(signal.SIGTERM)
             agent.wait(30)
 
 
-def _run(rd: str, args: Any, n: int, chunk_bytes: int, agent: Any) -> int:
+def _wait_agent(rd: str, agent: Any) -> None:
     deadline = time.monotonic() + 60
     while not (Path(rd) / "agent.sock").exists():
         if time.monotonic() > deadline or agent.poll() is not None:
             raise RuntimeError("agent did not start")
         time.sleep(0.1)
     time.sleep(0.5)
+
+
+def _run(rd: str, args: Any, n: int, chunk_bytes: int, agent: Any) -> int:
+    _wait_agent(rd, agent)
     ctx = mp.get_context("spawn")
     s_here, s_there = ctx.Pipe()
     l_here, l_there = ctx.Pipe()
@@ -301,6 +316,71 @@ def _run(rd: str, args: Any, n: int, chunk_bytes: int, agent: Any) -> int:
         "lookup_ms_idle": _percentiles(idle_ms),
         "lookup_ms_during_copies": _percentiles(busy_ms),
     }
+    print(json.dumps(out))
+    return 0 if checked else 1
+
+
+FRESH_CACHE_BYTES = 2 << 30  # a vLLM CPU cache's size (--kv-cache-space 2 GiB)
+
+
+def fresh_loader(runtime_dir: str, n: int, reps: int, collapse: bool, conn: Any) -> None:
+    """A fresh worker: a 2 GiB cache (touched, as vLLM's), exported, then ``reps``
+    loads of ``n`` chunks at once, 0.1 s apart (another process's turn)."""
+    from kvnode.connector import hugepages
+
+    if not collapse:
+        hugepages.Collapse.start = lambda self: (self.done.set(), self)[1]  # type: ignore[method-assign]
+    blocks = FRESH_CACHE_BYTES // (LAYERS * BLOCK_BYTES)
+    kv = _cache(blocks, seed=None)
+    want = _cache(n * BPC, seed=1)
+    path = _path(runtime_dir, kv, wait_collapse=False)
+    times, same = [], True
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for step in _ops(n, 0, 0, n):
+            path.load(step)
+            for name in path.layer_pos:
+                path.wait_for_layer(name)
+            path.finish_loads()
+        times.append((time.perf_counter() - t0) * 1e3)
+        same = same and not path.take_load_errors()
+        time.sleep(0.1)
+    same = same and all(torch.equal(kv[k][: n * BPC], want[k]) for k in kv)
+    collapsed = path.hugepages is not None and path.hugepages.done.is_set()
+    conn.send((times, same, collapsed))
+
+
+def _fresh(rd: str, args: Any, n: int, agent: Any) -> int:
+    _wait_agent(rd, agent)
+    ctx = mp.get_context("spawn")
+    s_here, s_there = ctx.Pipe()
+    ps = ctx.Process(target=saver, args=(rd, n, 1, n, s_there))
+    ps.start()
+    assert s_here.recv() == "ready"
+    s_here.send("go")
+    s_here.recv()
+    s_here.recv()
+    ps.join(30)
+    out: dict[str, Any] = {"bench": "agent_copy_fresh", "device": "cpu", "chunks": n,
+                           "cache_bytes": FRESH_CACHE_BYTES, "reps": args.reps}  # fmt: skip
+    checked = True
+    for collapse in (False, True, False, True):  # alternated: both see the same machine
+        here, there = ctx.Pipe()
+        p = ctx.Process(target=fresh_loader, args=(rd, n, args.reps, collapse, there))
+        p.start()
+        times, same, done = here.recv()
+        p.join(30)
+        checked = checked and same
+        key = "fresh_load_ms" if collapse else "fresh_load_ms_no_collapse"
+        out.setdefault(key, []).extend(times)
+        if collapse:
+            out.setdefault("collapse_done_after_loads", []).append(done)
+    for key in ("fresh_load_ms", "fresh_load_ms_no_collapse"):
+        out[key] = {k: round(v, 2) for k, v in _stats(out[key]).items()}
+    out["ratio"] = round(
+        out["fresh_load_ms"]["median"] / out["fresh_load_ms_no_collapse"]["median"], 3
+    )
+    out["bytes_checked"] = checked
     print(json.dumps(out))
     return 0 if checked else 1
 
