@@ -77,6 +77,11 @@ class Export:
         """Whether the worker process has exited: its pid may name another by now."""
         return self.proc is not None and self.proc.exited()
 
+    @property
+    def woken(self) -> bool:
+        """Whether the agent holds the worker's wake socket (else it polls on a timer)."""
+        return self.proc is not None and self.proc.wakes
+
     def wake(self) -> None:
         """Wake the worker to look at its progress page (it may be waiting on it)."""
         if self.proc is not None:

@@ -195,7 +195,6 @@ class Transfers:
             "client %x (pid %d) exported %d %s layers: agent mode",
             c.client_id, ex.pid, len(ex.layers), ex.device,
         )  # fmt: skip
-        wakes = ex.proc is not None and ex.proc.wakes
         why = ex.proc.why_no_waker if ex.proc is not None else ""
         if why and why not in self._refusals_logged and len(self._refusals_logged) < 64:
             self._refusals_logged.add(why)  # once per reason: seccomp or an old kernel, usually
@@ -204,7 +203,7 @@ class Transfers:
                 "which costs it more CPU (allow pidfd_getfd: docs/operating.md)",
                 c.client_id, why,
             )  # fmt: skip
-        return P.ExportRep(m.rid, ex.export_id, "", wakes)
+        return P.ExportRep(m.rid, ex.export_id, "", ex.woken)
 
     def _new_export(self, c: Client, m: P.ExportReq) -> tuple[Export, CopyThread]:
         thread = self._thread(m.device)
@@ -437,13 +436,11 @@ class Transfers:
         agent["load_copy_s"] = round(ctr.load_copy_s, 6)
         agent["jobs_inflight"] = self.inflight
         agent["exporting_workers"] = len(self.exports)
-        agent["exports_polling"] = sum(
-            1 for ex in self.exports.values() if ex.proc is None or not ex.proc.wakes
-        )
+        agent["exports_polling"] = sum(1 for ex in self.exports.values() if not ex.woken)
         agent["devices"] = {d: t.mover.device_stats() for d, t in list(self._threads.items())[:64]}
         agent["workers"] = [
             {"client": f"{ex.client_id:x}", "pid": ex.pid, "device": ex.device,
-             "layers": len(ex.layers), "woken": ex.proc is not None and ex.proc.wakes}
+             "layers": len(ex.layers), "woken": ex.woken}
             for ex in self.exports.values()[:64]
         ]  # fmt: skip
         worker = {
