@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import select
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -48,6 +49,10 @@ _REREGISTER = (P.ErrCode.UNKNOWN_CLIENT, P.ErrCode.STALE_GENERATION)
 _ROUTING_ID_PREFIX = b"k"  # any first byte but 0, which libzmq keeps for its own ids
 _POSTED_MAX = 1024  # calls sent without waiting whose reply is still to be read
 _STATUS = tuple(Status)  # wire value -> Status without an enum call per key
+# A receive waits this long at a time, then asks whether the agent it registered
+# with has exited (its pidfd): a call that agent took and never answered (it was
+# killed) fails at once instead of at its timeout. Never felt by a call answered in time.
+_EXIT_CHECK_MS = 100
 
 __all__ = ["AgentClient", "Lookup", "Slot", "Status", "checksum", "default_runtime_dir"]
 
@@ -91,6 +96,7 @@ class AgentClient:
         self._index_segment = ""
         self._agent_pid = 0
         self._agent_pid_ns = 0
+        self._agent_pidfd = -1  # the registered agent's, where it is in our pid namespace
         self._next_retry = 0.0
         self._closed = False
         self._hb_thread: threading.Thread | None = None
@@ -203,7 +209,32 @@ class AgentClient:
         self._index_segment = rep.index_segment
         self._agent_pid = rep.agent_pid
         self._agent_pid_ns = rep.agent_pid_ns
+        self._watch_agent()
         self._start_heartbeat()
+
+    def _watch_agent(self) -> None:
+        """Hold the registered agent's pidfd (where it is in our pid namespace and the
+        kernel has pidfds): its exit ends a wait for its reply."""
+        self._unwatch_agent()
+        if not self._agent_pid or self._agent_pid_ns != pid_namespace():
+            return
+        try:
+            self._agent_pidfd = os.pidfd_open(self._agent_pid)
+        except (AttributeError, OSError):
+            pass  # no pidfds here, or that agent is gone already: calls wait their timeout
+
+    def _unwatch_agent(self) -> None:
+        fd, self._agent_pidfd = self._agent_pidfd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def _agent_exited(self) -> bool:
+        fd = self._agent_pidfd
+        if fd < 0:
+            return False
+        p = select.poll()
+        p.register(fd, select.POLLIN)
+        return bool(p.poll(0))
 
     def _map(self, w: P.Welcome) -> None:
         """Replace the mapping: unregister -> unmap the old one, map -> register the
@@ -238,6 +269,7 @@ class AgentClient:
     def _lost(self) -> None:
         """The agent is gone or forgot us: the next call registers again."""
         self._client_id = 0
+        self._unwatch_agent()
         self._reset_socket()
 
     def close(self) -> None:
@@ -257,6 +289,7 @@ class AgentClient:
                     pass
             self._closed = True
             self._client_id = 0
+            self._unwatch_agent()
             self._reset_socket()
             self._unmap()
 
@@ -291,11 +324,21 @@ class AgentClient:
             if left_ms <= 0:
                 self._lost()
                 raise AgentUnavailable(f"agent at {self.endpoint} did not answer in time")
-            if left_ms != self._rcvtimeo:
-                sock.setsockopt(zmq.RCVTIMEO, left_ms)
-                self._rcvtimeo = left_ms
+            wait_ms = min(left_ms, _EXIT_CHECK_MS) if self._agent_pidfd >= 0 else left_ms
+            if wait_ms != self._rcvtimeo:
+                sock.setsockopt(zmq.RCVTIMEO, wait_ms)
+                self._rcvtimeo = wait_ms
             try:
                 frame = sock.recv()
+            except zmq.Again as exc:
+                if self._agent_exited():
+                    pid = self._agent_pid
+                    self._lost()
+                    raise AgentUnavailable(
+                        f"agent at {self.endpoint} (pid {pid}) exited before it answered"
+                    ) from exc
+                left_ms = int((deadline - time.monotonic()) * 1000)
+                continue
             except zmq.ZMQError as exc:
                 self._lost()
                 raise AgentUnavailable(f"agent at {self.endpoint} did not answer in time") from exc

@@ -8,6 +8,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -172,6 +173,39 @@ def test_clients_survive_an_agent_restart(runtime_dir: Path) -> None:
         assert states == [Lookup.MISS]  # a fresh arena
         assert c.generation != gen
         assert c.put(b"b" * 16, b"after") == Status.OK and c.get(b"b" * 16) == b"after"
+    finally:
+        c.close()
+        a.stop()
+
+
+def test_a_call_the_agent_took_and_never_answered_fails_once_the_agent_dies(
+    runtime_dir: Path,
+) -> None:
+    """The agent takes a call and is killed before it answers: the call fails as soon
+    as the agent has exited (its pidfd), not at the end of its timeout, which a vLLM
+    step would otherwise spend waiting on every agent crash."""
+    a = AgentProcess(runtime_dir).start()
+    c = AgentClient(runtime_dir, timeout_s=20.0, heartbeat=False)
+    try:
+        c.connect()
+        a.proc.send_signal(signal.SIGSTOP)  # the call reaches it; no answer comes
+        killer = threading.Timer(0.5, a.kill)
+        killer.start()
+        t0 = time.monotonic()
+        with pytest.raises(AgentUnavailable, match="exited before it answered"):
+            c.lookup([b"a" * 16])
+        elapsed = time.monotonic() - t0
+        killer.join()
+        assert elapsed < 5.0, f"the call waited {elapsed:.1f} s for an agent that had died"
+        a = AgentProcess(runtime_dir).start()  # and the next call registers with the next
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert c.lookup([b"a" * 16]) == [Lookup.MISS]
+                break
+            except AgentUnavailable:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
     finally:
         c.close()
         a.stop()
