@@ -581,7 +581,8 @@ def _why_not(pid: int, err: str) -> str:
         yama = f", Yama ptrace_scope={scope}" if scope is not None else ""
         return (
             f"the agent (uid {os.getuid()}) may not attach to pid {pid}{yama}: run the agent "
-            f"as vLLM's user or give it CAP_SYS_PTRACE ({err})"
+            f"as vLLM's user or give it CAP_SYS_PTRACE, and let its seccomp profile allow "
+            f"process_vm_readv/process_vm_writev ({err})"
         )
     if "ESRCH" in err:
         return f"pid {pid} is not visible to the agent (another pid namespace?) ({err})"

@@ -208,3 +208,93 @@ def test_daemonset_peers_and_events_are_reachable(tmp_path: Path) -> None:
     assert "fleet.key_secret" in items and "authorized/fleet.key" in items
     assert cfg.peers.curve_authorized_dir == f"{mount['mountPath']}/authorized"
     assert not cfg.peers.insecure
+
+
+# ---------------------------------------------------------------------- agent mode
+AGENT_MODE = ROOT / "deploy" / "kubernetes" / "agent-mode"
+# (patched manifest, its patch, the vLLM side's manifest and patch: None where the
+# agent and vLLM are one pod)
+AGENT_MODE_SHAPES = [
+    ("daemonset.yaml", "daemonset-patch.yaml", "vllm-node-client.yaml", "vllm-patch.yaml"),
+    ("sidecar.yaml", "sidecar-patch.yaml", None, None),
+]
+
+
+def strategic_merge(base: Any, patch: Any) -> Any:
+    """``kubectl patch``'s strategic merge for what these patches touch: maps merge
+    key by key; lists of named items (containers, env) merge by name; other lists
+    and values are replaced."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        out = dict(base)
+        for k, v in patch.items():
+            out[k] = strategic_merge(base[k], v) if k in base else copy.deepcopy(v)
+        return out
+    named = lambda xs: all(isinstance(x, dict) and "name" in x for x in xs)  # noqa: E731
+    if isinstance(base, list) and isinstance(patch, list) and named(base) and named(patch):
+        merged = [copy.deepcopy(x) for x in base]
+        for p in patch:
+            at = next((i for i, x in enumerate(merged) if x["name"] == p["name"]), None)
+            if at is None:
+                merged.append(copy.deepcopy(p))
+            else:
+                merged[at] = strategic_merge(merged[at], p)
+        return merged
+    return copy.deepcopy(patch)
+
+
+def workload_of(path: str) -> dict[str, Any]:
+    return next(d for d in docs(ROOT / "deploy" / "kubernetes" / path)
+                if d["kind"] in ("DaemonSet", "Deployment"))  # fmt: skip
+
+
+def patched(path: str, patch: str) -> dict[str, Any]:
+    (p,) = docs(AGENT_MODE / patch)
+    return strategic_merge(workload_of(path), p)  # type: ignore[no-any-return]
+
+
+def run_as_user(spec: dict[str, Any], container: dict[str, Any]) -> int | None:
+    own = container.get("securityContext", {}).get("runAsUser")
+    return own if own is not None else spec.get("securityContext", {}).get("runAsUser")
+
+
+def test_agent_mode_patches_cover_every_shape() -> None:
+    assert sorted(p.name for p in AGENT_MODE.glob("*.yaml")) == sorted(
+        x for shape in AGENT_MODE_SHAPES for x in (shape[1], shape[3]) if x
+    )
+
+
+@pytest.mark.parametrize("shape", AGENT_MODE_SHAPES, ids=lambda s: s[0])
+def test_agent_mode_patches_give_what_agent_mode_needs(shape: tuple[Any, ...]) -> None:
+    """Applied as ``kubectl patch`` would, each patch keeps its manifest valid and gives
+    agent mode what it needs: the agent and vLLM in one pid namespace, vLLM as the
+    agent's uid (ptrace rights without a capability), vLLM asking for agent mode, and
+    (node agent) every GPU visible to the agent without one requested."""
+    from kvnode.connector.config import ConnectorConfig
+
+    path, patch, client_path, client_patch = shape
+    agent_doc = patched(path, patch)
+    vllm_doc = patched(client_path, client_patch) if client_path else agent_doc
+    for doc in {id(agent_doc): agent_doc, id(vllm_doc): vllm_doc}.values():
+        for version in VERSIONS:
+            kubernetes_validate.validate(doc, version, strict=True)
+    aspec, vspec = pod_spec(agent_doc), pod_spec(vllm_doc)
+    agent, vllm = agent_container(aspec), vllm_container(vspec)
+    if client_path:
+        assert aspec.get("hostPID") and vspec.get("hostPID"), "not one pid namespace"
+    else:
+        assert aspec.get("shareProcessNamespace"), "not one pid namespace"
+    uid = run_as_user(aspec, agent)
+    assert uid is not None and uid != 0
+    assert run_as_user(vspec, vllm) == uid, "vLLM runs as another uid than the agent"
+    env = {e["name"]: e.get("value") for e in vllm.get("env", [])}
+    args = vllm.get("args", [])
+    extra = json.loads(args[args.index("--kv-transfer-config") + 1])["kv_connector_extra_config"]
+    assert ConnectorConfig.from_sources(extra, env=env).transfer == "agent"
+    agent_env = {e["name"]: e.get("value") for e in agent.get("env", [])}
+    if client_path:
+        assert agent_env.get("NVIDIA_VISIBLE_DEVICES") == "all"
+    assert "nvidia.com/gpu" not in str(agent.get("resources", {}))
+    # The manifests themselves stay least-privilege: worker mode needs none of it.
+    for p in {path, client_path} - {None}:
+        spec = pod_spec(workload_of(p))
+        assert not spec.get("hostPID") and not spec.get("shareProcessNamespace")
