@@ -983,3 +983,140 @@ def test_the_collapse_knows_while_the_agent_copies_for_its_worker(
         assert time.monotonic() < deadline, "the save never ended"
         time.sleep(0.005)
     assert path.finished(set(ops)) == set(ops)
+
+
+# ---------------------------------------------------------------- agent restarts
+def _round_ops(r: int, first_block: int) -> dict[str, list[Any]]:
+    """Round ``r``'s 4 chunks: keys of their own for every round."""
+    from kvnode.connector.scheduler import ChunkOp
+
+    return {
+        "r": [
+            ChunkOp(i, (r.to_bytes(4, "little") + bytes([i]) * 12,),
+                    tuple(range(first_block + BPC * i, first_block + BPC * (i + 1))))
+            for i in range(4)
+        ]
+    }  # fmt: skip
+
+
+def _path_once_up(rd: str, kv: dict[str, torch.Tensor]) -> tuple[Any, Any]:
+    """``_path``, tried again while the agent is down (it is restarted under us)."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return _path(rd, kv)
+        except AssertionError:
+            assert time.monotonic() < deadline, "never connected"
+            time.sleep(0.1)
+
+
+def _restart_saver(rd: str, stop: Any, saved: Any) -> None:
+    """Saves round after round (round r: the contents of seed r, keys tagged r) while
+    the agent is killed and started again under it."""
+    kv = _cache(0)
+    w, p = _path_once_up(rd, kv)
+    assert p.stats is w.stats
+    r = 0
+    while not stop.is_set():
+        if not p.ready():
+            time.sleep(0.05)
+            continue
+        r += 1
+        for k, t in _cache(r).items():
+            kv[k].copy_(t)
+        ops = _round_ops(r, 0)
+        before = p.stats.save_chunks  # the worker's figures (one object with w.stats)
+        p.track(ops)
+        p.save(ops)
+        deadline = time.monotonic() + 40
+        while not p.finished(set(ops)):
+            assert time.monotonic() < deadline, "a save never ended"
+            time.sleep(0.002)
+        if p.stats.save_chunks - before == 4:
+            saved.append(r)
+
+
+def _restart_loader(rd: str, stop: Any, quiet: Any, saved: Any, out: Any) -> None:
+    """Loads saved rounds into other blocks and checks every chunk before the first
+    reported error against what was saved; counts wrong chunks, the slowest load, and
+    whole loads once the agent stays up (``quiet``)."""
+    want_cache: dict[int, dict[str, torch.Tensor]] = {}
+    dst = {k: torch.zeros_like(v) for k, v in _cache(0).items()}
+    _, p = _path_once_up(rd, dst)
+    wrong = whole = loads = 0
+    slowest = 0.0
+    while not stop.is_set():
+        if not len(saved) or not p.ready():
+            time.sleep(0.05)
+            continue
+        # Once the agent stays up, the latest round (saved to it, before long).
+        r = saved[-1] if quiet.is_set() else random.choice(list(saved))
+        for t in dst.values():
+            t.fill_(7.0)
+        ops = _round_ops(r, 16)
+        t0 = time.monotonic()
+        p.load(ops)
+        for name in p.layer_pos:
+            p.wait_for_layer(name)
+        p.finish_loads()
+        errors = p.take_load_errors()
+        slowest = max(slowest, time.monotonic() - t0)
+        want = want_cache.setdefault(r, _cache(r))
+        first_bad = min([i for i, op in enumerate(ops["r"]) if set(op.block_ids) & errors],
+                        default=len(ops["r"]))  # fmt: skip
+        for k in dst:
+            for i in range(first_bad):
+                got = dst[k][16 + BPC * i : 16 + BPC * (i + 1)]
+                wrong += not torch.equal(got, want[k][BPC * i : BPC * (i + 1)])
+        loads += 1
+        whole += quiet.is_set() and not errors
+    out.put((loads, wrong, whole, slowest))
+
+
+def test_agent_restarts_under_exporting_workers_never_deliver_wrong_bytes(tmp_path: Path) -> None:
+    """The agent is killed (SIGKILL or SIGTERM) and started again every 0.8-2 s,
+    under a worker saving and another loading in agent mode. Every chunk a load does
+    not report failed holds exactly what was saved; no save or load waits for a job
+    the dead agent took; once the agent stays up the workers export to it again and
+    loads are whole."""
+    import signal
+
+    rd = tmp_path / "run"
+    agent = AgentProcess(rd, cpu_bytes="256MiB").start()
+    ctx = mp.get_context("spawn")
+    manager = ctx.Manager()
+    saved = manager.list()
+    stop, quiet, out = ctx.Event(), ctx.Event(), ctx.Queue()
+    saver = ctx.Process(target=_restart_saver, args=(str(rd), stop, saved))
+    loader = ctx.Process(target=_restart_loader, args=(str(rd), stop, quiet, saved, out))
+    saver.start()
+    loader.start()
+    rng = random.Random(5)
+    try:
+        end = time.monotonic() + 14
+        while time.monotonic() < end:
+            time.sleep(rng.uniform(0.8, 2.0))
+            agent.stop(rng.choice([signal.SIGKILL, signal.SIGTERM]))
+            agent = AgentProcess(rd, cpu_bytes="256MiB").start(timeout_s=40)
+        quiet.set()
+        deadline = time.monotonic() + 30
+        n = len(saved)
+        while len(saved) < n + 2:  # rounds saved to the agent that stays up
+            assert time.monotonic() < deadline, "no save since the last restart"
+            time.sleep(0.1)
+        time.sleep(3)
+        stop.set()
+        loads, wrong, whole, slowest = out.get(timeout=60)
+        saver.join(60)
+        loader.join(60)
+        assert saver.exitcode == 0 and loader.exitcode == 0
+    finally:
+        stop.set()
+        for proc in (saver, loader):
+            if proc.is_alive():
+                proc.kill()
+        manager.shutdown()
+        agent.stop()
+    assert wrong == 0, f"{wrong} chunks held other bytes than were saved"
+    assert loads > 0 and whole > 0, (loads, whole)
+    assert slowest < 5.0, f"a load took {slowest:.1f} s"  # never a dead agent's timeout
