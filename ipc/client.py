@@ -97,6 +97,7 @@ class AgentClient:
         self._agent_pid = 0
         self._agent_pid_ns = 0
         self._agent_pidfd = -1  # the registered agent's, where it is in our pid namespace
+        self._watched_pid = 0  # the pid that pidfd is of
         self._next_retry = 0.0
         self._closed = False
         self._hb_thread: threading.Thread | None = None
@@ -191,6 +192,7 @@ class AgentClient:
         self._sock = self._new_socket()
         rid = next(self._rid)
         hello = P.Hello(rid, self.name, os.getpid(), pid_namespace())
+        self._watch_agent(*self._lock_holder())  # its death ends the wait for a Welcome
         rep = self._roundtrip(hello, rid)
         if isinstance(rep, P.Error):
             raise AgentError(rep.code, rep.message)
@@ -209,22 +211,36 @@ class AgentClient:
         self._index_segment = rep.index_segment
         self._agent_pid = rep.agent_pid
         self._agent_pid_ns = rep.agent_pid_ns
-        self._watch_agent()
+        if rep.agent_pid != self._watched_pid or self._agent_pidfd < 0:
+            self._watch_agent(rep.agent_pid, rep.agent_pid_ns)
         self._start_heartbeat()
 
-    def _watch_agent(self) -> None:
-        """Hold the registered agent's pidfd (where it is in our pid namespace and the
-        kernel has pidfds): its exit ends a wait for its reply."""
+    def _lock_holder(self) -> tuple[int, int]:
+        """(pid, pid namespace) the agent wrote in its lock file, (0, 0) when it cannot
+        be read (another uid's agent: the file is its own) or is not of that form."""
+        try:
+            words = (self.runtime_dir / "agent.lock").read_text()[:64].split()
+        except (OSError, UnicodeDecodeError):
+            return 0, 0
+        if len(words) != 2 or not all(w.isdigit() for w in words):
+            return 0, 0
+        return int(words[0]), int(words[1])
+
+    def _watch_agent(self, pid: int, pid_ns: int) -> None:
+        """Hold agent ``pid``'s pidfd (where it is in our pid namespace and the kernel
+        has pidfds): its exit ends a wait for its reply."""
         self._unwatch_agent()
-        if not self._agent_pid or self._agent_pid_ns != pid_namespace():
+        if not pid or pid_ns != pid_namespace():
             return
         try:
-            self._agent_pidfd = os.pidfd_open(self._agent_pid)
+            self._agent_pidfd = os.pidfd_open(pid)
         except (AttributeError, OSError):
-            pass  # no pidfds here, or that agent is gone already: calls wait their timeout
+            return  # no pidfds here, or that agent is gone already: calls wait their timeout
+        self._watched_pid = pid
 
     def _unwatch_agent(self) -> None:
         fd, self._agent_pidfd = self._agent_pidfd, -1
+        self._watched_pid = 0
         if fd >= 0:
             os.close(fd)
 
@@ -300,6 +316,22 @@ class AgentClient:
         self.close()
 
     # ------------------------------------------------------------------ transport
+    def _wait_sendable(self, sock: zmq.Socket, deadline: float) -> None:
+        """Wait until ``sock`` takes a message (connected), in steps that ask whether
+        the watched agent has exited: ``zmq.Again`` at the deadline, AgentUnavailable
+        at its exit."""
+        while True:
+            left_ms = max(1, int((deadline - time.monotonic()) * 1000))
+            step = min(left_ms, _EXIT_CHECK_MS) if self._agent_pidfd >= 0 else left_ms
+            if sock.poll(step, zmq.POLLOUT):
+                return
+            if time.monotonic() >= deadline:
+                raise zmq.Again()
+            if self._agent_exited():
+                pid = self._watched_pid
+                self._lost()
+                raise AgentUnavailable(f"agent at {self.endpoint} (pid {pid}) exited")
+
     def _roundtrip(self, msg: Any, rid: int, timeout_s: float | None = None) -> Any:
         sock = self._sock
         assert sock is not None
@@ -312,8 +344,7 @@ class AgentClient:
             except zmq.Again:
                 # IMMEDIATE: nothing is queued while no agent is connected; wait for the
                 # connection (bounded by the deadline) instead of failing at once.
-                if not sock.poll(max(1, int(timeout_s * 1000)), zmq.POLLOUT):
-                    raise
+                self._wait_sendable(sock, deadline)
                 sock.send(data, zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             self._lost()
@@ -332,7 +363,7 @@ class AgentClient:
                 frame = sock.recv()
             except zmq.Again as exc:
                 if self._agent_exited():
-                    pid = self._agent_pid
+                    pid = self._watched_pid
                     self._lost()
                     raise AgentUnavailable(
                         f"agent at {self.endpoint} (pid {pid}) exited before it answered"

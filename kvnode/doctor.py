@@ -59,8 +59,8 @@ def agent_running(cfg: Config) -> int | None:
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     except BlockingIOError:
-        text = os.read(fd, 32).decode(errors="replace").strip()
-        return int(text) if text.isdigit() else 0
+        words = os.read(fd, 64).decode(errors="replace").split()  # "pid pid-namespace"
+        return int(words[0]) if words and words[0].isdigit() else 0
     finally:
         os.close(fd)
 

@@ -211,6 +211,29 @@ def test_a_call_the_agent_took_and_never_answered_fails_once_the_agent_dies(
         a.stop()
 
 
+def test_a_hello_to_an_agent_that_dies_before_it_answers_fails_at_its_exit(
+    runtime_dir: Path,
+) -> None:
+    """A client registers with an agent that is stopped, then killed, before it
+    answers: the Hello fails at the agent's exit (the pid its lock file names), not
+    at the end of the timeout."""
+    a = AgentProcess(runtime_dir).start()
+    c = AgentClient(runtime_dir, timeout_s=20.0, heartbeat=False)
+    try:
+        a.proc.send_signal(signal.SIGSTOP)  # it neither accepts nor answers
+        killer = threading.Timer(0.5, a.kill)
+        killer.start()
+        t0 = time.monotonic()
+        with pytest.raises(AgentUnavailable, match="exited"):
+            c.connect()
+        elapsed = time.monotonic() - t0
+        killer.join()
+        assert elapsed < 5.0, f"the Hello waited {elapsed:.1f} s for an agent that had died"
+    finally:
+        c.close()
+        a.stop()
+
+
 def test_sigterm_unlinks_segment_and_socket(runtime_dir: Path) -> None:
     a = AgentProcess(runtime_dir).start()
     with AgentClient(runtime_dir) as c:
