@@ -92,6 +92,8 @@ def test_s3_bucket_reach(tmp_path: Path) -> None:
 def test_a_running_agent_is_checked_not_its_ports(tmp_path: Path) -> None:
     port = _port()
     agent = AgentProcess(tmp_path / "run", args=["--set", f"metrics.port={port}"]).start()
+    assert agent.proc is not None
+    pid = agent.proc.pid
     try:
         code, got = _doctor("--runtime-dir", str(agent.runtime_dir), "--offline",
                             "--set", f"metrics.port={port}")  # fmt: skip
@@ -99,6 +101,7 @@ def test_a_running_agent_is_checked_not_its_ports(tmp_path: Path) -> None:
         agent.stop()
     (metrics,) = _about(got, "metrics.port")
     assert metrics["level"] == "ok" and "running agent" in metrics["text"]
+    assert f"pid {pid}," in metrics["text"], metrics  # read from its lock file
     (alive,) = _about(got, "agent")
     assert alive["level"] == "ok" and "answers" in alive["text"]
     # The arena the running agent really holds (started with its own --cpu-bytes), not the
