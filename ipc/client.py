@@ -252,6 +252,19 @@ class AgentClient:
         p.register(fd, select.POLLIN)
         return bool(p.poll(0))
 
+    def _rewatch(self) -> bool:
+        """The watched agent has exited: watch the one that holds the runtime directory
+        now, if another does (a restarted agent, which a message sent from now on
+        reaches). True when a live agent is watched again; else nothing is watched."""
+        dead = self._watched_pid
+        pid, ns = self._lock_holder()
+        if pid and pid != dead:
+            self._watch_agent(pid, ns)
+            if self._agent_pidfd >= 0 and not self._agent_exited():
+                return True
+        self._unwatch_agent()
+        return False
+
     def _map(self, w: P.Welcome) -> None:
         """Replace the mapping: unregister -> unmap the old one, map -> register the
         new one. A hook that fails leaves the client unmapped and unregistered."""
@@ -319,7 +332,8 @@ class AgentClient:
     def _wait_sendable(self, sock: zmq.Socket, deadline: float) -> None:
         """Wait until ``sock`` takes a message (connected), in steps that ask whether
         the watched agent has exited: ``zmq.Again`` at the deadline, AgentUnavailable
-        at its exit."""
+        at its exit unless another agent holds the directory by then (the connection
+        is to it)."""
         while True:
             left_ms = max(1, int((deadline - time.monotonic()) * 1000))
             step = min(left_ms, _EXIT_CHECK_MS) if self._agent_pidfd >= 0 else left_ms
@@ -329,6 +343,8 @@ class AgentClient:
                 raise zmq.Again()
             if self._agent_exited():
                 pid = self._watched_pid
+                if self._rewatch():
+                    continue  # restarted: the connection goes to the new agent
                 self._lost()
                 raise AgentUnavailable(f"agent at {self.endpoint} (pid {pid}) exited")
 
@@ -338,6 +354,10 @@ class AgentClient:
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
         data = P.encode(msg)
+        if self._agent_exited():
+            # Sent from now on, the message reaches the agent that replaced it, if any:
+            # watch that one (a dead agent's exit must not fail a call to its successor).
+            self._rewatch()
         try:
             try:
                 sock.send(data, zmq.NOBLOCK)
