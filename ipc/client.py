@@ -98,6 +98,7 @@ class AgentClient:
         self._agent_pid_ns = 0
         self._agent_pidfd = -1  # the registered agent's, where it is in our pid namespace
         self._watched_pid = 0  # the pid that pidfd is of
+        self._exit_poll: Any = None  # a poll object on that pidfd (made once per watch)
         self._next_retry = 0.0
         self._closed = False
         self._hb_thread: threading.Thread | None = None
@@ -237,20 +238,20 @@ class AgentClient:
         except (AttributeError, OSError):
             return  # no pidfds here, or that agent is gone already: calls wait their timeout
         self._watched_pid = pid
+        self._exit_poll = select.poll()
+        self._exit_poll.register(self._agent_pidfd, select.POLLIN)
 
     def _unwatch_agent(self) -> None:
         fd, self._agent_pidfd = self._agent_pidfd, -1
         self._watched_pid = 0
+        self._exit_poll = None
         if fd >= 0:
             os.close(fd)
 
     def _agent_exited(self) -> bool:
-        fd = self._agent_pidfd
-        if fd < 0:
-            return False
-        p = select.poll()
-        p.register(fd, select.POLLIN)
-        return bool(p.poll(0))
+        """One poll(0) on the watched pidfd (asked before every send: no set-up here)."""
+        p = self._exit_poll
+        return p is not None and bool(p.poll(0))
 
     def _rewatch(self) -> bool:
         """The watched agent has exited: watch the one that holds the runtime directory
