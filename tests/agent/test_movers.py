@@ -1036,7 +1036,7 @@ def _restart_saver(rd: str, stop: Any, saved: Any) -> None:
             saved.append(r)
 
 
-def _restart_loader(rd: str, stop: Any, quiet: Any, saved: Any, out: Any) -> None:
+def _restart_loader(rd: str, stop: Any, quiet: Any, saved: Any, out: Any, wholes: Any) -> None:
     """Loads saved rounds into other blocks and checks every chunk before the first
     reported error against what was saved; counts wrong chunks, the slowest load, and
     whole loads once the agent stays up (``quiet``)."""
@@ -1069,7 +1069,9 @@ def _restart_loader(rd: str, stop: Any, quiet: Any, saved: Any, out: Any) -> Non
                 got = dst[k][16 + BPC * i : 16 + BPC * (i + 1)]
                 wrong += not torch.equal(got, want[k][BPC * i : BPC * (i + 1)])
         loads += 1
-        whole += quiet.is_set() and not errors
+        if quiet.is_set() and not errors:
+            whole += 1
+            wholes.value = whole
     out.put((loads, wrong, whole, slowest))
 
 
@@ -1086,9 +1088,9 @@ def test_agent_restarts_under_exporting_workers_never_deliver_wrong_bytes(tmp_pa
     ctx = mp.get_context("spawn")
     manager = ctx.Manager()
     saved = manager.list()
-    stop, quiet, out = ctx.Event(), ctx.Event(), ctx.Queue()
+    stop, quiet, out, wholes = ctx.Event(), ctx.Event(), ctx.Queue(), ctx.Value("i", 0)
     saver = ctx.Process(target=_restart_saver, args=(str(rd), stop, saved))
-    loader = ctx.Process(target=_restart_loader, args=(str(rd), stop, quiet, saved, out))
+    loader = ctx.Process(target=_restart_loader, args=(str(rd), stop, quiet, saved, out, wholes))
     saver.start()
     loader.start()
     rng = random.Random(5)
@@ -1104,7 +1106,12 @@ def test_agent_restarts_under_exporting_workers_never_deliver_wrong_bytes(tmp_pa
         while len(saved) < n + 2:  # rounds saved to the agent that stays up
             assert time.monotonic() < deadline, "no save since the last restart"
             time.sleep(0.1)
-        time.sleep(3)
+        # The workers' links come back on their own backoff (up to 10 s after many
+        # failures): give the loader that long to load whole, not a fixed time.
+        deadline = time.monotonic() + 30
+        while wholes.value == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)
         stop.set()
         loads, wrong, whole, slowest = out.get(timeout=60)
         saver.join(60)
