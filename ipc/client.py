@@ -151,9 +151,14 @@ class AgentClient:
         return self._page_bytes
 
     def connect(self) -> None:
-        """Register with the agent now; AgentUnavailable if none answers in time."""
+        """Register with the agent now; AgentUnavailable if none answers in time.
+        Registered already with an agent that has exited since (a restart no call has
+        run into yet), it registers with the next: what the dead one's Welcome said
+        (its pid, its generation) is of no use to a caller that asks for it now."""
         with self._lock:
             self._next_retry = 0.0
+            if self._client_id and self._agent_exited():
+                self._lost()
             self._ensure()
 
     def _new_socket(self) -> zmq.Socket:

@@ -1127,3 +1127,30 @@ def test_agent_restarts_under_exporting_workers_never_deliver_wrong_bytes(tmp_pa
     assert wrong == 0, f"{wrong} chunks held other bytes than were saved"
     assert loads > 0 and whole > 0, (loads, whole)
     assert slowest < 5.0, f"a load took {slowest:.1f} s"  # never a dead agent's timeout
+
+
+def test_a_worker_exports_to_a_restarted_agent_before_any_call_has_failed(tmp_path: Path) -> None:
+    """The agent is killed and started again while the worker makes no call: the next
+    step's export goes to the new agent at once. (The worker's client still held the
+    dead agent's Welcome: the export asked for that agent's pid, found it gone and fell
+    back to worker mode, step after step, until some other call happened to fail.)"""
+    import signal
+
+    rd = tmp_path / "run"
+    agent = AgentProcess(rd, cpu_bytes="64MiB").start()
+    try:
+        _, p = _path(str(rd), _cache(3))
+        assert p.ready()
+        first = p.generation
+        agent.stop(signal.SIGKILL)
+        agent = AgentProcess(rd, cpu_bytes="64MiB").start()
+        steps = 0
+        while not p.ready():
+            steps += 1
+            assert steps < 3, "the worker copies itself while the new agent is up"
+            time.sleep(0.05)
+        assert p.generation != first
+        _save(p, _ops(2, 0, tag=3))
+        assert p.stats.save_chunks == 2
+    finally:
+        agent.stop()
