@@ -128,7 +128,11 @@ def _cache(
     }
 
 
-def _path(runtime_dir: str, kv: dict[str, torch.Tensor], transfer_agent: bool = True) -> Any:
+def _path(
+    runtime_dir: str, kv: dict[str, torch.Tensor], transfer_agent: bool = True, wait_s: float = 0
+) -> Any:
+    """A worker on ``kv`` in agent mode. ``wait_s``: its link reconnects in the
+    background, as the connector's does, and may take that long to come up first."""
     from kvnode.connector.agent_mode import AgentPath
     from kvnode.connector.link import AgentLink, default_client_factory
     from kvnode.connector.worker import WorkerSide
@@ -136,8 +140,15 @@ def _path(runtime_dir: str, kv: dict[str, torch.Tensor], transfer_agent: bool = 
 
     arena = ArenaMapping()
     factory = default_client_factory(runtime_dir, "mover-test", 5.0, arena.on_map, arena.on_unmap)
-    link = AgentLink(factory, background=False)
-    assert link.try_connect()
+    if wait_s:
+        link = AgentLink(factory, retry_interval_s=0.2, retry_max_s=2.0)
+        deadline = time.monotonic() + wait_s
+        while not link.up:
+            assert time.monotonic() < deadline, "never connected"
+            time.sleep(0.02)
+    else:
+        link = AgentLink(factory, background=False)
+        assert link.try_connect()
     blocks = next(iter(kv.values())).shape[0]
     w = WorkerSide(link, 0, blocks, BLOCK_SIZE, BPC, arena=arena)
     w.register(kv)
@@ -1000,14 +1011,10 @@ def _round_ops(r: int, first_block: int) -> dict[str, list[Any]]:
 
 
 def _path_once_up(rd: str, kv: dict[str, torch.Tensor]) -> tuple[Any, Any]:
-    """``_path``, tried again while the agent is down (it is restarted under us)."""
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            return _path(rd, kv)
-        except AssertionError:
-            assert time.monotonic() < deadline, "never connected"
-            time.sleep(0.1)
+    """``_path`` while the agent is restarted under us: its link reconnects in the
+    background after every agent it loses, as the connector's does (a call in flight
+    when the agent is killed takes the link down)."""
+    return _path(rd, kv, wait_s=60)
 
 
 def _restart_saver(rd: str, stop: Any, saved: Any) -> None:
