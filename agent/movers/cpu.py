@@ -9,13 +9,16 @@ A layer's blocks become remote iovecs directly (consecutive blocks merge into on
 the arena extents of the chunks local ones: no staging buffer on either side. The
 kernel pins every page it copies, which holds one core to about half of memcpy's
 rate on small pages, so the worker backs its cache with huge pages
-(``connector/hugepages.py``) and ``threads`` cores copy a job at once, each a run of
-its chunks. Saves read a few chunks at a time, every readable layer in one call, and
+(``connector/hugepages.py``) and ``threads`` cores copy a job at once. A job is cut
+into units (a few chunks of a save, a chunk to verify, a share of a layer to write)
+that the threads take in order as each comes free: a thread the kernel preempts
+(other processes want the cores too) holds up only the unit it has, not a fixed share
+of the job. Saves read a few chunks at a time, every readable layer in one call, and
 checksum what landed in the arena while it is still in the cache (the agent is the
-writer, so the checksum is its). Loads verify every chunk in the arena against its writer's checksum first (each
-thread its run), tell the worker the verdicts, then write the good chunks layer by
-layer, each layer followed by its progress byte once every thread has written it, so
-the worker's attention for layer i runs while layer i+1 is copied.
+writer, so the checksum is its). Loads verify every chunk in the arena against its
+writer's checksum first, tell the worker the verdicts, then write the good chunks
+layer by layer, each layer followed by its progress byte once all its shares are
+written, so the worker's attention for layer i runs while layer i+1 is copied.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
+import itertools
 import logging
 import os
 import threading
@@ -47,7 +51,6 @@ IOV_MAX = 1024  # UIO_MAXIOV: iovecs per system call on either side
 # from the cache rather than from memory.
 BATCH_BYTES = 2 << 20
 Piece = tuple[int, int]  # (address, bytes)
-T = TypeVar("T")
 E = TypeVar("E")
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -200,8 +203,7 @@ class _SaveState:
     def __init__(self, mover: CpuMover, job: Job) -> None:
         self.work = [c for c in job.chunks if c.status == PG.CHUNK_PENDING]
         self.hashers = [xxhash.xxh3_64() for _ in self.work]
-        pairs = list(zip(self.work, self.hashers))
-        self.groups = runs(pairs, mover.threads)
+        self.pairs = list(zip(self.work, self.hashers))
         self.payload = sorted(job.export.layers, key=lambda x: x.payload_offset)
         self._rank = {layer.name: i for i, layer in enumerate(self.payload)}
         self._read = [False] * len(self.payload)
@@ -218,26 +220,48 @@ class _SaveState:
 
 
 class _Load:
-    """A load as its threads run it. The last to finish verifying tells the worker
-    the chunks' verdicts; the last to write a layer writes its progress byte (so no
-    layer byte ever goes ahead of the verdicts)."""
+    """A load as its threads run it: first a unit per chunk to verify, then the
+    shares of each layer to write, in the export's order. The thread that verifies
+    the last chunk tells the worker the verdicts (before any layer byte: a thread that
+    takes a share of a layer before then waits for them); the thread that writes the
+    last share of a layer writes its progress byte."""
 
-    def __init__(self, mover: CpuMover, job: Job, threads: int) -> None:
+    def __init__(self, mover: CpuMover, job: Job, pending: list[ChunkWork]) -> None:
         self.mover, self.job = mover, job
-        self.threads = threads
+        self.pending = pending
+        self.parts = min(mover.threads, len(pending))  # shares of each layer
         self.slot = job.export.slot_address(job.slot)
         self.counts = [0] * len(job.export.layers)
-        self.verifying = threads
+        self.verifying = len(pending)
+        self.shares: list[list[ChunkWork]] = []
+        self.told = threading.Event()
         self.failed = False
         self._lock = threading.Lock()
         self._seq = bytes([job.seq])
+
+    def units(self) -> list[tuple[int, int]]:
+        """(-1, chunk) to verify, then (layer, share) to write."""
+        nl = len(self.job.export.layers)
+        return [(-1, i) for i in range(len(self.pending))] + [
+            (layer, k) for layer in range(nl) for k in range(self.parts)
+        ]
 
     def verified(self) -> None:
         with self._lock:
             self.verifying -= 1
             last = self.verifying == 0
         if last:
+            good = [c for c in self.pending if c.status == PG.CHUNK_OK]
+            self.shares = runs(good, self.parts) + [[]] * self.parts
             self.tell_verdicts()
+            self.told.set()
+
+    def share(self, k: int) -> list[ChunkWork]:
+        """Share ``k`` of the good chunks, once every verdict is told."""
+        while not self.told.wait(0.05):
+            if self.failed:
+                raise MoverError("another copy thread of the job failed")
+        return self.shares[k]
 
     def tell_verdicts(self) -> None:
         self.mover._check(self.job)  # never a byte into a worker past its deadline
@@ -250,7 +274,7 @@ class _Load:
     def written(self, layer: int) -> None:
         with self._lock:
             self.counts[layer] += 1
-            last = self.counts[layer] == self.threads
+            last = self.counts[layer] == self.parts
         if last:
             self.announce((layer,))
 
@@ -401,18 +425,34 @@ class CpuMover(Mover):
         if time.monotonic() > job.deadline:
             raise MoverError("job deadline passed")
 
-    def _parallel(self, fn: Callable[[list[E]], T], groups: list[list[E]]) -> list[T]:
-        """``fn`` over every group at once: the first on this thread, the others on
-        the helpers. Every group has ended when this returns (a failure included)."""
-        futures = [self._pool.submit(fn, g) for g in groups[1:]] if self._pool else []
-        try:
-            first = [fn(groups[0])] if groups else []
-        finally:
-            errors = [f.exception() for f in futures]
-        for exc in errors:
-            if exc is not None:
-                raise exc
-        return first + [f.result() for f in futures]
+    def _share(self, fn: Callable[[E], int], units: Sequence[E], failed: Callable[[], None]) -> int:
+        """``fn`` over every unit, in order, by this thread and the helpers together,
+        each taking the next unit as it comes free. The first failure stops the
+        others taking units (``failed`` is called at once, for threads waiting on the
+        failed one) and is raised, once every thread has stopped. Returns the sum."""
+        nxt = itertools.count()
+        errors: list[BaseException] = []  # in the order they happened: the first is the cause
+
+        def take() -> int:
+            moved = 0
+            try:
+                while not errors:
+                    i = next(nxt)  # one thread at a time (the GIL)
+                    if i >= len(units):
+                        break
+                    moved += fn(units[i])
+            except BaseException as exc:
+                errors.append(exc)
+                failed()
+            return moved
+
+        helpers = min(self.threads, len(units)) - 1
+        futures = [self._pool.submit(take) for _ in range(helpers)] if self._pool else []
+        total = take()
+        total += sum(f.result() for f in futures)
+        if errors:
+            raise errors[0]
+        return total
 
     def _save(self, job: Job) -> bool:
         """In the export's (forward) order, every copying thread taking a run of the
@@ -431,10 +471,12 @@ class CpuMover(Mover):
             if job.layerwise and job.layer >= job.computed and self._computed(job) <= job.layer:
                 return False  # parked until the forward pass marks the next layer
             end = min(job.computed, len(ex.layers)) if job.layerwise else len(ex.layers)
-            # Every layer that can be read now, in one go a thread (no wait per layer).
+            # Every layer that can be read now, in one call a unit (no wait per layer).
             plan = [(layer, st.read(layer)) for layer in ex.layers[job.layer : end]]
-            moved = self._parallel(functools.partial(self._save_layers, job, plan), st.groups)
-            job.moved_bytes += sum(moved)
+            units = self._batches(plan, st.pairs)
+            job.moved_bytes += self._share(
+                functools.partial(self._save_layers, job, plan), units, _nothing
+            )
             job.layer = end
         self._check(job)  # after the last read: every byte came from the worker
         for c, h in zip(st.work, st.hashers):
@@ -443,32 +485,36 @@ class CpuMover(Mover):
         job.state = None
         return True
 
+    def _batches(
+        self, plan: list[tuple[Layer, list[Layer]]], pairs: list[tuple[ChunkWork, Any]]
+    ) -> list[list[tuple[ChunkWork, Any]]]:
+        """The save's chunks in units of about ``BATCH_BYTES`` of the plan's layers."""
+        if not pairs:
+            return []
+        per_chunk = sum(layer.block_nbytes for layer, _ in plan) * len(pairs[0][0].blocks)
+        step = max(1, BATCH_BYTES // max(1, per_chunk))
+        return [pairs[at : at + step] for at in range(0, len(pairs), step)]
+
     def _save_layers(
         self,
         job: Job,
         plan: list[tuple[Layer, list[Layer]]],
-        group: list[tuple[ChunkWork, Any]],
+        unit: list[tuple[ChunkWork, Any]],
     ) -> int:
-        """One thread's share of some layers: a few of its chunks at a time (about
-        ``BATCH_BYTES``), every layer of the plan in one call, then each of those
-        chunks' checksum fed the layers due while the bytes are still in the cache."""
-        layers = [layer for layer, _ in plan]
+        """One unit of a save: its chunks' part of every layer of the plan in one
+        call, then each chunk's checksum fed the layers due while the bytes are still
+        in the cache."""
+        self._check(job)
+        local: list[Piece] = []
+        remote: list[Piece] = []
+        for c, _ in unit:
+            for layer, _ in plan:
+                self._pieces(c, layer, local, remote)
+        moved = transfer(job.export.pid, local, remote, write=False)
         due = [d for _, ds in plan for d in ds]
-        per_chunk = sum(layer.block_nbytes for layer in layers) * len(group[0][0].blocks)
-        step = max(1, BATCH_BYTES // max(1, per_chunk))
-        moved = 0
-        for at in range(0, len(group), step):
-            self._check(job)
-            sub = group[at : at + step]
-            local: list[Piece] = []
-            remote: list[Piece] = []
-            for c, _ in sub:
-                for layer in layers:
-                    self._pieces(c, layer, local, remote)
-            moved += transfer(job.export.pid, local, remote, write=False)
-            if due:
-                for c, h in sub:
-                    self._hash_layers(h, c, due)
+        if due:
+            for c, h in unit:
+                self._hash_layers(h, c, due)
         return moved
 
     def _pieces(self, c: ChunkWork, layer: Layer, local: list[Piece], remote: list[Piece]) -> None:
@@ -489,47 +535,46 @@ class CpuMover(Mover):
             h.update(self.view[off : off + ln])
 
     def _load(self, job: Job) -> None:
-        """Every copying thread takes a run of the job's chunks: it verifies them
-        against their writers' checksums, then writes the good ones layer by layer.
-        The last thread to finish verifying tells the worker every chunk's verdict
-        (before any layer byte); a layer's progress byte goes out once every thread
-        has written it, so the worker's attention for layer i runs while layer i+1 is
-        copied. A chunk that fails is never written: it is reported bad and vLLM
-        recomputes it (as when worker mode's check fails)."""
+        """The copying threads verify the job's chunks against their writers'
+        checksums, a chunk a unit; the last verdict in tells the worker every chunk's
+        verdict (before any layer byte); then they write the good chunks layer by
+        layer, a share of a layer a unit, and a layer's progress byte goes out once
+        all its shares are written, so the worker's attention for layer i runs while
+        layer i+1 is copied. A chunk that fails is never written: it is reported bad
+        and vLLM recomputes it (as when worker mode's check fails)."""
         ex = job.export
         pending = [c for c in job.chunks if c.status == PG.CHUNK_PENDING]
-        groups = runs(pending, self.threads)
-        state = _Load(self, job, len(groups))
-        moved = self._parallel(functools.partial(self._load_run, job, state), groups)
-        job.moved_bytes += sum(moved)
-        if not groups:  # nothing to copy: the verdicts, and every layer is as loaded as it gets
+        if not pending:  # nothing to copy: the verdicts, and every layer is as loaded as it gets
+            state = _Load(self, job, pending)
             state.tell_verdicts()
             state.announce(range(len(ex.layers)))
+            return
+        state = _Load(self, job, pending)
 
-    def _load_run(self, job: Job, state: _Load, group: list[ChunkWork]) -> int:
-        """One thread's run of chunks: verify, then every layer in the export's order
-        (one call a layer), each layer counted done for the announcement."""
-        ex = job.export
-        moved = 0
-        try:
-            for c, code in zip(group, self._verify(group)):
-                c.status = code
-            state.verified()
-            good = [c for c in group if c.status == PG.CHUNK_OK]
-            for i, layer in enumerate(ex.layers):
-                self._check(job)
-                if state.failed:
-                    raise MoverError("another copy thread of the job failed")
-                if good:
-                    local: list[Piece] = []
-                    remote: list[Piece] = []
-                    for c in good:
-                        self._pieces(c, layer, local, remote)
-                    moved += transfer(ex.pid, local, remote, write=True)
-                state.written(i)
-        except BaseException:
+        def failed() -> None:
             state.failed = True
-            raise
+
+        fn = functools.partial(self._load_unit, job, state)
+        job.moved_bytes += self._share(fn, state.units(), failed)
+
+    def _load_unit(self, job: Job, state: _Load, unit: tuple[int, int]) -> int:
+        """Verify one chunk (``(-1, chunk)``) or write one share of a layer."""
+        layer, k = unit
+        if layer < 0:
+            c = state.pending[k]
+            c.status = self._verify([c])[0]
+            state.verified()
+            return 0
+        good = state.share(k)
+        self._check(job)
+        moved = 0
+        if good:
+            local: list[Piece] = []
+            remote: list[Piece] = []
+            for c in good:
+                self._pieces(c, job.export.layers[layer], local, remote)
+            moved = transfer(job.export.pid, local, remote, write=True)
+        state.written(layer)
         return moved
 
     def _verify(self, chunks: list[ChunkWork]) -> list[int]:
@@ -568,6 +613,10 @@ class CpuMover(Mover):
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+
+
+def _nothing() -> None:
+    pass
 
 
 def _addr(buf: bytearray) -> int:

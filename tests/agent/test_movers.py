@@ -1136,6 +1136,94 @@ def test_agent_restarts_under_exporting_workers_never_deliver_wrong_bytes(tmp_pa
     assert slowest < 5.0, f"a load took {slowest:.1f} s"  # never a dead agent's timeout
 
 
+def _held_cache(conn: Any, nbytes: int, page_bytes: int) -> None:
+    """A process holding a zeroed 'cache' of ``nbytes`` and a progress page: it sends
+    their addresses, then their bytes whenever asked."""
+    cache = np.zeros(nbytes, dtype=np.uint8)
+    page = np.zeros(page_bytes, dtype=np.uint8)
+    conn.send((os.getpid(), int(cache.ctypes.data), int(page.ctypes.data)))
+    while conn.recv() == "bytes?":
+        conn.send((bytes(cache), bytes(page)))
+
+
+def test_a_stalled_copy_thread_holds_up_only_the_unit_it_has(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A copy thread the kernel stops (another process took its core) in the middle of
+    a load: the other thread takes every unit left, so the stalled one has written
+    one share of one layer when it comes back, not a fixed half of the job. The
+    verdicts still go out before any layer byte, each layer's progress byte after all
+    of that layer's bytes, and every byte lands where it belongs."""
+    import mmap
+    import threading
+
+    from kvnode.agent.movers.base import ChunkWork, Export, Job, Layer
+    from kvnode.ipc import progress as PG
+    from kvnode.ipc.checksum import checksum_extents
+
+    nl, nc, bn = 4, 8, 4096  # layers, chunks (one block each), block bytes
+    ctx = mp.get_context("spawn")
+    here, there = ctx.Pipe()
+    holder = ctx.Process(target=_held_cache, args=(there, nl * nc * bn, PG.slot_bytes(nl)))
+    holder.start()
+    log: list[tuple[int, int, bool]] = []  # (thread, first remote address, write)
+    stalled: list[int] = []
+    real = cpu.transfer
+
+    def watched(pid: int, local: Any, remote: Any, write: bool) -> int:
+        me = threading.get_ident()
+        data = write and base <= remote[0][0] < base + nl * nc * bn
+        if data and not stalled:
+            stalled.append(me)
+            time.sleep(0.5)  # preempted with a share in hand
+        log.append((me, remote[0][0], write))
+        return real(pid, local, remote, write)
+
+    try:
+        pid, base, page = here.recv()
+        arena = mmap.mmap(-1, nc * nl * bn)
+        arena[:] = os.urandom(nc * nl * bn)
+        view = memoryview(arena)
+        layers = tuple(
+            Layer(f"l{i}", base + i * nc * bn, nc, bn, bn, ((0, bn),), i * bn) for i in range(nl)
+        )
+        ex = Export(1, 1, "cpu", pid, layers, page, 1, PG.slot_bytes(nl), nl * bn, 1)
+        chunks = []
+        for c in range(nc):
+            extents = [(c * nl * bn, nl * bn)]
+            chunks.append(
+                ChunkWork(b"%d" % c, (c,), extents, 0, checksum_extents(view, extents), c)
+            )
+        mover = cpu.CpuMover(view, threads=2)
+        monkeypatch.setattr(cpu, "transfer", watched)
+        try:
+            job = Job(ex, True, 0, 1, chunks, bytearray(nc), time.monotonic() + 30)
+            assert mover.run(job) and not job.failed, job.failed
+            assert all(c.status == PG.CHUNK_OK for c in chunks)
+        finally:
+            mover.close()
+        here.send("bytes?")
+        cache, progress = here.recv()
+        here.send("done")
+    finally:
+        holder.join(10)
+    for i in range(nl):  # every block holds its chunk's part of that layer
+        for c in range(nc):
+            at = (i * nc + c) * bn
+            assert cache[at : at + bn] == arena[c * nl * bn + i * bn : c * nl * bn + (i + 1) * bn]
+    assert progress[PG.layer_byte(0) : PG.layer_byte(0) + nl] == bytes([1]) * nl
+    data = [(t, a) for t, a, w in log if w and base <= a < base + nl * nc * bn]
+    assert len(data) == 2 * nl, data  # two shares a layer
+    assert sum(1 for t, _ in data if t == stalled[0]) == 1, "the stalled thread kept a share"
+    writes = [(a, k) for k, (_, a, w) in enumerate(log) if w]
+    verdicts = next(k for a, k in writes if a == page + PG.chunk_byte(nl, 0))
+    assert all(k > verdicts for a, k in writes if base <= a < base + nl * nc * bn)
+    for i in range(nl):
+        mark = next(k for a, k in writes if a == page + PG.layer_byte(i))
+        lo, hi = base + i * nc * bn, base + (i + 1) * nc * bn
+        assert all(k < mark for a, k in writes if lo <= a < hi), f"layer {i} marked early"
+
+
 def test_a_worker_exports_to_a_restarted_agent_before_any_call_has_failed(tmp_path: Path) -> None:
     """The agent is killed and started again while the worker makes no call: the next
     step's export goes to the new agent at once. (The worker's client still held the
