@@ -455,9 +455,9 @@ class CpuMover(Mover):
         return total
 
     def _save(self, job: Job) -> bool:
-        """In the export's (forward) order, every copying thread taking a run of the
-        job's chunks through every layer that can be read now (``_save_layers``).
-        Each chunk's checksum is fed in payload order, as soon as the layers before in
+        """In the export's (forward) order, every layer that can be read now, the
+        copying threads taking the job's chunks a unit (``_batches``) at a time
+        (``_save_layers``). Each chunk's checksum is fed in payload order, as soon as the layers before in
         payload order are read (right after the read where forward and payload order
         agree: names sort as numbers below ten layers). A layer-wise save stops at a
         layer the worker has not marked computed (False) and goes on from there when
