@@ -1175,7 +1175,15 @@ def test_a_stalled_copy_thread_holds_up_only_the_unit_it_has(
         data = write and base <= remote[0][0] < base + nl * nc * bn
         if data and not stalled:
             stalled.append(me)
-            time.sleep(0.5)  # preempted with a share in hand
+            # Preempted with a share in hand, until the other thread has written every
+            # other share (bounded: with fixed halves it never does).
+            until = time.monotonic() + 10
+            while (
+                time.monotonic() < until
+                and sum(1 for t, a, w in log if w and t != me and base <= a < base + nl * nc * bn)
+                < 2 * nl - 1
+            ):
+                time.sleep(0.01)
         log.append((me, remote[0][0], write))
         return real(pid, local, remote, write)
 
