@@ -22,7 +22,7 @@ from typing import Any
 
 from kvnode.agent.config import Config, format_size
 from kvnode.errors import ArenaError, ConfigError
-from kvnode.ipc.process import pid_namespace
+from kvnode.ipc.process import lock_text
 from kvnode.ipc.segment import Segment, group_id
 
 log = logging.getLogger("kvnode.agent")
@@ -88,9 +88,7 @@ class RuntimeDir:
                 f"another agent is serving {self.path} (lock {lock_path} held)"
             ) from exc
         os.ftruncate(fd, 0)
-        # Our pid and pid namespace: a client of our uid watches this pid while its
-        # first call (the Hello) waits, as it watches the Welcome's pid afterwards.
-        os.write(fd, f"{os.getpid()} {pid_namespace()}\n".encode())
+        os.write(fd, lock_text().encode())
         self._lock_fd = fd
         self._remove_stale_socket()
 

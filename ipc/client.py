@@ -38,7 +38,7 @@ from kvnode.errors import (
 )
 from kvnode.ipc import protocol as P
 from kvnode.ipc.checksum import checksum
-from kvnode.ipc.process import pid_namespace
+from kvnode.ipc.process import lock_owner, pid_namespace
 from kvnode.ipc.protocol import Lookup, Slot, Status
 from kvnode.ipc.segment import Segment
 
@@ -225,12 +225,10 @@ class AgentClient:
         """(pid, pid namespace) the agent wrote in its lock file, (0, 0) when it cannot
         be read (another uid's agent: the file is its own) or is not of that form."""
         try:
-            words = (self.runtime_dir / "agent.lock").read_text()[:64].split()
+            pid, ns = lock_owner((self.runtime_dir / "agent.lock").read_text()[:64])
         except (OSError, UnicodeDecodeError):
             return 0, 0
-        if len(words) != 2 or not all(w.isdigit() for w in words):
-            return 0, 0
-        return int(words[0]), int(words[1])
+        return (pid, ns) if pid and ns else (0, 0)
 
     def _watch_agent(self, pid: int, pid_ns: int) -> None:
         """Hold agent ``pid``'s pidfd (where it is in our pid namespace and the kernel

@@ -17,6 +17,21 @@ def pid_namespace() -> int:
         return 0
 
 
+def lock_text() -> str:
+    """What the agent writes in its runtime directory's lock file: its pid and pid
+    namespace (a client of its uid watches that pid while its Hello waits)."""
+    return f"{os.getpid()} {pid_namespace()}\n"
+
+
+def lock_owner(text: str) -> tuple[int, int]:
+    """(pid, pid namespace) from a lock file's text; 0 for a part that is missing or
+    not a number."""
+    words = text[:64].split()
+    pid = int(words[0]) if words and words[0].isdigit() else 0
+    ns = int(words[1]) if len(words) == 2 and words[1].isdigit() else 0
+    return pid, ns
+
+
 def boot_clock_s() -> float:
     """Seconds since boot (CLOCK_BOOTTIME): the clock process start times count on."""
     return time.clock_gettime(time.CLOCK_BOOTTIME)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from kvnode.agent.config import Config, format_size
+from kvnode.ipc.process import lock_owner
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 CONNECT_TIMEOUT_S = 3.0  # per S3 call, per peer handshake
@@ -59,8 +60,7 @@ def agent_running(cfg: Config) -> int | None:
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     except BlockingIOError:
-        words = os.read(fd, 64).decode(errors="replace").split()  # "pid pid-namespace"
-        return int(words[0]) if words and words[0].isdigit() else 0
+        return lock_owner(os.read(fd, 64).decode(errors="replace"))[0]
     finally:
         os.close(fd)
 

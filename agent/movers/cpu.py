@@ -562,7 +562,7 @@ class CpuMover(Mover):
         layer, k = unit
         if layer < 0:
             c = state.pending[k]
-            c.status = self._verify([c])[0]
+            c.status = self._verify(c)
             state.verified()
             return 0
         good = state.share(k)
@@ -577,13 +577,10 @@ class CpuMover(Mover):
         state.written(layer)
         return moved
 
-    def _verify(self, chunks: list[ChunkWork]) -> list[int]:
-        return [
-            PG.CHUNK_OK
-            if c.checksum and checksum_extents(self.view, c.extents) == c.checksum
-            else PG.CHUNK_BAD
-            for c in chunks
-        ]
+    def _verify(self, c: ChunkWork) -> int:
+        """Chunk ``c``'s verdict: its arena bytes against its writer's checksum."""
+        ok = c.checksum and checksum_extents(self.view, c.extents) == c.checksum
+        return PG.CHUNK_OK if ok else PG.CHUNK_BAD
 
     def _write_bytes(self, ex: Export, addr: int, data: bytes) -> None:
         buf = bytearray(data)

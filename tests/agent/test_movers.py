@@ -695,18 +695,6 @@ def test_a_parked_job_is_never_lost_by_a_mover_that_answers_its_poll_short() -> 
     assert sorted(j.slot for j in done) == list(range(6))
 
 
-def _held_memory(conn: Any) -> None:
-    """A process holding a 'cache' of two 256-byte layers and a progress page: it
-    sends their addresses, then their bytes whenever asked."""
-    from kvnode.ipc import progress as PG
-
-    cache = np.full(512, 0x5A, dtype=np.uint8)
-    page = np.zeros(PG.slot_bytes(2), dtype=np.uint8)
-    conn.send((os.getpid(), int(cache.ctypes.data), int(page.ctypes.data)))
-    while conn.recv() == "bytes?":
-        conn.send((bytes(cache), bytes(page)))
-
-
 def test_a_copy_never_reaches_a_process_that_took_an_exited_workers_pid() -> None:
     """The worker exits and the kernel gives its pid to another process (of the same
     user) before the agent has noticed: a copy addressed by pid would write the KV
@@ -728,7 +716,7 @@ def test_a_copy_never_reaches_a_process_that_took_an_exited_workers_pid() -> Non
     gone.wait()
     ctx = mp.get_context("spawn")
     here, there = ctx.Pipe()
-    other = ctx.Process(target=_held_memory, args=(there,))
+    other = ctx.Process(target=_held_cache, args=(there, nl * bn, PG.slot_bytes(nl), 0x5A))
     other.start()
     try:
         pid, base, page = here.recv()
@@ -1136,10 +1124,10 @@ def test_agent_restarts_under_exporting_workers_never_deliver_wrong_bytes(tmp_pa
     assert slowest < 5.0, f"a load took {slowest:.1f} s"  # never a dead agent's timeout
 
 
-def _held_cache(conn: Any, nbytes: int, page_bytes: int) -> None:
-    """A process holding a zeroed 'cache' of ``nbytes`` and a progress page: it sends
-    their addresses, then their bytes whenever asked."""
-    cache = np.zeros(nbytes, dtype=np.uint8)
+def _held_cache(conn: Any, nbytes: int, page_bytes: int, fill: int = 0) -> None:
+    """A process holding a 'cache' of ``nbytes`` (every byte ``fill``) and a progress
+    page: it sends their addresses, then their bytes whenever asked."""
+    cache = np.full(nbytes, fill, dtype=np.uint8)
     page = np.zeros(page_bytes, dtype=np.uint8)
     conn.send((os.getpid(), int(cache.ctypes.data), int(page.ctypes.data)))
     while conn.recv() == "bytes?":
