@@ -127,6 +127,16 @@ def child(model: str, runtime_dir: str | None, transfer: str) -> None:
 
 
 # --------------------------------------------------------------------- parent side
+VLLM_CPUS: set[int] = set()  # --vllm-cpus: the cores every vLLM process runs on
+
+
+def _bind_vllm() -> None:
+    """In a vLLM child before it starts: only the ``--vllm-cpus`` cores (its OpenMP
+    threads follow the mask), as vLLM's own thread binding leaves cores to others."""
+    if VLLM_CPUS:
+        os.sched_setaffinity(0, VLLM_CPUS)
+
+
 class _Child:
     def __init__(self, model: str, runtime_dir: str | None, transfer: str = "worker") -> None:
         cmd = [sys.executable, __file__, "--child", "--model", model, "--transfer", transfer]
@@ -139,6 +149,7 @@ class _Child:
             stderr=subprocess.DEVNULL,
             env={**os.environ, **VLLM_ENV},
             text=True,
+            preexec_fn=_bind_vllm if VLLM_CPUS else None,
         )
         self._read()
 
@@ -350,6 +361,7 @@ def parent(a: argparse.Namespace) -> dict[str, Any]:
         "dtype": "float32",
         "device": "cpu",
         "cpus": os.cpu_count(),
+        "vllm_cpus": sorted(VLLM_CPUS) or "all",
     }
 
 
@@ -367,10 +379,20 @@ def main() -> int:
     p.add_argument("--short-rounds", type=int, default=8, help="short throughput rounds (pairs)")
     p.add_argument("--cpu-bytes", default="1GiB")
     p.add_argument("--transfer", choices=("agent", "worker"), default="agent")
+    p.add_argument(
+        "--vllm-cpus",
+        default="",
+        help="cores the vLLM processes run on (e.g. 0 or 0-3), the agent on any: a host "
+        "whose vLLM leaves cores free, as its thread binding does (default: all cores)",
+    )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--runtime-dir", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.vllm_cpus:
+        from kvnode.connector.cores import parse_cpu_list
+
+        VLLM_CPUS.update(parse_cpu_list(a.vllm_cpus))
     if a.child:
         child(a.model, a.runtime_dir, a.transfer)
     else:
