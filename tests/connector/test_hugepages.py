@@ -3,12 +3,16 @@ madvise, contents unchanged."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from kvnode.connector.cores import node_cpus
 from kvnode.connector.hugepages import HUGE, Collapse, aligned
 
 
@@ -109,3 +113,36 @@ def test_a_collapse_told_nothing_about_copies_runs_at_once(monkeypatch: pytest.M
     monkeypatch.setattr(hp, "_madvise", lambda addr, n, advice: 0)
     c = Collapse([(100 * HUGE, 32 * HUGE)], step=HUGE).start()
     assert c.done.wait(2) and c.collapsed == 32 * HUGE and c.yielded_s < 0.1
+
+
+_PLACED = """
+import ctypes, mmap, os
+from kvnode.connector.hugepages import Collapse
+buf = mmap.mmap(-1, 8 << 20)
+buf.write(b"x" * (8 << 20))
+c = Collapse([(ctypes.addressof(ctypes.c_char.from_buffer(buf)), 8 << 20)]).start()
+assert c.done.wait(30)
+print("cores=" + ",".join(map(str, sorted(c.cores))))
+print("main=" + ",".join(map(str, sorted(os.sched_getaffinity(0)))))
+"""
+
+
+@pytest.mark.parametrize("bind", [True, False])
+def test_the_collapse_runs_off_the_cores_vllm_is_bound_to(bind: bool) -> None:
+    """A worker process bound to one core (as vLLM binds its compute threads): the
+    collapse thread moves to the node's other cores and the process's own threads
+    stay where they were; a process free to run anywhere leaves it where it is."""
+    node = sorted(node_cpus())
+    if len(node) < 2 or len(os.sched_getaffinity(0)) < len(node):
+        pytest.skip("needs a process free on 2 or more cores of the node")
+    pre = (lambda: os.sched_setaffinity(0, {node[0]})) if bind else None
+    out = subprocess.run(
+        [sys.executable, "-c", _PLACED], preexec_fn=pre, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    said = dict(line.split("=", 1) for line in out.stdout.split())
+    every = ",".join(map(str, node))
+    if bind:
+        assert said == {"cores": ",".join(map(str, node[1:])), "main": str(node[0])}
+    else:
+        assert said == {"cores": "", "main": every}  # not moved
