@@ -10,6 +10,9 @@ agent's throughput over memcpy's (save + load bytes over save + load time).
 ``lookup_ms_*``: another client's lookup round trips (one every 3 ms) while the agent
 is idle (1 s, before the repeats: the reference) and during the repeats, when the
 copy threads are busy: how long the loop keeps clients waiting behind copies.
+The workers' caches are on huge pages (``kvnode.hugepages = always``: the bench's
+processes run on every core, where the connector's ``auto`` would leave them on small
+pages; ``--hugepages`` picks).
 
 ``--mover-only``: the same jobs through the agent's CPU mover driven in this process
 (no agent loop, no ZeroMQ, no index), against one worker process's cache: how fast
@@ -62,7 +65,12 @@ def _fill(shape: tuple[int, ...], seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
 
-def _path(runtime_dir: str, kv: dict[str, torch.Tensor], wait_collapse: bool = True) -> Any:
+def _path(
+    runtime_dir: str,
+    kv: dict[str, torch.Tensor],
+    wait_collapse: bool = True,
+    hugepages: str = "always",  # the bench's workers share the cores: collapse there too
+) -> Any:
     from kvnode.connector.agent_mode import AgentPath
     from kvnode.connector.link import AgentLink, default_client_factory
     from kvnode.connector.worker import WorkerSide
@@ -76,7 +84,7 @@ def _path(runtime_dir: str, kv: dict[str, torch.Tensor], wait_collapse: bool = T
     blocks = next(iter(kv.values())).shape[0]
     w = WorkerSide(link, 0, blocks, BLOCK_SIZE, BPC, arena=arena)
     w.register(kv)
-    path = AgentPath(link, w)
+    path = AgentPath(link, w, hugepages=hugepages)
     if not path.ready():
         raise RuntimeError("export refused")
     if path.hugepages is not None and wait_collapse:  # the steady state: on huge pages
@@ -98,9 +106,9 @@ def _ops(n: int, first: int, rep: int, per_job: int) -> list[dict[str, list[Any]
     return steps
 
 
-def saver(runtime_dir: str, n: int, reps: int, per_job: int, conn: Any) -> None:
+def saver(runtime_dir: str, n: int, reps: int, per_job: int, hp: str, conn: Any) -> None:
     kv = _cache(n * BPC, seed=1)
-    path = _path(runtime_dir, kv)
+    path = _path(runtime_dir, kv, hugepages=hp)
     conn.send("ready")
     for rep in range(reps):
         conn.recv()
@@ -120,9 +128,9 @@ def saver(runtime_dir: str, n: int, reps: int, per_job: int, conn: Any) -> None:
     conn.send(dict(path.stats.take()))
 
 
-def loader(runtime_dir: str, n: int, reps: int, per_job: int, conn: Any) -> None:
+def loader(runtime_dir: str, n: int, reps: int, per_job: int, hp: str, conn: Any) -> None:
     kv = _cache(n * BPC, seed=None)
-    path = _path(runtime_dir, kv)
+    path = _path(runtime_dir, kv, hugepages=hp)
     want = _cache(n * BPC, seed=1)
     conn.send("ready")
     for rep in range(reps):
@@ -210,6 +218,7 @@ def main() -> int:
     ap.add_argument("--chunks-per-job", type=int, default=8, help="chunks one vLLM step moves")
     ap.add_argument("--mover-only", action="store_true", help="the mover alone (see above)")
     ap.add_argument("--fresh", action="store_true", help="loads into a fresh worker (above)")
+    ap.add_argument("--hugepages", choices=("always", "auto", "never"), default="always")
     args = ap.parse_args()
     if args.mover_only:
         return mover_only(args)
@@ -248,8 +257,9 @@ def _run(rd: str, args: Any, n: int, chunk_bytes: int, agent: Any) -> int:
     ctx = mp.get_context("spawn")
     s_here, s_there = ctx.Pipe()
     l_here, l_there = ctx.Pipe()
-    ps = ctx.Process(target=saver, args=(rd, n, args.reps, args.chunks_per_job, s_there))
-    pl = ctx.Process(target=loader, args=(rd, n, args.reps, args.chunks_per_job, l_there))
+    per_job, hp = args.chunks_per_job, args.hugepages
+    ps = ctx.Process(target=saver, args=(rd, n, args.reps, per_job, hp, s_there))
+    pl = ctx.Process(target=loader, args=(rd, n, args.reps, per_job, hp, l_there))
     p_here, p_there = ctx.Pipe()
     pp = ctx.Process(target=prober, args=(rd, p_there))
     ps.start()
@@ -297,6 +307,7 @@ def _run(rd: str, args: Any, n: int, chunk_bytes: int, agent: Any) -> int:
         "chunk_bytes": chunk_bytes,
         "chunks_per_job": args.chunks_per_job,
         "reps": args.reps,
+        "hugepages": args.hugepages,
         "bytes_checked": checked,
         "save_s": _stats(saves),
         "load_s": _stats(loads),
@@ -326,14 +337,10 @@ FRESH_CACHE_BYTES = 2 << 30  # a vLLM CPU cache's size (--kv-cache-space 2 GiB)
 def fresh_loader(runtime_dir: str, n: int, reps: int, collapse: bool, conn: Any) -> None:
     """A fresh worker: a 2 GiB cache (touched, as vLLM's), exported, then ``reps``
     loads of ``n`` chunks at once, 0.1 s apart (another process's turn)."""
-    from kvnode.connector import hugepages
-
-    if not collapse:
-        hugepages.Collapse.start = lambda self: (self.done.set(), self)[1]  # type: ignore[method-assign]
     blocks = FRESH_CACHE_BYTES // (LAYERS * BLOCK_BYTES)
     kv = _cache(blocks, seed=None)
     want = _cache(n * BPC, seed=1)
-    path = _path(runtime_dir, kv, wait_collapse=False)
+    path = _path(runtime_dir, kv, wait_collapse=False, hugepages="always" if collapse else "never")
     times, same = [], True
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -395,7 +402,7 @@ def holder(n: int, conn: Any) -> None:
     kv = _cache(n * BPC, seed=1)
     page = bytearray(1 << 16)
     ranges = [(t.data_ptr(), t.numel() * t.element_size()) for t in kv.values()]
-    collapse = Collapse(ranges).start()
+    collapse = Collapse(ranges, shared=True).start()  # on every core, as the full bench
     collapse.done.wait(60)
     page_addr = ctypes.addressof((ctypes.c_char * len(page)).from_buffer(page))
     conn.send((os.getpid(), [t.data_ptr() for t in kv.values()], page_addr))

@@ -76,7 +76,7 @@ class AgentPath:
     """One worker's agent mode. ``worker`` is its ``WorkerSide`` (layers, stats);
     ``link`` the worker's ``AgentLink``."""
 
-    def __init__(self, link: Any, worker: Any, slots: int = SLOTS) -> None:
+    def __init__(self, link: Any, worker: Any, slots: int = SLOTS, hugepages: str = "auto") -> None:
         self.link = link
         self.worker = worker
         self.stats = worker.stats
@@ -112,9 +112,12 @@ class AgentPath:
         self._layer_handed = False  # this step's saves went to the agent layer-wise
         # A CPU cache on huge pages: the agent's cross-memory attach copies at
         # memcpy's rate over them (connector/hugepages.py); in the background.
+        # ``hugepages``: kvnode.hugepages (auto: only off vLLM's compute cores).
         self.hugepages: Collapse | None = None
-        if worker.on_cpu:
-            self.hugepages = Collapse(_storage_ranges(worker.layers), busy=self.copying).start()
+        if worker.on_cpu and hugepages != "never":
+            self.hugepages = Collapse(
+                _storage_ranges(worker.layers), busy=self.copying, shared=hugepages == "always"
+            ).start()
 
     # ------------------------------------------------------------------ export
     def ready(self) -> bool:

@@ -20,6 +20,7 @@ RUNTIME_DIR_ENV = "KVNODE_AGENT_RUNTIME_DIR"
 ENV_PREFIX = "KVNODE_CONNECTOR_"
 
 TRANSFER_MODES = ("auto", "agent", "worker")
+HUGEPAGE_MODES = ("auto", "always", "never")
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -44,6 +45,10 @@ class ConnectorConfig:
     # "worker" (the worker copies through the mapped arena), "auto" (worker mode for now:
     # connector.AUTO_AGENT_ON_CPU says why; on GPUs until agent mode is verified there).
     transfer: str = "auto"
+    # Agent mode on the CPU: the worker's cache onto huge pages in the background
+    # (connector/hugepages.py): "auto" on cores vLLM's compute threads are not bound
+    # to, where there are such cores; "always" on vLLM's cores too; "never".
+    hugepages: str = "auto"
 
     def __post_init__(self) -> None:
         positive = (
@@ -58,6 +63,11 @@ class ConnectorConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(PREFIX + name, f"must be > 0, got {getattr(self, name)}")
+        if self.hugepages not in HUGEPAGE_MODES:
+            raise ConfigError(
+                PREFIX + "hugepages",
+                f"must be one of {', '.join(HUGEPAGE_MODES)}, got {self.hugepages!r}",
+            )
         if self.transfer not in TRANSFER_MODES:
             raise ConfigError(
                 PREFIX + "transfer",

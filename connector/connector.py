@@ -206,7 +206,7 @@ class KVNodeConnector(KVConnectorBase_V1, SupportsHMA):
         cache = self._worker.register(kv_caches)
         transfer = self._transfer_mode(self._worker)
         if transfer == "agent":
-            self._agent = AgentPath(self._link, self._worker)
+            self._agent = AgentPath(self._link, self._worker, hugepages=self.cfg.hugepages)
             if not self._agent.ready():  # export now if the agent is there (not in a step)
                 # Refused (or no agent yet): this worker copies, so ready the arena
                 # here rather than in its first step.

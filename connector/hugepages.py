@@ -19,15 +19,22 @@ collapses one ``STEP`` (one huge page, well under a millisecond) at most every
 blocks from the lowest ids, so the blocks early requests use (in every layer) are
 on huge pages first.
 
-Where vLLM binds its compute threads to some of the node's cores (its OpenMP binding,
-or a process started on a core list), the collapse thread runs on the others
-(``off_compute_cores``): it inherits the affinity of the thread that starts it, one of
-vLLM's compute cores, and a 2 GiB collapse there takes about a second and a half from
-the forward passes on that core. Measured with ``benchmarks/vllm_ttft.py --vllm-cpus
-0`` (every vLLM process on core 0 of 2, agent mode): vLLM's own prefix-cache hits in
-the process beside the fresh one took 0.20-0.21 s (three runs) while the collapse
-shared core 0, 0.099 s once it ran on core 1 (0.093-0.096 s in worker mode, which
-does not collapse).
+The collapse thread runs on the node's cores that vLLM's compute threads are not
+bound to (``off_compute_cores``: vLLM's OpenMP binding, or a process started on a
+core list, leaves such cores); it would otherwise inherit one of vLLM's compute cores
+from the thread that starts it. Where there is no such core (vLLM's threads may run
+on every core, as with ``VLLM_CPU_OMP_THREADS_BIND=nobind``) it does not collapse
+unless told to (``kvnode.hugepages = always``): measured with ``benchmarks/vllm_ttft.py
+--transfer agent`` on 2 cores, every hit in the first pass over the prompts took
+0.50 s in the fresh process whose 2 GiB cache collapsed and 0.45 s in the vLLM process
+beside it (whose OpenMP team lost a core), against 0.072 s and 0.062 s without the
+collapse; once it had finished, hits took 0.067-0.070 s, as without it (0.068 s). Paced
+to a tenth of a core it took 0.094 s and 0.071 s in the first pass but 0.080-0.089 s
+in the later ones, while it went on. What huge pages gain is the agent's copy rate:
+``agent_copy_bench.py`` 0.66-0.70 of memcpy with them against 0.63 without, same
+hour. With vLLM on core 0 of 2 (``vllm_ttft.py --vllm-cpus 0``), the collapse on core
+1 left the prefix-cache hits of the process beside it at 0.099 s, against 0.20-0.21 s
+(three runs) while it shared core 0.
 
 Contents never change: the kernel copies the pages into huge pages while they stay
 readable and writable. Everything here is best effort: an older kernel, a kernel
@@ -119,13 +126,16 @@ class Collapse:
     """Collapse ``ranges`` into huge pages on a daemon thread. ``done`` is set when
     it has finished (or given up); ``collapsed``/``failed`` count bytes. ``busy``:
     whether the agent copies for the worker now (the collapse then yields, above);
-    ``yielded_s`` counts the time it waited for its turn."""
+    ``yielded_s`` counts the time it waited for its turn. ``shared``: collapse even
+    where no core is free of vLLM's compute threads (else ``skipped`` counts the bytes
+    left on small pages)."""
 
     def __init__(
         self,
         ranges: Iterable[tuple[int, int]],
         busy: Callable[[], bool] | None = None,
         step: int = STEP,
+        shared: bool = False,
     ) -> None:
         self.ranges = aligned(ranges)
         self.collapsed = 0
@@ -133,11 +143,13 @@ class Collapse:
         self.why = ""
         self.yielded_s = 0.0
         self.cores: frozenset[int] = frozenset()  # where it ran, when moved off vLLM's
+        self.skipped = 0  # bytes left on small pages: no core off vLLM's to collapse on
         self.done = threading.Event()
         self._stop = False
         self._busy = busy
         self._step = step
         self._last = -BUSY_STEP_EVERY_S  # monotonic: when the last step ran
+        self._shared = shared  # collapse on vLLM's compute cores too
         self._thread = threading.Thread(target=self._run, name="kvnode-hugepages", daemon=True)
 
     def start(self) -> Collapse:
@@ -181,6 +193,13 @@ class Collapse:
                     self._give_up("MADV_HUGEPAGE", n)
                 else:
                     ranges.append((addr, n))
+            if not self.cores and not self._shared:
+                self.skipped = sum(n for _, n in ranges)
+                log.debug(
+                    "kvnode: the KV cache stays on small pages (no core free of vLLM's "
+                    "compute threads to collapse it on; kvnode.hugepages = always does)"
+                )
+                return
             for addr, n in stripes(ranges, self._step):
                 if not self._turn():
                     return

@@ -46,3 +46,12 @@ def test_transfer_mode() -> None:
     )
     with pytest.raises(ConfigError, match="kvnode.transfer"):
         ConnectorConfig.from_sources({"kvnode.transfer": "both"})
+
+
+def test_hugepages_mode() -> None:
+    assert ConnectorConfig().hugepages == "auto"
+    assert ConnectorConfig.from_sources({"kvnode.hugepages": "Always"}).hugepages == "always"
+    env = {"KVNODE_CONNECTOR_HUGEPAGES": "never"}
+    assert ConnectorConfig.from_sources({}, env).hugepages == "never"
+    with pytest.raises(ConfigError, match="kvnode.hugepages"):
+        ConnectorConfig.from_sources({"kvnode.hugepages": "yes"})

@@ -43,7 +43,7 @@ def test_collapse_backs_a_cache_with_huge_pages_and_keeps_its_bytes() -> None:
     kv = torch.randn(16 * HUGE // 4)  # 64 MiB, on small pages as torch allocates it
     want = kv.clone()
     addr, n = kv.untyped_storage().data_ptr(), kv.untyped_storage().nbytes()
-    c = Collapse([(addr, n)]).start()
+    c = Collapse([(addr, n)], shared=True).start()
     assert c.done.wait(60)
     if not c.collapsed:
         pytest.skip(f"this kernel gives no huge pages here ({c.why})")
@@ -55,7 +55,7 @@ def test_collapse_backs_a_cache_with_huge_pages_and_keeps_its_bytes() -> None:
 
 
 def test_collapse_of_memory_that_is_not_mapped_is_counted_not_raised() -> None:
-    c = Collapse([(HUGE, 4 * HUGE)]).start()  # the first pages of the address space
+    c = Collapse([(HUGE, 4 * HUGE)], shared=True).start()  # the first pages of the address space
     assert c.done.wait(10)
     assert c.collapsed == 0 and c.failed == 4 * HUGE and c.why
 
@@ -90,7 +90,8 @@ def test_the_collapse_yields_to_the_agents_copies(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(hp, "_madvise", record)
     busy = [True]
     base = 100 * HUGE
-    c = Collapse([(base, 8 * HUGE), (base + 64 * HUGE, 8 * HUGE)], busy=lambda: busy[0], step=HUGE)
+    ranges = [(base, 8 * HUGE), (base + 64 * HUGE, 8 * HUGE)]
+    c = Collapse(ranges, busy=lambda: busy[0], step=HUGE, shared=True)
     t0 = time.monotonic()
     c.start()
     time.sleep(0.6)
@@ -111,38 +112,53 @@ def test_a_collapse_told_nothing_about_copies_runs_at_once(monkeypatch: pytest.M
     from kvnode.connector import hugepages as hp
 
     monkeypatch.setattr(hp, "_madvise", lambda addr, n, advice: 0)
-    c = Collapse([(100 * HUGE, 32 * HUGE)], step=HUGE).start()
+    c = Collapse([(100 * HUGE, 32 * HUGE)], step=HUGE, shared=True).start()
     assert c.done.wait(2) and c.collapsed == 32 * HUGE and c.yielded_s < 0.1
 
 
 _PLACED = """
-import ctypes, mmap, os
+import ctypes, mmap, os, sys
 from kvnode.connector.hugepages import Collapse
 buf = mmap.mmap(-1, 8 << 20)
 buf.write(b"x" * (8 << 20))
-c = Collapse([(ctypes.addressof(ctypes.c_char.from_buffer(buf)), 8 << 20)]).start()
+addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+c = Collapse([(addr, 8 << 20)], shared=sys.argv[1] == "always").start()
 assert c.done.wait(30)
 print("cores=" + ",".join(map(str, sorted(c.cores))))
 print("main=" + ",".join(map(str, sorted(os.sched_getaffinity(0)))))
+whole = sum(n for _, n in c.ranges)  # the huge pages inside the mapping
+assert whole >= 2 << 20
+print(f"tried={int(c.collapsed + c.failed == whole)} skipped={int(c.skipped == whole)}")
 """
 
 
-@pytest.mark.parametrize("bind", [True, False])
-def test_the_collapse_runs_off_the_cores_vllm_is_bound_to(bind: bool) -> None:
+@pytest.mark.parametrize(
+    ("bind", "mode"), [(True, "auto"), (False, "auto"), (False, "always"), (True, "always")]
+)
+def test_the_collapse_runs_off_the_cores_vllm_is_bound_to(bind: bool, mode: str) -> None:
     """A worker process bound to one core (as vLLM binds its compute threads): the
-    collapse thread moves to the node's other cores and the process's own threads
-    stay where they were; a process free to run anywhere leaves it where it is."""
+    collapse thread moves to the node's other cores and collapses there, the
+    process's own threads stay where they were. A process whose threads may run on
+    every core leaves the cache on small pages, unless told ``always``."""
     node = sorted(node_cpus())
     if len(node) < 2 or len(os.sched_getaffinity(0)) < len(node):
         pytest.skip("needs a process free on 2 or more cores of the node")
     pre = (lambda: os.sched_setaffinity(0, {node[0]})) if bind else None
     out = subprocess.run(
-        [sys.executable, "-c", _PLACED], preexec_fn=pre, capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", _PLACED, mode],
+        preexec_fn=pre,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 0, out.stderr
-    said = dict(line.split("=", 1) for line in out.stdout.split())
+    said = dict(word.split("=", 1) for word in out.stdout.split())
+    others = ",".join(map(str, node[1:]))
     every = ",".join(map(str, node))
+    moved = {"cores": others, "main": str(node[0]), "tried": "1", "skipped": "0"}
     if bind:
-        assert said == {"cores": ",".join(map(str, node[1:])), "main": str(node[0])}
+        assert said == moved
+    elif mode == "auto":
+        assert said == {"cores": "", "main": every, "tried": "0", "skipped": "1"}
     else:
-        assert said == {"cores": "", "main": every}  # not moved
+        assert said == {"cores": "", "main": every, "tried": "1", "skipped": "0"}
