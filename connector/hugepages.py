@@ -24,7 +24,8 @@ bound to (``off_compute_cores``: vLLM's OpenMP binding, or a process started on 
 core list, leaves such cores); it would otherwise inherit one of vLLM's compute cores
 from the thread that starts it. Where there is no such core (vLLM's threads may run
 on every core, as with ``VLLM_CPU_OMP_THREADS_BIND=nobind``) it does not collapse
-unless told to (``kvnode.hugepages = always``): measured with ``benchmarks/vllm_ttft.py
+unless told to (``kvnode.hugepages = always``; the kernel's khugepaged may still
+collapse the ``MADV_HUGEPAGE`` ranges at its own slow pace): measured with ``benchmarks/vllm_ttft.py
 --transfer agent`` on 2 cores, every hit in the first pass over the prompts took
 0.50 s in the fresh process whose 2 GiB cache collapsed and 0.45 s in the vLLM process
 beside it (whose OpenMP team lost a core), against 0.072 s and 0.062 s without the
@@ -185,8 +186,8 @@ class Collapse:
             return False
 
     def _run(self) -> None:
-        self.cores = off_compute_cores()
         try:
+            self.cores = off_compute_cores()
             ranges = []
             for addr, n in self.ranges:
                 if _madvise(addr, n, MADV_HUGEPAGE) != 0:
@@ -195,9 +196,9 @@ class Collapse:
                     ranges.append((addr, n))
             if not self.cores and not self._shared:
                 self.skipped = sum(n for _, n in ranges)
-                log.debug(
-                    "kvnode: the KV cache stays on small pages (no core free of vLLM's "
-                    "compute threads to collapse it on; kvnode.hugepages = always does)"
+                log.debug(  # khugepaged may still collapse it, at the kernel's own pace
+                    "kvnode: no collapse of the KV cache (no core free of vLLM's compute "
+                    "threads to run it on; kvnode.hugepages = always runs it anyway)"
                 )
                 return
             for addr, n in stripes(ranges, self._step):
