@@ -21,8 +21,9 @@ on huge pages first.
 
 The collapse thread runs on the node's cores that vLLM's compute threads are not
 bound to (``off_compute_cores``: vLLM's OpenMP binding, or a process started on a
-core list, leaves such cores); it would otherwise inherit one of vLLM's compute cores
-from the thread that starts it. Where there is no such core (vLLM's threads may run
+core list, leaves such cores; those of other ranks and other bound processes on the
+node count too, the kernel's own per-core threads do not); it would otherwise inherit
+one of vLLM's compute cores from the thread that starts it. Where there is no such core (vLLM's threads may run
 on every core, as with ``VLLM_CPU_OMP_THREADS_BIND=nobind``) it does not collapse
 unless told to (``kvnode.hugepages = always``; the kernel's khugepaged may still
 collapse the ``MADV_HUGEPAGE`` ranges at its own slow pace): measured with ``benchmarks/vllm_ttft.py
@@ -68,27 +69,61 @@ _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.madvise.restype = ctypes.c_int
 
 
+THREADS_SCANNED_MAX = 100_000  # threads of the node read for their binding
+PF_KTHREAD = 0x00200000  # /proc/<pid>/stat flags: a kernel thread
+
+
 def off_compute_cores(node: frozenset[int] | None = None) -> frozenset[int]:
-    """Move the calling thread to the node's cores that none of this process's
-    threads is bound to (vLLM's compute threads are), when it has such threads and
-    such cores; returns those cores (empty: the thread stays where it was)."""
+    """Move the calling thread to the node's cores that no bound thread runs on, when
+    this process's own threads are bound (vLLM's compute threads are) and such cores
+    exist; returns those cores (empty: the thread stays where it was). Every thread
+    on the node that can be seen counts, not only this process's: the other ranks of
+    a vLLM with several bind their compute threads to the cores this one leaves."""
     node = node_cpus() if node is None else node
-    bound: set[int] = set()
     try:
-        for tid in os.listdir("/proc/self/task"):
-            try:
-                mask = os.sched_getaffinity(int(tid))
-            except OSError:  # the thread has exited
-                continue
-            if node - mask:  # narrower than the node: bound
-                bound |= mask
-        free = node - bound
-        if bound and free:
+        own = _bound(node, [f"/proc/self/task/{t}" for t in os.listdir("/proc/self/task")])
+        if not own:
+            return frozenset()
+        free = node - own - _bound(node, _node_threads())
+        if free:
             os.sched_setaffinity(0, free)
             return frozenset(free)
     except (OSError, ValueError):
         log.debug("kvnode: the collapse stays on its cores", exc_info=True)
     return frozenset()
+
+
+def _node_threads() -> list[str]:
+    """The /proc directories of the node's threads this process can see (bounded)."""
+    out: list[str] = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                flags = int(f.read().rsplit(b")", 1)[1].split()[6])
+            if flags & PF_KTHREAD:  # the kernel's per-core threads are bound to theirs
+                continue
+            tids = os.listdir(f"/proc/{pid}/task")
+        except (OSError, ValueError, IndexError):  # exited, hidden, or unreadable
+            continue
+        out += [f"/proc/{pid}/task/{t}" for t in tids]
+        if len(out) >= THREADS_SCANNED_MAX:
+            break
+    return out
+
+
+def _bound(node: frozenset[int], threads: list[str]) -> set[int]:
+    """The cores of the threads among ``threads`` bound to fewer than the node's."""
+    bound: set[int] = set()
+    for path in threads:
+        try:
+            mask = os.sched_getaffinity(int(path.rsplit("/", 1)[1]))
+        except (OSError, ValueError):  # the thread has exited
+            continue
+        if node - mask:
+            bound |= mask & node
+    return bound
 
 
 def _madvise(addr: int, n: int, advice: int) -> int:

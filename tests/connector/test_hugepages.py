@@ -162,3 +162,30 @@ def test_the_collapse_runs_off_the_cores_vllm_is_bound_to(bind: bool, mode: str)
         assert said == {"cores": "", "main": every, "tried": "0", "skipped": "1"}
     else:
         assert said == {"cores": "", "main": every, "tried": "1", "skipped": "0"}
+
+
+def test_the_collapse_keeps_off_the_cores_another_rank_is_bound_to() -> None:
+    """Two ranks of one vLLM, each bound to its own cores, on a node with no core left
+    over: the collapse of one must not run on the other's cores (its forward passes,
+    which the first rank's wait for); it does not run at all."""
+    node = sorted(node_cpus())
+    if len(node) < 2 or len(os.sched_getaffinity(0)) < len(node):
+        pytest.skip("needs a process free on 2 or more cores of the node")
+    other = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"],
+        preexec_fn=lambda: os.sched_setaffinity(0, set(node[1:])),
+    )
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", _PLACED, "auto"],
+            preexec_fn=lambda: os.sched_setaffinity(0, {node[0]}),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        other.kill()
+        other.wait()
+    assert out.returncode == 0, out.stderr
+    said = dict(word.split("=", 1) for word in out.stdout.split())
+    assert said == {"cores": "", "main": str(node[0]), "tried": "0", "skipped": "1"}
