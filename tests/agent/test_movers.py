@@ -832,7 +832,7 @@ def test_a_wake_descriptor_that_is_no_wake_socket_is_never_written(
     conn_fd = path.link.call(lambda c: c._sock.getsockopt(__import__("zmq").FD))
     fds = (wfd, f.fileno(), efd, conn_fd, to_logger.fileno(), logger.fileno(), 1 << 20, -1)
     try:
-        for fd in fds:
+        for i, fd in enumerate(fds):
             nonce = os.urandom(P.PROBE_BYTES)
             path.probe[:] = np.frombuffer(nonce, dtype=np.uint8)
             req = lambda r, cid, g, fd=fd, nonce=nonce: P.ExportReq(  # noqa: E731
@@ -843,7 +843,9 @@ def test_a_wake_descriptor_that_is_no_wake_socket_is_never_written(
             eid, _gen, why, wakes = path.link.call(lambda c, m=req: c.export(m))
             assert eid and not why and not wakes, (fd, why, wakes)
             path.export_id = eid
-            _save(path, _ops(1, 0, tag=fd % 251))  # moves bytes through this export
+            # Moves bytes through this export: a chunk of its own (a tag made from
+            # the fd collided when two fds were equal mod 251, so one save was EXISTS).
+            _save(path, _ops(1, 0, tag=230 + i))
         f.seek(0)
         assert f.read() == b"unchanged"
         assert len(os.read(rfd, 1 << 20)) > 0  # only our bytes in the pipe
