@@ -22,21 +22,22 @@ on huge pages first.
 The collapse thread runs on the node's cores that vLLM's compute threads are not
 bound to (``off_compute_cores``: vLLM's OpenMP binding, or a process started on a
 core list, leaves such cores; those of other ranks and other bound processes on the
-node count too, the kernel's own per-core threads do not); it would otherwise inherit
-one of vLLM's compute cores from the thread that starts it. Where there is no such core (vLLM's threads may run
-on every core, as with ``VLLM_CPU_OMP_THREADS_BIND=nobind``) it does not collapse
-unless told to (``kvnode.hugepages = always``; the kernel's khugepaged may still
-collapse the ``MADV_HUGEPAGE`` ranges at its own slow pace): measured with ``benchmarks/vllm_ttft.py
---transfer agent`` on 2 cores, every hit in the first pass over the prompts took
-0.50 s in the fresh process whose 2 GiB cache collapsed and 0.45 s in the vLLM process
-beside it (whose OpenMP team lost a core), against 0.072 s and 0.062 s without the
-collapse; once it had finished, hits took 0.067-0.070 s, as without it (0.068 s). Paced
-to a tenth of a core it took 0.094 s and 0.071 s in the first pass but 0.080-0.089 s
-in the later ones, while it went on. What huge pages gain is the agent's copy rate:
-``agent_copy_bench.py`` 0.66-0.70 of memcpy with them against 0.63 without, same
-hour. With vLLM on core 0 of 2 (``vllm_ttft.py --vllm-cpus 0``), the collapse on core
-1 left the prefix-cache hits of the process beside it at 0.099 s, against 0.20-0.21 s
-(three runs) while it shared core 0.
+node count too, the kernel's own per-core threads do not); it would otherwise
+inherit one of vLLM's compute cores from the thread that starts it. Where there is
+no such core (vLLM's threads may run on every core, as with
+``VLLM_CPU_OMP_THREADS_BIND=nobind``) it does not collapse unless told to
+(``kvnode.hugepages = always``; the kernel's khugepaged may still collapse the
+``MADV_HUGEPAGE`` ranges at its own slow pace): measured with
+``benchmarks/vllm_ttft.py --transfer agent`` on 2 cores, every hit in the first pass
+over the prompts took 0.50 s in the fresh process whose 2 GiB cache collapsed and
+0.45 s in the vLLM process beside it (whose OpenMP team lost a core), against 0.072
+s and 0.062 s without the collapse; once it had finished, hits took 0.067-0.070 s,
+as without it (0.068 s). Paced to a tenth of a core it took 0.094 s and 0.071 s in
+the first pass but 0.080-0.089 s in the later ones, while it went on. What huge
+pages gain is the agent's copy rate: ``agent_copy_bench.py`` 0.66-0.70 of memcpy
+with them against 0.63 without, same hour. With vLLM on core 0 of 2 (``vllm_ttft.py
+--vllm-cpus 0``), the collapse on core 1 left the prefix-cache hits of the process
+beside it at 0.099 s, against 0.20-0.21 s (three runs) while it shared core 0.
 
 Contents never change: the kernel copies the pages into huge pages while they stay
 readable and writable. Everything here is best effort: an older kernel, a kernel
