@@ -85,7 +85,7 @@ def off_compute_cores(node: frozenset[int] | None = None) -> frozenset[int]:
         own = _bound(node, [f"/proc/self/task/{t}" for t in os.listdir("/proc/self/task")])
         if not own:
             return frozenset()
-        free = node - own - _bound(node, _node_threads())
+        free = node - own - _bound(node, _node_threads())  # own: even past the scan bound
         if free:
             os.sched_setaffinity(0, free)
             return frozenset(free)

@@ -225,7 +225,7 @@ class AgentClient:
         """(pid, pid namespace) the agent wrote in its lock file, (0, 0) when it cannot
         be read (another uid's agent: the file is its own) or is not of that form."""
         try:
-            pid, ns = lock_owner((self.runtime_dir / "agent.lock").read_text()[:64])
+            pid, ns = lock_owner((self.runtime_dir / "agent.lock").read_text())
         except (OSError, UnicodeDecodeError):
             return 0, 0
         return (pid, ns) if pid and ns else (0, 0)

@@ -457,11 +457,11 @@ class CpuMover(Mover):
     def _save(self, job: Job) -> bool:
         """In the export's (forward) order, every layer that can be read now, the
         copying threads taking the job's chunks a unit (``_batches``) at a time
-        (``_save_layers``). Each chunk's checksum is fed in payload order, as soon as the layers before in
-        payload order are read (right after the read where forward and payload order
-        agree: names sort as numbers below ten layers). A layer-wise save stops at a
-        layer the worker has not marked computed (False) and goes on from there when
-        run again."""
+        (``_save_layers``). Each chunk's checksum is fed in payload order, as soon as
+        the layers before in payload order are read (right after the read where
+        forward and payload order agree: names sort as numbers below ten layers). A
+        layer-wise save stops at a layer the worker has not marked computed (False)
+        and goes on from there when run again."""
         ex = job.export
         st = job.state
         if st is None:
