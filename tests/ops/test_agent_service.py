@@ -184,7 +184,9 @@ def test_ready_only_once_serving_then_stopping(start_agent: Any) -> None:
 
 def test_arena_progress_in_status_and_log(start_agent: Any) -> None:
     """Before: one STATUS= line, then READY=1 after a long silence (18 s for 2.9 GiB)."""
-    agent = start_agent({"KVNODE_ARENA_PREFAULT": "true"}, cpu_bytes="1536MiB")
+    # Big enough that setting it up outlasts the one-second progress interval on a
+    # fast machine too (1.5 GiB took 1.0-1.45 s here: the test failed by chance).
+    agent = start_agent({"KVNODE_ARENA_PREFAULT": "true"}, cpu_bytes="4GiB")
     statuses = []
     while True:
         msg = agent.recv_notify(START_TIMEOUT_S)
