@@ -122,7 +122,10 @@ def _build(
         arena.view,
         wake,
         MoverOptions(
-            cfg.agent.cpu_copy_threads, cfg.agent.client_leases_max, cfg.agent.client_pins_max
+            cpu_threads=cfg.agent.cpu_copy_threads,
+            cpu_cores=cfg.agent.cpu_copy_cores,
+            client_leases_max=cfg.agent.client_leases_max,
+            client_pins_max=cfg.agent.client_pins_max,
         ),
     )
     closers.append(("transfers", transfers.close))

@@ -24,6 +24,7 @@ else:  # pragma: no cover
 
 from kvnode.agent.policy import POLICIES
 from kvnode.agent.tenants import parse_shares
+from kvnode.cores import COPY_CORES_MODES, check_cores_setting
 from kvnode.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = "/etc/kvnode/agent.toml"
@@ -145,6 +146,10 @@ class AgentSection:
     # Threads the CPU mover copies with in agent mode (cross-memory attach pins every
     # page it copies: one core reaches about half of memcpy's rate).
     cpu_copy_threads: int = 2
+    # Cores they run on: "auto" (off the cores the node's bound threads run on, vLLM's
+    # compute threads, when any are left), "all" (wherever the kernel puts them) or a
+    # core list such as "2-3,6".
+    cpu_copy_cores: str = "auto"
 
 
 @dataclass(slots=True)
@@ -314,6 +319,9 @@ class Config:
             raise ConfigError("agent.pin_ttl_s", "must be > 0")
         if not 1 <= a.cpu_copy_threads <= 64:
             raise ConfigError("agent.cpu_copy_threads", "must be between 1 and 64")
+        why = check_cores_setting(a.cpu_copy_cores, COPY_CORES_MODES)
+        if why:
+            raise ConfigError("agent.cpu_copy_cores", why)
         if ar.page_bytes < 4096 or ar.page_bytes & (ar.page_bytes - 1):
             raise ConfigError("arena.page_bytes", "must be a power of two >= 4096")
         if ar.cpu_bytes < 16 * ar.page_bytes:

@@ -453,6 +453,24 @@ def _render_transfers(f: _Families, transfers: Mapping[str, Any]) -> None:
         agent.get("exporting_workers"),
     )
     f.add("agent_jobs_inflight", "gauge", "Jobs queued or copying.", agent.get("jobs_inflight"))
+    devices = agent.get("devices") or {}
+    for device, held in list(devices.items())[:64] if isinstance(devices, Mapping) else ():
+        if not isinstance(held, Mapping):
+            continue
+        labels = {"device": str(device)}
+        f.add(
+            "agent_device_copy_threads",
+            "gauge",
+            "Threads a job copies with on this device now (CPU: agent.cpu_copy_threads, "
+            "no more than the cores left by vLLM's bound compute threads).",
+            held.get("copy_threads"),
+            labels,
+        )
+        for key, help_text in (
+            ("staging_bytes", "The agent's staging memory on this GPU."),
+            ("reserved_bytes", "GPU memory the agent's allocator holds on this GPU."),
+        ):
+            f.add(f"agent_device_{key}", "gauge", help_text, held.get(key), labels)
     f.add(
         "agent_exports_polling",
         "gauge",

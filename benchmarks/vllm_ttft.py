@@ -401,7 +401,7 @@ def main() -> int:
     p.add_argument("--runtime-dir", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.vllm_cpus:
-        from kvnode.connector.cores import parse_cpu_list
+        from kvnode.cores import parse_cpu_list
 
         VLLM_CPUS.update(parse_cpu_list(a.vllm_cpus))
     if a.child:

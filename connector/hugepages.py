@@ -54,7 +54,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from kvnode.connector.cores import node_cpus
+from kvnode.cores import bound_cores, name_thread, node_cpus, node_threads
 
 log = logging.getLogger("kvnode.connector")
 
@@ -70,10 +70,6 @@ _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.madvise.restype = ctypes.c_int
 
 
-THREADS_SCANNED_MAX = 100_000  # threads of the node read for their binding
-PF_KTHREAD = 0x00200000  # /proc/<pid>/stat flags: a kernel thread
-
-
 def off_compute_cores(node: frozenset[int] | None = None) -> frozenset[int]:
     """Move the calling thread to the node's cores that no bound thread runs on, when
     this process's own threads are bound (vLLM's compute threads are) and such cores
@@ -82,49 +78,16 @@ def off_compute_cores(node: frozenset[int] | None = None) -> frozenset[int]:
     a vLLM with several bind their compute threads to the cores this one leaves."""
     node = node_cpus() if node is None else node
     try:
-        own = _bound(node, [f"/proc/self/task/{t}" for t in os.listdir("/proc/self/task")])
+        own = bound_cores(node, [f"/proc/self/task/{t}" for t in os.listdir("/proc/self/task")])
         if not own:
             return frozenset()
-        free = node - own - _bound(node, _node_threads())  # own: even past the scan bound
+        free = node - own - bound_cores(node, node_threads())  # own: even past the scan bound
         if free:
             os.sched_setaffinity(0, free)
             return frozenset(free)
     except (OSError, ValueError):
         log.debug("kvnode: the collapse stays on its cores", exc_info=True)
     return frozenset()
-
-
-def _node_threads() -> list[str]:
-    """The /proc directories of the node's threads this process can see (bounded)."""
-    out: list[str] = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                flags = int(f.read().rsplit(b")", 1)[1].split()[6])
-            if flags & PF_KTHREAD:  # the kernel's per-core threads are bound to theirs
-                continue
-            tids = os.listdir(f"/proc/{pid}/task")
-        except (OSError, ValueError, IndexError):  # exited, hidden, or unreadable
-            continue
-        out += [f"/proc/{pid}/task/{t}" for t in tids]
-        if len(out) >= THREADS_SCANNED_MAX:
-            break
-    return out
-
-
-def _bound(node: frozenset[int], threads: list[str]) -> set[int]:
-    """The cores of the threads among ``threads`` bound to fewer than the node's."""
-    bound: set[int] = set()
-    for path in threads:
-        try:
-            mask = os.sched_getaffinity(int(path.rsplit("/", 1)[1]))
-        except (OSError, ValueError):  # the thread has exited
-            continue
-        if node - mask:
-            bound |= mask & node
-    return bound
 
 
 def _madvise(addr: int, n: int, advice: int) -> int:
@@ -222,6 +185,7 @@ class Collapse:
             return False
 
     def _run(self) -> None:
+        name_thread("kvnode-collapse")  # not one of vLLM's: other scans leave it out
         try:
             self.cores = off_compute_cores()
             ranges = []

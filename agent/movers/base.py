@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvnode.agent.movers.process import WorkerProcess
+from kvnode.cores import name_thread
 from kvnode.ipc import progress as PG
 
 log = logging.getLogger("kvnode.agent")
@@ -170,6 +171,11 @@ class Mover(ABC):
         """The export is gone (client gone or exported again): release its state."""
         return
 
+    def exports_changed(self) -> None:
+        """A worker exported to this mover or its export went (placement reads the
+        node's bindings again)."""
+        return
+
     def close(self) -> None:
         return
 
@@ -260,6 +266,7 @@ class CopyThread:
             (self._going if go else self._parked).append(job)
 
     def _run(self) -> None:
+        name_thread(f"kvnode-copy-{self.mover.device.split(':', 1)[0]}")
         while True:
             job = self._next()
             if job is None:

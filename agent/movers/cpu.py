@@ -39,7 +39,16 @@ from typing import Any, TypeVar
 import numpy as np
 import xxhash
 
-from kvnode.agent.movers.base import ChunkWork, Export, Job, Layer, Mover, MoverError
+from kvnode.agent.movers.base import (
+    ChunkWork,
+    Export,
+    Job,
+    Layer,
+    Mover,
+    MoverError,
+)
+from kvnode.agent.movers.placement import CorePlacement
+from kvnode.cores import name_thread
 from kvnode.ipc import progress as PG
 from kvnode.ipc.checksum import checksum_extents
 
@@ -229,7 +238,7 @@ class _Load:
     def __init__(self, mover: CpuMover, job: Job, pending: list[ChunkWork]) -> None:
         self.mover, self.job = mover, job
         self.pending = pending
-        self.parts = min(mover.threads, len(pending))  # shares of each layer
+        self.parts = min(mover.team(), len(pending))  # shares of each layer
         self.slot = job.export.slot_address(job.slot)
         self.counts = [0] * len(job.export.layers)
         self.verifying = len(pending)
@@ -291,20 +300,34 @@ class CpuMover(Mover):
 
     ``threads`` copy at once (the copy thread and ``threads - 1`` helpers): the
     kernel copies a cross-memory attach at about half of memcpy's rate on one core,
-    as it pins every page it touches, so a second core brings it near memcpy's."""
+    as it pins every page it touches, so a second core brings it near memcpy's.
+    ``cores`` (``agent.cpu_copy_cores``) places them: by default off the cores vLLM's
+    bound compute threads run on, no more threads than such cores
+    (``placement.CorePlacement``)."""
 
     device = "cpu"
     layerwise_saves = True
 
-    def __init__(self, arena: memoryview, threads: int = 2) -> None:
+    def __init__(
+        self, arena: memoryview, threads: int = 2, cores: str | CorePlacement = "all"
+    ) -> None:
         if not available():
             raise MoverError("process_vm_readv/process_vm_writev are not in this libc")
         self.view = arena
         self.addr = int(np.frombuffer(arena, dtype=np.uint8).ctypes.data)
         self.threads = max(1, int(threads))
+        try:
+            self.placement = cores if isinstance(cores, CorePlacement) else CorePlacement(cores)
+        except ValueError as exc:
+            raise MoverError(str(exc)) from exc
         # Copies and checksums let go of the GIL: these run beside the copy thread.
         self._pool = (
-            ThreadPoolExecutor(self.threads - 1, thread_name_prefix="kvnode-mover-cpu")
+            ThreadPoolExecutor(
+                self.threads - 1,
+                thread_name_prefix="kvnode-mover-cpu",
+                initializer=name_thread,
+                initargs=("kvnode-copy-cpu",),
+            )
             if self.threads > 1
             else None
         )
@@ -348,8 +371,19 @@ class CpuMover(Mover):
                 transfer(pid, [(_addr(one), 1)], [piece], write=False)
             raise
 
+    def team(self) -> int:
+        """Threads a job copies with now: ``threads``, no more than its cores."""
+        return self.placement.team(self.threads)
+
+    def exports_changed(self) -> None:
+        self.placement.changed()
+
+    def device_stats(self) -> dict[str, object]:
+        return {**self.placement.stats(), "copy_threads": self.team()}
+
     # ------------------------------------------------------------------ jobs
     def run(self, job: Job) -> bool:
+        self.placement.apply()
         try:
             if job.load:
                 self._load(job)
@@ -436,6 +470,7 @@ class CpuMover(Mover):
         def take() -> int:
             moved = 0
             try:
+                self.placement.apply()
                 while not errors:
                     i = next(nxt)  # one thread at a time (the GIL)
                     if i >= len(units):
@@ -446,7 +481,7 @@ class CpuMover(Mover):
                 failed()
             return moved
 
-        helpers = min(self.threads, len(units)) - 1
+        helpers = min(self.team(), len(units)) - 1
         futures = [self._pool.submit(take) for _ in range(helpers)] if self._pool else []
         total = take()
         total += sum(f.result() for f in futures)
@@ -608,6 +643,7 @@ class CpuMover(Mover):
             log.debug("job outcome not reported to pid %d: errno %d", ex.pid, ctypes.get_errno())
 
     def close(self) -> None:
+        self.placement.close()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
 

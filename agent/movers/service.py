@@ -51,6 +51,7 @@ JOBS_PER_CLIENT_MAX = P.JOB_SLOTS_MAX  # of which one client's (a worker: its sl
 @dataclass(frozen=True, slots=True)
 class MoverOptions:
     cpu_threads: int = 2  # agent.cpu_copy_threads
+    cpu_cores: str = "auto"  # agent.cpu_copy_cores: auto, all or a core list
     # A client's shares (agent.client_leases_max, agent.client_pins_max) count the
     # chunks its agent-mode saves have reserved and its loads have pinned too.
     client_leases_max: int = 65536
@@ -74,7 +75,7 @@ def register_mover(kind: str, factory: MoverFactory, check: DeviceCheck) -> None
 def _cpu_factory(arena: memoryview, options: MoverOptions) -> Mover:
     from kvnode.agent.movers.cpu import CpuMover
 
-    return CpuMover(arena, options.cpu_threads)
+    return CpuMover(arena, options.cpu_threads, options.cpu_cores)
 
 
 def _cpu_check(device: str) -> str:
@@ -191,6 +192,7 @@ class Transfers:
         for old in self.exports.add(ex):
             self._detach(old)
         self.counters.exports += 1
+        thread.mover.exports_changed()
         log.info(
             "client %x (pid %d) exported %d %s layers: agent mode",
             c.client_id, ex.pid, len(ex.layers), ex.device,
@@ -258,6 +260,7 @@ class Transfers:
         if thread is not None:
             try:
                 thread.mover.detach(ex)
+                thread.mover.exports_changed()
             except Exception:
                 log.exception("detaching export %x failed", ex.export_id)
         if ex.proc is not None:  # its jobs stop at their next check (a closed one has exited)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvnode.connector.cores import node_cpus
 from kvnode.connector.hugepages import HUGE, Collapse, aligned
+from kvnode.cores import node_cpus
 
 
 def test_aligned_keeps_inside_each_allocation_and_merges_overlaps() -> None:
@@ -189,3 +189,40 @@ def test_the_collapse_keeps_off_the_cores_another_rank_is_bound_to() -> None:
     assert out.returncode == 0, out.stderr
     said = dict(word.split("=", 1) for word in out.stdout.split())
     assert said == {"cores": "", "main": str(node[0]), "tried": "0", "skipped": "1"}
+
+
+def test_the_collapse_still_runs_beside_the_agents_placed_copy_threads() -> None:
+    """The agent's copy threads, placed off vLLM's cores, are bound too: they are
+    kvnode's own (named so), not another rank's compute threads, so the collapse
+    still runs on those cores. Counted as compute threads, each would leave the
+    other no core at all."""
+    node = sorted(node_cpus())
+    if len(node) < 2 or len(os.sched_getaffinity(0)) < len(node):
+        pytest.skip("needs a process free on 2 or more cores of the node")
+    copier = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; from kvnode.cores import name_thread; "
+            "name_thread('kvnode-copy-cpu'); print('named', flush=True); time.sleep(60)",
+        ],
+        preexec_fn=lambda: os.sched_setaffinity(0, set(node[1:])),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert copier.stdout is not None and copier.stdout.readline().strip() == "named"
+        out = subprocess.run(
+            [sys.executable, "-c", _PLACED, "auto"],
+            preexec_fn=lambda: os.sched_setaffinity(0, {node[0]}),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        copier.kill()
+        copier.wait()
+    assert out.returncode == 0, out.stderr
+    said = dict(word.split("=", 1) for word in out.stdout.split())
+    others = ",".join(map(str, node[1:]))
+    assert said == {"cores": others, "main": str(node[0]), "tried": "1", "skipped": "0"}

@@ -148,6 +148,11 @@ def sample_stats(scale: int = 1) -> dict[str, Any]:
                 "exporting_workers": 2,
                 "jobs_inflight": 0,
                 "exports_polling": 1,
+                "devices": {
+                    "cpu": {"copy_cores_mode": "auto", "copy_cores": "1", "copy_threads": 1},
+                    "cuda:GPU-1": {"staging_bytes": 64 << 20, "reserved_bytes": 96 << 20},
+                    "bad": "not a mapping",
+                },
             },
             "worker": {"save_bytes": 1 << 20, "load_bytes": 2 << 20},
         },  # fmt: skip
@@ -180,6 +185,9 @@ def test_render_parses_with_types() -> None:
         assert fams[gauge].type == "gauge", gauge
     assert value(fams, "kvnode_clients") == 2
     assert value(fams, "kvnode_agent_exports_polling") == 1
+    assert value(fams, "kvnode_agent_device_copy_threads", device="cpu") == 1
+    assert value(fams, "kvnode_agent_device_staging_bytes", device="cuda:GPU-1") == 64 << 20
+    assert value(fams, "kvnode_agent_device_reserved_bytes", device="cuda:GPU-1") == 96 << 20
     assert value(fams, "kvnode_arena_capacity_bytes") == 1 << 26
     assert value(fams, "kvnode_info", version="0.1.0", policy="s3fifo") == 1
     # Every family has HELP and TYPE, exactly once.
