@@ -22,6 +22,8 @@ from this run, on this machine:
   time spent in ``save_kv_layer`` (where agent mode on the CPU hands the saves over
   and marks layers). ``--transfer agent|worker`` picks who moves the bytes (the
   connector's ``kvnode.transfer``);
+- ``load_wait_per_hit_s``: the time a hit's forward pass spent on its loads
+  (``start_load_kv`` plus ``wait_for_layer_load``);
 - ``nohit_short_throughput_ratio``: the same for many short unique prompts at once
   (``--short-tokens`` 128, ``--short-batch`` 64 in flight per round), where the
   connector's per-request and per-step costs show rather than the prefill's. Prompts
@@ -301,6 +303,8 @@ def parent(a: argparse.Namespace) -> dict[str, Any]:
     cold, apc, kv = med(r["cold"]), med(r["apc"]), med(r["kvnode"])
     wait_s = sum(t.get("save_wait_s", 0.0) for t in r["totals"])
     layer_s = sum(t.get("save_layer_s", 0.0) for t in r["totals"])
+    hits = max(1, len(r["kvnode"]))
+    load_wait_s = sum(t.get("load_wait_s", 0.0) for t in r["totals"])
     agent_t = r["agent"][0]
     if a.transfer == "agent":
         copy_s = agent_t.get("agent", {}).get("save_copy_s", 0.0)
@@ -320,6 +324,9 @@ def parent(a: argparse.Namespace) -> dict[str, Any]:
         "save_handover_share": round((wait_s + layer_s) / copy_s, 4) if copy_s else None,
         "save_layer_s": round(layer_s, 4),
         "save_copy_s": round(copy_s, 4),
+        # The time a hit's forward pass waited for its loads (agent mode overlaps the
+        # rest of the copy with the forward pass).
+        "load_wait_per_hit_s": round(load_wait_s / hits, 4),
         "agent_save_bytes": agent_t.get("agent", {}).get("save_bytes"),
         "agent_load_bytes": agent_t.get("agent", {}).get("load_bytes"),
         "worker_save_bytes": agent_t.get("worker", {}).get("save_bytes"),

@@ -375,6 +375,10 @@ class AgentPath:
         if items:
             self._loads = self._submit(True, items)
 
+    def loading(self) -> bool:
+        """Whether this step has load jobs (``wait_for_layer`` has anything to wait for)."""
+        return bool(self._loads)
+
     def wait_for_layer(self, name: str) -> None:
         if not self._loads:
             return

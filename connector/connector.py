@@ -293,14 +293,23 @@ class KVNodeConnector(KVConnectorBase_V1, SupportsHMA):
             return
         if not meta.loads:
             return
+        t0 = time.perf_counter()
         if self._agent is not None and self._agent.ready():
             self._agent.load(meta.loads)  # layer by layer, waited for in wait_for_layer_load
         else:
             self._worker.load(meta.loads)
+        self._load_waited(t0)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        if self._agent is not None:
+        if self._agent is not None and self._agent.loading():
+            t0 = time.perf_counter()
             self._agent.wait_for_layer(layer_name)
+            self._load_waited(t0)
+
+    def _load_waited(self, t0: float) -> None:
+        stats = getattr(self._worker, "stats", None)
+        if isinstance(stats, WorkerStats):
+            stats.load_wait_s += time.perf_counter() - t0
 
     def save_kv_layer(
         self,

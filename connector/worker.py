@@ -65,6 +65,9 @@ class WorkerStats(Counters):
     save_stale: int = 0  # chunks not committed: the arena was remapped since their reserve
     save_wait_s: float = 0.0  # time the forward pass spent in wait_for_save
     save_layer_s: float = 0.0  # ... and in save_kv_layer (agent mode: handing saves over)
+    # Time the forward pass spent on loads: in start_load_kv (worker mode copies there)
+    # and in wait_for_layer_load (agent mode waits there for each layer's bytes).
+    load_wait_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ Each stdin line is one JSON command; each answer is one stdout line starting wit
         -> {"outputs": [{"tokens": [...], "cached": n, "elapsed_s": t}, ...]}
            (prompts run one at a time; elapsed_s is each generate call's wall time)
     {"op": "reset_prefix_cache"} -> {"ok": true}   (vLLM's own prefix cache only)
+    {"op": "totals"} -> the worker-side connector's running totals (its counters summed)
     {"op": "exit"}
 """
 
@@ -68,6 +69,11 @@ def main() -> int:
             break
         if op == "reset_prefix_cache":
             answer: dict = {"ok": bool(llm.reset_prefix_cache())}
+        elif op == "totals":
+            from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+            group = get_kv_transfer_group() if has_kv_transfer_group() else None
+            answer = dict(getattr(group, "_totals", {}))
         elif op == "generate":
             sp = SamplingParams(max_tokens=cmd.get("max_tokens", 8), temperature=0.0)
             outs = []

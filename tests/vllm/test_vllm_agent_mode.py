@@ -129,6 +129,9 @@ def test_two_processes_share_the_agent_in_agent_mode(
     assert t["agent"]["checksum_errors"] == 1, t
     assert t["worker"]["load_bytes"] == pinned_by_clients, t
     assert t["agent"]["exporting_workers"] == 1, t
+    # The forward passes waited for those loads layer by layer, and that is counted.
+    totals = second.totals()
+    assert totals.get("load_chunks", 0) >= 5 and totals.get("load_wait_s", 0) > 0, totals
     second.close()
     stats = agent.stats()
     assert stats["arena"]["pinned"] == 0 and stats["arena"]["reserved"] == 0

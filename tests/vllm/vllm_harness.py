@@ -159,6 +159,10 @@ class Runner:
     def generate(self, prompts: list[list[int]], max_tokens: int = 8) -> list[dict[str, Any]]:
         return self.call(op="generate", prompts=prompts, max_tokens=max_tokens)["outputs"]
 
+    def totals(self) -> dict[str, float]:
+        """The worker-side connector's counters, summed since the process started."""
+        return self.call(op="totals")
+
     def close(self) -> None:
         if self.proc.poll() is None:
             try:
