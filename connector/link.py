@@ -69,6 +69,7 @@ class AgentLink:
         self._retry_max_s = retry_max_s
         self._clock = clock
         self._lock = threading.RLock()
+        self._connecting = threading.Lock()  # one attempt at a time (never two clients)
         self._client: Any = None
         self._next_retry_s = 0.0
         self._backoff_s = retry_interval_s
@@ -88,7 +89,18 @@ class AgentLink:
         return self._client is not None
 
     def try_connect(self) -> bool:
-        """One connection attempt if the link is down and a retry is due."""
+        """One connection attempt if the link is down and a retry is due. An attempt
+        under way in another thread is not doubled (False until it has connected)."""
+        if self._client is not None or self._closed:
+            return self._client is not None
+        if not self._connecting.acquire(blocking=False):
+            return False
+        try:
+            return self._attempt()
+        finally:
+            self._connecting.release()
+
+    def _attempt(self) -> bool:
         if self._client is not None or self._closed:
             return self._client is not None
         now = self._clock()
@@ -103,6 +115,9 @@ class AgentLink:
             log.debug("kvnode agent not reachable (%s); next try in %.1fs", exc, self._backoff_s)
             return False
         with self._lock:
+            if self._closed:  # closed while it connected: never kept past close()
+                self._close_client(client)
+                return False
             self._client = client
             self._backoff_s = self._retry_interval_s
             self.connects += 1

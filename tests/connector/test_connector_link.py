@@ -64,3 +64,42 @@ def test_down_link_fails_fast_and_retries_with_backoff() -> None:
     with pytest.raises(AgentUnavailable):
         link.call(lambda c: c.ping())
     link.close()
+
+
+def test_connection_attempts_never_overlap_nor_outlive_close() -> None:
+    """Two threads try at once while the agent is slow to answer: one connection is
+    made, the other thread does not make a second one (it would leak a registered
+    client at the agent). A link closed while an attempt is under way closes what
+    that attempt connected instead of keeping it."""
+    import threading
+
+    agent = {"up": True, "connects": 0, "closed": 0}
+    entered, release = threading.Semaphore(0), threading.Event()
+
+    class SlowClient(FakeClient):
+        def connect(self) -> None:
+            entered.release()
+            release.wait(10)
+            super().connect()
+
+    link = AgentLink(lambda: SlowClient(agent), 0.0, 0.0, background=False)
+    results: list[bool] = []
+    first = threading.Thread(target=lambda: results.append(link.try_connect()))
+    first.start()
+    assert entered.acquire(timeout=5)
+    assert not link.try_connect()  # another attempt is under way: no second client
+    release.set()
+    first.join(5)
+    assert results == [True] and link.up and agent["connects"] == 1 and agent["closed"] == 0
+
+    release.clear()
+    late = AgentLink(lambda: SlowClient(agent), 0.0, 0.0, background=False)
+    t = threading.Thread(target=lambda: results.append(late.try_connect()))
+    t.start()
+    assert entered.acquire(timeout=5)
+    late.close()  # the process shuts the connector down meanwhile
+    release.set()
+    t.join(5)
+    assert results[-1] is False and not late.up
+    assert agent["closed"] == 1  # what the attempt connected was closed, not kept
+    link.close()
