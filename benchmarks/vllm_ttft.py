@@ -20,7 +20,7 @@ from this run, on this machine:
   the saves' copy time (agent mode: the agent's copy threads' time on saves; worker
   mode: the worker's own save time, so about 1). ``save_handover_share`` adds the
   time spent in ``save_kv_layer`` (where agent mode on the CPU hands the saves over
-  and marks layers). ``--transfer agent|worker`` picks who moves the bytes (the
+  and marks layers). ``--transfer agent|worker|auto`` picks who moves the bytes (the
   connector's ``kvnode.transfer``);
 - ``load_wait_per_hit_s``: the time a hit's forward pass spent on its loads
   (``start_load_kv`` plus ``wait_for_layer_load``);
@@ -35,7 +35,7 @@ noise of a shared machine hits both sides of each comparison alike.
 The model has random weights (scripts/build_model.py --size bench: 8 layers, hidden
 768), so prefill costs as on a real model of that size; outputs are not meaningful.
 
-    python benchmarks/vllm_ttft.py [--transfer agent|worker] [--prompts 5] [--rounds 12]
+    python benchmarks/vllm_ttft.py [--transfer agent|worker|auto] [--prompts 5] [--rounds 12]
 """
 
 from __future__ import annotations
@@ -306,7 +306,7 @@ def parent(a: argparse.Namespace) -> dict[str, Any]:
     hits = max(1, len(r["kvnode"]))
     load_wait_s = sum(t.get("load_wait_s", 0.0) for t in r["totals"])
     agent_t = r["agent"][0]
-    if a.transfer == "agent":
+    if agent_t.get("agent", {}).get("save_bytes"):  # agent mode (asked for, or auto's pick)
         copy_s = agent_t.get("agent", {}).get("save_copy_s", 0.0)
     else:
         copy_s = sum(t.get("save_s", 0.0) for t in r["totals"])
@@ -396,7 +396,7 @@ def main() -> int:
     p.add_argument("--short-batch", type=int, default=64, help="short prompts in flight")
     p.add_argument("--short-rounds", type=int, default=8, help="short throughput rounds (pairs)")
     p.add_argument("--cpu-bytes", default="1GiB")
-    p.add_argument("--transfer", choices=("agent", "worker"), default="agent")
+    p.add_argument("--transfer", choices=("agent", "worker", "auto"), default="agent")
     p.add_argument(
         "--vllm-cpus",
         default="",

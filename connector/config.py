@@ -42,8 +42,10 @@ class ConnectorConfig:
     keys_per_call_max: int = 4096  # keys in one lookup/pin/reserve message
     chunks_per_step_max: int = 4096  # chunks one step may load or save (bounds the work)
     # Who moves the bytes: "agent" (the agent, through the worker's exported cache),
-    # "worker" (the worker copies through the mapped arena), "auto" (worker mode for now:
-    # connector.AUTO_AGENT_ON_CPU says why; on GPUs until agent mode is verified there).
+    # "worker" (the worker copies through the mapped arena), "auto" (on the CPU: agent
+    # mode where vLLM binds its compute threads and leaves cores to the agent's copies,
+    # else worker mode, connector.agent_helps_on_cpu; on GPUs worker mode until agent
+    # mode is verified there).
     transfer: str = "auto"
     # Agent mode on the CPU: the worker's cache onto huge pages in the background
     # (connector/hugepages.py): "auto" on cores vLLM's compute threads are not bound

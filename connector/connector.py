@@ -47,6 +47,7 @@ from kvnode.connector.namespace import group_namespaces, model_identity, rank_na
 from kvnode.connector.scheduler import SchedulerSide
 from kvnode.connector.stats import KVNodeStats
 from kvnode.connector.worker import WorkerSide, WorkerStats
+from kvnode.cores import cores_left, format_cpu_list
 from kvnode.kernels.hostmem import ArenaMapping
 
 if TYPE_CHECKING:
@@ -62,15 +63,23 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvnode.connector")
 LOG_INTERVAL_S = 60.0
 EVENTS_QUEUED_MAX = 100_000  # stored-chunk events waiting for vLLM's take_events
-# transfer "auto" on the CPU backend. Worker mode until agent mode measures faster there.
-# On a quiet 2-core machine (benchmarks/vllm_ttft.py, 12 rounds, four pairs back to
-# back) agent mode took the saves out of the forward pass (save_wait_share 0.002-0.003
-# against 1.0) and its no-hit throughput was no worse (median 1.00 against 0.98), but
-# its hits were slower (vs_apc median 1.06 against 1.01; docs/connector.md). On 2
-# cores the agent's copy threads wait for a core behind vLLM's own threads. With vLLM
-# on one core and the other left to the agent the two modes measured the same (vs_apc
-# 1.148 against 1.146): a save's copy is under 1% of a prefill on the CPU backend.
-AUTO_AGENT_ON_CPU = False
+
+
+# transfer "auto" on the CPU backend: agent mode where vLLM binds its compute threads
+# to cores and leaves some (VLLM_CPU_OMP_THREADS_BIND, or a process started on a core
+# list), since the agent's copy threads run there (agent.cpu_copy_cores = auto); worker
+# mode where vLLM's threads may run on every core. Measured on 2 cores with vLLM on
+# core 0 (benchmarks/vllm_ttft.py --vllm-cpus 0, two pairs back to back): a hit's
+# forward pass waited 6.0-7.0 ms for its loads in agent mode against 9.4-9.8 ms in
+# worker mode (vs_apc 1.081-1.100 against 1.107-1.110), and no save waited (0.4% of
+# the copy against 100%). With vLLM's threads on every core the agent's copies share
+# its cores and the two modes measured the same (vs_apc 1.191 against 1.213, 1.06
+# against 1.01 on a slower machine: docs/connector.md), so worker mode stays there.
+def agent_helps_on_cpu() -> frozenset[int]:
+    """The cores vLLM's bound compute threads leave (``auto`` picks agent mode on the
+    CPU where there are some). Asked at ``register_kv_caches``, after vLLM bound its
+    threads."""
+    return cores_left()
 
 
 def _share_vllm_logging() -> None:
@@ -213,6 +222,8 @@ class KVNodeConnector(KVConnectorBase_V1, SupportsHMA):
                 # Refused (or no agent yet): this worker copies, so ready the arena
                 # here rather than in its first step.
                 self._arena.ready_now()
+        elif self._arena is not None and self._arena.lazy:  # auto chose worker mode
+            self._arena.ready_now()
         self._handshake = KVNodeHandshake(
             cache.layout, cache.block_shape, cache.dtype, transfer=transfer
         )
@@ -233,15 +244,29 @@ class KVNodeConnector(KVConnectorBase_V1, SupportsHMA):
         return self._agent_wanted(str(device) == "cpu")
 
     def _agent_wanted(self, on_cpu: bool) -> bool:
-        """Who may move this worker's bytes. Agent mode runs on the CPU backend (cross-
-        memory attach); on GPUs only when asked for by name (``auto`` keeps the worker
-        copying until a GPU run has verified agent mode there)."""
+        """Who may move this worker's bytes, as far as the config and the device say.
+        Agent mode runs on the CPU backend (cross-memory attach); on GPUs only when
+        asked for by name (``auto`` keeps the worker copying until a GPU run has
+        verified agent mode there)."""
         want = self.cfg.transfer
-        return want == "agent" or (want == "auto" and on_cpu and AUTO_AGENT_ON_CPU)
+        return want == "agent" or (want == "auto" and on_cpu)
 
     def _transfer_mode(self, worker: WorkerSide) -> str:
         if not self._agent_wanted(worker.on_cpu):
             return "worker"
+        if self.cfg.transfer == "auto":
+            left = agent_helps_on_cpu()
+            if not left:
+                log.info(
+                    "kvnode: transfer auto: worker mode (vLLM's threads may run on every "
+                    "core, or bind them all: no core is left for the agent's copies)"
+                )
+                return "worker"
+            log.info(
+                "kvnode: transfer auto: agent mode (vLLM's threads leave cores %s to the "
+                "agent's copies)",
+                format_cpu_list(left),
+            )
         if not worker.on_cpu:  # asked for by name: GPU agent mode awaits a GPU run
             log.warning("kvnode: agent mode on a GPU has not been verified on one yet")
         return "agent"

@@ -54,7 +54,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from kvnode.cores import bound_cores, name_thread, node_cpus, node_threads
+from kvnode.cores import cores_left, name_thread
 
 log = logging.getLogger("kvnode.connector")
 
@@ -76,15 +76,11 @@ def off_compute_cores(node: frozenset[int] | None = None) -> frozenset[int]:
     exist; returns those cores (empty: the thread stays where it was). Every thread
     on the node that can be seen counts, not only this process's: the other ranks of
     a vLLM with several bind their compute threads to the cores this one leaves."""
-    node = node_cpus() if node is None else node
     try:
-        own = bound_cores(node, [f"/proc/self/task/{t}" for t in os.listdir("/proc/self/task")])
-        if not own:
-            return frozenset()
-        free = node - own - bound_cores(node, node_threads())  # own: even past the scan bound
+        free = cores_left(node)
         if free:
             os.sched_setaffinity(0, free)
-            return frozenset(free)
+            return free
     except (OSError, ValueError):
         log.debug("kvnode: the collapse stays on its cores", exc_info=True)
     return frozenset()

@@ -142,3 +142,17 @@ def name_thread(name: str) -> None:
         _libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
     except (AttributeError, OSError):  # not Linux: the name is cosmetic
         pass
+
+
+def cores_left(node: frozenset[int] | None = None) -> frozenset[int]:
+    """The node's cores that no bound thread runs on, when this process's own threads
+    are bound (vLLM's compute threads are, once it binds them); empty otherwise: where
+    this process's threads may run on every core, no core is left to other work."""
+    node = node_cpus() if node is None else node
+    try:
+        own = bound_cores(node, [f"/proc/self/task/{t}" for t in os.listdir("/proc/self/task")])
+    except OSError:
+        return frozenset()
+    if not own:
+        return frozenset()
+    return frozenset(node - own - bound_cores(node, node_threads()))  # own: past the scan bound

@@ -50,8 +50,9 @@ def spawn_runner(tmp_path_factory: pytest.TempPathFactory, tiny_model: str) -> I
         name: str,
         env: dict[str, str] | None = None,
         llm_kwargs: dict[str, Any] | None = None,
+        cpus: set[int] | None = None,
     ) -> Runner:
-        r = Runner(tiny_model, extra, logs / f"{name}.log", env, llm_kwargs)
+        r = Runner(tiny_model, extra, logs / f"{name}.log", env, llm_kwargs, cpus)
         runners.append(r)
         return r
 

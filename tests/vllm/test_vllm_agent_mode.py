@@ -314,3 +314,38 @@ def test_openai_server_in_agent_mode(make_agent: Any, tiny_model: str, tmp_path:
     assert second["choices"][0]["text"] == first["choices"][0]["text"]
     t = _transfers(agent)
     assert t["agent"]["load_chunks"] >= 4 and t["worker"]["save_bytes"] == 0, t
+
+
+def test_auto_picks_agent_mode_where_vllm_binds_its_threads_and_leaves_a_core(
+    reference: dict[str, Any], make_agent: Any, spawn_runner: Any
+) -> None:
+    """``kvnode.transfer = auto``: a vLLM started on one core (as ``taskset -c``, or a
+    pod given its own cores, starts it; vLLM's ``VLLM_CPU_OMP_THREADS_BIND`` binds its
+    OpenMP threads alike in its worker processes) leaves the others to the agent,
+    which moves its bytes; one whose threads may run on every core copies itself.
+    Same tokens both ways, and the second process is served what the first saved."""
+    from kvnode.cores import node_cpus
+
+    node = sorted(node_cpus())
+    if len(node) < 2 or len(os.sched_getaffinity(0)) < len(node):
+        pytest.skip("needs a process free on 2 or more cores of the node")
+    agent = make_agent()
+    extra = {"kvnode.runtime_dir": str(agent.runtime_dir)}  # transfer: auto (the default)
+    bound = spawn_runner(extra, "auto-bound", cpus={node[0]})
+    [a] = bound.generate([A], MAX_TOKENS)
+    bound.close()
+    assert a["tokens"] == reference["A"]["tokens"]
+    t = _transfers(agent)
+    assert t["agent"]["save_chunks"] == 4 and t["worker"]["save_bytes"] == 0, t
+    log = bound.log_path.read_text()
+    assert "transfer auto: agent mode" in log, log[-3000:]
+
+    free = spawn_runner(extra, "auto-nobind", env={"VLLM_CPU_OMP_THREADS_BIND": "nobind"})
+    [a2] = free.generate([A], MAX_TOKENS)  # served from what the bound process saved
+    [e] = free.generate([E], MAX_TOKENS)  # and saves by itself
+    free.close()
+    assert a2["tokens"] == reference["A"]["tokens"] and a2["cached"] == 4 * C
+    assert e["tokens"] == reference["E"]["tokens"]
+    t2 = _transfers(agent)
+    assert t2["agent"]["save_chunks"] == 4 and t2["worker"]["save_bytes"] > 0, t2
+    assert "transfer auto: worker mode" in free.log_path.read_text()

@@ -113,7 +113,9 @@ class Runner:
         log_path: Path,
         env: dict[str, str] | None = None,
         llm_kwargs: dict[str, Any] | None = None,
+        cpus: set[int] | None = None,
     ) -> None:
+        """``cpus``: the process runs on those cores (as ``taskset -c`` starts it)."""
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 (lives as long as the process)
         self._lines: queue.Queue[str | None] = queue.Queue()
@@ -125,6 +127,7 @@ class Runner:
             stderr=self._log,
             env={**os.environ, **VLLM_ENV, **(env or {})},
             text=True,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
         )
         threading.Thread(target=self._pump, daemon=True).start()
         self._read(START_TIMEOUT_S)
