@@ -2,7 +2,8 @@
 form ``0-3,8``) and the cores the node's bound threads run on. Background work keeps
 off the cores vLLM binds its compute threads to: the worker's huge-page collapse
 (``connector/hugepages.off_compute_cores``) and the agent's CPU copy threads
-(``agent/movers/cpu.CorePlacement``).
+(``agent/movers/placement.CorePlacement``); the connector's ``transfer = auto`` picks
+agent mode on the CPU where such cores are left (``cores_left``).
 """
 
 from __future__ import annotations

@@ -39,14 +39,7 @@ from typing import Any, TypeVar
 import numpy as np
 import xxhash
 
-from kvnode.agent.movers.base import (
-    ChunkWork,
-    Export,
-    Job,
-    Layer,
-    Mover,
-    MoverError,
-)
+from kvnode.agent.movers.base import ChunkWork, Export, Job, Layer, Mover, MoverError
 from kvnode.agent.movers.placement import CorePlacement
 from kvnode.cores import name_thread
 from kvnode.ipc import progress as PG

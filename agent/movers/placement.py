@@ -6,9 +6,10 @@ on a core list does the same. The agent's copy threads, left to the kernel, land
 any core, the bound ones included, and a copy there takes the core from a compute
 thread that the whole forward pass then waits for (OpenMP's team goes at its slowest
 thread's pace). Measured with ``benchmarks/vllm_ttft.py --transfer agent --vllm-cpus
-0`` on 2 cores (vLLM on core 0, the agent free): a hit waited 6.7-7.3 ms for its loads
-with the two copy threads anywhere, 3.9 ms with one copy thread on core 1
-(``vs_apc`` 1.095-1.108 against 1.049).
+0`` on 2 cores (vLLM on core 0, the agent free): hits took 1.148 of vLLM's own prefix
+cache with the copies forced onto core 0 (``agent.cpu_copy_cores = 0``), 1.088-1.105
+placed (six runs) and 1.098 left to the kernel on that otherwise idle machine, where
+the kernel found the free core by itself; on a busy node it need not.
 
 ``auto`` (``agent.cpu_copy_cores``, the default): the copy threads run on the node's
 cores that no bound thread runs on, and a job uses no more threads than there are
