@@ -5,6 +5,7 @@ plays the agent loop (``Node.step``), so time and ordering stay in the test's ha
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -167,8 +168,30 @@ def nodes() -> Iterator[list[Node]]:
         n.close()
 
 
+_PORTS_TAKEN: set[int] = set()  # handed out by this process: never twice
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now."""
+    """A TCP port free on 127.0.0.1 now, below the kernel's ephemeral range when it
+    can be: a port picked there (bind to port 0) can be taken by the outgoing
+    connection of an agent already started before the agent it was picked for binds
+    it (a fleet test failed so: "Address already in use")."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 0
+    rng = random.Random()
+    for _ in range(200 if low > 11_000 else 0):
+        port = rng.randrange(10_000, low)
+        if port in _PORTS_TAKEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _PORTS_TAKEN.add(port)
+        return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
