@@ -136,8 +136,7 @@ VLLM_CPUS: set[int] = set()  # --vllm-cpus: the cores every vLLM process runs on
 def _bind_vllm() -> None:
     """In a vLLM child before it starts: only the ``--vllm-cpus`` cores (its OpenMP
     threads follow the mask), as vLLM's own thread binding leaves cores to others."""
-    if VLLM_CPUS:
-        os.sched_setaffinity(0, VLLM_CPUS)
+    os.sched_setaffinity(0, VLLM_CPUS)
 
 
 class _Child:

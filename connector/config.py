@@ -44,7 +44,7 @@ class ConnectorConfig:
     # Who moves the bytes: "agent" (the agent, through the worker's exported cache),
     # "worker" (the worker copies through the mapped arena), "auto" (on the CPU: agent
     # mode where vLLM binds its compute threads and leaves cores to the agent's copies,
-    # else worker mode, connector.agent_helps_on_cpu; on GPUs worker mode until agent
+    # else worker mode, kvnode.cores.cores_left; on GPUs worker mode until agent
     # mode is verified there).
     transfer: str = "auto"
     # Agent mode on the CPU: the worker's cache onto huge pages in the background

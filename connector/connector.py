@@ -63,8 +63,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvnode.connector")
 LOG_INTERVAL_S = 60.0
 EVENTS_QUEUED_MAX = 100_000  # stored-chunk events waiting for vLLM's take_events
-
-
 # transfer "auto" on the CPU backend: agent mode where vLLM binds its compute threads
 # to cores and leaves some (VLLM_CPU_OMP_THREADS_BIND, or a process started on a core
 # list), since the agent's copy threads run there (agent.cpu_copy_cores = auto); worker
@@ -75,11 +73,7 @@ EVENTS_QUEUED_MAX = 100_000  # stored-chunk events waiting for vLLM's take_event
 # the copy against 100%). With vLLM's threads on every core the agent's copies share
 # its cores and the two modes measured the same (vs_apc 1.191 against 1.213, 1.06
 # against 1.01 on a slower machine: docs/connector.md), so worker mode stays there.
-def agent_helps_on_cpu() -> frozenset[int]:
-    """The cores vLLM's bound compute threads leave (``auto`` picks agent mode on the
-    CPU where there are some). Asked at ``register_kv_caches``, after vLLM bound its
-    threads."""
-    return cores_left()
+# Decided at register_kv_caches, after vLLM bound its threads (_transfer_mode).
 
 
 def _share_vllm_logging() -> None:
@@ -255,7 +249,7 @@ class KVNodeConnector(KVConnectorBase_V1, SupportsHMA):
         if not self._agent_wanted(worker.on_cpu):
             return "worker"
         if self.cfg.transfer == "auto":
-            left = agent_helps_on_cpu()
+            left = cores_left()  # the cores vLLM's bound compute threads leave
             if not left:
                 log.info(
                     "kvnode: transfer auto: worker mode (vLLM's threads may run on every "

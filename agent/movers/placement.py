@@ -43,7 +43,6 @@ from kvnode.cores import (
 log = logging.getLogger("kvnode.agent")
 
 RESCAN_S = 30.0  # the node's bindings are read again this often while the mover lives
-MODES = COPY_CORES_MODES
 
 
 def _bound_elsewhere(node: frozenset[int]) -> set[int]:
@@ -64,14 +63,13 @@ class CorePlacement:
         rescan_s: float = RESCAN_S,
         allowed: frozenset[int] | None = None,
     ) -> None:
-        why = check_cores_setting(mode, MODES)
+        why = check_cores_setting(mode, COPY_CORES_MODES)
         if why:
             raise ValueError(f"agent.cpu_copy_cores {mode!r}: {why}")
         self.mode = mode
         # The agent's own cores (systemd's CPUAffinity=, taskset), read at start.
         self.allowed = frozenset(os.sched_getaffinity(0) if allowed is None else allowed)
         self.cores: frozenset[int] = frozenset()
-        self.gen = 0
         self._node, self._scan, self._rescan_s = node, scan, rescan_s
         self._local = threading.local()
         self._wanted = threading.Event()
@@ -108,8 +106,7 @@ class CorePlacement:
     def _set(self, cores: frozenset[int]) -> None:
         if cores == self.cores:
             return
-        self.cores = cores
-        self.gen += 1  # the copy threads move at their next unit
+        self.cores = cores  # the copy threads move at their next unit
         if self.mode == "auto":
             log.info(
                 "CPU copy threads: %s",
@@ -120,13 +117,13 @@ class CorePlacement:
 
     def apply(self) -> None:
         """On a copy thread: move it to ``cores`` (or back to the agent's own) when
-        they changed since this thread last looked."""
-        gen = self.gen
-        if getattr(self._local, "gen", 0) == gen:
+        they changed since this thread last moved."""
+        target = self.cores or self.allowed
+        if getattr(self._local, "mask", self.allowed) == target:
             return
-        self._local.gen = gen
+        self._local.mask = target
         try:
-            os.sched_setaffinity(0, self.cores or self.allowed)
+            os.sched_setaffinity(0, target)
         except OSError as exc:  # a core gone offline, or a cpuset that shrank
             log.debug("a copy thread stays on its cores: %s", exc)
 
@@ -160,4 +157,4 @@ class CorePlacement:
             self._thread.join(5)
 
 
-__all__ = ["MODES", "RESCAN_S", "CorePlacement"]
+__all__ = ["RESCAN_S", "CorePlacement"]

@@ -164,18 +164,20 @@ def test_the_collapse_runs_off_the_cores_vllm_is_bound_to(bind: bool, mode: str)
         assert said == {"cores": "", "main": every, "tried": "1", "skipped": "0"}
 
 
-def test_the_collapse_keeps_off_the_cores_another_rank_is_bound_to() -> None:
-    """Two ranks of one vLLM, each bound to its own cores, on a node with no core left
-    over: the collapse of one must not run on the other's cores (its forward passes,
-    which the first rank's wait for); it does not run at all."""
+def _beside(neighbour: str) -> dict[str, str]:
+    """The collapse in a process bound to the node's first core, while ``neighbour``
+    (code that prints a line once set up) runs bound to every other core."""
     node = sorted(node_cpus())
     if len(node) < 2 or len(os.sched_getaffinity(0)) < len(node):
         pytest.skip("needs a process free on 2 or more cores of the node")
     other = subprocess.Popen(
-        [sys.executable, "-c", "import time; time.sleep(60)"],
+        [sys.executable, "-c", neighbour + "; print('ready', flush=True); time.sleep(60)"],
         preexec_fn=lambda: os.sched_setaffinity(0, set(node[1:])),
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
+        assert other.stdout is not None and other.stdout.readline().strip() == "ready"
         out = subprocess.run(
             [sys.executable, "-c", _PLACED, "auto"],
             preexec_fn=lambda: os.sched_setaffinity(0, {node[0]}),
@@ -187,8 +189,16 @@ def test_the_collapse_keeps_off_the_cores_another_rank_is_bound_to() -> None:
         other.kill()
         other.wait()
     assert out.returncode == 0, out.stderr
-    said = dict(word.split("=", 1) for word in out.stdout.split())
-    assert said == {"cores": "", "main": str(node[0]), "tried": "0", "skipped": "1"}
+    return dict(word.split("=", 1) for word in out.stdout.split())
+
+
+def test_the_collapse_keeps_off_the_cores_another_rank_is_bound_to() -> None:
+    """Two ranks of one vLLM, each bound to its own cores, on a node with no core left
+    over: the collapse of one must not run on the other's cores (its forward passes,
+    which the first rank's wait for); it does not run at all."""
+    said = _beside("import time")
+    first = str(min(node_cpus()))
+    assert said == {"cores": "", "main": first, "tried": "0", "skipped": "1"}
 
 
 def test_the_collapse_still_runs_beside_the_agents_placed_copy_threads() -> None:
@@ -196,33 +206,9 @@ def test_the_collapse_still_runs_beside_the_agents_placed_copy_threads() -> None
     kvnode's own (named so), not another rank's compute threads, so the collapse
     still runs on those cores. Counted as compute threads, each would leave the
     other no core at all."""
-    node = sorted(node_cpus())
-    if len(node) < 2 or len(os.sched_getaffinity(0)) < len(node):
-        pytest.skip("needs a process free on 2 or more cores of the node")
-    copier = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import time; from kvnode.cores import name_thread; "
-            "name_thread('kvnode-copy-cpu'); print('named', flush=True); time.sleep(60)",
-        ],
-        preexec_fn=lambda: os.sched_setaffinity(0, set(node[1:])),
-        stdout=subprocess.PIPE,
-        text=True,
+    said = _beside(
+        "import time; from kvnode.cores import name_thread; name_thread('kvnode-copy-cpu')"
     )
-    try:
-        assert copier.stdout is not None and copier.stdout.readline().strip() == "named"
-        out = subprocess.run(
-            [sys.executable, "-c", _PLACED, "auto"],
-            preexec_fn=lambda: os.sched_setaffinity(0, {node[0]}),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    finally:
-        copier.kill()
-        copier.wait()
-    assert out.returncode == 0, out.stderr
-    said = dict(word.split("=", 1) for word in out.stdout.split())
+    node = sorted(node_cpus())
     others = ",".join(map(str, node[1:]))
     assert said == {"cores": others, "main": str(node[0]), "tried": "1", "skipped": "0"}
