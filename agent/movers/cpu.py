@@ -376,7 +376,7 @@ class CpuMover(Mover):
 
     # ------------------------------------------------------------------ jobs
     def run(self, job: Job) -> bool:
-        self.placement.apply()
+        self.placement.apply(0)
         try:
             if job.load:
                 self._load(job)
@@ -460,10 +460,10 @@ class CpuMover(Mover):
         nxt = itertools.count()
         errors: list[BaseException] = []  # in the order they happened: the first is the cause
 
-        def take() -> int:
+        def take(slot: int) -> int:
             moved = 0
             try:
-                self.placement.apply()
+                self.placement.apply(slot)
                 while not errors:
                     i = next(nxt)  # one thread at a time (the GIL)
                     if i >= len(units):
@@ -475,8 +475,8 @@ class CpuMover(Mover):
             return moved
 
         helpers = min(self.team(), len(units)) - 1
-        futures = [self._pool.submit(take) for _ in range(helpers)] if self._pool else []
-        total = take()
+        futures = [self._pool.submit(take, k + 1) for k in range(helpers)] if self._pool else []
+        total = take(0)
         total += sum(f.result() for f in futures)
         if errors:
             raise errors[0]
