@@ -89,6 +89,7 @@ class AgentPath:
         self.probe = np.zeros(P.PROBE_BYTES, dtype=np.uint8)
         self.export_id = 0
         self.generation = 0
+        self._client_id = 0  # the registration the export was made under
         self._refused: str | None = None  # the last refusal, logged once
         self._refused_generation = -1
         self._free = deque(range(slots))
@@ -125,12 +126,17 @@ class AgentPath:
         serves now (exporting again after a restart)."""
         if self.export_id and not self._agent_gone():
             try:
-                gen = self.link.call(lambda c: c.generation)
+                gen, client_id = self.link.call(lambda c: (c.generation, c.client_id))
             except KVNodeError:
                 return False
-            if gen == self.generation:
+            if gen == self.generation and client_id == self._client_id:
                 return True
-        self._lost_agent()
+            if gen == self.generation:
+                self._registered_again()
+            else:
+                self._lost_agent()
+        else:
+            self._lost_agent()
         try:
             return bool(self.link.call(self._export))
         except KVNodeError as exc:
@@ -175,9 +181,12 @@ class AgentPath:
         if not export_id:
             os.close(pidfd)
             return self._refuse(gen, why)
+        if self._agent_pidfd >= 0:  # the same agent's, held since the last export
+            os.close(self._agent_pidfd)
         self._agent_pidfd = pidfd
         self._wakes = wakes and self._wake is not None
         self.export_id, self.generation = export_id, gen
+        self._client_id = client.client_id
         self._refused = None
         log.info("kvnode: KV cache exported (%d layers): the agent moves the bytes", len(layers))
         return True
@@ -210,6 +219,15 @@ class AgentPath:
         if fd < 0:
             return True
         return _readable([fd], 0.0) is not None
+
+    def _registered_again(self) -> None:
+        """The same agent dropped this worker's registration (silent past its heartbeat
+        timeout, or the connection reset) and the link registered again: the export
+        died with the old registration, so export again. Its jobs in flight are not
+        ended here: the agent tells a live worker how each ended (it may still be
+        writing one's last layer), and their slots stay taken until it has."""
+        self.export_id = 0
+        log.info("kvnode: the agent registered this worker again; exporting again")
 
     def _lost_agent(self) -> None:
         """The agent this export was made to is gone or replaced: every job of it

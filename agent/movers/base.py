@@ -72,7 +72,10 @@ class Export:
     handles: tuple[bytes, ...] = ()  # device IPC handles (GPU movers)
     alive: bool = True  # False once the client is gone: jobs stop before their next layer
     state: object = None  # the mover's own per-export state (opened handles...)
-    proc: WorkerProcess | None = None  # its pidfd and wake socket (closed when dropped)
+    # Its pidfd and wake socket: closed once it is dropped and none of its jobs is in
+    # flight (a dropped export's jobs still tell a live worker they failed).
+    proc: WorkerProcess | None = None
+    jobs: int = 0  # its jobs in flight (taken and not yet settled)
 
     def exited(self) -> bool:
         """Whether the worker process has exited: its pid may name another by now."""

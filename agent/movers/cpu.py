@@ -616,8 +616,10 @@ class CpuMover(Mover):
 
     def report(self, job: Job) -> None:
         ex = job.export
-        if not ex.alive or time.monotonic() > job.deadline or ex.exited():
+        if time.monotonic() > job.deadline or ex.exited():
             return  # the worker stopped waiting (or is gone): its slot may be reused
+        # A dropped export (its client gone while the worker lives) is still told: the
+        # worker waits on this slot until it is told or the deadline passes.
         for c in job.chunks:
             job.outcomes[c.index] = c.status
         slot = ex.slot_address(job.slot)

@@ -88,7 +88,7 @@ class CorePlacement:
             if not cores:
                 log.warning(
                     "agent.cpu_copy_cores %s: none of those cores is the agent's (%s); "
-                    "the copy threads run on any of its cores",
+                    "the copy threads run on its own cores instead",
                     mode, format_cpu_list(self.allowed),
                 )  # fmt: skip
             self._set(cores)

@@ -263,7 +263,16 @@ class Transfers:
                 thread.mover.exports_changed()
             except Exception:
                 log.exception("detaching export %x failed", ex.export_id)
-        if ex.proc is not None:  # its jobs stop at their next check (a closed one has exited)
+        self._release(ex)  # its jobs stop at their next check (it is not alive)
+
+    @staticmethod
+    def _release(ex: Export) -> None:
+        """A dropped export's worker process, once none of its jobs is in flight: a
+        job the export took ends with its outcome written into a worker that still
+        lives (the pidfd proves the pid is still that worker), so a worker whose
+        client was dropped while it lives (silent past the heartbeat timeout, or its
+        connection reset) never waits a job's whole deadline for it."""
+        if not ex.alive and ex.jobs <= 0 and ex.proc is not None:
             ex.proc.close()
 
     def client_gone(self, client_id: int) -> None:
@@ -305,6 +314,7 @@ class Transfers:
         held[c.client_id] = held.get(c.client_id, 0) + len(job.chunks)
         self.counters.jobs += 1
         self.inflight += 1
+        ex.jobs += 1
         self._inflight_by_client[c.client_id] = mine + 1
         if not job.chunks:
             self._finish_here(job, thread)
@@ -398,6 +408,8 @@ class Transfers:
             thread = self._threads.get(job.export.device)
             if thread is not None:  # committed first: "saved" is never ahead of a lookup
                 report(thread.mover, job)
+        job.export.jobs -= 1
+        self._release(job.export)
 
     def _settle_load(self, job: Job) -> None:
         ctr = self.counters

@@ -1126,6 +1126,84 @@ def test_agent_restarts_under_exporting_workers_never_deliver_wrong_bytes(tmp_pa
     assert slowest < 5.0, f"a load took {slowest:.1f} s"  # never a dead agent's timeout
 
 
+def _dropped_worker(rd: str, conn: Any) -> None:
+    """A worker whose client the agent drops while it lives (the test stops it past
+    the agent's heartbeat timeout) with a layer-wise save parked at the agent: how
+    long the save takes to end once it runs again, and whether it saves through the
+    agent again afterwards (within 20 s)."""
+    kv = _cache(3)
+    w, p = _path(rd, kv, wait_s=20)  # a background link: registers again, as the connector's
+    _save(p, _ops(2, 0))
+    assert w.stats.save_chunks == 2
+    ops = _ops(2, 16, tag=9)
+    assert p.ready()
+    p.track(ops)
+    p.save(ops, layerwise=True)  # parked at the agent: no layer is ever marked computed
+    conn.send("parked")
+    conn.recv()  # stopped and continued in between
+    t0 = time.monotonic()
+    while not p.finished(set(ops)) and time.monotonic() - t0 < 40:
+        time.sleep(0.01)
+    ended_s = time.monotonic() - t0
+    saved_again = False
+    deadline = time.monotonic() + 20
+    tag = 20
+    while not saved_again and time.monotonic() < deadline:
+        before = w.stats.save_chunks
+        if p.ready():
+            tag += 1
+            ops = _ops(2, 32, tag=tag)
+            p.track(ops)
+            p.save(ops)
+            while not p.finished(set(ops)) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            saved_again = w.stats.save_chunks - before == 2
+        time.sleep(0.1)
+    conn.send((ended_s, saved_again))
+
+
+def test_a_worker_dropped_while_it_lives_is_told_and_exports_again(tmp_path: Path) -> None:
+    """The agent drops a live worker's client (the worker is stopped past the agent's
+    heartbeat timeout; a connection reset does the same) while a layer-wise save of it
+    is parked. The save ends (failed) as soon as the worker runs again, not at its
+    35 s deadline: the agent still tells a live worker how its jobs ended. Then the
+    worker, registered again with the same agent, exports again and saves through it.
+    Both failed before: the save waited out its deadline (a restart test caught a
+    load waiting so: 'a load took 35.0 s'), and every later job went to the dropped
+    export and failed ('no such export for this client') until the agent restarted."""
+    import signal
+
+    env = {"KVNODE_AGENT_HEARTBEAT_INTERVAL_S": "0.5", "KVNODE_AGENT_HEARTBEAT_TIMEOUT_S": "1.5"}
+    agent = AgentProcess(tmp_path / "run", cpu_bytes="256MiB", env=env).start()
+    ctx = mp.get_context("spawn")
+    here, there = ctx.Pipe()
+    worker = ctx.Process(target=_dropped_worker, args=(str(agent.runtime_dir), there))
+    worker.start()
+    try:
+        assert here.poll(60) and here.recv() == "parked"
+        assert worker.pid is not None
+        os.kill(worker.pid, signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + 20
+            while "no request or heartbeat" not in agent.log_path.read_text():
+                assert time.monotonic() < deadline, "the agent never dropped the silent worker"
+                time.sleep(0.1)
+            time.sleep(0.5)  # the parked save fails at the agent, which tells the worker
+        finally:
+            os.kill(worker.pid, signal.SIGCONT)
+        here.send("go")
+        assert here.poll(90)
+        ended_s, saved_again = here.recv()
+        worker.join(30)
+        assert worker.exitcode == 0
+    finally:
+        if worker.is_alive():
+            worker.kill()
+        agent.stop()
+    assert ended_s < 5.0, f"the dropped export's save ended after {ended_s:.1f} s"
+    assert saved_again, "the worker never saved through the agent again"
+
+
 def _held_cache(conn: Any, nbytes: int, page_bytes: int, fill: int = 0) -> None:
     """A process holding a 'cache' of ``nbytes`` (every byte ``fill``) and a progress
     page: it sends their addresses, then their bytes whenever asked."""
