@@ -267,11 +267,12 @@ class Transfers:
 
     @staticmethod
     def _release(ex: Export) -> None:
-        """A dropped export's worker process, once none of its jobs is in flight: a
-        job the export took ends with its outcome written into a worker that still
-        lives (the pidfd proves the pid is still that worker), so a worker whose
-        client was dropped while it lives (silent past the heartbeat timeout, or its
-        connection reset) never waits a job's whole deadline for it."""
+        """Let go of a dropped export's worker (its pidfd and wake socket) once none
+        of its jobs is in flight. Until then each of its jobs still ends with its
+        outcome written into the worker while it lives (the pidfd proves the pid is
+        still that worker): a worker whose client was dropped while it lives (silent
+        past the heartbeat timeout, or its connection reset) never waits out a job's
+        whole deadline."""
         if not ex.alive and ex.jobs <= 0 and ex.proc is not None:
             ex.proc.close()
 
