@@ -317,18 +317,19 @@ class KVNodeConnector(KVConnectorBase_V1, SupportsHMA):
             self._agent.load(meta.loads)  # layer by layer, waited for in wait_for_layer_load
         else:
             self._worker.load(meta.loads)
-        self._load_waited(t0)
+        self._add_time("load_wait_s", t0)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         if self._agent is not None and self._agent.loading():
             t0 = time.perf_counter()
             self._agent.wait_for_layer(layer_name)
-            self._load_waited(t0)
+            self._add_time("load_wait_s", t0)
 
-    def _load_waited(self, t0: float) -> None:
+    def _add_time(self, counter: str, t0: float) -> None:
+        """The forward pass's time since ``t0`` added to the worker's ``counter``."""
         stats = getattr(self._worker, "stats", None)
         if isinstance(stats, WorkerStats):
-            stats.load_wait_s += time.perf_counter() - t0
+            setattr(stats, counter, getattr(stats, counter) + time.perf_counter() - t0)
 
     def save_kv_layer(
         self,
@@ -353,9 +354,7 @@ class KVNodeConnector(KVConnectorBase_V1, SupportsHMA):
             return
         t0 = time.perf_counter()
         agent.save_layer(layer_name, meta.saves)
-        stats = getattr(self._worker, "stats", None)
-        if isinstance(stats, WorkerStats):
-            stats.save_layer_s += time.perf_counter() - t0
+        self._add_time("save_layer_s", t0)
 
     def wait_for_save(self) -> None:
         meta = self._connector_metadata
@@ -378,9 +377,7 @@ class KVNodeConnector(KVConnectorBase_V1, SupportsHMA):
             agent.save(meta.saves)  # returns once handed over; blocks held until done
         else:
             self._worker.save(meta.saves)  # copies now
-        stats = getattr(self._worker, "stats", None)
-        if isinstance(stats, WorkerStats):
-            stats.save_wait_s += time.perf_counter() - t0
+        self._add_time("save_wait_s", t0)
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         """Preempted requests' blocks go back to vLLM before this step's forward

@@ -57,9 +57,11 @@ def _bound_elsewhere(node: frozenset[int]) -> set[int]:
 
 
 class CorePlacement:
-    """The cores the copy threads run on (``cores``; empty: wherever the kernel puts
-    them, inside the agent's affinity). ``apply`` on a copy thread moves it there when
-    they changed since it last looked; ``team`` is how many threads a job uses."""
+    """The cores the copy threads run on: ``cores`` (``auto``: the free ones; a core
+    list: those of the agent's), else the agent's own, one thread a core
+    (``spread``); ``all``: wherever the kernel puts them. ``apply`` on a copy thread
+    moves it to its core when that changed since it last looked; ``team`` is how many
+    threads a job uses."""
 
     def __init__(
         self,
@@ -76,6 +78,8 @@ class CorePlacement:
         # The agent's own cores (systemd's CPUAffinity=, taskset), read at start.
         self.allowed = frozenset(os.sched_getaffinity(0) if allowed is None else allowed)
         self.cores: frozenset[int] = frozenset()
+        # What ``spread`` returns, kept as ``cores`` changes (asked at every job).
+        self._spread = () if mode == "all" else tuple(sorted(self.allowed))
         self._node, self._scan, self._rescan_s = node, scan, rescan_s
         self._local = threading.local()
         self._wanted = threading.Event()
@@ -113,6 +117,7 @@ class CorePlacement:
         if cores == self.cores:
             return
         self.cores = cores  # the copy threads move at their next unit
+        self._spread = tuple(sorted(cores or self.allowed))
         if self.mode == "auto":
             log.info(
                 "CPU copy threads: %s",
@@ -125,9 +130,7 @@ class CorePlacement:
     def spread(self) -> tuple[int, ...]:
         """The cores the copy threads are spread over, one thread a core: ``cores``,
         else the agent's own; none for ``all``."""
-        if self.mode == "all":
-            return ()
-        return tuple(sorted(self.cores or self.allowed))
+        return self._spread
 
     def target(self, slot: int) -> frozenset[int]:
         """Where copy thread ``slot`` of a job (0: the thread that runs it) runs."""

@@ -149,6 +149,15 @@ def _bound_worker(rd: str, core: int, free: list[int], q: Any, go: Any) -> None:
     stop.set()
 
 
+def _stop(go: Any, worker: Any, agent: AgentProcess) -> None:
+    """Tell the worker to stop, then end it and the agent."""
+    go.put("stop")
+    worker.join(30)
+    if worker.is_alive():
+        worker.kill()
+    agent.stop()
+
+
 def _copy_threads(pid: int) -> dict[int, frozenset[int]]:
     out = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
@@ -197,11 +206,7 @@ def test_the_agents_copy_threads_keep_off_a_bound_workers_core(tmp_path: Path) -
         assert seen[0] == format_cpu_list(want), seen
         assert seen[1] and all(len(m) == 1 and m <= want for m in seen[1].values()), seen
     finally:
-        go.put("stop")
-        worker.join(30)
-        if worker.is_alive():
-            worker.kill()
-        agent.stop()
+        _stop(go, worker, agent)
 
 
 def _free_worker(rd: str, q: Any, go: Any) -> None:
@@ -246,8 +251,4 @@ def test_a_jobs_copy_threads_run_on_cores_of_their_own(tmp_path: Path) -> None:
         assert all(len(m) == 1 for m in masks.values()), masks
         assert len(set(masks.values())) == len(masks), masks  # no core twice
     finally:
-        go.put("stop")
-        worker.join(30)
-        if worker.is_alive():
-            worker.kill()
-        agent.stop()
+        _stop(go, worker, agent)
