@@ -207,13 +207,13 @@ class _SaveState:
         self.hashers = [xxhash.xxh3_64() for _ in self.work]
         self.pairs = list(zip(self.work, self.hashers))
         self.payload = sorted(job.export.layers, key=lambda x: x.payload_offset)
-        self._rank = {layer.name: i for i, layer in enumerate(self.payload)}
+        self._rank = {id(layer): i for i, layer in enumerate(self.payload)}
         self._read = [False] * len(self.payload)
         self._hashed = 0
 
     def read(self, layer: Layer) -> list[Layer]:
         """``layer`` is about to be read: the layers whose checksum turn comes now."""
-        self._read[self._rank[layer.name]] = True
+        self._read[self._rank[id(layer)]] = True
         due: list[Layer] = []
         while self._hashed < len(self.payload) and self._read[self._hashed]:
             due.append(self.payload[self._hashed])

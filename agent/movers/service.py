@@ -496,6 +496,8 @@ def _blocks_per_chunk(layers: tuple[Layer, ...], chunk_nbytes: int) -> int:
     if per_block <= 0 or chunk_nbytes % per_block:
         raise Refusal(f"chunk of {chunk_nbytes} bytes is not whole blocks of {per_block}")
     bpc = chunk_nbytes // per_block
+    if len({layer.name for layer in layers}) != len(layers):
+        raise Refusal("two layers have the same name")
     for layer in layers:
         if sum(n for _, n in layer.parts) != layer.block_nbytes:
             raise Refusal(f"layer {layer.name}: parts do not add up to its block bytes")
@@ -504,6 +506,15 @@ def _blocks_per_chunk(layers: tuple[Layer, ...], chunk_nbytes: int) -> int:
         top = layer.base + (layer.num_blocks - 1) * layer.block_stride
         if top + max(o + n for o, n in layer.parts) >= 1 << 63:
             raise Refusal(f"layer {layer.name}: addresses out of range")
+    # The layers' regions tile the payload, each byte one layer's: a chunk's checksum
+    # then covers exactly the bytes its save copied (an overlap would leave a gap
+    # of bytes no save writes, and every load of the chunk would fail its check).
+    at = 0
+    for layer in sorted(layers, key=lambda x: x.payload_offset):
+        if layer.payload_offset != at:
+            raise Refusal(f"layer {layer.name}: payload region at {layer.payload_offset}, "
+                          f"not at {at} (the regions must tile the chunk)")  # fmt: skip
+        at += bpc * layer.block_nbytes
     return bpc
 
 

@@ -368,3 +368,54 @@ def test_agent_mode_chunks_count_against_the_clients_shares(tmp_path: Any) -> No
         assert t["refused_share"] == 8 and t["load_chunks"] == 4, t
     finally:
         agent.stop()
+
+
+@pytest.mark.parametrize("fault", ["same name", "same region", "gap"])
+def test_exports_whose_layers_do_not_tile_the_chunk_are_refused(
+    big_agent: AgentProcess, fault: str
+) -> None:
+    """Two layers of one name, two layers over the same payload region, or a region
+    past a gap: a save through such an export would checksum bytes its copies never
+    wrote, and every load of its chunks would fail the check. Refused, with the
+    reason; the same export laid out right is taken."""
+    s = Scratch()
+    c = AgentClient(str(big_agent.runtime_dir), name="tiles", timeout_s=10.0, heartbeat=False)
+    c.connect()
+    try:
+        bn, bpc, nb = 1024, 2, 8
+        probe = ctypes.create_string_buffer(P.PROBE_BYTES)
+
+        def export(names: list[str], offsets: list[int], chunk: int) -> tuple[int, str]:
+            nonce = os.urandom(P.PROBE_BYTES)
+            ctypes.memmove(probe, nonce, P.PROBE_BYTES)
+            layers = [
+                P.LayerExport(name, s.base + i * nb * bn, nb, bn, bn, [(0, bn)], off)
+                for i, (name, off) in enumerate(zip(names, offsets))
+            ]
+            make = lambda r, cid, g: P.ExportReq(  # noqa: E731
+                r, cid, g, "cpu", layers, s.base + 32 * PAGE, 4, PG.slot_bytes(len(layers)),
+                chunk, ctypes.addressof(probe), nonce,
+            )  # fmt: skip
+            eid, _gen, why, _wakes = c.export(make)
+            return eid, why
+
+        region = bpc * bn
+        names = ["model.layers.0.attn", "model.layers.1.attn", "model.layers.2.attn"]
+        offsets = [0, region, 2 * region]
+        chunk = 3 * region
+        if fault == "same name":
+            names[2] = names[1]
+        elif fault == "same region":
+            offsets[2] = offsets[1]
+        else:  # a gap [r, 1.5r), then two regions over each other, all inside the chunk
+            offsets = [0, 2 * region, region + region // 2]
+        eid, why = export(names, offsets, chunk)
+        assert eid == 0 and why, (fault, eid)
+        assert ("same name" in why) if fault == "same name" else ("tile" in why), why
+        eid, why = export(
+            ["model.layers.0.attn", "model.layers.1.attn", "model.layers.2.attn"],
+            [0, region, 2 * region], chunk,
+        )  # fmt: skip
+        assert eid and not why, why
+    finally:
+        c.close()
