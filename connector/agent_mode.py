@@ -90,6 +90,7 @@ class AgentPath:
         self.export_id = 0
         self.generation = 0
         self._client_id = 0  # the registration the export was made under
+        self._export_gone = -1  # an export the agent answered it does not hold
         self._refused: str | None = None  # the last refusal, logged once
         self._refused_generation = -1
         self._free = deque(range(slots))
@@ -129,10 +130,11 @@ class AgentPath:
                 gen, client_id = self.link.call(lambda c: (c.generation, c.client_id))
             except KVNodeError:
                 return False
-            if gen == self.generation and client_id == self._client_id:
+            gone = self._export_gone == self.export_id
+            if gen == self.generation and client_id == self._client_id and not gone:
                 return True
             if gen == self.generation:
-                self._registered_again()
+                self._registered_again(gone)
             else:
                 self._lost_agent()
         else:
@@ -187,6 +189,7 @@ class AgentPath:
         self._wakes = wakes and self._wake is not None
         self.export_id, self.generation = export_id, gen
         self._client_id = client.client_id
+        self._export_gone = -1
         self._refused = None
         log.info("kvnode: KV cache exported (%d layers): the agent moves the bytes", len(layers))
         return True
@@ -220,14 +223,18 @@ class AgentPath:
             return True
         return _readable([fd], 0.0) is not None
 
-    def _registered_again(self) -> None:
+    def _registered_again(self, export_gone: bool = False) -> None:
         """The same agent dropped this worker's registration (silent past its heartbeat
-        timeout, or the connection reset) and the link registered again: the export
-        died with the old registration, so export again. Its jobs in flight are not
-        ended here: the agent tells a live worker how each ended (it may still be
-        writing one's last layer), and their slots stay taken until it has."""
+        timeout, or the connection reset) and the link registered again, or it answered
+        a job that it holds no such export (``export_gone``): the export is gone, so
+        export again. Its jobs in flight are not ended here: the agent tells a live
+        worker how each ended (it may still be writing one's last layer), and their
+        slots stay taken until it has."""
         self.export_id = 0
-        log.info("kvnode: the agent registered this worker again; exporting again")
+        if export_gone:
+            log.info("kvnode: the agent no longer holds this worker's export; exporting again")
+        else:
+            log.info("kvnode: the agent registered this worker again; exporting again")
 
     def _lost_agent(self) -> None:
         """The agent this export was made to is gone or replaced: every job of it
@@ -265,7 +272,7 @@ class AgentPath:
                 job.outcome = PG.RESULT_FAILED
                 continue
             make = self._request(load, [op for _, op in part], slot, seq, layerwise)
-            on_reply = functools.partial(self._replied, slot, seq)
+            on_reply = functools.partial(self._replied, slot, seq, self.export_id)
             try:
                 self.link.call(lambda c, m=make, cb=on_reply: c.job(m, cb))
             except KVNodeError as exc:
@@ -290,11 +297,15 @@ class AgentPath:
             r, c, g, eid, False, slot, seq, keys, blocks, [], groups, parents, tokens, layerwise
         )
 
-    def _replied(self, slot: int, seq: int, rep: Any) -> None:
+    def _replied(self, slot: int, seq: int, export_id: int, rep: Any) -> None:
         """On whichever thread reads the reply: only an error matters (the job was
-        never queued, nothing will be written for it)."""
+        never queued, nothing will be written for it). The agent no longer holding
+        the export the job named (``UNKNOWN_EXPORT``) makes the next step export
+        again, if it is still this worker's export."""
         if rep is None or isinstance(rep, P.Error):
             self._replies.append((slot, seq, True))
+        if isinstance(rep, P.Error) and rep.code == P.ErrCode.UNKNOWN_EXPORT:
+            self._export_gone = export_id
 
     def _poll(self, job: _Job) -> bool:
         """Whether the job has ended (reading its slot; no system call)."""

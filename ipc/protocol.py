@@ -81,6 +81,7 @@ class ErrCode(IntEnum):
     INTERNAL = 6
     SHUTTING_DOWN = 7
     STALE_GENERATION = 8  # the agent restarted since this client registered: Hello again
+    UNKNOWN_EXPORT = 9  # a job names an export this client does not hold: export again
     NOT_PERMITTED = 20  # an operator's request (drop, clear) from an ordinary client
 
 

@@ -285,7 +285,9 @@ class Transfers:
     def job(self, c: Client, m: P.JobReq) -> Any:
         ex = self.exports.get(c.client_id, m.export_id)
         if ex is None:
-            return P.Error(m.rid, P.ErrCode.UNKNOWN_CLIENT, "no such export for this client")
+            # Not UNKNOWN_CLIENT: the client's registration stands (a job built before
+            # it exported again names its last export), only that export is gone.
+            return P.Error(m.rid, P.ErrCode.UNKNOWN_EXPORT, "no such export for this client")
         _check_job(ex, m)
         mine = self._inflight_by_client.get(c.client_id, 0)
         if self.inflight >= JOBS_INFLIGHT_MAX or mine >= JOBS_PER_CLIENT_MAX:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+import torch
 
 from kvnode.agent.movers.exports import EXPORTS_PER_CLIENT_MAX
 from kvnode.errors import KVNodeError
@@ -368,6 +369,68 @@ def test_agent_mode_chunks_count_against_the_clients_shares(tmp_path: Any) -> No
         assert t["refused_share"] == 8 and t["load_chunks"] == 4, t
     finally:
         agent.stop()
+
+
+def test_a_job_naming_an_export_the_client_lacks_leaves_its_registration_and_export(
+    big_agent: AgentProcess,
+) -> None:
+    """A job naming an export id the agent does not hold for the client (one pushed
+    out by a newer export, or one built before the worker exported again) is refused
+    as that (``UNKNOWN_EXPORT``), not as an unknown client: the client does not
+    register again, so its valid export, and the jobs on it, live on."""
+    agent = big_agent
+    rd = str(agent.runtime_dir)
+    src = _cache(11)
+    _w, path = _path(rd, src)
+    assert path.ready()
+    eid = path.export_id
+    client_id = path.link.call(lambda c: c.client_id)
+    keys, blocks = [os.urandom(16)], [[0, 1, 2, 3]]
+    make = lambda r, cid, g: P.JobReq(r, cid, g, eid + 1000, False, 0, 1, keys, blocks)  # noqa: E731
+    got: list[Any] = []
+    path.link.call(lambda c: c.job(make, got.append))  # posted, as a worker's jobs are
+    assert path.link.call(lambda c: c.flush(10.0)) and len(got) == 1
+    assert isinstance(got[0], P.Error) and got[0].code == P.ErrCode.UNKNOWN_EXPORT, got
+    sent = path.link.call(lambda c: _answer(c, make))  # and as a call
+    assert isinstance(sent, KVNodeError) and "no such export" in str(sent), sent
+    path.link.call(lambda c: c.lookup([os.urandom(16)]))  # the next call registers no one
+    assert path.link.call(lambda c: c.client_id) == client_id
+    t = big_agent_stats(agent)["transfers"]["agent"]
+    assert t["exports_dropped"] == 0 and t["exporting_workers"] == 1, t
+    assert path.ready() and path.export_id == eid  # the same export still moves the bytes
+    _save(path, _ops(2, 0, tag=11))
+    dst = {k: v.clone().zero_() for k, v in src.items()}
+    _w2, loader = _path(rd, dst)
+    assert _load(loader, _ops(2, 8, tag=11)) == set()
+    for k in src:
+        assert torch.equal(dst[k][8:16], src[k][0:8])
+
+
+def test_a_worker_whose_export_was_pushed_out_exports_again(big_agent: AgentProcess) -> None:
+    """Its client made ``EXPORTS_PER_CLIENT_MAX`` newer exports, so the agent dropped
+    the worker's: its next job is refused as naming no export of the client, and the
+    step after exports again and saves through the agent."""
+    agent = big_agent
+    rd = str(agent.runtime_dir)
+    w, path = _path(rd, _cache(12))
+    assert path.ready()
+    old = path.export_id
+    for _ in range(EXPORTS_PER_CLIENT_MAX):  # the same worker exporting again and again
+        path.export_id = 0
+        assert path.ready() and path.export_id != old
+    path.export_id = old  # the worker still names the first one
+    assert path.ready() and path.export_id == old
+    ops = _ops(1, 0, tag=12)
+    path.track(ops)
+    path.save(ops)
+    deadline = time.monotonic() + 10
+    while not path.finished(set(ops)):
+        assert time.monotonic() < deadline, "the refused save never ended"
+        time.sleep(0.002)
+    assert w.stats.save_chunks == 0
+    assert path.ready() and path.export_id not in (0, old)
+    _save(path, _ops(1, 4, tag=13))
+    assert w.stats.save_chunks == 1
 
 
 @pytest.mark.parametrize("fault", ["same name", "same region", "gap"])
