@@ -33,6 +33,8 @@ from kvnode.ipc import progress as PG
 log = logging.getLogger("kvnode.agent")
 
 JOBS_QUEUED_MAX = 256  # jobs waiting for one device's copy thread
+# Of which one client's: another client always finds room in the queue.
+JOBS_QUEUED_PER_CLIENT_MAX = JOBS_QUEUED_MAX // 4
 # Parked layer-wise saves: first and longest poll wait, doubling while the worker
 # computes. A layer of a prefill takes milliseconds to seconds: each poll is a thread
 # wake-up and a system call taken from the cores the forward pass computes on.
@@ -191,9 +193,70 @@ def report(mover: Mover, job: Job) -> None:
     job.export.wake()
 
 
+class FairQueue:
+    """The jobs waiting for one copy thread, taken from their clients in turn: a
+    client that queues many jobs (or costly ones) delays another client's job by at
+    most one of its own, never by all of them. At most ``total`` jobs wait, of which
+    ``per_client`` one client's. ``get`` returns None once closed and empty."""
+
+    def __init__(self, total: int, per_client: int) -> None:
+        self.total, self.per_client = total, per_client
+        self._cv = threading.Condition(threading.Lock())
+        self._by_client: dict[int, deque[Job]] = {}
+        self._turns: deque[int] = deque()  # clients with jobs waiting, in turn order
+        self._n = 0
+        self._closed = False
+
+    def put(self, job: Job) -> bool:
+        """Queue ``job``; False when the queue or its client's share of it is full."""
+        owner = job.export.client_id
+        with self._cv:
+            waiting = self._by_client.get(owner)
+            if self._closed or self._n >= self.total:
+                return False
+            if waiting is not None and len(waiting) >= self.per_client:
+                return False
+            if waiting is None:
+                waiting = self._by_client[owner] = deque()
+                self._turns.append(owner)
+            waiting.append(job)
+            self._n += 1
+            self._cv.notify()
+        return True
+
+    def get(self, timeout: float | None = None) -> Job | None:
+        """The next client's oldest job, waiting up to ``timeout`` (None: for ever);
+        raises ``queue.Empty`` when none came, returns None once closed and empty."""
+        with self._cv:
+            if not self._cv.wait_for(lambda: self._n > 0 or self._closed, timeout):
+                raise queue.Empty
+            if not self._n:
+                return None
+            owner = self._turns.popleft()
+            waiting = self._by_client[owner]
+            job = waiting.popleft()
+            self._n -= 1
+            if waiting:
+                self._turns.append(owner)  # its next job after the other clients' turns
+            else:
+                del self._by_client[owner]
+            return job
+
+    def close(self) -> None:
+        """The jobs queued still come out (their runs fail them: their exports are
+        dead by then), then None."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+
+    def __len__(self) -> int:
+        return self._n
+
+
 class CopyThread:
-    """One device's copy thread: runs jobs in order, hands each back through
-    ``on_done`` (called on this thread; it must only queue and wake the loop).
+    """One device's copy thread: runs jobs as they come, each client's in order and
+    the clients in turn (``FairQueue``), hands each back through ``on_done`` (called
+    on this thread; it must only queue and wake the loop).
 
     A layer-wise save that reaches a layer its worker has not computed is parked:
     the thread takes the jobs queued behind it (a load another worker's forward pass
@@ -206,7 +269,7 @@ class CopyThread:
     def __init__(self, mover: Mover, on_done: Callable[[Job], None]) -> None:
         self.mover = mover
         self._on_done = on_done
-        self._queue: queue.Queue[Job | None] = queue.Queue(JOBS_QUEUED_MAX)
+        self._queue = FairQueue(JOBS_QUEUED_MAX, JOBS_QUEUED_PER_CLIENT_MAX)
         self._parked: list[Job] = []
         self._going: deque[Job] = deque()  # parked jobs the last poll found able to go on
         self._thread = threading.Thread(
@@ -215,15 +278,12 @@ class CopyThread:
         self._thread.start()
 
     def submit(self, job: Job) -> bool:
-        """Queue a job; False when the queue is full (the caller fails the job)."""
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            return False
-        return True
+        """Queue a job; False when the queue, or its client's share of it, is full
+        (the caller fails the job)."""
+        return self._queue.put(job)
 
     def depth(self) -> int:
-        return self._queue.qsize() + len(self._parked) + len(self._going)
+        return len(self._queue) + len(self._parked) + len(self._going)
 
     def _next(self) -> Job | None:
         """A queued job first, else a parked one that can go on (or must end: its
@@ -232,7 +292,7 @@ class CopyThread:
         wait = PARKED_POLL_S[0]
         while True:
             try:
-                return self._queue.get_nowait()
+                return self._queue.get(timeout=0)
             except queue.Empty:
                 pass
             if not self._going and self._parked:
@@ -293,8 +353,5 @@ class CopyThread:
             self._on_done(job)
 
     def close(self, timeout_s: float = 5.0) -> None:
-        try:
-            self._queue.put(None, timeout=timeout_s)
-        except queue.Full:
-            return
+        self._queue.close()
         self._thread.join(timeout_s)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import queue
 import random
 import time
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 import torch
 
+from kvnode.agent.movers.base import FairQueue
 from kvnode.agent.movers.exports import EXPORTS_PER_CLIENT_MAX
 from kvnode.errors import KVNodeError
 from kvnode.ipc import progress as PG
@@ -482,3 +484,65 @@ def test_exports_whose_layers_do_not_tile_the_chunk_are_refused(
         assert eid and not why, why
     finally:
         c.close()
+
+
+def _job_of(client: int, n: int) -> Any:
+    from types import SimpleNamespace
+
+    return SimpleNamespace(export=SimpleNamespace(client_id=client), n=n)
+
+
+def test_the_copy_queue_takes_the_clients_in_turn() -> None:
+    """Each client's jobs in order, the clients in turn; a client's share of the queue
+    and the whole queue are bounded; once closed, what is queued still comes out."""
+    q = FairQueue(total=6, per_client=4)
+    for i in range(5):
+        assert q.put(_job_of(1, i)) == (i < 4)  # past its share
+    assert q.put(_job_of(2, 0)) and q.put(_job_of(3, 0))
+    assert not q.put(_job_of(4, 0))  # the queue is full
+    order = [(j.export.client_id, j.n) for j in (q.get(0) for _ in range(6))]
+    assert order == [(1, 0), (2, 0), (3, 0), (1, 1), (1, 2), (1, 3)], order
+    with pytest.raises(queue.Empty):
+        q.get(0.01)
+    assert q.put(_job_of(5, 0))
+    q.close()
+    assert not q.put(_job_of(6, 0))
+    got = q.get(0)
+    assert got is not None and got.export.client_id == 5
+    assert q.get(0) is None and q.get() is None
+
+
+def test_one_clients_queued_jobs_hold_up_anothers_by_at_most_one(big_agent: AgentProcess) -> None:
+    """A client queues a dozen heavy loads (its stored 6 MiB chunk written 32 times
+    each); another client's one-chunk load, handed over after them, is served in its
+    turn: done while most of the first client's jobs still wait, not after them all."""
+    agent = big_agent
+    rd = str(agent.runtime_dir)
+    big = _cache(21, blocks=16, head=1024)  # 256 KiB per layer-block: 6 MiB chunks
+    _wh, hog = _path(rd, big)
+    _save(hog, _ops(1, 0, tag=21))
+    key, eid = _ops(1, 0, tag=21)["r"][0].keys[0], hog.export_id
+    src = _cache(22)
+    _wv, saver = _path(rd, src)
+    _save(saver, _ops(1, 0, tag=22))
+    dst = {k: v.clone().zero_() for k, v in src.items()}
+    _wl, victim = _path(rd, dst)
+    assert victim.ready()
+    jobs, dup = 12, 32
+    slots = range(1, 1 + jobs)
+    for slot in slots:
+        hog.page[slot] = 0
+        make = lambda r, cid, g, slot=slot: P.JobReq(  # noqa: E731
+            r, cid, g, eid, True, slot, 1, [key] * dup, [[4, 5, 6, 7]] * dup, [0] * dup
+        )
+        hog.link.call(lambda c, m=make: c.job(m))
+    assert hog.link.call(lambda c: c.flush(10.0))  # every one queued (answered)
+    assert _load(victim, _ops(1, 8, tag=22)) == set()
+    done = sum(1 for slot in slots if hog.page[slot, PG.DONE] == 1)
+    assert done <= 3, f"the other client's load waited for {done} of {jobs} jobs"
+    for k in src:
+        assert torch.equal(dst[k][8:12], src[k][0:4])
+    deadline = time.monotonic() + 60
+    while sum(1 for slot in slots if hog.page[slot, PG.DONE] == 1) < jobs:
+        assert time.monotonic() < deadline, "the queued jobs never all ended"
+        time.sleep(0.01)
