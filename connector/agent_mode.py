@@ -299,10 +299,13 @@ class AgentPath:
 
     def _replied(self, slot: int, seq: int, export_id: int, rep: Any) -> None:
         """On whichever thread reads the reply: only an error matters (the job was
-        never queued, nothing will be written for it). The agent no longer holding
-        the export the job named (``UNKNOWN_EXPORT``) makes the next step export
-        again, if it is still this worker's export."""
-        if rep is None or isinstance(rep, P.Error):
+        never queued, nothing will be written for it). No reply (None: the connection
+        went first) says nothing: the agent may have queued the job, so it stays
+        pending until the agent reports it, the agent exits, or its deadline passes
+        (the agent writes nothing after it). The agent no longer holding the export
+        the job named (``UNKNOWN_EXPORT``) makes the next step export again, if it is
+        still this worker's export."""
+        if isinstance(rep, P.Error):
             self._replies.append((slot, seq, True))
         if isinstance(rep, P.Error) and rep.code == P.ErrCode.UNKNOWN_EXPORT:
             self._export_gone = export_id

@@ -1325,3 +1325,38 @@ def test_a_worker_exports_to_a_restarted_agent_before_any_call_has_failed(tmp_pa
         assert p.stats.save_chunks == 2
     finally:
         agent.stop()
+
+
+def test_a_save_whose_reply_was_lost_is_not_finished_before_the_agent_says(
+    big_agent: AgentProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The link goes down (as when the scheduler side lost the agent) with a save's
+    reply unread while the agent's loop is stalled. No reply is not a refusal: the
+    agent may have queued the job, so its request stays unfinished (vLLM keeps the
+    blocks) until the agent reports it or its deadline passes. It was finished at
+    once, and the agent then read blocks vLLM had freed."""
+    import signal
+
+    from kvnode.connector import agent_mode
+
+    monkeypatch.setattr(agent_mode, "JOB_DEADLINE_S", 3.0)
+    monkeypatch.setattr(agent_mode, "DEADLINE_MARGIN_S", 0.5)
+    rd = str(big_agent.runtime_dir)
+    _w, path = _path(rd, _cache(33))
+    assert path.ready()
+    assert big_agent.proc is not None
+    pid = big_agent.proc.pid
+    ops = _ops(2, 0, tag=33)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        path.track(ops)
+        path.save(ops)
+        time.sleep(0.2)  # the request has left the worker
+        path.link.mark_down("the scheduler side lost the agent")  # its reply is lost
+        assert path.finished(set(ops)) == set()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    deadline = time.monotonic() + 10
+    while path.finished(set(ops)) != set(ops):
+        assert time.monotonic() < deadline, "the save never ended"
+        time.sleep(0.01)
