@@ -266,12 +266,15 @@ class AgentPath:
             if slot >= 0:
                 seq = self._seq[slot] = self._seq[slot] % 255 + 1
                 self.page[slot] = 0
-            job = _Job(slot, seq, load, part, time.monotonic() + JOB_DEADLINE_S + DEADLINE_MARGIN_S)
+            # The agent writes nothing after ``deadline`` (it gets it with the job);
+            # this worker gives the job up a margin later.
+            deadline = time.monotonic_ns() + int(JOB_DEADLINE_S * 1e9)
+            job = _Job(slot, seq, load, part, deadline / 1e9 + DEADLINE_MARGIN_S)
             jobs.append(job)
             if slot < 0:
                 job.outcome = PG.RESULT_FAILED
                 continue
-            make = self._request(load, [op for _, op in part], slot, seq, layerwise)
+            make = self._request(load, [op for _, op in part], slot, seq, deadline, layerwise)
             on_reply = functools.partial(self._replied, slot, seq, self.export_id)
             try:
                 self.link.call(lambda c, m=make, cb=on_reply: c.job(m, cb))
@@ -281,7 +284,13 @@ class AgentPath:
         return jobs
 
     def _request(
-        self, load: bool, ops: list[ChunkOp], slot: int, seq: int, layerwise: bool = False
+        self,
+        load: bool,
+        ops: list[ChunkOp],
+        slot: int,
+        seq: int,
+        deadline_ns: int,
+        layerwise: bool = False,
     ) -> Callable[[int, int, int], P.JobReq]:
         """The job's request, built for whichever registration sends it."""
         rank, eid = self.worker.rank, self.export_id
@@ -289,13 +298,16 @@ class AgentPath:
         blocks = [list(op.block_ids) for op in ops]
         if load:
             offsets = [op.block_offset for op in ops]
-            return lambda r, c, g: P.JobReq(r, c, g, eid, True, slot, seq, keys, blocks, offsets)
+            return lambda r, c, g: P.JobReq(
+                r, c, g, eid, True, slot, seq, keys, blocks, offsets, deadline_ns=deadline_ns
+            )
         groups = [op.keys[0] for op in ops] if len(ops[0].keys) > 1 else []
         parents = [op.parents[rank] if op.parents else b"" for op in ops]
         tokens = [list(op.tokens) for op in ops]
         return lambda r, c, g: P.JobReq(
-            r, c, g, eid, False, slot, seq, keys, blocks, [], groups, parents, tokens, layerwise
-        )
+            r, c, g, eid, False, slot, seq, keys, blocks, [], groups, parents, tokens, layerwise,
+            deadline_ns,
+        )  # fmt: skip
 
     def _replied(self, slot: int, seq: int, export_id: int, rep: Any) -> None:
         """On whichever thread reads the reply: only an error matters (the job was

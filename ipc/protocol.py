@@ -82,6 +82,7 @@ class ErrCode(IntEnum):
     SHUTTING_DOWN = 7
     STALE_GENERATION = 8  # the agent restarted since this client registered: Hello again
     UNKNOWN_EXPORT = 9  # a job names an export this client does not hold: export again
+    JOB_LATE = 10  # a job reached the agent past the deadline its worker set: not run
     NOT_PERMITTED = 20  # an operator's request (drop, clear) from an ordinary client
 
 
@@ -272,6 +273,11 @@ class JobReq(_Msg, tag=13):
     # A save handed over while the forward pass runs: the agent copies layer i once
     # the worker has marked it computed in the job's slot (``progress.computed_byte``).
     layerwise: bool = False
+    # The worker's deadline (CLOCK_MONOTONIC, ns; 0: none): the agent writes nothing
+    # into the worker after it, however late the job reached it, so a worker that
+    # gives the job up past it may reuse its blocks and slot. A job that arrives past
+    # it is refused (``JOB_LATE``).
+    deadline_ns: Annotated[int, Meta(ge=0, le=U63)] = 0
 
 
 # ---------------------------------------------------------------- operators

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import socket
 import struct
 import time
@@ -224,6 +225,11 @@ class Transfers:
         bpc = _blocks_per_chunk(layers, m.chunk_nbytes)
         if m.slot_bytes < PG.slot_bytes(len(layers)):
             raise Refusal(f"progress slots of {m.slot_bytes} bytes are too small")
+        if not same_clock(pid):
+            raise Refusal(
+                f"pid {pid} runs in a time namespace of its own: the deadlines of its jobs "
+                f"are not the agent's (agent mode needs one clock)"
+            )
         try:  # the registry's pidfd is checked against pid reuse since Hello
             proc = WorkerProcess.open(pid, m.wake_fd, c.pidfd if c.pid == pid else -1)
         except ProcessLookupError:
@@ -301,7 +307,17 @@ class Transfers:
                 f"for {ex.device} exports",
             )  # fmt: skip
         n = len(m.keys)
-        job = Job(ex, m.load, m.slot, m.seq, [], bytearray(n), time.monotonic() + JOB_DEADLINE_S)
+        now = time.monotonic()
+        # The worker's deadline, when it sets one, not the one counted from now: the job
+        # may have waited in the socket (the loop stalled), and the worker gives it up
+        # by its own clock (the agent's: exports share the clock, ``same_clock``).
+        deadline = now + JOB_DEADLINE_S
+        if m.deadline_ns:
+            deadline = min(deadline, m.deadline_ns / 1e9)
+        if deadline <= now:
+            self.counters.jobs_refused += 1
+            return P.Error(m.rid, P.ErrCode.JOB_LATE, "the job reached the agent past its deadline")
+        job = Job(ex, m.load, m.slot, m.seq, [], bytearray(n), deadline)
         job.layerwise = m.layerwise
         self.counters.layerwise_jobs += m.layerwise
         room = self._room(c.client_id, m.load)
@@ -563,6 +579,22 @@ def peer_pid(fd: int) -> int:
         return 0
     finally:
         s.close()
+
+
+def same_clock(pid: int) -> bool:
+    """Whether ``pid`` reads CLOCK_MONOTONIC as the agent does (it is in the agent's
+    time namespace): the deadline a worker sends with each job is then the agent's."""
+    try:
+        mine = os.stat("/proc/self/ns/time")
+    except FileNotFoundError:
+        return True  # a kernel without time namespaces: one clock for every process
+    except OSError:
+        return False
+    try:
+        theirs = os.stat(f"/proc/{pid}/ns/time")
+    except OSError:
+        return False
+    return (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
 
 
 def _own_pid_ns() -> int:

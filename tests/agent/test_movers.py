@@ -1327,6 +1327,93 @@ def test_a_worker_exports_to_a_restarted_agent_before_any_call_has_failed(tmp_pa
         agent.stop()
 
 
+# ---------------------------------------------------------------- deadlines
+def test_the_agent_keeps_the_deadline_its_worker_sends(big_agent: AgentProcess) -> None:
+    """A job carries its worker's deadline (the worker gives the job up a margin past
+    it). One that reaches the agent past it is refused as late and moves nothing; a
+    layer-wise save parked for layers never marked ends, failed and unreported (the
+    agent writes nothing into a worker past the deadline), at that deadline, not the
+    agent's own 30 s after it took the job."""
+    from kvnode.errors import KVNodeError
+    from kvnode.ipc import progress as PG
+    from kvnode.ipc import protocol as P
+
+    rd = str(big_agent.runtime_dir)
+    w, path = _path(rd, _cache(31))
+    assert path.ready()
+    eid, keys, blocks = path.export_id, [os.urandom(16)], [[0, 1, 2, 3]]
+
+    def save(slot: int, deadline_ns: int) -> Any:
+        path.page[slot] = 0
+        make = lambda r, c, g: P.JobReq(  # noqa: E731
+            r, c, g, eid, False, slot, 1, keys, blocks, layerwise=True, deadline_ns=deadline_ns
+        )
+        try:
+            return path.link.call(lambda c: c._call(make, timeout_s=10.0, retry=False))
+        except KVNodeError as exc:
+            return exc
+
+    late = save(1, time.monotonic_ns() - 1)
+    assert isinstance(late, KVNodeError) and "past its deadline" in str(late), late
+    t = big_agent_stats(big_agent)["transfers"]["agent"]
+    assert t["jobs"] == 0 and t["jobs_refused"] == 1, t
+    t0 = time.monotonic()
+    assert isinstance(save(2, time.monotonic_ns() + 500_000_000), P.StatusRep)
+    while True:  # settled: failed, its reservation let go (past the deadline, untold)
+        s = big_agent_stats(big_agent)
+        if s["transfers"]["agent"]["jobs_inflight"] == 0:
+            break
+        assert time.monotonic() - t0 < 10, "the parked save outlived its worker's deadline"
+        time.sleep(0.02)
+    assert time.monotonic() - t0 >= 0.5
+    assert s["transfers"]["agent"]["jobs_failed"] == 1 and s["arena"]["reserved"] == 0, s
+    assert path.page[2, PG.DONE] == 0  # nothing written into the worker past the deadline
+
+
+def test_a_load_its_worker_gave_up_is_never_written_by_an_agent_that_stalled(
+    big_agent: AgentProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent's loop stalls (SIGSTOP) past the worker's deadline plus its margin
+    with a load in its socket: the worker gives the load up (vLLM recomputes the
+    blocks), and the agent, once it runs again, writes nothing into those blocks or
+    into the job's slot. It counted its 30 s from when it read the job, and wrote
+    into blocks already recomputed."""
+    import signal
+    import threading
+
+    from kvnode.connector import agent_mode
+    from kvnode.ipc import progress as PG
+
+    monkeypatch.setattr(agent_mode, "JOB_DEADLINE_S", 1.5)
+    monkeypatch.setattr(agent_mode, "DEADLINE_MARGIN_S", 0.5)
+    rd = str(big_agent.runtime_dir)
+    src, dst, loader = _saved_then_loader(rd, 32, tag=32)
+    assert big_agent.proc is not None
+    pid = big_agent.proc.pid
+    os.kill(pid, signal.SIGSTOP)
+    resume = threading.Timer(3.5, lambda: os.kill(pid, signal.SIGCONT))
+    try:
+        loader.load(_ops(2, 16, tag=32))
+        job = loader._loads[0]
+        resume.start()
+        loader.finish_loads()  # gives up at its deadline plus margin, 2 s in
+        assert loader.take_load_errors() == set(range(16, 24))
+        for t in dst.values():  # what vLLM recomputes into them
+            t[16:24].fill_(7.0)
+        resume.join()
+        time.sleep(2.0)  # the agent reads the job now
+    finally:
+        resume.cancel()
+        os.kill(pid, signal.SIGCONT)
+    for t in dst.values():
+        assert bool((t[16:24] == 7.0).all()), "the agent wrote into blocks given up"
+    assert loader.page[job.slot, PG.DONE] != job.seq
+    monkeypatch.undo()
+    assert _load(loader, _ops(2, 16, tag=32)) == set()  # and it serves on
+    for k in src:
+        assert torch.equal(dst[k][16:24], src[k][0:8])
+
+
 def test_a_save_whose_reply_was_lost_is_not_finished_before_the_agent_says(
     big_agent: AgentProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
