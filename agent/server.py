@@ -529,6 +529,8 @@ class Agent:
 
     # ------------------------------------------------------------------ stats
     def snapshot(self) -> dict[str, Any]:
+        if self.transfers is not None:  # jobs the copy threads handed back count now
+            self.transfers.poll()
         out = snapshot(
             self.cache, self.registry, self.stats, str(self.runtime_dir), self._started_at
         )

@@ -277,7 +277,11 @@ def test_a_chunk_that_fails_its_checksum_is_never_written_into_the_worker(
             assert torch.equal(src[k][: 4 * BPC], dst[k][32 : 32 + 4 * BPC]), k
             bad_blocks = dst[k][32 + 4 * BPC : 32 + 5 * BPC]
             assert bool((bad_blocks == 7.0).all()), f"{k}: the bad chunk was written"
-        assert big_agent_stats(agent)["transfers"]["agent"]["checksum_errors"] == 1
+        # Counted once the loop settles the job, just after the worker was told.
+        deadline = time.monotonic() + 5
+        while big_agent_stats(agent)["transfers"]["agent"]["checksum_errors"] != 1:
+            assert time.monotonic() < deadline, big_agent_stats(agent)["transfers"]["agent"]
+            time.sleep(0.01)
     finally:
         agent.stop()
 
