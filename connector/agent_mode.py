@@ -446,10 +446,13 @@ class AgentPath:
     def finish_loads(self) -> None:
         """Wait for the step's load jobs to end and turn their outcomes into vLLM
         load errors (the chunk and the request's later chunks)."""
-        jobs, self._loads = self._loads, []
+        jobs = self._loads
         if not jobs:
             return
+        # Still this step's loads while they are waited for: a refusal read now is
+        # matched to them (``_poll`` looks among them), not dropped.
         self._wait(lambda: all(self._poll(j) for j in jobs))
+        self._loads = []
         failed_from: dict[str, int] = {}
         nbytes_per_block = self.worker.layer_nbytes
         for job in jobs:

@@ -1451,3 +1451,21 @@ def test_a_save_whose_reply_was_lost_is_not_finished_before_the_agent_says(
     while path.finished(set(ops)) != set(ops):
         assert time.monotonic() < deadline, "the save never ended"
         time.sleep(0.01)
+
+
+def test_a_refused_load_ends_when_its_step_finishes_without_layer_waits(
+    big_agent: AgentProcess,
+) -> None:
+    """A load the agent refuses ends at once in ``finish_loads`` even when no layer
+    was waited for first: the refusal is matched to the step's loads while they are
+    waited for. It was dropped, and the load waited out its 35 s deadline."""
+    rd = str(big_agent.runtime_dir)
+    _w, path = _path(rd, _cache(34))
+    assert path.ready()
+    path.export_id += 1000  # an export the agent does not hold: the job is refused
+    ops = _ops(2, 0, tag=34)
+    t0 = time.monotonic()
+    path.load(ops)
+    path.finish_loads()
+    assert time.monotonic() - t0 < 5.0, "the refused load waited for its deadline"
+    assert path.take_load_errors() == {b for op in ops["r"] for b in op.block_ids}
