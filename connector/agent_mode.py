@@ -146,8 +146,12 @@ class AgentPath:
             return False
 
     def _export(self, client: Any) -> bool:
-        client.connect()
+        client.connect()  # registers again if the agent it registered with has exited
         gen = client.generation
+        if self._agent_pidfd >= 0 and gen != self.generation:
+            # That agent exited after ``ready`` looked: its jobs have ended (once its
+            # pidfd is given up nothing else would end them before their deadline).
+            self._lost_agent()
         if gen == self._refused_generation:
             return False  # refused by this agent already: worker mode until it changes
         try:

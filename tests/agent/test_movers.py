@@ -1469,3 +1469,31 @@ def test_a_refused_load_ends_when_its_step_finishes_without_layer_waits(
     path.finish_loads()
     assert time.monotonic() - t0 < 5.0, "the refused load waited for its deadline"
     assert path.take_load_errors() == {b for op in ops["r"] for b in op.block_ids}
+
+
+def test_jobs_end_when_their_agent_exits_just_before_the_export_again(tmp_path: Path) -> None:
+    """The agent exits after the worker's step looked (its registration seemed
+    current) and before it exported again: the export goes to the agent that serves
+    now, and the jobs of the one that exited end then, failed, not at their deadline
+    (they waited 35 s once the old agent's pidfd was given up)."""
+    import signal
+
+    rd = tmp_path / "run"
+    agent = AgentProcess(rd, cpu_bytes="256MiB").start()
+    try:
+        _w, path = _path(str(rd), _cache(35), wait_s=30)
+        assert path.ready()
+        ops = _ops(1, 0, tag=35)
+        path.begin_layers(ops)  # a layer-wise save the agent parks for its layers
+        assert path._layer_handed and path._saves
+        agent.stop(signal.SIGKILL)
+        agent = AgentProcess(rd, cpu_bytes="256MiB").start()
+        path._registered_again()  # as ``ready`` does when the registration seemed current
+        assert path.link.call(path._export), "no export to the new agent"
+        t0 = time.monotonic()
+        while path.finished(set(ops)) != set(ops):
+            assert time.monotonic() - t0 < 5.0, "the dead agent's save waited for its deadline"
+            time.sleep(0.01)
+        path.end_layers()
+    finally:
+        agent.stop()
