@@ -1497,3 +1497,42 @@ def test_jobs_end_when_their_agent_exits_just_before_the_export_again(tmp_path: 
         path.end_layers()
     finally:
         agent.stop()
+
+
+_OTHER_CLOCK_WORKER = """
+import sys
+from tests.agent.test_movers import _cache, _path
+w, path = _path(sys.argv[1], _cache(36))
+print("ready" if path.ready() else "refused: " + str(path._refused))
+"""
+
+
+def test_a_worker_on_another_clock_is_refused_agent_mode(big_agent: AgentProcess) -> None:
+    """A worker in a time namespace of its own (its CLOCK_MONOTONIC 1000 s ahead)
+    sends deadlines the agent cannot read: its export is refused, with the reason,
+    and it copies itself. One on the agent's clock is taken."""
+    import shutil
+    import subprocess
+    import sys
+
+    from kvnode.agent.movers.service import same_clock
+
+    assert same_clock(os.getpid()) and not same_clock(0x7FFFFFF0)
+    unshare = shutil.which("unshare")
+    probe = subprocess.run(
+        [unshare or "unshare", "--time", "--fork", "--monotonic", "1000", "true"],
+        capture_output=True,
+    )
+    if unshare is None or probe.returncode != 0:
+        pytest.skip(f"cannot make a time namespace here: {probe.stderr.decode().strip()}")
+    cmd = [sys.executable, "-c", _OTHER_CLOCK_WORKER, str(big_agent.runtime_dir)]
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": root}
+    other = subprocess.run(
+        [unshare, "--time", "--fork", "--monotonic", "1000", *cmd],
+        capture_output=True, text=True, timeout=120, cwd=root, env=env,
+    )  # fmt: skip
+    assert other.returncode == 0, other.stderr
+    assert "refused" in other.stdout and "time namespace" in other.stdout, other.stdout
+    same = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=root, env=env)
+    assert same.returncode == 0 and "ready" in same.stdout, (same.stdout, same.stderr)
