@@ -225,7 +225,7 @@ class Transfers:
         bpc = _blocks_per_chunk(layers, m.chunk_nbytes)
         if m.slot_bytes < PG.slot_bytes(len(layers)):
             raise Refusal(f"progress slots of {m.slot_bytes} bytes are too small")
-        if not same_clock(pid):
+        if same_clock(pid) is False:
             raise Refusal(
                 f"pid {pid} runs in a time namespace of its own: the deadlines of its jobs "
                 f"are not the agent's (agent mode needs one clock)"
@@ -581,9 +581,10 @@ def peer_pid(fd: int) -> int:
         s.close()
 
 
-def same_clock(pid: int) -> bool:
+def same_clock(pid: int) -> bool | None:
     """Whether ``pid`` reads CLOCK_MONOTONIC as the agent does (it is in the agent's
-    time namespace): the deadline a worker sends with each job is then the agent's."""
+    time namespace): the deadline a worker sends with each job is then the agent's.
+    None when the agent may not look (no ptrace rights: the attach then says why)."""
     try:
         mine = os.stat("/proc/self/ns/time")
     except FileNotFoundError:
@@ -592,6 +593,8 @@ def same_clock(pid: int) -> bool:
         return False
     try:
         theirs = os.stat(f"/proc/{pid}/ns/time")
+    except PermissionError:
+        return None
     except OSError:
         return False
     return (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
