@@ -24,6 +24,7 @@ import itertools
 import logging
 import mmap
 import os
+import stat
 import threading
 import time
 from collections import OrderedDict, deque
@@ -78,6 +79,9 @@ class FileSystem:
 
     def fstat_size(self, fd: int) -> int:
         return os.fstat(fd).st_size
+
+    def fstat_regular(self, fd: int) -> bool:
+        return stat.S_ISREG(os.fstat(fd).st_mode)
 
     def ftruncate(self, fd: int, n: int) -> None:
         os.ftruncate(fd, n)
@@ -250,7 +254,9 @@ class DiskStore:
     ) -> None:
         try:
             key = bytes.fromhex(name[: -len(SUFFIX)])
-            fd = self.fs.open(path, os.O_RDONLY)
+            if not stat.S_ISREG(st.st_mode):
+                raise CorruptEntry("not a regular file")
+            fd = self._open_chunk(path, os.O_RDONLY)
             try:
                 raw = self.fs.pread(fd, HEADER_BYTES, 0)  # one page: the header and meta
             finally:
@@ -372,7 +378,7 @@ class DiskStore:
             return size
         path = self.path_of(key)
         try:
-            st = os.stat(path)
+            st = os.lstat(path)
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -494,6 +500,23 @@ class DiskStore:
             self.o_direct = False
             return -1
 
+    def _open_chunk(self, path: str, flags: int, direct: bool = False) -> int:
+        """``_open`` of a chunk file to read: a regular file of its own, never what a
+        link at its path names, and never a wait (a FIFO put there would block the
+        open, and the disk tier's I/O thread with it); else ``CorruptEntry``."""
+        fd = self._open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, direct)
+        if fd < 0:
+            return fd
+        try:
+            regular = self.fs.fstat_regular(fd)
+        except OSError:
+            self.fs.close(fd)
+            raise
+        if not regular:
+            self.fs.close(fd)
+            raise CorruptEntry("not a regular file")
+        return fd
+
     def _pwritev_all(self, fd: int, bufs: list[memoryview]) -> None:
         off = 0
         while bufs:
@@ -548,9 +571,9 @@ class DiskStore:
         if e.size != slot.size:
             raise CorruptEntry("slot size differs from the indexed size")
         bufs = slot.padded(DIRECT_ALIGN) if self.o_direct else None
-        fd = self._open(path, os.O_RDONLY, direct=bufs is not None)
+        fd = self._open_chunk(path, os.O_RDONLY, direct=bufs is not None)
         if fd < 0:
-            bufs, fd = None, self._open(path, os.O_RDONLY)
+            bufs, fd = None, self._open_chunk(path, os.O_RDONLY)
         hdr = self._header_buf()
         try:
             if self.fs.fstat_size(fd) != e.file_bytes:

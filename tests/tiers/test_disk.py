@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import stat
 import subprocess
 from pathlib import Path
 
@@ -351,3 +352,69 @@ def test_listing_follows_every_change_of_the_books(tmp_path, monkeypatch) -> Non
         assert d.put(key(i), slot(v), checksum(v))
     again = d.take_listing()
     assert again is not None and sorted(again.full or []) == [key(i) for i in range(2, 6)]
+
+
+# -- what another process may put at a chunk's path ---------------------------------------
+def _in_time(fn, timeout_s: float = 10.0):
+    """``fn()`` on a thread: its result, or a failure when it is still blocked."""
+    import threading
+
+    out: list = []
+
+    def run() -> None:
+        try:
+            out.append((fn(), None))
+        except BaseException as exc:
+            out.append((None, exc))
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout_s)
+    assert not t.is_alive(), f"{fn} still blocked after {timeout_s} s"
+    got, exc = out[0]
+    if exc is not None:
+        raise exc
+    return got
+
+
+@pytest.mark.parametrize("what", ["fifo", "link to a fifo", "link to a chunk"])
+def test_a_non_file_at_a_chunks_path_is_dropped_never_waited_on(tmp_path, what):
+    """A FIFO (or a link) where a chunk file was: the start-up scan, a probe while it
+    runs and a read each drop it as corrupt at once. Opening a FIFO to read waits for
+    a writer: the scan never ended and the I/O thread that read it was lost."""
+    d = DiskStore(str(tmp_path / "kv"), 10 * MiB)
+    v, w = os.urandom(50 * KiB), os.urandom(50 * KiB)
+    assert d.put(key(1), slot(v), checksum(v)) and d.put(key(2), slot(w), checksum(w))
+    bad = Path(d.path_of(key(1)))
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+
+    def plant() -> None:
+        bad.unlink(missing_ok=True)
+        if what == "fifo":
+            os.mkfifo(bad)
+        else:
+            bad.symlink_to(fifo if what == "link to a fifo" else d.path_of(key(2)))
+
+    try:
+        plant()
+        with pytest.raises((CorruptEntry, DiskError)):  # the runtime read
+            _in_time(lambda: d.read_into(key(1), empty(len(v))))
+        plant()
+        again = _in_time(lambda: DiskStore(str(tmp_path / "kv"), 10 * MiB))  # the scan
+        assert set(again.entries) == {key(2)} and not os.path.lexists(bad)
+        assert again.stats.snapshot()["corrupt"] == 1
+        plant()
+        late = DiskStore(str(tmp_path / "kv"), 10 * MiB, scan=False)
+        assert _in_time(lambda: late.probe(key(1))) is None  # a probe while scanning
+        assert not os.path.lexists(bad)
+        out = empty(len(w))
+        assert again.read_into(key(2), out) == checksum(w) and bytes(out.views[0]) == w
+    finally:
+        for p in (fifo, bad):  # a thread left blocked on a FIFO gets its writer
+            if p.exists() and stat.S_ISFIFO(p.stat().st_mode):
+                try:
+                    os.close(os.open(p, os.O_WRONLY | os.O_NONBLOCK))
+                except OSError:
+                    pass
+
