@@ -1,7 +1,7 @@
 """The disk tier: one file per chunk under ``disk.path``, surviving restarts.
 
 Layout: ``<path>/<first key byte, hex>/<key hex>.kv``, each file a ``format`` header
-block followed by the payload. Writes go to ``.<key hex>.<n>.tmp`` in the same
+block followed by the payload. Writes go to ``.<key hex>.<tag>.<n>.tmp`` in the same
 directory, are fdatasync'ed (``disk.fsync``) and renamed into place, so a crash
 mid-write leaves at worst a temp file, which the next start removes; a lost rename
 only loses the entry. Reads land in arena slots with one ``preadv`` (header block plus
@@ -24,6 +24,7 @@ import itertools
 import logging
 import mmap
 import os
+import secrets
 import stat
 import threading
 import time
@@ -154,6 +155,9 @@ class DiskStore:
         self._pending = 0  # bytes reserved by writes in progress
         self._writing: set[bytes] = set()
         self._tmp_seq = itertools.count()
+        # Our temp files' tag: a per-start nonce, not the pid (a restarted agent in a
+        # container has the same pid as the one that crashed and left its temp files).
+        self._tmp_tag = secrets.token_hex(6)
         self._local = threading.local()
         self.bytes_limit = bytes_max  # lowered to what the file system really holds
         self._limit_checked = float("-inf")  # when free space was last measured
@@ -180,7 +184,7 @@ class DiskStore:
 
     def _tmp_path(self, key: bytes) -> str:
         hx = key.hex()
-        return str(self.root / hx[:2] / f".{hx}.{os.getpid()}.{next(self._tmp_seq)}{TMP_SUFFIX}")
+        return str(self.root / hx[:2] / f".{hx}.{self._tmp_tag}.{next(self._tmp_seq)}{TMP_SUFFIX}")
 
     def _header_buf(self) -> memoryview:
         """A page-aligned per-thread header block (O_DIRECT needs aligned memory)."""
@@ -235,7 +239,7 @@ class DiskStore:
 
     def _recover_one(self, f: os.DirEntry[str], found: list[tuple[int, bytes, DiskEntry]]) -> None:
         if f.name.endswith(TMP_SUFFIX):
-            if f.name.split(".")[-3:-2] == [str(os.getpid())]:
+            if f.name.split(".")[-3:-2] == [self._tmp_tag]:
                 return  # a write of ours in progress (the scan runs while we serve)
             self._unlink(f.path)
             with self._lock:

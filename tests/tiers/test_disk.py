@@ -418,3 +418,16 @@ def test_a_non_file_at_a_chunks_path_is_dropped_never_waited_on(tmp_path, what):
                 except OSError:
                     pass
 
+
+def test_temp_files_of_a_crashed_agent_with_our_pid_are_removed(tmp_path):
+    """A restarted agent in a container has the pid of the one that crashed: its
+    temp files are stale all the same, and removed; only this start's are kept."""
+    d = DiskStore(str(tmp_path), 10 * MiB)
+    sub = Path(d.path_of(key(7))).parent
+    crashed = sub / f".{key(7).hex()}.{os.getpid()}.0{'.tmp'}"
+    crashed.write_bytes(b"left by a crash of an agent with this pid")
+    ours = Path(d._tmp_path(key(8)))
+    ours.write_bytes(b"being written")
+    d.recover()
+    assert not crashed.exists() and ours.exists()
+    assert d.stale_tmp_removed == 1
