@@ -217,9 +217,15 @@ class Directory:
         ]
         pool = in_arena or slots
         peers = [self._by_slot[s].endpoint for s in pool if s in self._by_slot]
+        if not peers:
+            self.counters["no_holder"] += 1
+            return Route([], 0)
         if load is not None:
-            least = min(load(ep) for ep in peers)
-            peers = [ep for ep in peers if load(ep) == least]
+            # Each peer's load read once: the network thread changes it meanwhile, and
+            # two reads could leave no peer at the least.
+            loads = {ep: load(ep) for ep in peers}
+            least = min(loads.values())
+            peers = [ep for ep in peers if loads[ep] == least]
         self._rr += 1
         self.counters["routed"] += 1
         if in_arena:

@@ -55,6 +55,25 @@ def test_route_picks_one_holder_of_the_longest_run_in_memory_first() -> None:
     assert d.holders(K[0]) == {A: STORAGE, B: STORAGE, C: ARENA}
 
 
+def test_route_reads_each_peers_load_once() -> None:
+    """The load (requests outstanding to a peer) changes on the network thread while
+    the loop routes: a holder whose load grew between two reads left no peer at the
+    least, and the lookup was answered with an internal error."""
+    d = Directory()
+    _synced(d, A, B)
+    d.stored(A, K[:1], ARENA)
+    d.stored(B, K[:1], ARENA)
+    reads: dict[str, int] = {}
+
+    def load(ep: str) -> int:  # each read of a peer finds one more request outstanding
+        reads[ep] = reads.get(ep, 0) + 1
+        return reads[ep] + (0 if ep == A else 5)
+
+    r = d.route(K[:1], load)
+    assert r.ask == [A] and r.n == 1
+    assert reads == {A: 1, B: 1}
+
+
 def test_nobody_holds_it_and_every_stream_synced_is_a_miss_without_asking() -> None:
     d = Directory()
     _synced(d, A, B)
