@@ -61,6 +61,10 @@ class Link:
         self.rid = 0
         self.outstanding: dict[int, Job] = {}
         self.failures = 0
+        # Fetches failed in a row: only a fetch that lands resets it, not an answer to
+        # "do you have" (a peer that answers those and never sends the bytes would
+        # otherwise never be skipped).
+        self.fetch_failures = 0
         self.down_until = 0.0
         self.backoff_s = DOWN_BACKOFF_S_MIN
         self.handshakes: dict[int, str | None] = dict.fromkeys(range(len(sockets)))
@@ -108,9 +112,13 @@ class Link:
     def usable(self, now: float) -> bool:
         return self.stats.state != "self" and now >= self.down_until
 
-    def ok(self, seconds: float) -> None:
+    def ok(self, seconds: float, fetched: bool = False) -> None:
+        """An answer came (``fetched``: a fetch's bytes landed)."""
         self.failures = 0
-        self.backoff_s = DOWN_BACKOFF_S_MIN
+        if fetched:
+            self.fetch_failures = 0
+        if not self.fetch_failures:
+            self.backoff_s = DOWN_BACKOFF_S_MIN
         self.stats.state = "up"
         self.stats.latency(seconds)
 
@@ -123,10 +131,12 @@ class Link:
         self.down_until = max(self.down_until, now + bench_s)
         self.stats.state = "benched"
 
-    def fail(self, now: float, counter: str) -> None:
+    def fail(self, now: float, counter: str, fetch: bool = False) -> None:
+        """A request timed out or got a bad reply (``fetch``: a fetch did)."""
         self.stats.inc(counter)
         self.failures += 1
-        if self.failures >= DOWN_AFTER_FAILURES:
+        self.fetch_failures += fetch
+        if max(self.failures, self.fetch_failures) >= DOWN_AFTER_FAILURES:
             self.down_until = now + self.backoff_s
             self.backoff_s = min(2 * self.backoff_s, DOWN_BACKOFF_S_MAX)
             self.stats.state = "down"

@@ -357,7 +357,7 @@ class Network(threading.Thread):
             late = [rid for rid, job in link.outstanding.items() if job.deadline <= now]
             for rid in late:
                 job = link.outstanding.pop(rid)
-                link.fail(now, "timeouts")
+                link.fail(now, "timeouts", fetch=isinstance(job, Fetch))
                 self._forget(link, job, now)
 
     # -- replies --------------------------------------------------------------------------
@@ -388,7 +388,7 @@ class Network(threading.Thread):
             return
         if isinstance(rep, ErrorRep):
             log.debug("peer %s: error reply: %s", link.endpoint, rep.message)
-            link.fail(now, "errors")
+            link.fail(now, "errors", fetch=isinstance(job, Fetch))
         elif rep.node == self.node_id:
             link.stats.state = "self"  # a seed that resolved to this very agent
         elif isinstance(job, Query) and isinstance(rep, HaveRep):
@@ -431,7 +431,7 @@ class Network(threading.Thread):
         if not (len(rep.sizes) == len(rep.checksums) == len(rep.frames) == n) or sum(
             rep.frames
         ) != len(payload):
-            self._oversized(link, now) if got > f.nbytes else link.fail(now, "errors")
+            self._oversized(link, now) if got > f.nbytes else link.fail(now, "errors", fetch=True)
             return
         if got > f.nbytes or any(s not in (0, w) for s, w in zip(rep.sizes, f.sizes)):
             self._oversized(link, now)
@@ -458,7 +458,7 @@ class Network(threading.Thread):
             log.warning("peer %s sent %d chunks that fail their checksum: benched for %.0fs",
                         link.endpoint, bad, self.bench_s)  # fmt: skip
         else:
-            link.ok(now - f.started)
+            link.ok(now - f.started, fetched=True)
 
     def _oversized(self, link: Link, now: float) -> None:
         link.bench(now, self.bench_s, "oversized")

@@ -428,6 +428,28 @@ def test_claimed_sizes_evict_nothing_before_the_bytes_arrive(
     assert b.manager.stats()["peers"][mute.endpoint]["timeouts"] >= 1
 
 
+def test_a_peer_that_answers_but_never_sends_the_bytes_is_backed_off(
+    fleet: dict[str, Any], nodes: list[Node], raw_peers: list[RawPeer]
+) -> None:
+    """A peer that answers "do you have" and never answers a fetch: after three
+    fetches in a row time out it is skipped for a backoff, like a frozen peer. Each
+    answer reset its failures, so every key was fetched from it, each at the cost of
+    the fetch timeout."""
+    mute = RawPeer(_curve(fleet), "mute_fetch", 64 * KiB)
+    raw_peers.append(mute)
+    b = Node(_curve(fleet), seeds=[mute.endpoint], serve=False, deadline_ms=200,
+             fetch_timeout_ms=200)  # fmt: skip
+    nodes.append(b)
+    _wait_connected(b, [mute.endpoint])
+    assert b.manager is not None
+    for i in range(6):  # one key at a time, as lookups of new prompts come
+        assert b.manager.on_lookup_miss([_key(50 + i)])
+        assert pump([b], lambda: not b.manager.busy(), timeout_s=5)  # type: ignore[union-attr]
+    peer = b.manager.stats()["peers"][mute.endpoint]
+    assert peer["timeouts"] == 3 and peer["state"] == "down", peer
+    assert not any(b.index.contains(_key(50 + i)) for i in range(6))
+
+
 def test_a_seed_that_is_this_agent_is_recognised(fleet: dict[str, Any], nodes: list[Node]) -> None:
     a = Node(_curve(fleet))
     nodes.append(a)
