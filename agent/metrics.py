@@ -321,6 +321,11 @@ _PEER_SERVER = {
     "refused": ("peer_refused_total", "counter", "Peer connections refused (unknown CURVE key)."),
     "admitted": ("peer_admitted_total", "counter", "Peer connections admitted (known CURVE key)."),
     "busy": ("peer_server_busy_total", "counter", "Peers' requests refused as busy."),
+    "dropped": (
+        "peer_server_dropped_total",
+        "counter",
+        "Replies not sent: the peer's queue full (it does not read) or the peer gone.",
+    ),
     "bad_frames": ("peer_bad_frames_total", "counter", "Peers' frames that did not decode."),
     "sends_inflight": ("peer_sends_inflight", "gauge", "Sends to peers not yet completed."),
     "bytes_inflight": ("peer_send_inflight_bytes", "gauge", "Arena bytes pinned for sends."),

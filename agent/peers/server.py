@@ -127,7 +127,7 @@ class PeerServer:
         self.bytes_inflight = 0
         self.counters = dict.fromkeys(
             ("have_requests", "have_keys", "fetch_requests", "served_keys", "served_bytes",
-             "served_from_disk", "busy", "peer_busy", "bad_frames", "errors"), 0,
+             "served_from_disk", "busy", "peer_busy", "dropped", "bad_frames", "errors"), 0,
         )  # fmt: skip
         self.ctx = zmq.Context()
         self.auth: Any = None
@@ -149,7 +149,10 @@ class PeerServer:
             self.auth.configure_curve_callback(ZAP_DOMAIN, self.curve.ring)
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # an unroutable reply is dropped, not raised
+        # A reply the peer's queue has no room for (it does not read), or to a peer gone,
+        # raises at once (NOBLOCK) and is counted ``dropped``: libzmq would drop it
+        # silently, after it was counted served.
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.MAXMSGSIZE, REQUEST_BYTES_MAX)
         sock.setsockopt(zmq.SNDHWM, SERVER_SNDHWM)
         sock.setsockopt(zmq.RCVHWM, SERVER_RCVHWM)
@@ -187,7 +190,12 @@ class PeerServer:
             msg = decode_request(body)
         except ProtocolError as exc:
             self.counters["bad_frames"] += 1
-            self.socket.send_multipart([ident, encode(ErrorRep(0, str(exc)[:256]))], zmq.NOBLOCK)
+            try:
+                self.socket.send_multipart(
+                    [ident, encode(ErrorRep(0, str(exc)[:256]))], zmq.NOBLOCK
+                )
+            except zmq.ZMQError as err:
+                self._not_sent(err)
             return
         try:
             if isinstance(msg, HaveReq):
@@ -198,8 +206,16 @@ class PeerServer:
             else:
                 self._on_fetch(ident, msg)
         except zmq.ZMQError as exc:  # an operating error on one reply: counted, loop goes on
+            self._not_sent(exc)
+
+    def _not_sent(self, exc: zmq.ZMQError) -> None:
+        """A reply that did not go: the peer's queue is full or the peer is gone
+        (``dropped``), or another error (``errors``)."""
+        if exc.errno in (zmq.EAGAIN, zmq.EHOSTUNREACH):
+            self.counters["dropped"] += 1
+        else:
             self.counters["errors"] += 1
-            log.debug("peer reply not sent: %s", exc)
+        log.debug("peer reply not sent: %s", exc)
 
     def _committed(self, key: bytes) -> Entry | None:
         # No Index.lookup here: a peer's question must not move recency or hit counts.
@@ -344,11 +360,16 @@ class PeerServer:
         frames = [zmq.Frame(v, copy=False, track=True) for v in payload]
         nbytes = sum(len(v) for v in payload)
         send = Send(zmq.MessageTracker(*frames), pinned, held, ident)
+        try:
+            # Refused whole or taken whole: ROUTER checks room at a message's first part.
+            self.socket.send_multipart([ident, encode(rep), *frames], zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError:
+            self._unpin(send)  # libzmq holds none of the frames
+            raise
         if frames:
             self._sends.append(send)
         else:
             self._unpin(send)
-        self.socket.send_multipart([ident, encode(rep), *frames], zmq.NOBLOCK, copy=False)
         self.counters["served_keys"] += len(pinned)
         self.counters["served_bytes"] += nbytes
 
@@ -376,8 +397,7 @@ class PeerServer:
                 try:
                     self._reply(p)
                 except zmq.ZMQError as exc:
-                    self.counters["errors"] += 1
-                    log.debug("peer reply not sent: %s", exc)
+                    self._not_sent(exc)
             else:
                 keep.append(p)
         self._parked = keep

@@ -100,6 +100,7 @@ def sample_stats(scale: int = 1) -> dict[str, Any]:
             "refused": 0,
             "admitted": 1,
             "busy": 0,
+            "dropped": 0,
             "bad_frames": 0,
             "sends_inflight": 0,
             "bytes_inflight": 0,

@@ -544,3 +544,47 @@ def test_key_rotation_without_a_gap(
 
     assert pump([a, b], fetched)
     assert b.read(_key(1)) == a.read(_key(1))
+
+
+def test_replies_a_slow_reader_has_no_room_for_are_counted_dropped_not_served(
+    nodes: list[Node],
+) -> None:
+    """A peer sends 300 fetches of a 1 MiB chunk and reads slowly: the server's queue
+    to it fills. What it cannot queue is counted ``dropped`` and its pins go at once;
+    ``served_keys`` counts only the replies that left, which the reader then gets.
+    libzmq dropped them silently, after they had been counted served."""
+    a = Node(None)
+    nodes.append(a)
+    data = _data(7, MiB)
+    a.put(_key(1), data)
+    assert a.server is not None
+    ctx = zmq.Context()
+    reader = ctx.socket(zmq.DEALER)
+    reader.setsockopt(zmq.RCVHWM, 1)
+    reader.setsockopt(zmq.RCVBUF, 4096)
+    reader.setsockopt(zmq.LINGER, 0)
+    reader.connect(a.endpoint)
+    try:
+        time.sleep(0.3)
+        asks = 300
+        for i in range(asks):
+            reader.send(W.encode(W.FetchReq(i + 1, [_key(1)])))
+        pump([a], lambda: a.server.counters["fetch_requests"] == asks)  # type: ignore[union-attr]
+        assert a.server.counters["fetch_requests"] == asks
+        got = 0
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            a.step()
+            if reader.poll(200):
+                rep = W.decode_reply(reader.recv_multipart()[0])
+                got += isinstance(rep, W.FetchRep) and rep.sizes == [len(data)]
+            elif not a.server.busy():
+                break
+        c = a.server.counters
+        assert c["dropped"] > 0, c
+        assert c["served_keys"] == got, (c, got)
+        assert pump([a], lambda: not a.server.busy())  # type: ignore[union-attr]
+        assert a.server.bytes_inflight == 0 and a.index.pinned == 0
+    finally:
+        reader.close(0)
+        ctx.term()
