@@ -279,11 +279,14 @@ class ReplayServer(threading.Thread):
             return
         if r.cursor >= 0:
             self.counters["replay_superseded"] += 1
-        start = max(int.from_bytes(frames[2], "big", signed=True), 0)
+        asked = int.from_bytes(frames[2], "big", signed=True)
+        start = max(asked, 0)
         r.snapshot = None
         first = self.ring.first()
-        if start < first and self.snapshots is not None:
-            # History that left the ring: the state it added up to instead.
+        if (start < first or asked < 0) and self.snapshots is not None:
+            # History that left the ring, or a start before 0 (a subscriber that lost
+            # some of what was announced and wants the state, not the history): the
+            # state it added up to instead.
             if sum(1 for q in self._requesters.values() if q.snapshot) >= SNAPSHOTS_MAX:
                 self.counters["replay_refused"] += 1
                 r.cursor = -1

@@ -12,7 +12,8 @@ have it". For peers not synced a miss falls back to asking them, within a rate b
 Memory per entry (CPython 3.11, measured by ``benchmarks/peer_bench.py``): the 16-byte
 key object, one slot in the global dict, one in the peer's set, and the mask integer;
 ``entries_max`` bounds the entries, beyond which announcements are dropped (counted)
-and the peer that sent them is treated as not synced.
+and the peer that sent them is treated as not synced; once there is room again its
+stream replays its whole state (a snapshot) and it is synced again.
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ class Route:
     fallback: bool = False
 
 
+RESYNC_ROOM = 0.9  # a peer that overflowed is replayed once entries are below this share
+RESYNC_MIN_S = 5.0  # and at most this often
+
+
 class Directory:
     def __init__(
         self,
@@ -73,10 +78,14 @@ class Directory:
         self._fallback_level = fallback_per_s
         self._fallback_at = clock()
         self._rr = 0
+        # Peers some of whose announcements found no room: their whole state is asked
+        # for again once there is room (``take_resyncs``), at most every RESYNC_MIN_S.
+        self._overflowed: set[str] = set()
+        self._resynced_at: dict[str, float] = {}
         self.counters = dict.fromkeys(
             ("routed", "routed_arena", "no_holder", "fallback", "fallback_limited",
              "fallback_missed",
-             "entries_dropped", "peers_refused", "forgotten", "resets"), 0,
+             "entries_dropped", "peers_refused", "forgotten", "resets", "resyncs_asked"), 0,
         )  # fmt: skip
 
     # -- peers ---------------------------------------------------------------------------
@@ -95,9 +104,30 @@ class Directory:
 
     def remove_peer(self, endpoint: str) -> None:
         p = self._peers.pop(endpoint, None)
+        self._overflowed.discard(endpoint)
+        self._resynced_at.pop(endpoint, None)
         if p is not None:
             self._clear(p)
             del self._by_slot[p.slot]
+
+    def take_resyncs(self) -> list[str]:
+        """Peers whose whole state to ask for again (their stream replays it): some of
+        what they announced found no room, and there is room now (the entries below
+        ``RESYNC_ROOM`` of the bound). Until then they stay unsynced (a miss may ask
+        them, within the fallback's rate); each at most every ``RESYNC_MIN_S``."""
+        if not self._overflowed or len(self._holders) > RESYNC_ROOM * self.entries_max:
+            return []
+        now = self._clock()
+        out = [
+            ep
+            for ep in self._overflowed
+            if now - self._resynced_at.get(ep, float("-inf")) >= RESYNC_MIN_S
+        ]
+        for ep in out:
+            self._overflowed.discard(ep)
+            self._resynced_at[ep] = now
+        self.counters["resyncs_asked"] += len(out)
+        return out
 
     def set_synced(self, endpoint: str, synced: bool) -> None:
         p = self._peers.get(endpoint)
@@ -146,6 +176,7 @@ class Directory:
                 if len(holders) >= self.entries_max:
                     self.counters["entries_dropped"] += 1
                     p.synced = False  # "not here" no longer means absent for it
+                    self._overflowed.add(endpoint)
                     continue
                 holders[k] = bit
             else:

@@ -290,6 +290,8 @@ class PeerManager:
                 d.add_peer(u.endpoint)
             elif u.kind == "remove":
                 d.remove_peer(u.endpoint)
+        for endpoint in d.take_resyncs():  # room again for what found none
+            self._events.resync_whole(endpoint)
 
     def _plan(self, q: Query) -> None:
         for k in q.keys:

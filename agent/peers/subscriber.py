@@ -83,6 +83,7 @@ class _Peer:
     live: list[tuple[int, bytes]] = field(default_factory=list)
     snap_seq: int = -1  # the sequence number a snapshot being replayed is sent as
     asked_at: float = -1e9
+    whole: bool = False  # the next replay asks for the whole state (a snapshot)
     rid: int = 0
 
 
@@ -110,9 +111,10 @@ class Subscriber(threading.Thread):
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self.counters = dict.fromkeys(
-            ("batches", "events", "resyncs", "restarts", "gaps", "bad_batches",
-             "replay_retries", "updates_overflow", "disconnects"), 0,
+            ("batches", "events", "resyncs", "whole_resyncs", "restarts", "gaps",
+             "bad_batches", "replay_retries", "updates_overflow", "disconnects"), 0,
         )  # fmt: skip
+        self._whole: set[str] = set()  # peers whose whole state the loop asked for again
 
     # -- any thread ---------------------------------------------------------------------
     def set_endpoints(self, endpoints: set[str]) -> None:
@@ -159,11 +161,25 @@ class Subscriber(threading.Thread):
                 self._drop(p)
             self._ctx.term()
 
+    def resync_whole(self, endpoint: str) -> None:
+        """From the loop: replay the peer's whole state again (a snapshot), not only
+        what came since (the directory had no room for some of what it announced)."""
+        with self._lock:
+            self._whole.add(endpoint)
+        self._poke()
+
     def _step(self) -> None:
         with self._lock:
             wanted, self._wanted = self._wanted, None
+            whole, self._whole = self._whole, set()
         if wanted is not None:
             self._reconcile(wanted)
+        for endpoint in whole:
+            p = self._peers.get(endpoint)
+            if p is not None and p.state != "nostream":
+                p.whole = True
+                self.counters["whole_resyncs"] += 1
+                self._resync(p, "the directory had no room for all it announced")
         ready = dict(self._poller.poll(POLL_MS_MAX))
         if self._wake_r in ready:
             drain_pipe(self._wake_r)
@@ -272,8 +288,9 @@ class Subscriber(threading.Thread):
         p.asked_at = now
         p.live.clear()
         p.snap_seq = -1
+        start = -1 if p.whole else p.next_seq  # before 0: the state, as a snapshot
         try:
-            p.replay.send_multipart([b"", p.next_seq.to_bytes(8, "big")], zmq.NOBLOCK)
+            p.replay.send_multipart([b"", start.to_bytes(8, "big", signed=True)], zmq.NOBLOCK)
         except zmq.Again:  # not connected yet: ask again soon
             p.asked_at = now - REPLAY_TIMEOUT_S + INFO_RETRY_S
 
@@ -371,6 +388,7 @@ class Subscriber(threading.Thread):
             self._apply(p, seq, payload)
         p.live.clear()
         if p.state == "replaying":
+            p.whole = False
             p.state = "synced"
             self._emit(Update("synced", p.endpoint))
 

@@ -295,6 +295,38 @@ def test_a_cut_stream_falls_back_to_asking_within_its_bound_until_it_resyncs(
         pub.close()
 
 
+def test_a_peer_whose_announcements_found_no_room_is_replayed_once_there_is_room(
+    nodes: list[Node], curve: Curve
+) -> None:
+    """A directory of two entries: the holder's third chunk finds no room, so the
+    holder is no longer trusted as synced. Once one of its chunks is gone there is
+    room: its stream replays its whole state (a snapshot), the third chunk is learned
+    and the holder is synced again. It stayed unsynced for good, and the chunk was
+    found only through the fallback's rate."""
+    a, pub = _holder(nodes, curve)
+    try:
+        d = Directory(entries_max=2, fallback_per_s=1.0)
+        b = Node(curve, seeds=[a.endpoint], serve=False, directory=d, deadline_ms=500)
+        nodes.append(b)
+        assert pump(nodes, lambda: d.synced(a.endpoint)), b.manager.stats()  # type: ignore[union-attr]
+        for k in K[:3]:
+            _announce(a, pub, k, os.urandom(1000))
+        assert pump(nodes, lambda: d.counters["entries_dropped"] == 1)
+        assert not d.synced(a.endpoint) and d.holders(K[2]) == {}
+        a.index.drop(K[0])
+        pub.removed(K[0])
+        pub.flush()
+        assert pump(
+            nodes,
+            lambda: d.synced(a.endpoint) and d.holders(K[2]) == {a.endpoint: ARENA},
+            timeout_s=15,
+        ), (d.stats(), b.manager.stats())  # type: ignore[union-attr]
+        assert d.holders(K[0]) == {} and d.holders(K[1]) == {a.endpoint: ARENA}
+        assert d.counters["resyncs_asked"] == 1
+    finally:
+        pub.close()
+
+
 def test_storage_announcements_and_history_beyond_the_ring_come_as_a_snapshot(
     nodes: list[Node], curve: Curve
 ) -> None:
