@@ -550,6 +550,11 @@ class Index:
         """Evictable keys in policy order, each offered once. The policy's iterator is
         restarted after every eviction (it may not survive the removal)."""
         offered: set[bytes] = set()
+        # Groups found with a member pinned or being written, judged once a pass: none
+        # of that changes while the loop evicts, and judging a group at each of its
+        # members cost the square of its size (a client that grew one group over the
+        # whole arena, one member kept reserved, stalled every reserve for seconds).
+        blocked: set[bytes] = set()
         while True:
             victim = None
             for key in self.policy.candidates():
@@ -559,11 +564,12 @@ class Index:
                 e = self.entries[key]
                 # A held entry (a copy in flight) may leave: its pages follow the copy.
                 # A group leaves whole, so no member may be pinned or being written.
-                if e.state is State.COMMITTED and all(
-                    m.pins == 0 and m.state is not State.RESERVED for m in self._members(e)
-                ):
-                    victim = key
-                    break
+                if e.state is State.COMMITTED and e.group not in blocked:
+                    if all(m.pins == 0 and m.state is not State.RESERVED for m in self._members(e)):
+                        victim = key
+                        break
+                    if e.group is not None:
+                        blocked.add(e.group)
                 if len(offered) > len(self.policy):
                     break  # every candidate seen: none evictable
             if victim is None:

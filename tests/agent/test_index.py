@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+from typing import Any
+
 import hypothesis.strategies as st
+import pytest
 from hypothesis import given, settings
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -276,6 +279,36 @@ def test_a_group_is_evicted_and_dropped_whole() -> None:
     assert idx.lookup(g2[:15] + b"\x00") is None and idx.lookup(g2[:15] + b"\x01") is None
     idx.unpin(g2[:15] + b"\x01")
     assert not any(k[:15] == g2[:15] for k in idx.entries) and not idx.groups
+    idx.check()
+
+
+def test_a_group_held_in_is_judged_once_per_eviction_not_at_each_member(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One group over the whole arena with one member still reserved: no member may
+    leave. A reserve that has to evict looks at the group once, not once per member
+    (each look lists every member: a client that grew one group over a large arena
+    stalled every reserve for seconds, the square of the group's size)."""
+    n = 512
+    idx = Index(n * PAGE, PAGE, "lru")
+    g = b"g" * 16
+    keys = [i.to_bytes(16, "big") for i in range(n)]
+    for k in keys:
+        assert idx.reserve(k, 1, 1, group=g)[0] == Status.OK
+    for k in keys[:-1]:
+        idx.commit(k, 1)
+    looks = 0
+    members = Index._members
+
+    def counted(self: Index, e: Any) -> Any:
+        nonlocal looks
+        looks += 1
+        return members(self, e)
+
+    monkeypatch.setattr(Index, "_members", counted)
+    assert idx.reserve(b"n" * 16, 1, 2)[0] == Status.NO_SPACE
+    assert looks <= 2, looks
+    assert len(idx.groups[g]) == n
     idx.check()
 
 
