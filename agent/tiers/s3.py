@@ -299,6 +299,11 @@ class S3Store(StatelessStore):
                 while len(self._negative) > NEGATIVE_MAX:
                     self._negative.popitem(last=False)
 
+    def _skipped(self, key: bytes) -> bool:
+        with self._lock:
+            until = self._negative.get(key)
+            return until is not None and until > self.clock()
+
     def size_of(self, key: bytes) -> int | None:
         with self._lock:
             return self._known.get(key)
@@ -420,6 +425,8 @@ class S3Store(StatelessStore):
 
     def read_into(self, key: bytes, slot: SlotBuffers) -> int | None:
         t0 = time.perf_counter()
+        if self._skipped(key):
+            return None  # found corrupt (or absent) lately: not asked again yet
         try:
             got = self._retrying("get", lambda: self._get_into(key, slot))
         except _NotFound:
@@ -453,11 +460,13 @@ class S3Store(StatelessStore):
         return read_back(h, slot, head)
 
     def _corrupt(self, key: bytes) -> None:
-        self.stats.error("corrupt object dropped", self.object_key(key), "corrupt")
-        try:
-            self.delete(key)
-        except S3Error:
-            pass
+        """What came back for ``key`` is not its object: forgotten here (a miss until
+        the negative cache lets it be asked again), counted, and left in the bucket.
+        The bucket is the fleet's (only its lifecycle rules delete objects), and a
+        fault on the way (a short Content-Length, a proxy's wrong body) looks the same
+        from here: deleting lost a good object for every node."""
+        self.stats.error("corrupt object skipped", self.object_key(key), "corrupt")
+        self._forget(key, negative=True)
 
     def delete(self, key: bytes) -> None:
         self._forget(key, negative=True)

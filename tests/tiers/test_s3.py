@@ -96,3 +96,34 @@ def test_stopped_endpoint_fails_fast_counts_and_trips(s3_private):
     assert not s.healthy() and not s.may_probe(key(99))
     clock.now += 60
     assert s.healthy()
+
+
+def test_a_corrupt_read_leaves_the_fleets_object_in_the_bucket(s3_endpoint):
+    """What came back for a key does not match its header (a proxy that cut the
+    Content-Length, another key's body, or a damaged object): the read fails and is
+    counted, the key is a miss here for the negative cache's time, and the object
+    stays in the bucket, the fleet's. It was deleted, so one bad response on one node
+    lost a good object for every node."""
+    from kvnode.errors import CorruptEntry
+
+    bucket = s3_endpoint.new_bucket()
+    raw = s3_endpoint.client()
+    clock = Clock()
+    a = S3Store(bucket, s3_endpoint.client(), negative_ttl_s=5, clock=clock)
+    v = os.urandom(200_000)
+    assert a.put(key(3), slot(v), checksum(v))
+    okey = a.object_key(key(3))
+    good = raw.get_object(Bucket=bucket, Key=okey)["Body"].read()
+    raw.put_object(Bucket=bucket, Key=okey, Body=good[:-7])  # what a bad response looks like
+    out = SlotBuffers.of(bytearray(len(v)))
+    with pytest.raises(CorruptEntry):
+        a.read_into(key(3), out)
+    assert a.stats.snapshot()["corrupt"] == 1
+    assert a.size_of(key(3)) is None and a.read_into(key(3), out) is None  # a miss here
+    assert raw.head_object(Bucket=bucket, Key=okey)["ContentLength"] == len(good) - 7  # kept
+    raw.put_object(Bucket=bucket, Key=okey, Body=good)  # the endpoint answers right again
+    b = S3Store(bucket, s3_endpoint.client())  # another node still finds it
+    assert b.probe(key(3)) == len(v) and b.read_into(key(3), out) == checksum(v)
+    clock.now += 6  # and so does this one, once its negative cache lets it ask
+    assert a.may_probe(key(3)) and a.probe(key(3)) == len(v)
+    assert a.read_into(key(3), out) == checksum(v) and bytes(out.views[0]) == v
