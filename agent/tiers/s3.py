@@ -51,6 +51,12 @@ T = TypeVar("T")
 
 PART_BYTES_MIN = 5 * 1024 * 1024  # S3's smallest multipart part (but the last)
 STREAM_CHUNK_BYTES = 4 * 1024 * 1024
+# A GET's body must arrive within max(READ_SLOWEST_S, its bytes at READ_RATE_MIN): the
+# read timeout bounds each socket read, not the whole body, and an endpoint that sends
+# a byte a second held an I/O thread, the promotion's arena pages and the tier's health
+# for as long as it liked (a day for a 64 KiB chunk).
+READ_RATE_MIN = 1024 * 1024  # bytes per second
+READ_SLOWEST_S = 16.0
 KNOWN_MAX = 262_144  # keys this node knows are in the bucket (saves a probe each)
 NEGATIVE_MAX = 65_536
 FAILURES_TO_TRIP = 3
@@ -333,7 +339,11 @@ class S3Store(StatelessStore):
                 Key=self.object_key(key),
                 Range=f"bytes=0-{HEADER_STRUCT_BYTES - 1}",
             )
-            return rep["Body"].read()
+            body = rep["Body"]
+            try:
+                return _read_upto(body, HEADER_STRUCT_BYTES, _read_deadline(HEADER_STRUCT_BYTES))
+            finally:
+                body.close()
 
         try:
             raw = self._retrying("probe", fetch)
@@ -444,16 +454,17 @@ class S3Store(StatelessStore):
         body = rep["Body"]
         try:
             length = int(rep.get("ContentLength", -1))
-            head = _read_exact(body, HEADER_BYTES)
+            deadline = _read_deadline(max(length, slot.size))
+            head = _read_exact(body, HEADER_BYTES, deadline)
             h = decode_header(head, key)
             if h.raw_bytes != slot.size or length != h.total_bytes:
                 raise CorruptEntry("object length does not match its header")
             if h.codec == CODEC_NONE:
                 for v in slot.views:
-                    _read_into(body, v)
+                    _read_into(body, v, deadline)
             else:
-                _decode_lz4_into(_read_exact(body, h.stored_bytes), slot)
-            if body.read(1):
+                _decode_lz4_into(_read_exact(body, h.stored_bytes, deadline), slot)
+            if _read_some(body, 1, deadline):
                 raise CorruptEntry("object longer than its header says")
         finally:
             body.close()
@@ -486,11 +497,40 @@ class S3Store(StatelessStore):
             pass
 
 
-def _read_exact(body: Any, n: int) -> bytes:
+class BodyError(OSError):
+    """A body that did not arrive whole, or not by its deadline (the endpoint
+    trickles): a transport fault, retried as one."""
+
+
+def _read_deadline(nbytes: int) -> float:
+    return time.monotonic() + max(READ_SLOWEST_S, nbytes / READ_RATE_MIN)
+
+
+def _read_some(body: Any, n: int, deadline: float) -> bytes:
+    """Up to ``n`` bytes of ``body``, whatever has come (b"" at its end); raises
+    ``SlowRead`` past ``deadline``. Reads what arrived rather than waiting for all
+    ``n`` (a full read waits for every byte, each socket read within the timeout,
+    however slowly they come), from the HTTP response itself when it can; raises
+    ``BodyError`` past ``deadline`` or when the response breaks off."""
+    if time.monotonic() > deadline:
+        raise BodyError("the object's body did not arrive in time")
+    raw = getattr(body, "_raw_stream", None)
+    read1 = getattr(raw, "read1", None)
+    if read1 is None:
+        return bytes(body.read(n))
+    from urllib3.exceptions import HTTPError
+
+    try:
+        return bytes(read1(n))
+    except HTTPError as exc:  # cut short, or a broken chunk: what botocore would retry
+        raise BodyError(f"the object's body broke off: {exc}") from exc
+
+
+def _read_exact(body: Any, n: int, deadline: float) -> bytes:
     parts = []
     left = n
     while left:
-        data = body.read(min(left, STREAM_CHUNK_BYTES))
+        data = _read_some(body, min(left, STREAM_CHUNK_BYTES), deadline)
         if not data:
             raise CorruptEntry("object shorter than its header says")
         parts.append(data)
@@ -498,10 +538,23 @@ def _read_exact(body: Any, n: int) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def _read_into(body: Any, view: memoryview) -> None:
+def _read_upto(body: Any, n: int, deadline: float) -> bytes:
+    """``body`` to its end, ``n`` bytes at most."""
+    parts = []
+    left = n
+    while left:
+        data = _read_some(body, left, deadline)
+        if not data:
+            break
+        parts.append(data)
+        left -= len(data)
+    return b"".join(parts)
+
+
+def _read_into(body: Any, view: memoryview, deadline: float) -> None:
     pos = 0
     while pos < len(view):
-        data = body.read(min(len(view) - pos, STREAM_CHUNK_BYTES))
+        data = _read_some(body, min(len(view) - pos, STREAM_CHUNK_BYTES), deadline)
         if not data:
             raise CorruptEntry("object shorter than its header says")
         view[pos : pos + len(data)] = data

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 import pytest
 
@@ -127,3 +128,88 @@ def test_a_corrupt_read_leaves_the_fleets_object_in_the_bucket(s3_endpoint):
     clock.now += 6  # and so does this one, once its negative cache lets it ask
     assert a.may_probe(key(3)) and a.probe(key(3)) == len(v)
     assert a.read_into(key(3), out) == checksum(v) and bytes(out.views[0]) == v
+
+
+class _Trickle:
+    """An S3 endpoint that answers a GET with a whole header and then its body one
+    byte at a time, ``gap_s`` apart: every socket read well within the timeout, the
+    body days away."""
+
+    def __init__(self, gap_s: float = 0.2) -> None:
+        import socket
+        import threading
+
+        self.gap_s = gap_s
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import threading
+
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: Any) -> None:
+        try:
+            conn.recv(65536)
+            n = 1 << 20
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                + f"Content-Length: {n}\r\n\r\n".encode()
+            )
+            for _ in range(n):
+                if self.stop.is_set():
+                    break
+                conn.sendall(b"\0")
+                time.sleep(self.gap_s)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.sock.close()
+
+
+def test_a_body_that_trickles_ends_at_its_deadline(monkeypatch):
+    """An endpoint that sends a GET's body a byte at a time held an I/O thread, the
+    promotion's arena pages and the tier's health for as long as it went on (the
+    read timeout bounds each socket read, not the body). The read now ends at its
+    deadline, counted as a failed get, and nothing stays in flight."""
+    import threading
+
+    from kvnode.agent.tiers import s3 as S3
+    from kvnode.agent.tiers.s3 import make_client
+
+    monkeypatch.setattr(S3, "READ_SLOWEST_S", 1.0)
+    server = _Trickle()
+    try:
+        store = S3Store("b", make_client(server.url, "us-east-1", timeout_s=2.0), retries_max=0)
+        out = SlotBuffers.of(bytearray(200_000))
+        got: list[Any] = []
+        t = threading.Thread(target=lambda: got.append(_raises(store.read_into, key(9), out)))
+        t0 = time.monotonic()
+        t.start()
+        t.join(15)
+        assert not t.is_alive(), "the read still waits on the trickle"
+        assert isinstance(got[0], S3Error) and "did not arrive in time" in str(got[0]), got
+        assert time.monotonic() - t0 < 10
+        assert store.stats.snapshot()["errors"] >= 1 and not store._inflight
+    finally:
+        server.close()
+
+
+def _raises(fn: Any, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except Exception as exc:
+        return exc
