@@ -13,11 +13,13 @@ ring, plus the all-time ``_count``); the agent keeps no sum or buckets, so there
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import re
 import socket
 import threading
+import time
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -501,9 +503,20 @@ def render(stats: Mapping[str, Any]) -> str:
     return f.text()
 
 
+# The endpoint listens on the network: a connection that sends nothing (or a byte at a
+# time) held a thread and a descriptor for ever, out of the agent's own descriptor
+# budget, until the agent stopped accepting its local clients. So at most
+# CONNECTIONS_MAX at once (more are closed at once, counted), each read within
+# READ_TIMEOUT_S, and none kept past CONNECTION_S however it trickles.
+CONNECTIONS_MAX = 32
+READ_TIMEOUT_S = 10.0
+CONNECTION_S = 30.0
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
+    timeout = READ_TIMEOUT_S
 
     def do_GET(self) -> None:  # noqa: N802 (http.server naming)
         self._respond(head=False)
@@ -544,6 +557,53 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     stats_fn: Callable[[], Mapping[str, Any]]
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._lock = threading.Lock()
+        self._active: dict[Any, float] = {}  # connection -> when it was accepted
+        self.refused = 0
+
+    def get_request(self) -> Any:
+        try:
+            return super().get_request()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                time.sleep(0.1)  # no descriptor to accept with: wait, never spin
+            raise
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._lock:
+            full = len(self._active) >= CONNECTIONS_MAX
+            if full:
+                self.refused += 1
+            else:
+                self._active[request] = time.monotonic()
+        if full:
+            super().shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._lock:
+            self._active.pop(request, None)
+        super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection that broke off or was cut: logged, never printed."""
+        log.debug("metrics connection from %s ended badly", client_address, exc_info=True)
+
+    def service_actions(self) -> None:
+        """Every poll of the serving thread: cut connections held past CONNECTION_S
+        (their threads wake from a blocked read and end)."""
+        now = time.monotonic()
+        with self._lock:
+            old = [r for r, t in self._active.items() if now - t > CONNECTION_S]
+        for request in old:
+            try:
+                request.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 class _Server6(_Server):

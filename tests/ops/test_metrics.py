@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import http.client
 import re
+import select
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -399,3 +401,42 @@ def test_lookup_index_and_disk_listing_figures() -> None:
     no_listing = sample_stats()
     del no_listing["lookup_index"]["listing_entries"]
     assert "kvnode_lookup_listing_entries" not in families(render(no_listing))
+
+
+def test_idle_and_trickling_connections_are_bounded_and_cut(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The endpoint listens on the network. Connections that send a byte and then
+    nothing held a thread and a descriptor each for ever, out of the agent's own
+    descriptor budget (900 of them and the agent stopped accepting its local
+    clients). Past ``CONNECTIONS_MAX`` they are closed at once; the others are cut
+    at ``CONNECTION_S``; a scrape is then served again."""
+    from kvnode.agent import metrics as M
+
+    monkeypatch.setattr(M, "CONNECTIONS_MAX", 4)
+    monkeypatch.setattr(M, "CONNECTION_S", 2.0)
+    srv = MetricsServer("127.0.0.1", free_port(), sample_stats)
+    srv.start()
+    conns: list[socket.socket] = []
+    try:
+        for _ in range(10):
+            c = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+            c.sendall(b"G")
+            conns.append(c)
+            time.sleep(0.02)
+
+        def ended(wait_s: float) -> list[socket.socket]:
+            ready, _, _ = select.select(conns, [], [], wait_s)
+            time.sleep(0.2)  # the others closed with them
+            ready, _, _ = select.select(conns, [], [], 0)
+            return ready
+
+        assert len(ended(0.5)) == 6  # all but CONNECTIONS_MAX closed at once
+        deadline = time.monotonic() + 5
+        while len(ended(0.5)) < len(conns):  # the rest cut at CONNECTION_S
+            assert time.monotonic() < deadline, "connections held past CONNECTION_S"
+        assert get(srv.port)[0] == 200
+    finally:
+        for c in conns:
+            c.close()
+        srv.stop()
