@@ -506,7 +506,7 @@ def render(stats: Mapping[str, Any]) -> str:
 # The endpoint listens on the network: a connection that sends nothing (or a byte at a
 # time) held a thread and a descriptor for ever, out of the agent's own descriptor
 # budget, until the agent stopped accepting its local clients. So at most
-# CONNECTIONS_MAX at once (more are closed at once, counted), each read within
+# CONNECTIONS_MAX at once (more are closed at once), each read within
 # READ_TIMEOUT_S, and none kept past CONNECTION_S however it trickles.
 CONNECTIONS_MAX = 32
 READ_TIMEOUT_S = 10.0
@@ -562,7 +562,6 @@ class _Server(ThreadingHTTPServer):
         super().__init__(*args, **kw)
         self._lock = threading.Lock()
         self._active: dict[Any, float] = {}  # connection -> when it was accepted
-        self.refused = 0
 
     def get_request(self) -> Any:
         try:
@@ -575,9 +574,7 @@ class _Server(ThreadingHTTPServer):
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._lock:
             full = len(self._active) >= CONNECTIONS_MAX
-            if full:
-                self.refused += 1
-            else:
+            if not full:
                 self._active[request] = time.monotonic()
         if full:
             super().shutdown_request(request)

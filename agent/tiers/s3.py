@@ -527,15 +527,10 @@ def _read_some(body: Any, n: int, deadline: float) -> bytes:
 
 
 def _read_exact(body: Any, n: int, deadline: float) -> bytes:
-    parts = []
-    left = n
-    while left:
-        data = _read_some(body, min(left, STREAM_CHUNK_BYTES), deadline)
-        if not data:
-            raise CorruptEntry("object shorter than its header says")
-        parts.append(data)
-        left -= len(data)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
+    data = _read_upto(body, n, deadline)
+    if len(data) < n:
+        raise CorruptEntry("object shorter than its header says")
+    return data
 
 
 def _read_upto(body: Any, n: int, deadline: float) -> bytes:
@@ -543,7 +538,7 @@ def _read_upto(body: Any, n: int, deadline: float) -> bytes:
     parts = []
     left = n
     while left:
-        data = _read_some(body, left, deadline)
+        data = _read_some(body, min(left, STREAM_CHUNK_BYTES), deadline)
         if not data:
             break
         parts.append(data)
